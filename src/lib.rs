@@ -1,0 +1,21 @@
+//! qscript: a fine-tuning workbench in one binary.
+//!
+//! Layers (top uses bottom): `cli` → `script` → `generate` / (later `train`, `data`) → `model` → `quant`.
+//! The script layer holds no ML logic; workflows never touch Rhai.
+
+pub mod cli;
+pub mod generate;
+pub mod model;
+pub mod script;
+pub mod util;
+
+/// Set by Ctrl-C; long native work (generation, loading) polls it and stops cleanly.
+pub static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Error returned when long work notices [`CANCEL`].
+pub fn check_cancel() -> anyhow::Result<()> {
+    if CANCEL.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("interrupted (Ctrl-C)");
+    }
+    Ok(())
+}

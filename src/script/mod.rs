@@ -1,0 +1,1 @@
+//! The Rhai host: engine, API registration, error mapping, stdlib modules.
