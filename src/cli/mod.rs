@@ -1,1 +1,119 @@
-//! Command line and REPL.
+//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`.
+
+pub mod bench;
+pub mod repl;
+
+use crate::script::{parse_set, Host, Limits};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+const MAIN_EXAMPLES: &str = "\
+Examples:
+  qscript recipes/chat.rhai                     run a recipe
+  qscript recipes/chat.rhai --set MAX_NEW_TOKENS=64
+                                                override a recipe's `const MAX_NEW_TOKENS = ...;`
+  qscript check recipes/chat.rhai               validate a recipe without loading weights
+  qscript                                       open the REPL (same as `qscript repl`)";
+
+#[derive(Parser)]
+#[command(name = "qscript", version, about = "Fine-tune and run Llama-family models with Rhai recipes",
+    after_help = MAIN_EXAMPLES, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Recipe to run (same as `qscript run RECIPE`)
+    recipe: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct RunArgs {
+    /// Override a top-level `const NAME = ...;` of the recipe (repeatable)
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+    set: Vec<(String, String)>,
+    /// Stop a recipe after this many script operations (guards against runaway loops)
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_operations)]
+    max_operations: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a recipe
+    #[command(after_help = "Examples:\n  qscript run recipes/chat.rhai\n  qscript run recipes/chat.rhai --set MAX_NEW_TOKENS=32 --set TEMPERATURE=0.7\n\nA recipe reads overridable values from top-level constants:\n  const MAX_NEW_TOKENS = 128;   // --set MAX_NEW_TOKENS=64 replaces the value before the run")]
+    Run {
+        recipe: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Compile a recipe and validate its config maps without loading weights
+    #[command(after_help = "Examples:\n  qscript check recipes/chat.rhai\n  qscript check recipes/chat.rhai --set MAX_NEW_TOKENS=64")]
+    Check {
+        recipe: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Interactive REPL (history, completion, :help)
+    #[command(after_help = "Examples:\n  qscript repl\n  >> let model = load_model(\"HuggingFaceTB/SmolLM2-135M-Instruct\");\n  >> model.chat(\"Hi!\", #{ stream: true })\n  >> :help chat")]
+    Repl,
+    /// Benchmarks (print JSON lines)
+    #[command(after_help = "Examples:\n  qscript bench generate\n  qscript bench generate --model path/to/model --new-tokens 128 --prompt-tokens 512")]
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+fn install_ctrlc() {
+    // First Ctrl-C cancels the running work cleanly; a second one exits at once.
+    let _ = ctrlc::set_handler(|| {
+        if crate::CANCEL.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("\ninterrupted");
+            std::process::exit(130);
+        }
+    });
+}
+
+fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    let host = Host::for_recipe(path, &Limits { max_operations: args.max_operations });
+    host.run_file(path, &args.set)
+}
+
+fn report(r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if crate::CANCEL.load(std::sync::atomic::Ordering::Relaxed) { 130 } else { 1 }
+        }
+    }
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    install_ctrlc();
+    match (cli.command, cli.recipe) {
+        (Some(Command::Run { recipe, run }), _) => report(run_recipe(&recipe, &run)),
+        (Some(Command::Check { recipe, run }), _) => report((|| {
+            let host = Host::for_recipe(&recipe, &Limits { max_operations: run.max_operations });
+            let r = host.check_file(&recipe, &run.set)?;
+            println!(
+                "{}: ok ({} config map{} checked; constants: {})",
+                recipe.display(),
+                r.maps_checked,
+                if r.maps_checked == 1 { "" } else { "s" },
+                if r.constants.is_empty() { "none".to_string() } else { r.constants.join(", ") }
+            );
+            Ok(())
+        })()),
+        (Some(Command::Repl), _) | (None, None) => report(repl::run(&cli.run)),
+        (Some(Command::Bench { what }), _) => report(bench::run(what)),
+        (None, Some(recipe)) => report(run_recipe(&recipe, &cli.run)),
+    }
+}

@@ -1,1 +1,320 @@
-//! placeholder
+//! The Llama-family decoder with explicit layers: embedding, RMSNorm, RoPE, grouped-query
+//! causal attention, SwiGLU MLP, LM head (tied or not). Inference forward with a KV cache; the
+//! training engine extends these same layers with saved activations and backward.
+
+use super::config::Config;
+use super::weights::WeightFiles;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+
+/// A dense linear layer `y = x Wᵀ + b`, `W` is `[out, in]` as in PyTorch.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, inner) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
+        let mut out_shape = x.dims().to_vec();
+        *out_shape.last_mut().unwrap() = self.weight.dim(0)?;
+        let x2 = x.reshape((rows, inner))?;
+        let y = x2.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        Ok(y.reshape(out_shape)?)
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+}
+
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Statistics in f32 (as transformers' LlamaRMSNorm), result in the input dtype.
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let w = self.weight.to_dtype(DType::F32)?;
+        let y = candle_nn::ops::rms_norm(&xf.contiguous()?, &w, self.eps as f32)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// cos/sin tables for rotary embeddings, `[max_pos, head_dim/2]` in the compute dtype.
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &Config, max_pos: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let inv = cfg.rope_inv_freq();
+        let half = inv.len();
+        let mut freqs = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for f in &inv {
+                freqs.push(p as f32 * f);
+            }
+        }
+        let freqs = Tensor::from_vec(freqs, (max_pos, half), device)?;
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// Rotate `x` `[b, heads, t, d]` for positions `pos..pos+t` (HF's rotate_half layout).
+    pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(g * u)?)
+    }
+}
+
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Per-layer key/value cache for generation; grows by concatenation along the time axis.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: (0..n_layers).map(|_| None).collect() }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Attention {
+    /// `x` `[b, t, hidden]`; queries at positions `pos..pos+t` attend causally to the cache plus
+    /// themselves.
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, pos)?;
+        let k = rope.apply(&k, pos)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: fold the query heads that share a KV
+        // head into the time axis, [b, kvh, rep*t, d].
+        let rep = h / kvh;
+        let q = q.reshape((b, kvh, rep * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, kvh, rep*t, s]
+        let scores = if t > 1 {
+            let mask = causal_mask(t, s, x.device())?; // [t, s], 0 or -inf
+            scores
+                .reshape((b, kvh, rep, t, s))?
+                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                .reshape((b, kvh, rep * t, s))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?; // [b, kvh, rep*t, d]
+        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive causal mask for `t` queries that come after `s - t` cached positions.
+fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let offset = s - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?)?;
+        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+pub struct Llama {
+    pub config: Config,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    pub rope: Rope,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Where the tensors of a model come from (an HF checkpoint or an in-memory map).
+pub trait TensorSource {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+    fn has(&self, name: &str) -> bool;
+}
+
+impl TensorSource for WeightFiles {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.load(name, Some(shape), dtype, device)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}
+
+impl TensorSource for std::collections::HashMap<String, Tensor> {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.get(name).with_context(|| format!("missing tensor `{name}`"))?;
+        anyhow::ensure!(t.dims() == shape, "tensor `{name}` has shape {:?}, expected {:?}", t.dims(), shape);
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+}
+
+impl Llama {
+    /// Build from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn load(config: &Config, src: &dyn TensorSource, dtype: DType, device: &Device) -> Result<Self> {
+        let c = config;
+        let (hd, h, kvh, d, inter) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: src.tensor(&format!("{name}.weight"), &[out, inp], dtype, device)?,
+                bias: if bias { Some(src.tensor(&format!("{name}.bias"), &[out], dtype, device)?) } else { None },
+            })
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: src.tensor(&format!("{name}.weight"), &[hd], dtype, device)?, eps: c.rms_norm_eps })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            crate::check_cancel()?;
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), h * d, hd, c.attention_bias)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kvh * d, hd, c.attention_bias)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kvh * d, hd, c.attention_bias)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hd, h * d, c.attention_bias)?,
+                    n_heads: h,
+                    n_kv_heads: kvh,
+                    head_dim: d,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hd, c.mlp_bias)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hd, c.mlp_bias)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), hd, inter, c.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = src.tensor("model.embed_tokens.weight", &[c.vocab_size, hd], dtype, device)?;
+        // Some checkpoints mark tied embeddings only by omitting lm_head.
+        let lm_head = if c.tie_word_embeddings || !src.has("lm_head.weight") {
+            None
+        } else {
+            Some(linear("lm_head", c.vocab_size, hd, false)?)
+        };
+        Ok(Self {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm: norm("model.norm")?,
+            lm_head,
+            rope: Rope::new(c, c.max_position_embeddings.max(1), dtype, device)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits (f32) for `ids` `[b, t]` at positions `cache.len()..`; with `last_only` only the
+    /// last position's logits `[b, 1, vocab]` are computed (generation), else `[b, t, vocab]`.
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, last_only: bool) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let pos = cache.as_ref().map_or(0, |c| c.len());
+        anyhow::ensure!(
+            pos + t <= self.rope.cos.dim(0)?,
+            "sequence of {} tokens exceeds max_position_embeddings ({})",
+            pos + t,
+            self.rope.cos.dim(0)?
+        );
+        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &self.rope, pos, slot)?;
+        }
+        let x = if last_only && t > 1 { x.narrow(1, t - 1, 1)? } else { x };
+        let x = self.norm.forward(&x)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x)?,
+            None => Linear { weight: self.embed_tokens.clone(), bias: None }.forward(&x)?,
+        };
+        let _ = b;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.config.num_parameters()
+    }
+}

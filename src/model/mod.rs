@@ -6,3 +6,167 @@ pub mod hub;
 pub mod llama;
 pub mod tokenizer;
 pub mod weights;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+pub use config::Config;
+pub use llama::Llama;
+pub use tokenizer::Tokenizer;
+
+/// Options of `load_model` (the script layer checks the user's keys and fills this).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype of the weights: F32 (default on CPU) or BF16 / F16.
+    pub dtype: DType,
+    pub device: Device,
+    pub revision: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, revision: None }
+    }
+}
+
+/// A loaded model: the network, its tokenizer (optional: tiny test checkpoints have none) and
+/// generation defaults.
+pub struct Model {
+    pub llama: Llama,
+    pub tokenizer: Option<Tokenizer>,
+    /// generation_config.json (empty object when absent).
+    pub generation_config: serde_json::Value,
+    /// What the user passed to `load_model` (hub id or path).
+    pub name_or_path: String,
+    /// Local directory or GGUF file the weights came from.
+    pub source_path: PathBuf,
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "float32" | "fp32" | "f32" => DType::F32,
+        "bfloat16" | "bf16" => DType::BF16,
+        "float16" | "fp16" | "f16" | "half" => DType::F16,
+        other => bail!("unknown dtype \"{other}\" (expected float32, bfloat16 or float16)"),
+    })
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "other",
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
+    if !path.exists() {
+        return Ok(serde_json::json!({}));
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: invalid JSON: {e}", path.display(), e.line(), e.column()))
+}
+
+impl Model {
+    /// `load_model(id_or_path)`: an HF directory, a GGUF file, or a hub id.
+    pub fn load(id_or_path: &str, opts: &LoadOptions) -> Result<Self> {
+        match hub::resolve(id_or_path, opts.revision.as_deref())? {
+            hub::ModelSource::HfDir(dir) => Self::load_hf_dir(id_or_path, &dir, opts),
+            hub::ModelSource::Gguf(path) => Self::load_gguf(id_or_path, &path, opts),
+        }
+    }
+
+    pub fn load_hf_dir(name: &str, dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            bail!("{}: no config.json (not an HF model directory)", dir.display());
+        }
+        let config = Config::from_file(&cfg_path)?;
+        let weights = weights::WeightFiles::open_dir(dir)?;
+        let llama = Llama::load(&config, &weights, opts.dtype, &opts.device)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
+        Ok(Self { llama, tokenizer, generation_config, name_or_path: name.to_string(), source_path: dir.to_path_buf() })
+    }
+
+    pub fn load_gguf(name: &str, path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let g = gguf::read_gguf(path)?;
+        let llama = Llama::load(&g.config, &g.tensors, opts.dtype, &opts.device)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Self {
+            llama,
+            tokenizer: Some(g.tokenizer),
+            generation_config: g.generation_config,
+            name_or_path: name.to_string(),
+            source_path: path.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.llama.config
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().with_context(|| format!("model `{}` has no tokenizer (no tokenizer.json next to its weights)", self.name_or_path))
+    }
+
+    /// Token ids that end generation: generation_config's `eos_token_id` (int or list), else
+    /// config.json's, plus the tokenizer's eos token.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = match self.generation_config.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|x| x as u32).collect(),
+            _ => self.config().eos_token_ids.clone(),
+        };
+        if let Some(t) = &self.tokenizer {
+            if let Some(id) = t.eos_token.as_deref().and_then(|e| t.token_to_id(e)) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// Check token ids against the vocabulary before they reach the embedding.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.config().vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= v) {
+            bail!("token id {bad} is out of range for vocab_size {v}");
+        }
+        Ok(())
+    }
+
+    /// Logits `[seq, vocab]` (f32) of one sequence, no cache.
+    pub fn forward_ids(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        anyhow::ensure!(!ids.is_empty(), "forward: empty id list");
+        self.check_ids(ids)?;
+        let t = candle_core::Tensor::new(ids, &self.llama.device)?.unsqueeze(0)?;
+        let logits = self.llama.forward(&t, None, false)?;
+        Ok(logits.squeeze(0)?.to_vec2::<f32>()?)
+    }
+
+    /// Bytes held by weights, by kind.
+    pub fn memory_by_kind(&self) -> Vec<(&'static str, usize)> {
+        let bytes = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let l = &self.llama;
+        let mut linear = 0;
+        let mut norm = bytes(&l.norm.weight);
+        for b in &l.layers {
+            let a = &b.self_attn;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
+                linear += bytes(&lin.weight) + lin.bias.as_ref().map_or(0, bytes);
+            }
+            norm += bytes(&b.input_layernorm.weight) + bytes(&b.post_attention_layernorm.weight);
+        }
+        vec![
+            ("embeddings", bytes(&l.embed_tokens)),
+            ("decoder linears", linear),
+            ("norms", norm),
+            ("lm_head", l.lm_head.as_ref().map_or(0, |h| bytes(&h.weight))),
+        ]
+    }
+}

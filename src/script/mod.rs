@@ -1,1 +1,377 @@
-//! The Rhai host: engine, API registration, error mapping, stdlib modules.
+//! The Rhai host: engine with limits, API registration (one file per area), error mapping to
+//! `recipe.rhai:LINE:COL: message`, stdlib modules embedded in the binary, `--set` overrides
+//! and the static checker behind `qscript check`.
+
+pub mod config;
+pub mod generate_api;
+pub mod model_api;
+
+use anyhow::{bail, Context, Result};
+use rhai::module_resolvers::{FileModuleResolver, ModuleResolversCollection};
+use rhai::{Dynamic, Engine, EvalAltResult, Position, Scope, AST};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+pub type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// Convert a Rust error into a Rhai runtime error; Rhai fills in the call-site position.
+pub fn rt<T>(r: anyhow::Result<T>) -> RhaiResult<T> {
+    r.map_err(|e| EvalAltResult::ErrorRuntime(format!("{e:#}").into(), Position::NONE).into())
+}
+
+/// Documentation of one registered function, for `:help` and completion.
+#[derive(Debug, Clone)]
+pub struct FnDoc {
+    pub name: String,
+    pub signature: String,
+    pub doc: String,
+}
+
+/// Registers functions together with their documentation, so nothing is registered undocumented.
+pub struct Api<'a> {
+    pub engine: &'a mut Engine,
+    pub docs: &'a mut Vec<FnDoc>,
+}
+
+impl Api<'_> {
+    pub fn func<A: 'static, const N: usize, const X: bool, R: rhai::Variant + Clone, const F: bool>(
+        &mut self,
+        name: &str,
+        signature: &str,
+        doc: &str,
+        f: impl rhai::RhaiNativeFunc<A, N, X, R, F> + 'static,
+    ) {
+        self.engine.register_fn(name, f);
+        self.docs.push(FnDoc { name: name.into(), signature: signature.into(), doc: doc.into() });
+    }
+
+    pub fn getter<T: rhai::Variant + Clone, R: rhai::Variant + Clone>(
+        &mut self,
+        name: &str,
+        signature: &str,
+        doc: &str,
+        f: impl Fn(&mut T) -> RhaiResult<R> + 'static,
+    ) {
+        self.engine.register_get(name, f);
+        self.docs.push(FnDoc { name: name.into(), signature: signature.into(), doc: doc.into() });
+    }
+}
+
+/// Rhai modules shipped with qscript, importable by name: `import "chat" as chat;`.
+pub const STDLIB: &[(&str, &str)] = &[("chat", include_str!("../../stdlib/chat.rhai"))];
+
+struct StdlibResolver;
+
+impl rhai::ModuleResolver for StdlibResolver {
+    fn resolve(&self, engine: &Engine, _source: Option<&str>, path: &str, pos: Position) -> RhaiResult<rhai::Shared<rhai::Module>> {
+        let Some((name, src)) = STDLIB.iter().find(|(n, _)| *n == path) else {
+            return Err(EvalAltResult::ErrorModuleNotFound(path.into(), pos).into());
+        };
+        let mut ast = engine.compile(*src).map_err(|e| EvalAltResult::ErrorInModule(path.into(), e.into(), pos))?;
+        ast.set_source(format!("stdlib/{name}.rhai"));
+        let m = rhai::Module::eval_ast_as_new(Scope::new(), &ast, engine)
+            .map_err(|e| EvalAltResult::ErrorInModule(path.into(), e, pos))?;
+        Ok(m.into())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Script operations before a run is stopped (native calls count as one).
+    pub max_operations: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_operations: 2_000_000_000 }
+    }
+}
+
+pub struct Host {
+    pub engine: Engine,
+    pub docs: Vec<FnDoc>,
+}
+
+impl Host {
+    /// `base_dir`: where `import "file"` looks for non-stdlib modules (the recipe's folder).
+    pub fn new(base_dir: Option<&Path>, limits: &Limits) -> Self {
+        let mut engine = Engine::new();
+        let mut docs = Vec::new();
+        engine
+            .set_max_call_levels(64)
+            .set_max_expr_depths(128, 64)
+            .set_max_string_size(64 << 20)
+            .set_max_array_size(10_000_000)
+            .set_max_map_size(1_000_000)
+            .set_max_modules(256)
+            .set_max_variables(10_000)
+            .set_max_functions(10_000);
+        let max_ops = limits.max_operations;
+        engine.on_progress(move |ops| {
+            if crate::CANCEL.load(Ordering::Relaxed) {
+                Some(Dynamic::from("interrupted (Ctrl-C)"))
+            } else if ops > max_ops {
+                Some(Dynamic::from(format!(
+                    "stopped after {max_ops} operations (a runaway loop?); raise the limit with --max-operations"
+                )))
+            } else {
+                None
+            }
+        });
+        let mut resolvers = ModuleResolversCollection::new();
+        resolvers.push(StdlibResolver);
+        let mut files = FileModuleResolver::new_with_path(base_dir.unwrap_or(Path::new(".")));
+        files.enable_cache(true);
+        resolvers.push(files);
+        engine.set_module_resolver(resolvers);
+        {
+            let mut api = Api { engine: &mut engine, docs: &mut docs };
+            model_api::register(&mut api);
+            generate_api::register(&mut api);
+        }
+        Self { engine, docs }
+    }
+
+    pub fn for_recipe(path: &Path, limits: &Limits) -> Self {
+        Self::new(path.parent(), limits)
+    }
+
+    /// Compile a recipe; syntax errors come back as `file:LINE:COL: message`.
+    pub fn compile_file(&self, path: &Path) -> Result<AST> {
+        let src = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read recipe", path.display()))?;
+        self.compile_source(&src, &path.display().to_string())
+    }
+
+    pub fn compile_source(&self, src: &str, name: &str) -> Result<AST> {
+        let mut ast = self
+            .engine
+            .compile(src)
+            .map_err(|e| anyhow::anyhow!("{}: syntax error: {}", locate(name, e.position()), e.err_type()))?;
+        ast.set_source(name.to_string());
+        Ok(ast)
+    }
+
+    /// Run a recipe file with `--set NAME=value` overrides of its top-level constants.
+    pub fn run_file(&self, path: &Path, overrides: &[(String, String)]) -> Result<()> {
+        let ast = self.compile_file(path)?;
+        let ast = apply_overrides(ast, overrides).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut scope = Scope::new();
+        self.engine
+            .run_ast_with_scope(&mut scope, &ast)
+            .map_err(|e| anyhow::anyhow!(format_error(&path.display().to_string(), &e)))
+    }
+
+    /// Statically validate a recipe: syntax, overrides, and every literal config map.
+    pub fn check_file(&self, path: &Path, overrides: &[(String, String)]) -> Result<CheckReport> {
+        let ast = self.compile_file(path)?;
+        let ast = apply_overrides(ast, overrides).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let name = path.display().to_string();
+        let mut report = CheckReport::default();
+        let mut errors = Vec::new();
+        let mut visit = |nodes: &[rhai::ASTNode]| {
+            if let Some(rhai::ASTNode::Expr(expr)) = nodes.last() {
+                if let rhai::Expr::FnCall(call, _) | rhai::Expr::MethodCall(call, _) = expr {
+                    if let Some(schema) = config::schema_for_call(&call.name) {
+                        if let Some(rhai::Expr::Map(map, _)) = call.args.last() {
+                            report.maps_checked += 1;
+                            for (ident, value) in map.0.iter() {
+                                if let Err(msg) = schema.check_literal(&ident.name, literal_of(value).as_ref()) {
+                                    errors.push(format!("{}: {msg}", locate(&name, ident.pos)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            true
+        };
+        ast.walk(&mut visit);
+        if !errors.is_empty() {
+            bail!(errors.join("\n"));
+        }
+        report.constants = top_level_constants(&ast).into_iter().map(|(n, _)| n).collect();
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub maps_checked: usize,
+    pub constants: Vec<String>,
+}
+
+fn literal_of(e: &rhai::Expr) -> Option<config::Literal> {
+    use config::Literal as L;
+    use rhai::Expr as E;
+    Some(match e {
+        E::IntegerConstant(..) => L::Int,
+        E::FloatConstant(..) => L::Float,
+        E::BoolConstant(..) => L::Bool,
+        E::StringConstant(s, _) => L::Str(s.to_string()),
+        E::Array(items, _) => L::Array(items.iter().map(|i| literal_of(i).unwrap_or(L::Unit)).collect()),
+        E::Map(..) => L::Map,
+        E::Unit(..) => L::Unit,
+        E::DynamicConstant(d, _) => {
+            if d.is_int() {
+                L::Int
+            } else if d.is_float() {
+                L::Float
+            } else if d.is_bool() {
+                L::Bool
+            } else if d.is_string() {
+                L::Str(d.to_string())
+            } else {
+                return None;
+            }
+        }
+        _ => return None,
+    })
+}
+
+fn locate(file: &str, pos: Position) -> String {
+    match (pos.line(), pos.position()) {
+        (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
+        (Some(l), None) => format!("{file}:{l}"),
+        _ => file.to_string(),
+    }
+}
+
+/// `file:LINE:COL: message` for a runtime error. Errors inside script functions of the same
+/// file point at the failing line; errors inside stdlib modules point at the recipe's call and
+/// name the module line too.
+pub fn format_error(file: &str, err: &EvalAltResult) -> String {
+    let outer_pos = err.position();
+    let mut e = err;
+    let mut src: Option<String> = None;
+    loop {
+        match e {
+            EvalAltResult::ErrorInFunctionCall(_, s, inner, _) => {
+                if !s.is_empty() {
+                    src = Some(s.to_string());
+                }
+                e = inner;
+            }
+            EvalAltResult::ErrorInModule(path, inner, _) => {
+                src = Some(format!("module {path}"));
+                e = inner;
+            }
+            _ => break,
+        }
+    }
+    let msg = message_of(e);
+    let inner_pos = e.position();
+    match src {
+        Some(s) if s != file => format!("{}: {msg} (in {})", locate(file, outer_pos), locate(&s, inner_pos)),
+        _ => {
+            let pos = if inner_pos.is_none() { outer_pos } else { inner_pos };
+            format!("{}: {msg}", locate(file, pos))
+        }
+    }
+}
+
+/// The error text without Rhai's own "(line x, position y)" suffix.
+fn message_of(e: &EvalAltResult) -> String {
+    match e {
+        EvalAltResult::ErrorRuntime(d, _) => d.to_string(),
+        EvalAltResult::ErrorTerminated(d, _) => d.to_string(),
+        EvalAltResult::ErrorParsing(p, _) => format!("syntax error: {p}"),
+        other => {
+            let s = other.to_string();
+            match s.rfind(" (line ") {
+                Some(i) if s.ends_with(')') => s[..i].to_string(),
+                _ => s,
+            }
+        }
+    }
+}
+
+fn top_level_constants(ast: &AST) -> Vec<(String, Option<config::Literal>)> {
+    ast.statements()
+        .iter()
+        .filter_map(|s| match s {
+            rhai::Stmt::Var(x, flags, _) if flags.contains(rhai::ASTFlags::CONSTANT) => {
+                Some((x.0.name.to_string(), literal_of(&x.1)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Replace the value of top-level `const NAME = ...;` for each `NAME=value` override. The
+/// value is read as the type of the recipe's literal (int, float, bool, string); for a
+/// non-literal default, as int, float or bool when it parses, else as a string.
+pub fn apply_overrides(ast: AST, overrides: &[(String, String)]) -> Result<AST> {
+    if overrides.is_empty() {
+        return Ok(ast);
+    }
+    let consts = top_level_constants(&ast);
+    for (k, _) in overrides {
+        if !consts.iter().any(|(n, _)| n == k) {
+            let names: Vec<&str> = consts.iter().map(|(n, _)| n.as_str()).collect();
+            let hint = crate::util::nearest(k, names.iter().copied())
+                .map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_else(|| {
+                    if names.is_empty() {
+                        " (the recipe declares no top-level `const`)".to_string()
+                    } else {
+                        format!(" (constants: {})", names.join(", "))
+                    }
+                });
+            bail!("--set {k}: the recipe has no top-level constant `{k}`{hint}");
+        }
+    }
+    let mut stmts: Vec<rhai::Stmt> = ast.statements().to_vec();
+    for s in stmts.iter_mut() {
+        if let rhai::Stmt::Var(x, flags, _) = s {
+            if !flags.contains(rhai::ASTFlags::CONSTANT) {
+                continue;
+            }
+            if let Some((_, raw)) = overrides.iter().rev().find(|(k, _)| *k == x.0.name.as_str()) {
+                let value = parse_override(&x.0.name, raw, literal_of(&x.1).as_ref())?;
+                let pos = x.1.position();
+                x.1 = rhai::Expr::DynamicConstant(Box::new(value), pos);
+            }
+        }
+    }
+    let mut out = AST::new(stmts, ast.shared_lib().clone());
+    if let Some(s) = ast.source() {
+        out.set_source(s.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_override(name: &str, raw: &str, default: Option<&config::Literal>) -> Result<Dynamic> {
+    use config::Literal as L;
+    let bad = |ty: &str| anyhow::anyhow!("--set {name}={raw}: `{name}` is {ty} in the recipe");
+    Ok(match default {
+        Some(L::Int) => Dynamic::from(raw.parse::<rhai::INT>().map_err(|_| bad("an integer"))?),
+        Some(L::Float) => Dynamic::from(raw.parse::<rhai::FLOAT>().map_err(|_| bad("a number"))?),
+        Some(L::Bool) => Dynamic::from(raw.parse::<bool>().map_err(|_| bad("true or false"))?),
+        Some(L::Str(_)) => Dynamic::from(raw.to_string()),
+        _ => {
+            if let Ok(i) = raw.parse::<rhai::INT>() {
+                Dynamic::from(i)
+            } else if let Ok(f) = raw.parse::<rhai::FLOAT>() {
+                Dynamic::from(f)
+            } else if let Ok(b) = raw.parse::<bool>() {
+                Dynamic::from(b)
+            } else {
+                Dynamic::from(raw.to_string())
+            }
+        }
+    })
+}
+
+/// Parse `NAME=value` from the command line.
+pub fn parse_set(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected NAME=value"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}`: empty name"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Where the REPL keeps its history.
+pub fn history_path() -> PathBuf {
+    dirs::data_dir().unwrap_or_else(std::env::temp_dir).join("qscript").join("history.txt")
+}

@@ -1,0 +1,276 @@
+//! Strict config maps. Every map a recipe passes (`load_model(id, #{...})`,
+//! `model.generate(p, #{...})`, later `LoraConfig(#{...})`, ...) has one [`Schema`] here, used
+//! both at run time and by `qscript check`, which validates literal maps in the AST without
+//! running anything. Unknown keys name the nearest valid key; wrong types name the expected one.
+
+use rhai::{Dynamic, Map};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ty {
+    Int,
+    /// A number: an integer literal is accepted where a float is expected.
+    Float,
+    Bool,
+    Str,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    /// A string or an array of strings.
+    StrOrList,
+    Array,
+    Map,
+    /// Anything (validated by the function itself).
+    Any,
+}
+
+impl Ty {
+    pub fn describe(&self) -> String {
+        match self {
+            Ty::Int => "an integer".into(),
+            Ty::Float => "a number".into(),
+            Ty::Bool => "true or false".into(),
+            Ty::Str => "a string".into(),
+            Ty::OneOf(v) => format!("one of {}", v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")),
+            Ty::StrOrList => "a string or an array of strings".into(),
+            Ty::Array => "an array".into(),
+            Ty::Map => "a map".into(),
+            Ty::Any => "any value".into(),
+        }
+    }
+
+    /// Check a runtime value.
+    fn accepts(&self, v: &Dynamic) -> bool {
+        match self {
+            Ty::Int => v.is_int(),
+            Ty::Float => v.is_float() || v.is_int(),
+            Ty::Bool => v.is_bool(),
+            Ty::Str => v.is_string(),
+            Ty::OneOf(opts) => v.clone().into_string().is_ok_and(|s| opts.contains(&s.as_str())),
+            Ty::StrOrList => {
+                v.is_string() || v.clone().try_cast::<rhai::Array>().is_some_and(|a| a.iter().all(|x| x.is_string()))
+            }
+            Ty::Array => v.is_array(),
+            Ty::Map => v.is_map(),
+            Ty::Any => true,
+        }
+    }
+}
+
+/// What a literal in the AST is, for `qscript check` (None: not a literal, not checkable).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Literal {
+    Int,
+    Float,
+    Bool,
+    Str(String),
+    Array(Vec<Literal>),
+    Map,
+    Unit,
+}
+
+impl Ty {
+    fn accepts_literal(&self, lit: &Literal) -> bool {
+        match (self, lit) {
+            (Ty::Any, _) => true,
+            (Ty::Int, Literal::Int) => true,
+            (Ty::Float, Literal::Int | Literal::Float) => true,
+            (Ty::Bool, Literal::Bool) => true,
+            (Ty::Str, Literal::Str(_)) => true,
+            (Ty::OneOf(opts), Literal::Str(s)) => opts.contains(&s.as_str()),
+            (Ty::StrOrList, Literal::Str(_)) => true,
+            (Ty::StrOrList, Literal::Array(items)) => items.iter().all(|i| matches!(i, Literal::Str(_))),
+            (Ty::Array, Literal::Array(_)) => true,
+            (Ty::Map, Literal::Map) => true,
+            _ => false,
+        }
+    }
+}
+
+fn type_name(v: &Dynamic) -> String {
+    if v.is_string() {
+        format!("the string \"{}\"", v.clone().into_string().unwrap_or_default())
+    } else if v.is_int() {
+        format!("the integer {v}")
+    } else if v.is_float() {
+        format!("the number {v}")
+    } else if v.is_bool() {
+        format!("{v}")
+    } else {
+        match v.type_name() {
+            "array" => "an array".into(),
+            "map" => "a map".into(),
+            "()" => "()".into(),
+            t => format!("a value of type {t}"),
+        }
+    }
+}
+
+fn literal_name(l: &Literal) -> String {
+    match l {
+        Literal::Int => "an integer".into(),
+        Literal::Float => "a float".into(),
+        Literal::Bool => "a boolean".into(),
+        Literal::Str(s) => format!("the string \"{s}\""),
+        Literal::Array(_) => "an array".into(),
+        Literal::Map => "a map".into(),
+        Literal::Unit => "()".into(),
+    }
+}
+
+pub struct Key {
+    pub name: &'static str,
+    pub ty: Ty,
+    pub doc: &'static str,
+}
+
+pub struct Schema {
+    /// How errors name the map: `load_model options`, `LoraConfig`, ...
+    pub name: &'static str,
+    pub keys: &'static [Key],
+}
+
+const fn key(name: &'static str, ty: Ty, doc: &'static str) -> Key {
+    Key { name, ty, doc }
+}
+
+impl Schema {
+    fn find(&self, k: &str) -> Result<&Key, String> {
+        self.keys.iter().find(|x| x.name == k).ok_or_else(|| {
+            let hint = crate::util::nearest(k, self.keys.iter().map(|x| x.name))
+                .map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_else(|| format!(" (valid keys: {})", self.keys.iter().map(|x| x.name).collect::<Vec<_>>().join(", ")));
+            format!("{}: unknown key `{k}`{hint}", self.name)
+        })
+    }
+
+    /// Validate a runtime map; returns typed accessors.
+    pub fn check<'a>(&'static self, map: &'a Map) -> Result<Cfg<'a>, String> {
+        for (k, v) in map {
+            let key = self.find(k)?;
+            if !key.ty.accepts(v) {
+                return Err(format!("{}: `{k}` must be {}, got {}", self.name, key.ty.describe(), type_name(v)));
+            }
+        }
+        Ok(Cfg { map })
+    }
+
+    /// Validate one literal key/value from the AST (`qscript check`).
+    pub fn check_literal(&self, k: &str, v: Option<&Literal>) -> Result<(), String> {
+        let key = self.find(k)?;
+        match v {
+            Some(lit) if !key.ty.accepts_literal(lit) => {
+                Err(format!("{}: `{k}` must be {}, got {}", self.name, key.ty.describe(), literal_name(lit)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A validated map with typed getters (types were checked by [`Schema::check`]).
+pub struct Cfg<'a> {
+    map: &'a Map,
+}
+
+impl Cfg<'_> {
+    pub fn has(&self, k: &str) -> bool {
+        self.map.contains_key(k)
+    }
+    pub fn int(&self, k: &str) -> Option<i64> {
+        self.map.get(k).and_then(|v| v.as_int().ok())
+    }
+    pub fn float(&self, k: &str) -> Option<f64> {
+        self.map.get(k).and_then(|v| v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64)))
+    }
+    pub fn bool(&self, k: &str) -> Option<bool> {
+        self.map.get(k).and_then(|v| v.as_bool().ok())
+    }
+    pub fn str(&self, k: &str) -> Option<String> {
+        self.map.get(k).and_then(|v| v.clone().into_string().ok())
+    }
+    pub fn str_list(&self, k: &str) -> Option<Vec<String>> {
+        let v = self.map.get(k)?;
+        if let Ok(s) = v.clone().into_string() {
+            return Some(vec![s]);
+        }
+        v.clone().try_cast::<rhai::Array>().map(|a| a.into_iter().filter_map(|x| x.into_string().ok()).collect())
+    }
+    pub fn get(&self, k: &str) -> Option<&Dynamic> {
+        self.map.get(k)
+    }
+    /// A non-negative integer.
+    pub fn usize(&self, k: &str) -> Result<Option<usize>, String> {
+        match self.int(k) {
+            Some(i) if i < 0 => Err(format!("`{k}` must not be negative, got {i}")),
+            Some(i) => Ok(Some(i as usize)),
+            None => Ok(None),
+        }
+    }
+}
+
+pub static LOAD_MODEL: Schema = Schema {
+    name: "load_model options",
+    keys: &[
+        key("dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"]), "compute dtype of the weights (default float32)"),
+        key("torch_dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"]), "transformers' name for `dtype`"),
+        key("device", Ty::Str, "\"cpu\" (CUDA arrives with the cuda build)"),
+        key("revision", Ty::Str, "hub revision (branch, tag or commit)"),
+    ],
+};
+
+pub static GENERATE: Schema = Schema {
+    name: "generation options",
+    keys: &[
+        key("max_new_tokens", Ty::Int, "most tokens to generate (default 256)"),
+        key("do_sample", Ty::Bool, "sample (true) or greedy (false); default: sample when temperature > 0"),
+        key("temperature", Ty::Float, "0 = greedy; default from generation_config.json"),
+        key("top_k", Ty::Int, "keep the k most likely tokens"),
+        key("top_p", Ty::Float, "nucleus sampling: keep the smallest set with this much probability"),
+        key("min_p", Ty::Float, "drop tokens below min_p × the top probability"),
+        key("repetition_penalty", Ty::Float, "> 1 discourages repeating tokens (HF semantics)"),
+        key("seed", Ty::Int, "RNG seed for sampling (default 0)"),
+        key("stop", Ty::StrOrList, "stop strings; the text is cut before the first one"),
+        key("stream", Ty::Bool, "print tokens as they are generated (default false)"),
+        key("add_special_tokens", Ty::Bool, "generate(): tokenize the prompt with special tokens (default true)"),
+        key("system", Ty::Str, "chat(): a system message put before the conversation"),
+    ],
+};
+
+pub static CHAT_TEMPLATE: Schema = Schema {
+    name: "apply_chat_template options",
+    keys: &[
+        key("add_generation_prompt", Ty::Bool, "end with the assistant header (default false)"),
+        key("tokenize", Ty::Bool, "return token ids (default true, as transformers) instead of text"),
+        key("tools", Ty::Array, "tool definitions passed to the template"),
+        key("date_string", Ty::Str, "template variable used by Llama-3.1 templates"),
+    ],
+};
+
+pub static SET_CHAT_TEMPLATE: Schema = Schema {
+    name: "set_chat_template options",
+    keys: &[
+        key("bos_token", Ty::Str, "the template's `bos_token`"),
+        key("eos_token", Ty::Str, "the template's `eos_token` (also ends generation)"),
+    ],
+};
+
+pub static TOKENIZE: Schema = Schema {
+    name: "tokenize options",
+    keys: &[key("add_special_tokens", Ty::Bool, "apply the tokenizer's post-processor, e.g. a BOS (default true)")],
+};
+
+pub static DECODE: Schema = Schema {
+    name: "decode options",
+    keys: &[key("skip_special_tokens", Ty::Bool, "drop special tokens from the text (default false)")],
+};
+
+/// Which schema validates the map argument of which function (for `qscript check`).
+pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
+    Some(match fn_name {
+        "load_model" => &LOAD_MODEL,
+        "generate" | "chat" => &GENERATE,
+        "apply_chat_template" => &CHAT_TEMPLATE,
+        "set_chat_template" => &SET_CHAT_TEMPLATE,
+        "tokenize" | "encode" => &TOKENIZE,
+        "decode" => &DECODE,
+        _ => return None,
+    })
+}
