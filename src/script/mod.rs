@@ -96,6 +96,8 @@ impl Host {
     /// `base_dir`: where `import "file"` looks for non-stdlib modules (the recipe's folder).
     pub fn new(base_dir: Option<&Path>, limits: &Limits) -> Self {
         let mut engine = Engine::new();
+        // Compile unoptimized (see `compile_source`); runs optimize explicitly.
+        engine.set_optimization_level(rhai::OptimizationLevel::None);
         let mut docs = Vec::new();
         engine
             .set_max_call_levels(64)
@@ -142,6 +144,8 @@ impl Host {
         self.compile_source(&src, &path.display().to_string())
     }
 
+    /// Compile without optimization: constant folding would inline `const` values before
+    /// `--set` can replace them, and turn literal maps into opaque constants `check` cannot see.
     pub fn compile_source(&self, src: &str, name: &str) -> Result<AST> {
         let mut ast = self
             .engine
@@ -151,10 +155,21 @@ impl Host {
         Ok(ast)
     }
 
+    /// Optimize a compiled (and possibly overridden) AST for running.
+    fn optimize(&self, ast: AST) -> AST {
+        let source = ast.source().map(String::from);
+        let mut ast = self.engine.optimize_ast(&Scope::new(), ast, rhai::OptimizationLevel::Simple);
+        if let Some(s) = source {
+            ast.set_source(s);
+        }
+        ast
+    }
+
     /// Run a recipe file with `--set NAME=value` overrides of its top-level constants.
     pub fn run_file(&self, path: &Path, overrides: &[(String, String)]) -> Result<()> {
         let ast = self.compile_file(path)?;
         let ast = apply_overrides(ast, overrides).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let ast = self.optimize(ast);
         let mut scope = Scope::new();
         self.engine
             .run_ast_with_scope(&mut scope, &ast)
@@ -275,6 +290,7 @@ fn message_of(e: &EvalAltResult) -> String {
         EvalAltResult::ErrorRuntime(d, _) => d.to_string(),
         EvalAltResult::ErrorTerminated(d, _) => d.to_string(),
         EvalAltResult::ErrorParsing(p, _) => format!("syntax error: {p}"),
+        EvalAltResult::ErrorStackOverflow(_) => "too many nested function calls (limit 64): runaway recursion?".into(),
         other => {
             let s = other.to_string();
             match s.rfind(" (line ") {
