@@ -5,7 +5,7 @@ use qscript::model::{LoadOptions, Model};
 use std::path::{Path, PathBuf};
 
 fn golden(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(p)
 }
 
 fn load_base(dtype: DType) -> Model {

@@ -34,7 +34,7 @@ fn check(src: &str) -> Result<usize, String> {
 }
 
 fn golden_base() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/peft/1/base").display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base").display().to_string()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use qscript::generate::template::ChatTemplate;
 use serde_json::{json, Map, Value};
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden/templates/renders.json");
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/templates/renders.json");
 
 fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(GOLDEN).expect("golden renders.json")).unwrap()
