@@ -2,11 +2,13 @@
 //! q/k row permutation undone, tokenizer rebuilt from the vocabulary and merges.
 
 use super::config::Config;
-use super::tokenizer::Tokenizer;
-use anyhow::Result;
-use candle_core::Tensor;
+use super::tokenizer::{GgufVocab, Tokenizer};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A GGUF model read into memory under HF names (`model.layers.0.self_attn.q_proj.weight`, ...).
 pub struct GgufModel {
@@ -20,12 +22,451 @@ pub struct GgufModel {
     pub generation_config: serde_json::Value,
 }
 
-pub fn read_gguf(_path: &Path) -> Result<GgufModel> {
-    todo!("helper: GGUF reading")
+/// Header of a GGUF file (metadata and tensor table, no tensor data).
+fn open(path: &Path) -> Result<(Content, std::fs::File)> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {}", path.display(), ce(e)))?;
+    Ok((content, file))
+}
+
+pub fn read_gguf(path: &Path) -> Result<GgufModel> {
+    let (content, mut file) = open(path)?;
+    let at = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+    let md = Meta(&content.metadata);
+    let config_json = config_json(&content, &mut file).map_err(at)?;
+    let config = Config::from_json(&config_json).map_err(at)?;
+    let tokenizer = Tokenizer::from_gguf_vocab(&vocab(&md, Some(config.max_position_embeddings)).map_err(at)?).map_err(at)?;
+
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = HashMap::with_capacity(names.len());
+    for name in names {
+        crate::check_cancel()?;
+        if name == "rope_freqs.weight" {
+            continue; // llama3 RoPE scaling, already turned into `rope_scaling` by config_json.
+        }
+        let hf = hf_name(name).with_context(|| format!("{}: unexpected tensor `{name}` for a llama GGUF", path.display()))?;
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {}", path.display(), ce(e)))?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: cannot dequantize: {}", path.display(), ce(e)))?;
+        if hf.contains(".self_attn.q_proj.") {
+            t = unpermute_qk(&t, config.num_attention_heads).map_err(|e| at(e.context(format!("tensor `{name}`"))))?;
+        } else if hf.contains(".self_attn.k_proj.") {
+            t = unpermute_qk(&t, config.num_key_value_heads).map_err(|e| at(e.context(format!("tensor `{name}`"))))?;
+        }
+        tensors.insert(hf, t);
+    }
+    let embed = tensors
+        .get("model.embed_tokens.weight")
+        .with_context(|| format!("{}: missing tensor `token_embd.weight`", path.display()))?;
+    if embed.dims() != [config.vocab_size, config.hidden_size] {
+        bail!(
+            "{}: `token_embd.weight` has shape {:?}, config says [{}, {}]",
+            path.display(),
+            embed.dims(),
+            config.vocab_size,
+            config.hidden_size
+        );
+    }
+    let mut generation_config = serde_json::Map::new();
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config_json.get(key) {
+            generation_config.insert(key.into(), v.clone());
+        }
+    }
+    Ok(GgufModel { config_json, config, tensors, tokenizer, generation_config: Value::Object(generation_config) })
+}
+
+/// Only the tokenizer of a GGUF file (reads the header, not the tensors).
+pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let (content, _) = open(path)?;
+    let md = Meta(&content.metadata);
+    let ctx = arch_key(&md, "context_length").and_then(|k| md.u64(&k)).ok().flatten().map(|n| n as usize);
+    let v = vocab(&md, ctx).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+    Tokenizer::from_gguf_vocab(&v).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
+/// Only the HF config.json equivalent of a GGUF file (reads the header, not the tensors).
+pub fn read_config_json(path: &Path) -> Result<Value> {
+    let (content, mut file) = open(path)?;
+    config_json(&content, &mut file).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
 }
 
 /// Convert a GGUF file into an HF model directory (`model.safetensors` f32, `config.json`,
 /// `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`), atomically.
-pub fn convert_to_hf_dir(_gguf: &Path, _out: &Path) -> Result<()> {
-    todo!("helper: GGUF conversion")
+pub fn convert_to_hf_dir(gguf: &Path, out: &Path) -> Result<()> {
+    let model = read_gguf(gguf)?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out.file_name().with_context(|| format!("{}: output path has no file name", out.display()))?;
+    let name = name.to_string_lossy();
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create directory", parent.display()))?;
+    remove_stale_tmp_dirs(parent, &name);
+    let tmp = TmpDir::new(parent.join(format!(".{name}.tmp-{}", unique_suffix())))?;
+
+    write_safetensors(&model.tensors, &tmp.0.join("model.safetensors"))?;
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).map(|s| s + "\n");
+    crate::util::write_atomic(&tmp.0.join("config.json"), pretty(&model.config_json)?.as_bytes())?;
+    crate::util::write_atomic(&tmp.0.join("generation_config.json"), pretty(&model.generation_config)?.as_bytes())?;
+    model.tokenizer.save(&tmp.0)?;
+    // Readable by everyone, whatever the umask or writer (candle's writer makes 0600 files).
+    #[cfg(unix)]
+    for entry in std::fs::read_dir(&tmp.0)? {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(entry?.path(), std::fs::Permissions::from_mode(0o644))?;
+    }
+    match std::fs::rename(&tmp.0, out) {
+        Ok(()) => {
+            std::mem::forget(tmp);
+            Ok(())
+        }
+        // A parallel process converted first: keep theirs.
+        Err(_) if out.join("config.json").is_file() => Ok(()),
+        Err(e) => bail!("{}: cannot move converted model into place: {e}", out.display()),
+    }
+}
+
+/// Undo llama.cpp's q/k row permutation (its RoPE layout → HF's rotate-half layout).
+pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, rest) = rows(w, n_head)?;
+    let t = (|| w.reshape((n_head, out / n_head / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(w.shape()))();
+    t.map_err(|e| anyhow::anyhow!("{}", ce(e)))
+}
+
+/// llama.cpp's q/k row permutation (HF → GGUF), the inverse of [`unpermute_qk`].
+pub fn permute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, rest) = rows(w, n_head)?;
+    let t = (|| w.reshape((n_head, 2, out / n_head / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(w.shape()))();
+    t.map_err(|e| anyhow::anyhow!("{}", ce(e)))
+}
+
+/// candle's message without the backtrace it appends when RUST_BACKTRACE is set.
+fn ce(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => ce(*inner),
+        e => e.to_string().lines().next().unwrap_or("").to_string(),
+    }
+}
+
+fn rows(w: &Tensor, n_head: usize) -> Result<(usize, usize)> {
+    let out = w.dim(0)?;
+    if n_head == 0 || out % (2 * n_head) != 0 {
+        bail!("{out} rows cannot be split into {n_head} heads of even size");
+    }
+    Ok((out, w.elem_count() / out))
+}
+
+/// GGUF tensor name → HF name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
+fn hf_name(name: &str) -> Option<String> {
+    let (base, kind) = name.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match base {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.norm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => {
+            let rest = base.strip_prefix("blk.")?;
+            let (layer, part) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let module = match part {
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{module}")
+        }
+    };
+    Some(format!("{hf}.{kind}"))
+}
+
+/// Typed access to GGUF metadata, with errors that name the key.
+struct Meta<'a>(&'a HashMap<String, GValue>);
+
+impl Meta<'_> {
+    fn u64(&self, key: &str) -> Result<Option<u64>> {
+        let v = match self.0.get(key) {
+            None => return Ok(None),
+            Some(v) => v,
+        };
+        let n = match *v {
+            GValue::U8(x) => Some(x as u64),
+            GValue::U16(x) => Some(x as u64),
+            GValue::U32(x) => Some(x as u64),
+            GValue::U64(x) => Some(x),
+            GValue::I8(x) => u64::try_from(x).ok(),
+            GValue::I16(x) => u64::try_from(x).ok(),
+            GValue::I32(x) => u64::try_from(x).ok(),
+            GValue::I64(x) => u64::try_from(x).ok(),
+            _ => None,
+        };
+        n.map(Some).with_context(|| format!("GGUF key `{key}` must be a non-negative integer, got {v:?}"))
+    }
+
+    fn u32(&self, key: &str) -> Result<Option<u32>> {
+        match self.u64(key)? {
+            None => Ok(None),
+            Some(n) => u32::try_from(n).map(Some).with_context(|| format!("GGUF key `{key}` = {n} is out of range")),
+        }
+    }
+
+    /// f32 values go through their shortest decimal string, so 1e-5f32 becomes 1e-05, not 9.99e-06.
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(GValue::F32(x)) => Ok(Some(x.to_string().parse()?)),
+            Some(GValue::F64(x)) => Ok(Some(*x)),
+            Some(_) => self.u64(key).map(|n| n.map(|n| n as f64)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(GValue::Bool(b)) => Ok(Some(*b)),
+            Some(v) => bail!("GGUF key `{key}` must be a bool, got {v:?}"),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&str>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(GValue::String(s)) => Ok(Some(s)),
+            Some(v) => bail!("GGUF key `{key}` must be a string, got {:?}", v.value_type()),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<Option<&Vec<GValue>>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(GValue::Array(a)) => Ok(Some(a)),
+            Some(v) => bail!("GGUF key `{key}` must be an array, got {:?}", v.value_type()),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let Some(a) = self.array(key)? else { return Ok(None) };
+        a.iter()
+            .map(|v| match v {
+                GValue::String(s) => Ok(s.clone()),
+                v => bail!("GGUF key `{key}` must hold strings, got {:?}", v.value_type()),
+            })
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+}
+
+fn arch_key(md: &Meta, key: &str) -> Result<String> {
+    let arch = md.str("general.architecture")?.context("missing GGUF key `general.architecture`")?;
+    Ok(format!("{arch}.{key}"))
+}
+
+/// The HF config.json equivalent of the GGUF metadata.
+fn config_json(content: &Content, file: &mut std::fs::File) -> Result<Value> {
+    let md = Meta(&content.metadata);
+    let arch = md.str("general.architecture")?.context("missing GGUF key `general.architecture`")?;
+    if arch != "llama" {
+        bail!("GGUF architecture `{arch}` is not supported (qscript converts `llama` GGUFs)");
+    }
+    let req = |k: &str| -> Result<usize> {
+        let key = format!("llama.{k}");
+        md.u64(&key)?.map(|n| n as usize).with_context(|| format!("missing GGUF key `{key}`"))
+    };
+    let opt = |k: &str| md.u64(&format!("llama.{k}")).map(|n| n.map(|n| n as usize));
+    let hidden = req("embedding_length")?;
+    let heads = req("attention.head_count")?;
+    let kv_heads = opt("attention.head_count_kv")?.unwrap_or(heads);
+    if heads == 0 {
+        bail!("GGUF key `llama.attention.head_count` must be positive");
+    }
+    let rope_dims = opt("rope.dimension_count")?;
+    let head_dim = opt("attention.key_length")?.or(rope_dims).unwrap_or(hidden / heads);
+    if rope_dims.is_some_and(|d| d != head_dim) {
+        bail!("partial rotary embeddings (`llama.rope.dimension_count` {rope_dims:?} != head dim {head_dim}) are not supported");
+    }
+    let vocab_size = match opt("vocab_size")? {
+        Some(n) => n,
+        None => md.array("tokenizer.ggml.tokens")?.map(Vec::len).context("missing GGUF keys `llama.vocab_size` and `tokenizer.ggml.tokens`")?,
+    };
+    let eps = md.f64("llama.attention.layer_norm_rms_epsilon")?.context("missing GGUF key `llama.attention.layer_norm_rms_epsilon`")?;
+    let rope_theta = md.f64("llama.rope.freq_base")?.unwrap_or(10000.0);
+    let scaling_type = md.str("llama.rope.scaling.type")?.unwrap_or("none");
+    if scaling_type != "none" {
+        bail!("RoPE scaling `llama.rope.scaling.type = {scaling_type}` is not supported");
+    }
+    let max_pos = opt("context_length")?.unwrap_or(2048);
+    let has = |n: &str| content.tensor_infos.contains_key(n);
+    let mut c = serde_json::Map::new();
+    c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+    c.insert("model_type".into(), "llama".into());
+    c.insert("attention_bias".into(), has("blk.0.attn_q.bias").into());
+    c.insert("mlp_bias".into(), has("blk.0.ffn_up.bias").into());
+    c.insert("hidden_act".into(), "silu".into());
+    c.insert("hidden_size".into(), hidden.into());
+    c.insert("intermediate_size".into(), req("feed_forward_length")?.into());
+    c.insert("num_hidden_layers".into(), req("block_count")?.into());
+    c.insert("num_attention_heads".into(), heads.into());
+    c.insert("num_key_value_heads".into(), kv_heads.into());
+    c.insert("head_dim".into(), head_dim.into());
+    c.insert("vocab_size".into(), vocab_size.into());
+    c.insert("max_position_embeddings".into(), max_pos.into());
+    c.insert("rms_norm_eps".into(), eps.into());
+    c.insert("rope_theta".into(), rope_theta.into());
+    if has("rope_freqs.weight") {
+        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim)?);
+    }
+    c.insert("tie_word_embeddings".into(), (!has("output.weight")).into());
+    for (key, gkey) in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")] {
+        if let Some(id) = md.u32(&format!("tokenizer.ggml.{gkey}"))? {
+            c.insert(key.into(), id.into());
+        }
+    }
+    c.insert("torch_dtype".into(), "float32".into());
+    Ok(Value::Object(c))
+}
+
+/// llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (`rope_freqs.weight`).
+/// Recover transformers' `rope_scaling` from them, accepting only an exact llama3 match.
+fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_dim: usize) -> Result<Value> {
+    let factors = content
+        .tensor(file, "rope_freqs.weight", &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(|e| anyhow::anyhow!("tensor `rope_freqs.weight`: {}", ce(e)))?;
+    let factor = factors.iter().copied().fold(1.0f32, f32::max).to_string().parse::<f64>()?;
+    // Llama 3.1/3.2 values; transformers computes the same factors from them.
+    let (low, high, old) = (1.0, 4.0, 8192.0);
+    let expected = (0..head_dim / 2).map(|i| {
+        let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
+        if wavelen < old / high {
+            1.0
+        } else if wavelen > old / low {
+            factor
+        } else {
+            let smooth = (old / wavelen - low) / (high - low);
+            1.0 / ((1.0 - smooth) / factor + smooth)
+        }
+    });
+    let same = factors.len() == head_dim / 2
+        && expected.zip(&factors).all(|(e, &f)| (e - f as f64).abs() <= 1e-3 * e);
+    if !same {
+        bail!("tensor `rope_freqs.weight` holds RoPE factors other than Llama-3's (factor {factor}, low 1, high 4, original 8192): not supported");
+    }
+    Ok(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+              "original_max_position_embeddings": old as usize}))
+}
+
+/// The `tokenizer.*` metadata of a GGUF file.
+fn vocab(md: &Meta, model_max_length: Option<usize>) -> Result<GgufVocab> {
+    let tokens = md.strings("tokenizer.ggml.tokens")?.context("missing GGUF key `tokenizer.ggml.tokens`")?;
+    let token_types = match md.array("tokenizer.ggml.token_type")? {
+        None => vec![],
+        Some(a) => a
+            .iter()
+            .map(|v| match *v {
+                GValue::I32(x) => Ok(x),
+                GValue::U32(x) => Ok(x as i32),
+                GValue::I8(x) => Ok(x as i32),
+                GValue::U8(x) => Ok(x as i32),
+                ref v => bail!("GGUF key `tokenizer.ggml.token_type` must hold integers, got {:?}", v.value_type()),
+            })
+            .collect::<Result<_>>()?,
+    };
+    Ok(GgufVocab {
+        model: md.str("tokenizer.ggml.model")?.context("missing GGUF key `tokenizer.ggml.model`")?.to_string(),
+        pre: md.str("tokenizer.ggml.pre")?.map(String::from),
+        tokens,
+        token_types,
+        merges: md.strings("tokenizer.ggml.merges")?.unwrap_or_default(),
+        bos_id: md.u32("tokenizer.ggml.bos_token_id")?,
+        eos_id: md.u32("tokenizer.ggml.eos_token_id")?,
+        // llama.cpp writes `unknown_token_id`; some converters `unk_token_id`.
+        unk_id: match md.u32("tokenizer.ggml.unknown_token_id")? {
+            Some(id) => Some(id),
+            None => md.u32("tokenizer.ggml.unk_token_id")?,
+        },
+        pad_id: md.u32("tokenizer.ggml.padding_token_id")?,
+        add_bos: md.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+        add_eos: md.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+        chat_template: md.str("tokenizer.chat_template")?.map(String::from),
+        model_max_length,
+    })
+}
+
+/// f32 safetensors with `format: pt` (what transformers expects).
+fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    struct F32<'a>(&'a Tensor);
+    impl safetensors::View for F32<'_> {
+        fn dtype(&self) -> safetensors::Dtype {
+            safetensors::Dtype::F32
+        }
+        fn shape(&self) -> &[usize] {
+            self.0.dims()
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            // Invariant: every tensor here came from `dequantize` (f32, CPU).
+            let v = self.0.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 CPU tensor");
+            std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
+        fn data_len(&self) -> usize {
+            self.0.elem_count() * 4
+        }
+    }
+    for (name, t) in tensors {
+        if t.dtype() != candle_core::DType::F32 || !t.device().is_cpu() {
+            bail!("tensor `{name}`: expected f32 on the CPU, got {:?}", t.dtype());
+        }
+    }
+    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), F32(t))), Some(info), path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Process-unique suffix for temp names (threads of one process convert in parallel in tests).
+pub(crate) fn unique_suffix() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
+/// Left-overs of conversions that crashed (each holds a full f32 copy of a model).
+fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let stale = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 6 * 3600);
+        if stale && e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A directory removed on drop (error paths); `mem::forget` it to keep it.
+pub(crate) struct TmpDir(pub PathBuf);
+
+impl TmpDir {
+    pub fn new(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir(&path).with_context(|| format!("{}: cannot create directory", path.display()))?;
+        Ok(TmpDir(path))
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
