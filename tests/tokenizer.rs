@@ -19,7 +19,7 @@ fn model_dir() -> PathBuf {
 }
 
 fn golden() -> Vec<(String, Vec<u32>)> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/smollm2/tokenizer_ids.json");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/smollm2/tokenizer_ids.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v.as_array()
         .unwrap()
