@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod script;
 pub mod util;

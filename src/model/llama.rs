@@ -19,7 +19,11 @@ impl Linear {
         let mut out_shape = x.dims().to_vec();
         *out_shape.last_mut().unwrap() = self.weight.dim(0)?;
         let x2 = x.reshape((rows, inner))?;
-        let y = x2.matmul(&self.weight.t()?)?;
+        let y = if rows == 1 { self.gemv(&x2)? } else { None };
+        let y = match y {
+            Some(y) => y,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -29,6 +33,21 @@ impl Linear {
 
     pub fn num_parameters(&self) -> usize {
         self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+
+    /// Batch-1 fast path (decoding): f32 weights on the CPU go through our GEMV kernel.
+    fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.weight.device().is_cpu() || self.weight.dtype() != DType::F32 || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (storage, layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
+        let w = &cpu.as_slice::<f32>()?[start..end];
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; self.weight.dim(0)?];
+        crate::kernels::gemv::gemv_f32(w, &xv, &mut y);
+        Ok(Some(Tensor::from_vec(y, (1, self.weight.dim(0)?), x.device())?))
     }
 }
 
@@ -132,7 +151,7 @@ impl KvCache {
 impl Attention {
     /// `x` `[b, t, hidden]`; queries at positions `pos..pos+t` attend causally to the cache plus
     /// themselves.
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
@@ -184,7 +203,7 @@ fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }

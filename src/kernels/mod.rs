@@ -1,0 +1,4 @@
+//! Hand-written kernels where candle's generic path is the bottleneck. Each has a portable
+//! CPU version; CUDA versions come behind the `cuda` feature.
+
+pub mod gemv;
