@@ -1,0 +1,96 @@
+//! The binary: exit codes, one-line errors, help with examples, check, REPL on piped input.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn qscript() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qscript"));
+    c.env("QSCRIPT_QUIET", "1");
+    c
+}
+
+fn golden_base() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base").display().to_string()
+}
+
+fn run_recipe(src: &str) -> (i32, String, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.rhai");
+    std::fs::write(&p, src).unwrap();
+    let out = qscript().arg(&p).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_recipes_give_one_line_errors_and_nonzero_exit() {
+    let cases = [
+        ("let x = ;", "bad.rhai:1:"),
+        ("let m = load_model(\"/no/such/model\");", "model path not found"),
+        (&format!("let m = load_model(\"{}\", #{{ dtyp: \"f32\" }});", golden_base()), "did you mean `dtype`"),
+        (&format!("let m = load_model(\"{}\");\nm.generate(\"x\");", golden_base()), "bad.rhai:2:"),
+        ("load_model(1, 2, 3);", "bad.rhai:1:"),
+    ];
+    for (src, want) in cases {
+        let (code, _, err) = run_recipe(src);
+        assert_eq!(code, 1, "{src}: {err}");
+        assert!(err.contains(want), "{src}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{src}: not one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn missing_recipe_file_is_named() {
+    let out = qscript().arg("no_such_recipe.rhai").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_recipe.rhai"));
+}
+
+#[test]
+fn help_of_every_command_has_examples() {
+    for args in [vec!["--help"], vec!["run", "--help"], vec!["check", "--help"], vec!["repl", "--help"], vec!["bench", "--help"]] {
+        let out = qscript().args(&args).output().unwrap();
+        assert!(out.status.success());
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(s.contains("Examples:"), "{args:?}: {s}");
+    }
+}
+
+#[test]
+fn check_reports_ok_and_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = qscript().args(["check"]).arg(root.join("recipes/chat.rhai")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let out = qscript().args(["check"]).arg(root.join("recipes/chat.rhai")).args(["--set", "NOPE=1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no top-level constant `NOPE`"));
+}
+
+#[test]
+fn repl_keeps_variables_functions_and_imports_between_lines() {
+    let mut child = qscript()
+        .arg("repl")
+        .env("HOME", tempfile::tempdir().unwrap().path()) // history goes to a throwaway dir
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = "let x = 40;\nfn add2(v) { v + 2 }\nadd2(x)\nimport \"chat\" as chat;\nchat::user(\"hi\").role + \"-role\"\nlet f = if true {\n  \"multi\"\n} else { \"no\" };\nf + \"-line\"\n:help load_model\nundefined_thing\n:quit\n";
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("42"), "{stdout}");
+    assert!(stdout.contains("multi-line"), "{stdout}");
+    assert!(stdout.contains("user-role"), "imports persist: {stdout}");
+    assert!(stdout.contains("load_model(id_or_path"), "{stdout}");
+    assert!(stderr.contains("undefined_thing"), "{stderr}");
+}
