@@ -94,3 +94,21 @@ fn repl_keeps_variables_functions_and_imports_between_lines() {
     assert!(stdout.contains("load_model(id_or_path"), "{stdout}");
     assert!(stderr.contains("undefined_thing"), "{stderr}");
 }
+
+#[test]
+fn ctrl_c_cancels_a_running_recipe_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("long.rhai");
+    std::fs::write(&p, "print(\"started\");\nlet i = 0;\nloop { i += 1; }\n").unwrap();
+    let mut child = qscript().arg(&p).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until the recipe runs, then send SIGINT as a terminal's Ctrl-C would.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 8];
+    std::io::Read::read(&mut stdout, &mut buf).unwrap();
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("long.rhai:3:") && stderr.contains("interrupted"), "{stderr}");
+}

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod generate_api;
 pub mod model_api;
+pub mod util_api;
 
 use anyhow::{bail, Context, Result};
 use rhai::module_resolvers::{FileModuleResolver, ModuleResolversCollection};
@@ -130,6 +131,7 @@ impl Host {
             let mut api = Api { engine: &mut engine, docs: &mut docs };
             model_api::register(&mut api);
             generate_api::register(&mut api);
+            util_api::register(&mut api);
         }
         Self { engine, docs }
     }
