@@ -7,14 +7,32 @@ use super::weights::WeightFiles;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 
-/// A dense linear layer `y = x Wᵀ + b`, `W` is `[out, in]` as in PyTorch.
+/// A linear layer `y = x Wᵀ + b` (`W` is `[out, in]` as in PyTorch), plus an optional LoRA
+/// adapter whose term is added at inference (no dropout).
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<super::ops::linear::Lora>,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias, lora: None }
+    }
+
+    /// The frozen weight as a dense tensor in the compute dtype (what matmuls and backward use).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        Ok(self.weight.clone())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        let Some(l) = &self.lora else { return Ok(y) };
+        let u = x.broadcast_matmul(&l.a.t()?)?;
+        Ok((y + (u.broadcast_matmul(&l.b.t()?)? * l.scaling)?)?)
+    }
+
+    fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, inner) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
         let mut out_shape = x.dims().to_vec();
         *out_shape.last_mut().unwrap() = self.weight.dim(0)?;
@@ -253,10 +271,10 @@ impl Llama {
         let c = config;
         let (hd, h, kvh, d, inter) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                weight: src.tensor(&format!("{name}.weight"), &[out, inp], dtype, device)?,
-                bias: if bias { Some(src.tensor(&format!("{name}.bias"), &[out], dtype, device)?) } else { None },
-            })
+            Ok(Linear::new(
+                src.tensor(&format!("{name}.weight"), &[out, inp], dtype, device)?,
+                if bias { Some(src.tensor(&format!("{name}.bias"), &[out], dtype, device)?) } else { None },
+            ))
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm { weight: src.tensor(&format!("{name}.weight"), &[hd], dtype, device)?, eps: c.rms_norm_eps })
@@ -327,7 +345,7 @@ impl Llama {
         let x = self.norm.forward(&x)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
-            None => Linear { weight: self.embed_tokens.clone(), bias: None }.forward(&x)?,
+            None => Linear::new(self.embed_tokens.clone(), None).forward(&x)?,
         };
         let _ = b;
         Ok(logits.to_dtype(DType::F32)?)

@@ -1,0 +1,63 @@
+//! LM head + cross-entropy, fused and chunked: only rows with a target are projected, a chunk
+//! at a time, and each chunk's gradient is formed at once — the `[tokens, vocab]` probability
+//! matrix never exists in full. Loss is summed; the caller picks the normalisation.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+/// Rows projected per chunk (chunk × vocab f32 logits live at once: 256 × 49152 × 4 B = 48 MiB).
+pub const CHUNK_ROWS: usize = 256;
+
+pub struct Output {
+    /// Σ over trained tokens of −log p(target).
+    pub loss_sum: f64,
+    pub n_tokens: usize,
+    /// d(grad_scale · loss_sum)/dh `[n, hidden]` (zero rows for untrained tokens); None when
+    /// only the loss was asked for.
+    pub dh: Option<Tensor>,
+}
+
+/// `h` `[n, hidden]`, `head` `[vocab, hidden]`, `targets[i]` the token row `i` predicts or −100.
+pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: Option<f64>, chunk_rows: usize) -> Result<Output> {
+    let (n, hidden) = h.dims2()?;
+    anyhow::ensure!(targets.len() == n, "cross-entropy: {} targets for {n} rows", targets.len());
+    let vocab = head.dim(0)?;
+    let rows: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize] >= 0).collect();
+    if let Some(bad) = rows.iter().map(|&i| targets[i as usize]).find(|&t| t as usize >= vocab) {
+        anyhow::bail!("label {bad} is out of range for vocab_size {vocab}");
+    }
+    let dev = h.device();
+    let mut loss_sum = 0.0;
+    let mut dh_rows = Vec::new();
+    for chunk in rows.chunks(chunk_rows.max(1)) {
+        let idx = Tensor::new(chunk, dev)?;
+        let tgt: Vec<u32> = chunk.iter().map(|&i| targets[i as usize] as u32).collect();
+        let tgt = Tensor::new(tgt.as_slice(), dev)?.unsqueeze(1)?;
+        let hc = h.index_select(&idx, 0)?;
+        let logits = hc.matmul(&head.t()?)?.to_dtype(DType::F32)?; // [c, vocab]
+        let max = logits.max_keepdim(D::Minus1)?;
+        let e = logits.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let lse = (max + sum.log()?)?;
+        let picked = logits.gather(&tgt, 1)?;
+        loss_sum += (lse - picked)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if let Some(scale) = grad_scale {
+            // d loss / d logits = softmax − onehot(target).
+            let p = e.broadcast_div(&sum)?;
+            let minus_one = Tensor::full(-1f32, (chunk.len(), 1), dev)?;
+            let dlogits = (p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(h.dtype())?;
+            dh_rows.push((idx, dlogits.matmul(head)?));
+        }
+    }
+    let dh = match grad_scale {
+        None => None,
+        Some(_) => {
+            let mut dh = Tensor::zeros((n, hidden), h.dtype(), dev)?;
+            for (idx, rows) in dh_rows {
+                dh = dh.index_add(&idx, &rows, 0)?;
+            }
+            Some(dh)
+        }
+    };
+    Ok(Output { loss_sum, n_tokens: rows.len(), dh })
+}

@@ -1,0 +1,27 @@
+//! RMSNorm: `y = x · rstd · w`, `rstd = 1/sqrt(mean(x²) + eps)` over the last dim. Statistics in
+//! f32 (as transformers). The norm weight is frozen, so backward returns only `dx`.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+/// What backward needs: the input and the per-row reciprocal RMS.
+pub struct Saved {
+    pub x: Tensor,
+    pub rstd: Tensor,
+}
+
+pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Saved)> {
+    let xf = x.to_dtype(DType::F32)?;
+    let rstd = ((xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip())?;
+    let y = xf.broadcast_mul(&rstd)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+    Ok((y, Saved { x: xf, rstd }))
+}
+
+/// `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w`, `x̂ = x · rstd`.
+pub fn backward(s: &Saved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let g = dy.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let xhat = s.x.broadcast_mul(&s.rstd)?;
+    let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rstd)?;
+    Ok(dx.to_dtype(dy.dtype())?)
+}
