@@ -1,6 +1,7 @@
 //! Llama-family models: config, weights, the explicit forward, tokenizer, loading.
 
 pub mod config;
+pub mod engine;
 pub mod ops;
 pub mod gguf;
 pub mod hub;

@@ -3,7 +3,7 @@
 //! are never copied per query head and their gradients sum over the group for free.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 /// Additive mask `[b, 1, t, t]` from per-token segment ids `[b·t]`: token `i` attends to `j`
 /// when `j ≤ i` and both belong to the same example (`segment` > 0). Padding (`segment` 0)
@@ -48,7 +48,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Ten
         .reshape((b, kvh, rep, t, t))?
         .broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?
         .reshape((b, kvh, rep * t, t))?;
-    let p = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    let p = candle_nn::ops::softmax_last_dim(&scores.to_dtype(super::stat_dtype(v.dtype()))?)?.to_dtype(v.dtype())?;
     let o = p.matmul(&v)?.reshape((b, nh, t, d))?;
     Ok((o, Saved { q, k, v, p, n_heads: nh }))
 }

@@ -34,7 +34,8 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         let tgt: Vec<u32> = chunk.iter().map(|&i| targets[i as usize] as u32).collect();
         let tgt = Tensor::new(tgt.as_slice(), dev)?.unsqueeze(1)?;
         let hc = h.index_select(&idx, 0)?;
-        let logits = hc.matmul(&head.t()?)?.to_dtype(DType::F32)?; // [c, vocab]
+        let sd = super::stat_dtype(h.dtype());
+        let logits = hc.matmul(&head.t()?)?.to_dtype(sd)?; // [c, vocab]
         let max = logits.max_keepdim(D::Minus1)?;
         let e = logits.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
@@ -44,7 +45,7 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         if let Some(scale) = grad_scale {
             // d loss / d logits = softmax − onehot(target).
             let p = e.broadcast_div(&sum)?;
-            let minus_one = Tensor::full(-1f32, (chunk.len(), 1), dev)?;
+            let minus_one = Tensor::full(-1f32, (chunk.len(), 1), dev)?.to_dtype(sd)?;
             let dlogits = (p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(h.dtype())?;
             dh_rows.push((idx, dlogits.matmul(head)?));
         }

@@ -4,7 +4,7 @@
 //! by the caller, in forward and again in backward — never does.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::Rng;
 
 /// A LoRA adapter's trainable matrices and hyper-parameters.
@@ -66,5 +66,5 @@ pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Resu
     if let Some(m) = &s.mask {
         dxd = (dxd * m)?;
     }
-    Ok(((dx + dxd)?, Some((da.to_dtype(DType::F32)?, db.to_dtype(DType::F32)?))))
+    Ok(((dx + dxd)?, Some((da, db))))
 }

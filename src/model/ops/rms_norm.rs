@@ -2,7 +2,7 @@
 //! f32 (as transformers). The norm weight is frozen, so backward returns only `dx`.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 /// What backward needs: the input and the per-row reciprocal RMS.
 pub struct Saved {
@@ -11,15 +11,17 @@ pub struct Saved {
 }
 
 pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Saved)> {
-    let xf = x.to_dtype(DType::F32)?;
+    let sd = super::stat_dtype(x.dtype());
+    let xf = x.to_dtype(sd)?;
     let rstd = ((xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip())?;
-    let y = xf.broadcast_mul(&rstd)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+    let y = xf.broadcast_mul(&rstd)?.broadcast_mul(&w.to_dtype(sd)?)?.to_dtype(x.dtype())?;
     Ok((y, Saved { x: xf, rstd }))
 }
 
 /// `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w`, `x̂ = x · rstd`.
 pub fn backward(s: &Saved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let g = dy.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let sd = s.x.dtype();
+    let g = dy.to_dtype(sd)?.broadcast_mul(&w.to_dtype(sd)?)?;
     let xhat = s.x.broadcast_mul(&s.rstd)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
     let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rstd)?;
