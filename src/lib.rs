@@ -4,6 +4,7 @@
 //! The script layer holds no ML logic; workflows never touch Rhai.
 
 pub mod cli;
+pub mod data;
 pub mod generate;
 pub mod kernels;
 pub mod model;

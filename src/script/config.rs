@@ -262,6 +262,63 @@ pub static DECODE: Schema = Schema {
     keys: &[key("skip_special_tokens", Ty::Bool, "drop special tokens from the text (default false)")],
 };
 
+pub static LOAD_DATASET: Schema = Schema {
+    name: "load_dataset options",
+    keys: &[
+        key("format", Ty::OneOf(crate::data::load::Format::NAMES), "record format (default: detected per file from its first record)"),
+        key("on_error", Ty::OneOf(&["raise", "skip"]), "bad records: stop with an error (default) or skip, count and report them"),
+        key("split", Ty::Str, "for a JSON object holding several arrays of records: the key to read, e.g. \"train\""),
+    ],
+};
+
+pub static TRAIN_TEST_SPLIT: Schema = Schema {
+    name: "train_test_split options",
+    keys: &[
+        key("seed", Ty::Int, "shuffle seed (default 42)"),
+        key("shuffle", Ty::Bool, "shuffle before splitting (default true)"),
+    ],
+};
+
+pub static DATA_TOKENIZE: Schema = Schema {
+    name: "tokenization options",
+    keys: &[
+        key("max_seq_length", Ty::Int, "longest example in tokens (default 1024)"),
+        key("train_on_inputs", Ty::Bool, "train on every token, prompts included (default false: assistant turns only)"),
+        key("truncation", Ty::OneOf(&["truncate", "drop"]), "longer examples: keep their start (default) or drop them"),
+    ],
+};
+
+pub static DATA_STATS: Schema = Schema {
+    name: "stats options",
+    keys: &[
+        key("max_seq_length", Ty::Int, "count examples longer than this (default 1024)"),
+        key("train_on_inputs", Ty::Bool, "count every token as trained"),
+    ],
+};
+
+pub static DATA_PREVIEW: Schema = Schema {
+    name: "preview options",
+    keys: &[
+        key("train_on_inputs", Ty::Bool, "highlight every token as trained"),
+        key("max_seq_length", Ty::Int, "show the example truncated to this length"),
+        key("color", Ty::Bool, "ANSI colours (default: when stdout is a terminal) instead of [[ ]] markers"),
+    ],
+};
+
+pub static DATA_BATCHES: Schema = Schema {
+    name: "batch options",
+    keys: &[
+        key("batch_size", Ty::Int, "rows per batch (default 8)"),
+        key("seed", Ty::Int, "shuffle seed (default 42); epoch e uses seed + e"),
+        key("shuffle", Ty::Bool, "shuffle every epoch (default true)"),
+        key("packing", Ty::Bool, "pack several examples into each row of max_seq_length tokens (default false)"),
+        key("max_seq_length", Ty::Int, "packed row length (default: the tokenization's max_seq_length)"),
+        key("group_by_length", Ty::Bool, "batch examples of similar length together (default false)"),
+        key("drop_last", Ty::Bool, "drop the last incomplete batch (default false)"),
+        key("epoch", Ty::Int, "which epoch's order to return (default 0)"),
+    ],
+};
+
 /// Which schema validates the map argument of which function (for `qscript check`).
 pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
     Some(match fn_name {
@@ -271,6 +328,12 @@ pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
         "set_chat_template" => &SET_CHAT_TEMPLATE,
         "tokenize" | "encode" => &TOKENIZE,
         "decode" => &DECODE,
+        "load_dataset" => &LOAD_DATASET,
+        "train_test_split" => &TRAIN_TEST_SPLIT,
+        "tokenized" => &DATA_TOKENIZE,
+        "stats" => &DATA_STATS,
+        "preview" => &DATA_PREVIEW,
+        "batches" => &DATA_BATCHES,
         _ => return None,
     })
 }

@@ -3,6 +3,7 @@
 //! and the static checker behind `qscript check`.
 
 pub mod config;
+pub mod data_api;
 pub mod generate_api;
 pub mod model_api;
 pub mod util_api;
@@ -132,6 +133,7 @@ impl Host {
             model_api::register(&mut api);
             generate_api::register(&mut api);
             util_api::register(&mut api);
+            data_api::register(&mut api);
         }
         Self { engine, docs }
     }
