@@ -8,7 +8,9 @@ pub mod data;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod quant;
 pub mod script;
+pub mod train;
 pub mod util;
 
 /// Set by Ctrl-C; long native work (generation, loading) polls it and stops cleanly.

@@ -25,6 +25,20 @@ impl Linear {
         Ok(self.weight.clone())
     }
 
+    /// `(out, in)` of the weight.
+    pub fn weight_shape(&self) -> Result<(usize, usize)> {
+        Ok(self.weight.dims2()?)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.weight.device()
+    }
+
+    /// The dtype activations and adapters use with this layer.
+    pub fn compute_dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_base(x)?;
         let Some(l) = &self.lora else { return Ok(y) };
@@ -112,6 +126,19 @@ impl Rope {
         let sin = self.sin.narrow(0, pos, t)?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
+
+    /// cos/sin at one position as f32 slices (CPU f32 tables only), for the decode path.
+    fn row_f32(&self, pos: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        let row = |t: &Tensor| -> Option<Vec<f32>> {
+            let (storage, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
+            let (start, end) = layout.contiguous_offsets()?;
+            let half = t.dim(1).ok()?;
+            let all = &cpu.as_slice::<f32>().ok()?[start..end];
+            all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)
+        };
+        Some((row(&self.cos)?, row(&self.sin)?))
+    }
 }
 
 pub struct Attention {
@@ -145,20 +172,84 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
-/// Per-layer key/value cache for generation; grows by concatenation along the time axis.
+/// Key/value cache for generation, one entry per layer.
 #[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
 }
 
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        Self { layers: (0..n_layers).map(|_| None).collect() }
+/// One layer's cached keys and values. With batch 1 in f32 on the CPU (generation) they live
+/// in preallocated buffers that decoding appends to in place; otherwise they are tensors
+/// `[b, kvh, s, d]` grown by concatenation.
+#[derive(Default)]
+pub enum LayerKv {
+    #[default]
+    Empty,
+    Tensors(Tensor, Tensor),
+    Buf(KvBuf),
+}
+
+/// Keys and values as `[kvh, cap, d]` f32 buffers (per head: positions `0..len` in use).
+pub struct KvBuf {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kvh: usize,
+    d: usize,
+    len: usize,
+    cap: usize,
+}
+
+impl KvBuf {
+    fn new(kvh: usize, d: usize) -> Self {
+        Self { k: Vec::new(), v: Vec::new(), kvh, d, len: 0, cap: 0 }
     }
 
-    /// Number of cached positions.
+    /// Append `t` positions from `k`/`v` laid out `[kvh, t, d]`.
+    fn append(&mut self, k: &[f32], v: &[f32], t: usize) {
+        let (kvh, d) = (self.kvh, self.d);
+        assert!(k.len() == kvh * t * d && v.len() == kvh * t * d);
+        if self.len + t > self.cap {
+            let cap = (self.len + t).max(2 * self.cap).max(256);
+            let relayout = |old: &[f32]| {
+                let mut new = vec![0f32; kvh * cap * d];
+                for h in 0..kvh {
+                    new[h * cap * d..(h * cap + self.len) * d].copy_from_slice(&old[h * self.cap * d..(h * self.cap + self.len) * d]);
+                }
+                new
+            };
+            self.k = relayout(&self.k);
+            self.v = relayout(&self.v);
+            self.cap = cap;
+        }
+        for h in 0..kvh {
+            let dst = (h * self.cap + self.len) * d..(h * self.cap + self.len + t) * d;
+            self.k[dst.clone()].copy_from_slice(&k[h * t * d..(h + 1) * t * d]);
+            self.v[dst].copy_from_slice(&v[h * t * d..(h + 1) * t * d]);
+        }
+        self.len += t;
+    }
+
+    /// All cached positions as tensors `[1, kvh, len, d]`.
+    fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let (kvh, d, len) = (self.kvh, self.d, self.len);
+        let gather = |buf: &[f32]| -> Result<Tensor> {
+            let mut out = Vec::with_capacity(kvh * len * d);
+            for h in 0..kvh {
+                out.extend_from_slice(&buf[h * self.cap * d..(h * self.cap + len) * d]);
+            }
+            Ok(Tensor::from_vec(out, (1, kvh, len, d), device)?)
+        };
+        Ok((gather(&self.k)?, gather(&self.v)?))
+    }
+}
+
+impl LayerKv {
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        match self {
+            LayerKv::Empty => 0,
+            LayerKv::Tensors(k, _) => k.dim(2).unwrap_or(0),
+            LayerKv::Buf(b) => b.len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -166,48 +257,122 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: (0..n_layers).map(|_| LayerKv::Empty).collect() }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerKv::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An f32 CPU tensor's elements, contiguous (a copy).
+fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
 impl Attention {
     /// `x` `[b, t, hidden]`; queries at positions `pos..pos+t` attend causally to the cache plus
     /// themselves.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut LayerKv>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (kvh, d) = (self.n_kv_heads, self.head_dim);
+        // Generation on the CPU in f32: the cache is a preallocated buffer.
+        let buffered = b == 1 && x.device().is_cpu() && x.dtype() == DType::F32;
+        if let Some(slot) = cache {
+            if buffered && matches!(slot, LayerKv::Empty) {
+                *slot = LayerKv::Buf(KvBuf::new(kvh, d));
+            }
+            if let LayerKv::Buf(buf) = slot {
+                if t == 1 {
+                    if let Some(y) = self.decode_step(x, rope, pos, buf)? {
+                        return Ok(y);
+                    }
+                }
+                let (q, k, v) = self.qkv(x, rope, pos)?;
+                buf.append(&f32_vec(&k)?, &f32_vec(&v)?, t);
+                let (k, v) = if buf.len == t { (k, v) } else { buf.tensors(x.device())? };
+                return self.attend(&q, &k, &v);
+            }
+            let (q, k, v) = self.qkv(x, rope, pos)?;
+            let (k, v) = match std::mem::take(slot) {
+                LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                _ => (k, v),
+            };
+            *slot = LayerKv::Tensors(k.clone(), v.clone());
+            return self.attend(&q, &k, &v);
+        }
+        let (q, k, v) = self.qkv(x, rope, pos)?;
+        self.attend(&q, &k, &v)
+    }
+
+    /// Rotated queries `[b, h, t, d]`, rotated keys and values `[b, kvh, t, d]`, contiguous.
+    fn qkv(&self, x: &Tensor, rope: &Rope, pos: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
         let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
         let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, pos)?;
-        let k = rope.apply(&k, pos)?;
-        let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
-            None => (k, v),
-        };
+        Ok((rope.apply(&q, pos)?, rope.apply(&k, pos)?, v))
+    }
+
+    /// Queries `[b, h, t, d]` against all `s` keys/values `[b, kvh, s, d]`, the `t` queries being
+    /// the last `t` positions; then the output projection.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let kvh = self.n_kv_heads;
         let s = k.dim(2)?;
         // Grouped-query attention without copying K/V: fold the query heads that share a KV
         // head into the time axis, [b, kvh, rep*t, d].
         let rep = h / kvh;
         let q = q.reshape((b, kvh, rep * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, kvh, rep*t, s]
-        let scores = if t > 1 {
-            let mask = causal_mask(t, s, x.device())?; // [t, s], 0 or -inf
+        let scores = q.matmul(&k.t()?)?; // [b, kvh, rep*t, s]
+        let probs = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            // Scale, causal mask and softmax in one pass over the scores, in place.
+            scores.reshape((b, kvh, rep, t, s))?.inplace_op1(&crate::kernels::attention::CausalSoftmax { scale: scale as f32, offset: s - t })?;
             scores
-                .reshape((b, kvh, rep, t, s))?
-                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
-                .reshape((b, kvh, rep * t, s))?
         } else {
-            scores
+            let scores = (scores * scale)?;
+            let scores = if t > 1 {
+                let mask = causal_mask(t, s, q.device())?; // [t, s], 0 or -inf
+                scores
+                    .reshape((b, kvh, rep, t, s))?
+                    .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                    .reshape((b, kvh, rep * t, s))?
+            } else {
+                scores
+            };
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // [b, kvh, rep*t, d]
+        let out = probs.matmul(v)?; // [b, kvh, rep*t, d]
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
+    }
+
+    /// One new position (decoding) against a buffered cache, on plain slices: rope on the q/k
+    /// rows, append k/v in place, fused scores/softmax/weighted sum per head. `None` when the
+    /// rope tables are not CPU f32 (the caller takes the tensor path).
+    fn decode_step(&self, x: &Tensor, rope: &Rope, pos: usize, buf: &mut KvBuf) -> Result<Option<Tensor>> {
+        let Some((cos, sin)) = rope.row_f32(pos) else { return Ok(None) };
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let mut q = f32_vec(&self.q_proj.forward(x)?)?;
+        let mut k = f32_vec(&self.k_proj.forward(x)?)?;
+        let v = f32_vec(&self.v_proj.forward(x)?)?;
+        crate::kernels::attention::rope_row_inplace(&mut q, d, &cos, &sin);
+        crate::kernels::attention::rope_row_inplace(&mut k, d, &cos, &sin);
+        buf.append(&k, &v, 1);
+        let mut out = vec![0f32; h * d];
+        let scale = 1.0 / (d as f32).sqrt();
+        crate::kernels::attention::decode_attention(&q, &buf.k, &buf.v, buf.cap * d, buf.len, h, kvh, d, scale, &mut out);
+        let out = Tensor::from_vec(out, (1, 1, h * d), x.device())?;
+        Ok(Some(self.o_proj.forward(&out)?))
     }
 }
 
@@ -221,7 +386,7 @@ fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
 }
 
 impl Block {
-    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut LayerKv>) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }

@@ -6,6 +6,7 @@ pub mod ops;
 pub mod gguf;
 pub mod hub;
 pub mod llama;
+pub mod lora;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,4 @@
+//! Training workflows: the optimizer (and, with the trainer issue, the loop, schedules and
+//! checkpoints).
+
+pub mod optim;
