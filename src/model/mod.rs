@@ -44,6 +44,8 @@ pub struct Model {
     pub name_or_path: String,
     /// Local directory or GGUF file the weights came from.
     pub source_path: PathBuf,
+    /// The LoRA configuration of the attached adapters (`get_peft_model` / `load_adapter`).
+    pub lora_config: Option<lora::LoraConfig>,
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -92,7 +94,7 @@ impl Model {
         let llama = Llama::load(&config, &weights, opts.dtype, &opts.device)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
-        Ok(Self { llama, tokenizer, generation_config, name_or_path: name.to_string(), source_path: dir.to_path_buf() })
+        Ok(Self { llama, tokenizer, generation_config, name_or_path: name.to_string(), source_path: dir.to_path_buf(), lora_config: None })
     }
 
     pub fn load_gguf(name: &str, path: &Path, opts: &LoadOptions) -> Result<Self> {
@@ -105,6 +107,7 @@ impl Model {
             generation_config: g.generation_config,
             name_or_path: name.to_string(),
             source_path: path.to_path_buf(),
+            lora_config: None,
         })
     }
 

@@ -319,10 +319,27 @@ pub static DATA_BATCHES: Schema = Schema {
     ],
 };
 
+pub static LORA_CONFIG: Schema = Schema {
+    name: "LoraConfig",
+    keys: &[
+        key("r", Ty::Int, "adapter rank (default 8)"),
+        key("lora_alpha", Ty::Float, "scaling numerator: scaling = lora_alpha / r (default 8)"),
+        key("lora_dropout", Ty::Float, "dropout on the adapter input during training (default 0)"),
+        key("target_modules", Ty::Any, "module names, a regex string, or \"all-linear\""),
+        key("bias", Ty::OneOf(&["none", "all", "lora_only"]), "only \"none\" is supported"),
+        key("use_rslora", Ty::Bool, "scale by lora_alpha / sqrt(r)"),
+        key("init_lora_weights", Ty::Any, "true (kaiming A, zero B), \"gaussian\", or false (random B, for tests)"),
+        key("rank_pattern", Ty::Map, "per-module rank overrides: #{ \"down_proj\": 4 }"),
+        key("alpha_pattern", Ty::Map, "per-module alpha overrides"),
+        key("task_type", Ty::Str, "e.g. \"CAUSAL_LM\" (recorded in adapter_config.json)"),
+    ],
+};
+
 /// Which schema validates the map argument of which function (for `qscript check`).
 pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
     Some(match fn_name {
         "load_model" => &LOAD_MODEL,
+        "LoraConfig" => &LORA_CONFIG,
         "generate" | "chat" => &GENERATE,
         "apply_chat_template" => &CHAT_TEMPLATE,
         "set_chat_template" => &SET_CHAT_TEMPLATE,

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod data_api;
 pub mod generate_api;
+pub mod lora_api;
 pub mod model_api;
 pub mod util_api;
 
@@ -133,6 +134,7 @@ impl Host {
             model_api::register(&mut api);
             generate_api::register(&mut api);
             util_api::register(&mut api);
+            lora_api::register(&mut api);
             data_api::register(&mut api);
         }
         Self { engine, docs }

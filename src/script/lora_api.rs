@@ -1,0 +1,95 @@
+//! `LoraConfig(#{...})`, `get_peft_model`, `print_trainable_parameters`, `set_seed`.
+
+use super::config::{self, Cfg};
+use super::model_api::ModelHandle;
+use super::{rt, Api};
+use crate::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
+use rhai::{Dynamic, Map};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The seed for adapter initialisation and (later) training defaults; `set_seed(n)` changes it.
+/// 42 is transformers' TrainingArguments default.
+pub static SEED: AtomicU64 = AtomicU64::new(42);
+
+#[derive(Clone)]
+pub struct LoraConfigHandle(pub LoraConfig);
+
+fn float_map(cfg: &Cfg, key: &str) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(m) = cfg.get(key).and_then(|v| v.clone().try_cast::<Map>()) {
+        for (k, v) in m {
+            let x = v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64));
+            let x = x.ok_or_else(|| anyhow::anyhow!("LoraConfig: `{key}.{k}` must be a number"))?;
+            out.insert(k.to_string(), x);
+        }
+    }
+    Ok(out)
+}
+
+pub fn lora_config(map: &Map) -> anyhow::Result<LoraConfig> {
+    let cfg = config::LORA_CONFIG.check(map).map_err(anyhow::Error::msg)?;
+    let mut c = LoraConfig::default();
+    if let Some(r) = cfg.usize("r").map_err(anyhow::Error::msg)? {
+        c.r = r;
+        c.lora_alpha = r as f64; // peft: lora_alpha defaults to 8 = default r; keep alpha/r = 1 when only r is given
+    }
+    if let Some(a) = cfg.float("lora_alpha") {
+        c.lora_alpha = a;
+    }
+    if let Some(p) = cfg.float("lora_dropout") {
+        c.lora_dropout = p;
+    }
+    if let Some(v) = cfg.get("target_modules") {
+        c.target_modules = if let Ok(s) = v.clone().into_string() {
+            if s == "all-linear" { TargetModules::AllLinear } else { TargetModules::Regex(s) }
+        } else {
+            TargetModules::Names(cfg.str_list("target_modules").unwrap_or_default())
+        };
+    }
+    match cfg.str("bias").as_deref() {
+        None | Some("none") => {}
+        Some(b) => anyhow::bail!("LoraConfig: bias \"{b}\" is not supported yet (only \"none\")"),
+    }
+    c.use_rslora = cfg.bool("use_rslora").unwrap_or(false);
+    if let Some(v) = cfg.get("init_lora_weights") {
+        c.init_lora_weights = match (v.as_bool().ok(), v.clone().into_string().ok().as_deref()) {
+            (Some(true), _) => InitLoraWeights::Default,
+            (Some(false), _) => InitLoraWeights::Random,
+            (_, Some("gaussian")) => InitLoraWeights::Gaussian,
+            _ => anyhow::bail!("LoraConfig: `init_lora_weights` must be true, false or \"gaussian\", got {v}"),
+        };
+    }
+    c.rank_pattern = float_map(&cfg, "rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect();
+    c.alpha_pattern = float_map(&cfg, "alpha_pattern")?;
+    if let Some(t) = cfg.str("task_type") {
+        c.task_type = Some(t);
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<ModelHandle> {
+    let mut model = m.0.borrow_mut();
+    lora::attach(&mut model.llama, cfg, SEED.load(Ordering::Relaxed))?;
+    model.lora_config = Some(cfg.clone());
+    drop(model);
+    Ok(m.clone())
+}
+
+pub fn register(api: &mut Api) {
+    api.engine.register_type_with_name::<LoraConfigHandle>("LoraConfig");
+    api.func("LoraConfig", "LoraConfig(#{r, lora_alpha, lora_dropout, target_modules, bias, use_rslora, init_lora_weights, rank_pattern, alpha_pattern, task_type}) -> LoraConfig",
+        "peft's LoraConfig. target_modules: a list of names, a regex string, or \"all-linear\".",
+        |m: Map| rt(lora_config(&m).map(LoraConfigHandle)));
+    api.func("to_string", "to_string(lora_config) -> string", "The configuration, as peft prints it.",
+        |c: &mut LoraConfigHandle| format!("LoraConfig(r={}, lora_alpha={}, lora_dropout={}, target_modules={:?})", c.0.r, c.0.lora_alpha, c.0.lora_dropout, c.0.target_modules));
+    api.func("get_peft_model", "get_peft_model(model, lora_config) -> Model",
+        "Freeze the base model and attach LoRA adapters (peft's get_peft_model); returns the same model.",
+        |m: ModelHandle, c: LoraConfigHandle| rt(get_peft_model(&m, &c.0)));
+    api.func("print_trainable_parameters", "model.print_trainable_parameters()",
+        "Print peft's line: trainable params || all params || trainable%.",
+        |m: &mut ModelHandle| println!("{}", lora::trainable_parameters_line(&m.0.borrow().llama)));
+    api.func("set_seed", "set_seed(seed)", "Seed adapter initialisation and training randomness (transformers' set_seed).",
+        |s: rhai::INT| SEED.store(s as u64, Ordering::Relaxed));
+    let _ = Dynamic::UNIT;
+}
