@@ -335,11 +335,56 @@ pub static LORA_CONFIG: Schema = Schema {
     ],
 };
 
+pub static TRAINING_ARGS: Schema = Schema {
+    name: "TrainingArguments",
+    keys: &[
+        key("output_dir", Ty::Str, "where checkpoints, metrics.jsonl, loss.png go (required)"),
+        key("num_train_epochs", Ty::Float, "epochs (default 3)"),
+        key("max_steps", Ty::Int, "optimizer steps; > 0 overrides num_train_epochs (default -1)"),
+        key("per_device_train_batch_size", Ty::Int, "rows per micro-batch (default 8)"),
+        key("per_device_eval_batch_size", Ty::Int, "rows per eval batch (default 8)"),
+        key("gradient_accumulation_steps", Ty::Int, "micro-batches per optimizer step (default 1)"),
+        key("learning_rate", Ty::Float, "peak learning rate (default 2e-5)"),
+        key("lr_scheduler_type", Ty::OneOf(&["linear", "cosine", "constant", "constant_with_warmup"]), "schedule (default linear)"),
+        key("warmup_steps", Ty::Int, "linear warmup steps (default 0)"),
+        key("warmup_ratio", Ty::Float, "warmup as a fraction of all steps (default 0)"),
+        key("weight_decay", Ty::Float, "AdamW decoupled weight decay (default 0)"),
+        key("adam_beta1", Ty::Float, "default 0.9"),
+        key("adam_beta2", Ty::Float, "default 0.999"),
+        key("adam_epsilon", Ty::Float, "default 1e-8"),
+        key("max_grad_norm", Ty::Float, "global-norm clipping; 0 disables (default 1.0)"),
+        key("logging_steps", Ty::Int, "log every N steps (default 10)"),
+        key("eval_strategy", Ty::OneOf(&["no", "steps", "epoch"]), "when to evaluate (default no)"),
+        key("eval_steps", Ty::Int, "evaluate every N steps (default logging_steps)"),
+        key("save_strategy", Ty::OneOf(&["no", "steps", "epoch"]), "when to save a checkpoint (default steps)"),
+        key("save_steps", Ty::Int, "save every N steps (default 500)"),
+        key("save_total_limit", Ty::Int, "keep at most N checkpoints (the best is kept too)"),
+        key("seed", Ty::Int, "data order and dropout seed (default 42)"),
+        key("max_seq_length", Ty::Int, "truncate examples to this many tokens (default 1024)"),
+        key("packing", Ty::Bool, "pack examples into full rows (default false)"),
+        key("group_by_length", Ty::Bool, "batch examples of similar length (default false)"),
+        key("gradient_checkpointing", Ty::Bool, "recompute each layer in backward (default false)"),
+        key("train_on_inputs", Ty::Bool, "train on prompt tokens too (default false: assistant turns only)"),
+        key("resume_from_checkpoint", Ty::Any, "true (latest checkpoint in output_dir) or a checkpoint path"),
+        key("on_nan", Ty::OneOf(&["stop", "skip"]), "a NaN/Inf loss or gradient stops training (default) or skips the step"),
+    ],
+};
+
+pub static SFT_TRAINER: Schema = Schema {
+    name: "SFTTrainer options",
+    keys: &[
+        key("eval_dataset", Ty::Any, "a Dataset for evaluation"),
+        key("callbacks", Ty::Map, "#{ on_log: |m| ..., on_evaluate: |m| ..., on_save: |path| ..., on_step_end: |state| ... }"),
+    ],
+};
+
 /// Which schema validates the map argument of which function (for `qscript check`).
 pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
     Some(match fn_name {
         "load_model" => &LOAD_MODEL,
         "LoraConfig" => &LORA_CONFIG,
+        "TrainingArguments" => &TRAINING_ARGS,
+        "SFTTrainer" => &SFT_TRAINER,
         "generate" | "chat" => &GENERATE,
         "apply_chat_template" => &CHAT_TEMPLATE,
         "set_chat_template" => &SET_CHAT_TEMPLATE,

@@ -1,4 +1,11 @@
-//! Training workflows: the optimizer (and, with the trainer issue, the loop, schedules and
-//! checkpoints).
+//! Training workflows: arguments, the SFT loop, optimizer, schedules, checkpoints, plots.
 
+pub mod args;
+pub mod checkpoint;
 pub mod optim;
+pub mod plot;
+pub mod schedule;
+pub mod trainer;
+
+pub use args::TrainingArguments;
+pub use trainer::{Callbacks, Control, EvalMetrics, NoCallbacks, SftTrainer, TrainSummary};

@@ -114,6 +114,19 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// Write the master weights into the model's adapters (after restoring a checkpoint).
+    pub fn write_back(&self, model: &mut Llama) -> Result<()> {
+        for p in &self.params {
+            let lin = model.layers.get_mut(p.layer).ok_or_else(|| anyhow::anyhow!("no layer {}", p.layer))?.proj_mut(p.proj);
+            let lora = lin.lora.as_mut().ok_or_else(|| anyhow::anyhow!("layer {} {:?} has no adapter", p.layer, p.proj))?;
+            let target = if p.is_b { &mut lora.b } else { &mut lora.a };
+            *target = Tensor::from_slice(&p.master, p.shape, target.device())?.to_dtype(target.dtype())?;
+        }
+        Ok(())
+    }
+}
+
 /// Global L2 norm of all gradients.
 pub fn grad_norm(grads: &[LoraGrad]) -> Result<f64> {
     let mut sq = 0.0f64;

@@ -1,0 +1,199 @@
+//! `TrainingArguments(#{...})`, `SFTTrainer(model, train, args, #{eval_dataset, callbacks})`,
+//! `trainer.train()`, `trainer.evaluate()`. Callbacks are Rhai closures; one returning "stop"
+//! ends training cleanly.
+
+use super::config::{self, Cfg};
+use super::data_api::DatasetHandle;
+use super::model_api::ModelHandle;
+use super::{rt, Api, RhaiResult};
+use crate::train::args::{OnNonFinite, Resume, Schedule, Strategy};
+use crate::train::{Callbacks, Control, SftTrainer, TrainingArguments};
+use rhai::{Dynamic, EvalAltResult, FnPtr, Map, NativeCallContext};
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+#[derive(Clone)]
+pub struct TrainingArgumentsHandle(pub TrainingArguments);
+
+#[derive(Clone)]
+pub struct TrainerHandle(pub Rc<RefCell<TrainerInner>>);
+
+pub struct TrainerInner {
+    pub trainer: SftTrainer,
+    callbacks: Vec<(String, FnPtr)>,
+}
+
+pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
+    let cfg: Cfg = config::TRAINING_ARGS.check(map).map_err(anyhow::Error::msg)?;
+    let out = cfg.str("output_dir").ok_or_else(|| anyhow::anyhow!("TrainingArguments: `output_dir` is required"))?;
+    let mut a = TrainingArguments::new(out);
+    let us = |k: &str| cfg.usize(k).map_err(|e| anyhow::anyhow!("TrainingArguments: {e}"));
+    if let Some(v) = cfg.float("num_train_epochs") {
+        a.num_train_epochs = v;
+    }
+    if let Some(v) = cfg.int("max_steps") {
+        a.max_steps = if v < 0 { None } else { Some(v as usize) };
+    }
+    macro_rules! set_usize {
+        ($($k:ident),*) => { $( if let Some(v) = us(stringify!($k))? { a.$k = v; } )* };
+    }
+    set_usize!(per_device_train_batch_size, per_device_eval_batch_size, gradient_accumulation_steps, warmup_steps, logging_steps, save_steps, max_seq_length);
+    macro_rules! set_f64 {
+        ($($k:ident),*) => { $( if let Some(v) = cfg.float(stringify!($k)) { a.$k = v; } )* };
+    }
+    set_f64!(learning_rate, warmup_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm);
+    macro_rules! set_bool {
+        ($($k:ident),*) => { $( if let Some(v) = cfg.bool(stringify!($k)) { a.$k = v; } )* };
+    }
+    set_bool!(packing, group_by_length, gradient_checkpointing, train_on_inputs);
+    if let Some(s) = cfg.str("lr_scheduler_type") {
+        a.lr_scheduler_type = Schedule::parse(&s)?;
+    }
+    if let Some(s) = cfg.str("eval_strategy") {
+        a.eval_strategy = Strategy::parse(&s)?;
+    }
+    a.eval_steps = us("eval_steps")?;
+    if let Some(s) = cfg.str("save_strategy") {
+        a.save_strategy = Strategy::parse(&s)?;
+    }
+    a.save_total_limit = us("save_total_limit")?;
+    if let Some(s) = cfg.int("seed") {
+        a.seed = s as u64;
+    }
+    if let Some(v) = cfg.get("resume_from_checkpoint") {
+        a.resume_from_checkpoint = match (v.as_bool().ok(), v.clone().into_string().ok()) {
+            (Some(true), _) => Resume::Latest,
+            (Some(false), _) => Resume::No,
+            (_, Some(p)) => Resume::Path(PathBuf::from(p)),
+            _ => anyhow::bail!("TrainingArguments: `resume_from_checkpoint` must be true, false or a path"),
+        };
+    }
+    if let Some(s) = cfg.str("on_nan") {
+        a.on_non_finite = if s == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop };
+    }
+    a.validate()?;
+    Ok(a)
+}
+
+/// Forwards trainer events to Rhai closures; keeps a closure's own error to report it with its
+/// recipe position.
+struct RhaiCallbacks<'a> {
+    ctx: &'a NativeCallContext<'a>,
+    fns: &'a [(String, FnPtr)],
+    error: Option<Box<EvalAltResult>>,
+}
+
+impl RhaiCallbacks<'_> {
+    fn call(&mut self, name: &str, arg: Dynamic) -> anyhow::Result<Control> {
+        let Some((_, f)) = self.fns.iter().find(|(n, _)| n == name) else { return Ok(Control::Continue) };
+        match f.call_within_context::<Dynamic>(self.ctx, (arg,)) {
+            Ok(r) => Ok(if r.clone().into_string().is_ok_and(|s| s == "stop") { Control::Stop } else { Control::Continue }),
+            Err(e) => {
+                let msg = e.to_string();
+                self.error = Some(e);
+                anyhow::bail!("{name} callback failed: {msg}")
+            }
+        }
+    }
+}
+
+fn json_dyn(v: &serde_json::Value) -> Dynamic {
+    rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)
+}
+
+impl Callbacks for RhaiCallbacks<'_> {
+    fn on_log(&mut self, m: &serde_json::Value) -> anyhow::Result<Control> {
+        self.call("on_log", json_dyn(m))
+    }
+    fn on_evaluate(&mut self, m: &serde_json::Value) -> anyhow::Result<Control> {
+        self.call("on_evaluate", json_dyn(m))
+    }
+    fn on_save(&mut self, p: &Path) -> anyhow::Result<Control> {
+        self.call("on_save", Dynamic::from(p.display().to_string()))
+    }
+    fn on_step_end(&mut self, s: &serde_json::Value) -> anyhow::Result<Control> {
+        self.call("on_step_end", json_dyn(s))
+    }
+}
+
+const CALLBACKS: &[&str] = &["on_log", "on_evaluate", "on_save", "on_step_end"];
+
+fn sft_trainer(ctx: &NativeCallContext, model: &ModelHandle, train: &DatasetHandle, args: &TrainingArgumentsHandle, opts: &Map) -> anyhow::Result<TrainerHandle> {
+    let cfg = config::SFT_TRAINER.check(opts).map_err(anyhow::Error::msg)?;
+    let eval = match cfg.get("eval_dataset") {
+        None => None,
+        Some(d) => Some(d.clone().try_cast::<DatasetHandle>().ok_or_else(|| anyhow::anyhow!("SFTTrainer: `eval_dataset` must be a Dataset"))?),
+    };
+    let mut callbacks = Vec::new();
+    if let Some(m) = cfg.get("callbacks") {
+        let m = m.clone().try_cast::<Map>().ok_or_else(|| anyhow::anyhow!("SFTTrainer: `callbacks` must be a map of closures"))?;
+        for (k, v) in m {
+            if !CALLBACKS.contains(&k.as_str()) {
+                let hint = crate::util::nearest(&k, CALLBACKS.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+                anyhow::bail!("SFTTrainer callbacks: unknown key `{k}`{hint}");
+            }
+            let f = v.try_cast::<FnPtr>().ok_or_else(|| anyhow::anyhow!("SFTTrainer callbacks: `{k}` must be a closure like |m| ..."))?;
+            callbacks.push((k.to_string(), f));
+        }
+    }
+    // The recipe that builds the trainer is copied into output_dir and hashed into the manifest.
+    let recipe = ctx.call_source().map(PathBuf::from).filter(|p| p.is_file()).and_then(|p| std::fs::read_to_string(&p).ok().map(|s| (p, s)));
+    let trainer = SftTrainer::new(
+        model.0.clone(),
+        &train.0,
+        eval.as_ref().map(|e| e.0.as_ref()),
+        args.0.clone(),
+        recipe,
+        Box::new(|m, dir| {
+            let cfg = m.lora_config.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA config"))?;
+            crate::model::adapter::save_adapter(&m.llama, cfg, &m.name_or_path, dir)
+        }),
+    )?;
+    Ok(TrainerHandle(Rc::new(RefCell::new(TrainerInner { trainer, callbacks }))))
+}
+
+fn train(ctx: NativeCallContext, t: &mut TrainerHandle) -> RhaiResult<Map> {
+    let mut inner = t.0.borrow_mut();
+    let TrainerInner { trainer, callbacks } = &mut *inner;
+    let mut cb = RhaiCallbacks { ctx: &ctx, fns: callbacks, error: None };
+    let result = trainer.train(&mut cb);
+    if let Some(e) = cb.error.take() {
+        return Err(e);
+    }
+    let s = rt(result)?;
+    let mut m = Map::new();
+    m.insert("global_step".into(), Dynamic::from(s.global_step as rhai::INT));
+    m.insert("train_loss".into(), Dynamic::from(s.train_loss));
+    m.insert("seconds".into(), Dynamic::from(s.seconds));
+    m.insert("tokens".into(), Dynamic::from(s.tokens as rhai::INT));
+    m.insert("tokens_per_sec".into(), Dynamic::from(s.tokens_per_sec));
+    m.insert("best_eval_loss".into(), s.best_eval_loss.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    m.insert("last_checkpoint".into(), s.last_checkpoint.map(|p| Dynamic::from(p.display().to_string())).unwrap_or(Dynamic::UNIT));
+    m.insert("stopped_early".into(), Dynamic::from(s.stopped_early));
+    Ok(m)
+}
+
+pub fn register(api: &mut Api) {
+    api.engine.register_type_with_name::<TrainingArgumentsHandle>("TrainingArguments");
+    api.engine.register_type_with_name::<TrainerHandle>("SFTTrainer");
+    api.func("TrainingArguments", "TrainingArguments(#{output_dir, num_train_epochs, max_steps, per_device_train_batch_size, learning_rate, ...}) -> TrainingArguments",
+        "transformers' TrainingArguments / trl's SFTConfig: the keys and defaults of those (learning_rate 2e-5, 3 epochs, batch 8, logging_steps 10, save_steps 500, seed 42, max_seq_length 1024).",
+        |m: Map| rt(training_arguments(&m).map(TrainingArgumentsHandle)));
+    api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args) -> SFTTrainer",
+        "trl's SFTTrainer: tokenizes the dataset with the model's chat template (assistant-only labels) and trains the LoRA adapters.",
+        |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle| rt(sft_trainer(&ctx, &m, &d, &a, &Map::new())));
+    api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args, #{eval_dataset, callbacks: #{on_log, on_evaluate, on_save, on_step_end}}) -> SFTTrainer",
+        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly.",
+        |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle, o: Map| rt(sft_trainer(&ctx, &m, &d, &a, &o)));
+    api.func("train", "trainer.train() -> map", "Run training; returns #{global_step, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early}.", train);
+    api.func("evaluate", "trainer.evaluate() -> map", "Eval loss and perplexity on the eval dataset: #{eval_loss, eval_perplexity, eval_tokens}.",
+        |t: &mut TrainerHandle| -> RhaiResult<Map> {
+            let m = rt(t.0.borrow().trainer.evaluate())?;
+            let mut out = Map::new();
+            out.insert("eval_loss".into(), Dynamic::from(m.loss));
+            out.insert("eval_perplexity".into(), Dynamic::from(m.perplexity));
+            out.insert("eval_tokens".into(), Dynamic::from(m.tokens as rhai::INT));
+            Ok(out)
+        });
+}
