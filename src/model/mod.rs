@@ -1,5 +1,6 @@
 //! Llama-family models: config, weights, the explicit forward, tokenizer, loading.
 
+pub mod adapter;
 pub mod config;
 pub mod engine;
 pub mod ops;
@@ -7,6 +8,7 @@ pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod lora;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 

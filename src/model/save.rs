@@ -1,0 +1,237 @@
+//! Writing an HF model directory (`save_pretrained` of a plain — merged or never-adapted —
+//! model) that qscript and transformers load, and the atomic directory install that adapter
+//! saving shares.
+//!
+//! Overwrite policy: a new `dir` appears in one rename of a fully written temp directory; an
+//! existing `dir` gets each file replaced by its own atomic rename and every other file in it
+//! is left alone (a single `model.safetensors` wins over stale shards in both loaders).
+
+use super::gguf::{unique_suffix, TmpDir};
+use super::llama::Llama;
+use super::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Write `bytes` to `path` and fsync it.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("{}: write failed", path.display()))?;
+    f.sync_all().with_context(|| format!("{}: fsync failed", path.display()))?;
+    Ok(())
+}
+
+/// `v` with object keys sorted at every level (Python's `json.dumps(sort_keys=True)`).
+pub(crate) fn sorted_json(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(keys.into_iter().map(|k| (k.clone(), sorted_json(&m[k]))).collect())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted_json).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Bytes of `t` as safetensors stores them (little-endian, row-major).
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        d => bail!("dtype {d:?} cannot be saved"),
+    })
+}
+
+fn st_dtype(d: DType) -> Option<safetensors::Dtype> {
+    Some(match d {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F16 => safetensors::Dtype::F16,
+        _ => return None,
+    })
+}
+
+/// A tensor converted to bytes only when the writer asks (one tensor at a time in memory). The
+/// writer cannot take an error, so a failure is recorded in `err` and checked afterwards.
+struct Lazy<'a> {
+    name: &'a str,
+    t: &'a Tensor,
+    err: &'a RefCell<Option<String>>,
+}
+
+impl safetensors::View for Lazy<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        st_dtype(self.t.dtype()).unwrap_or(safetensors::Dtype::F32) // checked before writing
+    }
+    fn shape(&self) -> &[usize] {
+        self.t.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match tensor_bytes(self.t) {
+            Ok(b) => std::borrow::Cow::Owned(b),
+            Err(e) => {
+                self.err.borrow_mut().get_or_insert(format!("tensor `{}`: {e}", self.name));
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.t.elem_count() * self.t.dtype().size_in_bytes()
+    }
+}
+
+/// Write `tensors` (f32 / bf16 / f16, any device) as one safetensors file with metadata
+/// `{"format": "pt"}` (transformers refuses files without it), fsynced.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if st_dtype(t.dtype()).is_none() {
+            bail!("{}: tensor `{name}` has dtype {:?}; only f32, bf16 and f16 are saved", path.display(), t.dtype());
+        }
+    }
+    let err = RefCell::new(None);
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), Lazy { name: n, t, err: &err }));
+    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(info), path).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+    if let Some(e) = err.into_inner() {
+        bail!("{}: {e}", path.display());
+    }
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Fill a fresh temp directory next to `dir` (same filesystem) with `write`, then move it into
+/// place: one rename when `dir` does not exist, else one rename per file (each atomic; data
+/// files first, `.json` last), other files in `dir` untouched. Files end up 0644.
+pub(crate) fn install_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{}: exists and is not a directory", dir.display());
+    }
+    // Canonical form so `.` or `out/` still have a parent and a name.
+    let dir: PathBuf = if dir.exists() { dir.canonicalize().with_context(|| format!("{}: cannot resolve", dir.display()))? } else { dir.to_path_buf() };
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dir.file_name().with_context(|| format!("{}: path has no directory name", dir.display()))?.to_string_lossy().to_string();
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create directory", parent.display()))?;
+    let tmp = TmpDir::new(parent.join(format!(".{name}.tmp-{}", unique_suffix())))?;
+    write(&tmp.0)?;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&tmp.0)? {
+        let entry = entry?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Readable by everyone whatever the umask (the safetensors writer makes 0600 files).
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
+        }
+        files.push(entry.file_name());
+    }
+    if !dir.exists() {
+        match std::fs::rename(&tmp.0, &dir) {
+            Ok(()) => {
+                std::mem::forget(tmp);
+                return Ok(());
+            }
+            Err(_) if dir.is_dir() => {} // created meanwhile: replace file by file below
+            Err(e) => bail!("{}: cannot move into place: {e}", dir.display()),
+        }
+    }
+    // Configs last: a reader that sees the new config also sees the new weights.
+    files.sort_by_key(|f| (f.to_string_lossy().ends_with(".json"), f.clone()));
+    for f in files {
+        let to = dir.join(&f);
+        std::fs::rename(tmp.0.join(&f), &to).with_context(|| format!("{}: cannot replace", to.display()))?;
+    }
+    Ok(())
+}
+
+/// The tensors of `llama` under their HF names, linears as dense weights (a 4-bit base comes
+/// out dequantized). Adapters must have been merged or removed first.
+fn hf_tensors(llama: &Llama) -> Result<Vec<(String, Tensor)>> {
+    use super::engine::Proj;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), llama.embed_tokens.clone())];
+    for (i, layer) in llama.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.clone()));
+        out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.weight.clone()));
+        for proj in Proj::ALL {
+            let lin = layer.proj(proj);
+            let path = format!("{p}.{}", proj.path());
+            if lin.lora.is_some() {
+                bail!("save_model_dir: module `{path}` still has a LoRA adapter; call merge_and_unload() first, or save the adapter with save_adapter");
+            }
+            out.push((format!("{path}.weight"), lin.dense_weight()?));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{path}.bias"), b.clone()));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), llama.norm.weight.clone()));
+    if let Some(head) = &llama.lm_head {
+        if head.lora.is_some() {
+            bail!("save_model_dir: `lm_head` still has a LoRA adapter; call merge_and_unload() first");
+        }
+        out.push(("lm_head.weight".to_string(), head.dense_weight()?));
+    }
+    Ok(out)
+}
+
+/// `save_pretrained` of a plain model: an HF directory with `config.json` (the model's own
+/// config; `torch_dtype`/`dtype` set to the weights' dtype, `tie_word_embeddings` to whether
+/// there is no separate LM head, any `quantization_config` dropped since the weights are
+/// written dense), `generation_config.json` (when the model has one), `model.safetensors`
+/// (HF names; tied embeddings → no `lm_head.weight`) and the tokenizer files when the model
+/// has a tokenizer. Written atomically (see the module doc for what happens in an existing
+/// directory). A model that still has LoRA adapters is refused: merge them first.
+pub fn save_model_dir(model: &Model, dir: &Path) -> Result<()> {
+    let tensors = hf_tensors(&model.llama)?;
+    let dtype = tensors[0].1.dtype();
+    if let Some((name, t)) = tensors.iter().find(|(_, t)| t.dtype() != dtype) {
+        bail!("save_model_dir: tensor `{name}` is {:?} but the embeddings are {dtype:?}; one dtype per checkpoint", t.dtype());
+    }
+    let mut config = model.llama.config.raw.clone();
+    let dtype_name = super::dtype_name(dtype);
+    let mut set_dtype = false;
+    for key in ["torch_dtype", "dtype"] {
+        if config.contains_key(key) {
+            config.insert(key.into(), dtype_name.into());
+            set_dtype = true;
+        }
+    }
+    if !set_dtype {
+        // The key every transformers version reads (5.x maps it to `dtype`).
+        config.insert("torch_dtype".into(), dtype_name.into());
+    }
+    config.insert("tie_word_embeddings".into(), model.llama.lm_head.is_none().into());
+    config.remove("quantization_config");
+    let pretty = |v: &Value| -> Result<Vec<u8>> { Ok((serde_json::to_string_pretty(&sorted_json(v))? + "\n").into_bytes()) };
+    let jinja_there = dir.join("chat_template.jinja").exists();
+    install_dir(dir, |tmp| {
+        write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
+        write_file(&tmp.join("config.json"), &pretty(&Value::Object(config))?)?;
+        if model.generation_config.as_object().is_some_and(|m| !m.is_empty()) {
+            write_file(&tmp.join("generation_config.json"), &pretty(&model.generation_config)?)?;
+        }
+        if let Some(tok) = &model.tokenizer {
+            tok.save(tmp)?;
+            // transformers 5 prefers chat_template.jinja over tokenizer_config.json: replace a
+            // stale one rather than let it win.
+            if let (true, Some(t)) = (jinja_there, &tok.chat_template) {
+                write_file(&tmp.join("chat_template.jinja"), t.as_bytes())?;
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(tok) = &model.tokenizer {
+        let jinja = dir.join("chat_template.jinja");
+        if tok.chat_template.is_none() && jinja.exists() {
+            std::fs::remove_file(&jinja).with_context(|| format!("{}: cannot remove stale chat template", jinja.display()))?;
+        }
+    }
+    Ok(())
+}
