@@ -398,6 +398,20 @@ fn smollm2_mask_is_assistant_content_and_im_end() {
     let ex = tokenize_example(&msgs(&[("user", "Hi"), ("assistant", "Yo")]), &ct, false).unwrap();
     assert_eq!(runs(&ex, tok)[1], (true, "Yo<|im_end|>".to_string()));
     assert!(runs(&ex, tok)[0].1.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
+    // An assistant turn first: the generation prompt rendered alone lacks the default system
+    // prompt, so the probe renders locate the content.
+    let ex = tokenize_example(&msgs(&[("assistant", "Welcome!"), ("user", "Hi"), ("assistant", "Yo")]), &ct, false).unwrap();
+    let sys = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+    assert_eq!(
+        runs(&ex, tok),
+        vec![
+            (false, format!("{sys}<|im_start|>assistant\n")),
+            (true, "Welcome!<|im_end|>".into()),
+            (false, "\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n".into()),
+            (true, "Yo<|im_end|>".into()),
+            (false, "\n".into()),
+        ]
+    );
     let all = tokenize_example(&msgs(CONVO), &ct, true).unwrap();
     assert!(all.trained.iter().all(|&t| t));
     assert_eq!(all.input_ids, ex_ids(&ct, CONVO));

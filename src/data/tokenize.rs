@@ -5,7 +5,8 @@
 //! special tokens. Each assistant turn is located structurally, never by searching for its
 //! text: the conversation up to the turn is rendered with `add_generation_prompt=true` (where
 //! the content starts) and up to and including the turn (where it ends); both must be string
-//! prefixes of the full rendering. Tokens are mapped to those byte ranges through the
+//! prefixes of the full rendering (when the generation prompt is not, e.g. an assistant turn
+//! first, two renderings of the turn with different probe contents show where content starts). Tokens are mapped to those byte ranges through the
 //! tokenizer's offsets (a token straddling a boundary counts as inside, as trl's char-based
 //! mask does), which also handles tokens that merge across the boundary.
 //!
@@ -271,16 +272,16 @@ impl<'a> Encoder<'a> {
                 continue;
             }
             flags.has_assistant = true;
-            let before = tpl.render(&values[..i], true, &none)?;
             let upto = if i + 1 == msgs.len() { full.clone() } else { tpl.render(&values[..=i], false, &none)? };
-            if !full.starts_with(&before) || !full.starts_with(&upto) || before.len() > upto.len() {
+            if !full.starts_with(&upto) {
                 bail!(
                     "message {i} (assistant): the chat template does not render this conversation incrementally \
                      (the rendering up to the turn is not a prefix of the whole), so the turn cannot be located; \
                      use train_on_inputs: true or a template that renders turns in order"
                 );
             }
-            let (a, b) = (before.len(), upto.len());
+            let a = content_start(tpl, &values[..i], &upto)?;
+            let b = upto.len();
             // Tokens overlapping the turn's bytes [a, b); offsets are sorted by start.
             let s = offsets.partition_point(|o| o.1 <= a);
             let e = offsets.partition_point(|o| o.0 < b);
@@ -321,6 +322,32 @@ impl<'a> Encoder<'a> {
         }
         out
     }
+}
+
+/// Byte offset in `upto` (the rendering through assistant turn i) where the turn's content
+/// starts. Normally the end of the conversation before it rendered with the generation prompt
+/// (transformers' definition of the prompt). When that is not a prefix (e.g. an assistant turn
+/// first: SmolLM2 adds its default system prompt only inside the message loop), render the turn
+/// with two probe contents: their renderings agree exactly up to where the content goes.
+fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], upto: &str) -> Result<usize> {
+    let none = serde_json::Map::new();
+    let before = tpl.render(before_msgs, true, &none)?;
+    if upto.starts_with(&before) {
+        return Ok(before.len());
+    }
+    let probe = |c: &str| {
+        let mut v = before_msgs.to_vec();
+        v.push(serde_json::json!({"role": "assistant", "content": c}));
+        tpl.render(&v, false, &none)
+    };
+    let (x, y) = (probe("\u{E000}")?, probe("\u{E001}")?);
+    let Some(cp) = x.char_indices().zip(y.chars()).find(|((_, c), d)| c != d).map(|((i, _), _)| i) else {
+        bail!("the chat template does not render assistant content; nothing to train");
+    };
+    if !upto.starts_with(&x[..cp]) {
+        bail!("the chat template renders the assistant turn differently from its generation prompt; cannot locate the turn (use train_on_inputs: true)");
+    }
+    Ok(cp)
 }
 
 /// Tokenize every record in parallel, in dataset order.
