@@ -2,9 +2,9 @@
 
 use super::config::{self, Cfg};
 use super::model_api::ModelHandle;
-use super::{rt, Api};
+use super::{rt, Api, RhaiResult};
 use crate::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
-use rhai::{Dynamic, Map};
+use rhai::Map;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The seed for adapter initialisation and (later) training defaults; `set_seed(n)` changes it.
@@ -76,6 +76,27 @@ pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<Model
     Ok(m.clone())
 }
 
+/// `model.save_pretrained(dir)`: the adapter (peft layout) when adapters are attached, as
+/// `PeftModel.save_pretrained`; otherwise the whole model as an HF directory.
+pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
+    let model = m.0.borrow();
+    let dir = std::path::Path::new(dir);
+    match &model.lora_config {
+        Some(cfg) if lora::parameter_counts(&model.llama).0 > 0 => {
+            crate::model::adapter::save_adapter(&model.llama, cfg, &model.name_or_path, dir)
+        }
+        _ => crate::model::save::save_model_dir(&model, dir),
+    }
+}
+
+pub fn load_adapter(m: &ModelHandle, dir: &str) -> anyhow::Result<ModelHandle> {
+    let mut model = m.0.borrow_mut();
+    let cfg = crate::model::adapter::load_adapter(&mut model.llama, std::path::Path::new(dir))?;
+    model.lora_config = Some(cfg);
+    drop(model);
+    Ok(m.clone())
+}
+
 pub fn register(api: &mut Api) {
     api.engine.register_type_with_name::<LoraConfigHandle>("LoraConfig");
     api.func("LoraConfig", "LoraConfig(#{r, lora_alpha, lora_dropout, target_modules, bias, use_rslora, init_lora_weights, rank_pattern, alpha_pattern, task_type}) -> LoraConfig",
@@ -91,5 +112,28 @@ pub fn register(api: &mut Api) {
         |m: &mut ModelHandle| println!("{}", lora::trainable_parameters_line(&m.0.borrow().llama)));
     api.func("set_seed", "set_seed(seed)", "Seed adapter initialisation and training randomness (transformers' set_seed).",
         |s: rhai::INT| SEED.store(s as u64, Ordering::Relaxed));
-    let _ = Dynamic::UNIT;
+    api.func("save_pretrained", "model.save_pretrained(dir)",
+        "With adapters: adapter_config.json + adapter_model.safetensors (peft's layout). Without: an HF model directory (config, safetensors, tokenizer).",
+        |m: &mut ModelHandle, dir: &str| rt(save_pretrained(m, dir)));
+    api.func("load_adapter", "model.load_adapter(dir) -> Model",
+        "Attach a peft-written LoRA adapter (adapter_config.json + adapter_model.safetensors).",
+        |m: &mut ModelHandle, dir: &str| rt(load_adapter(m, dir)));
+    api.func("merge_and_unload", "model.merge_and_unload() -> Model",
+        "Fold the adapters into the base weights (W += scaling·B·A) and remove them. A 4-bit base is merged on its dequantized weights: the result is a 16/32-bit model.",
+        |m: &mut ModelHandle| -> RhaiResult<ModelHandle> {
+            let mut model = m.0.borrow_mut();
+            rt(crate::model::adapter::merge_and_unload(&mut model.llama))?;
+            model.lora_config = None;
+            drop(model);
+            Ok(m.clone())
+        });
+    // `PeftModel::from_pretrained(model, dir)`, as in peft.
+    let mut peft = rhai::Module::new();
+    peft.set_native_fn("from_pretrained", |m: ModelHandle, dir: &str| rt(load_adapter(&m, dir)));
+    api.engine.register_static_module("PeftModel", peft.into());
+    api.docs.push(super::FnDoc {
+        name: "PeftModel::from_pretrained".into(),
+        signature: "PeftModel::from_pretrained(model, dir) -> Model".into(),
+        doc: "Load a peft adapter onto a model (same as model.load_adapter(dir)).".into(),
+    });
 }

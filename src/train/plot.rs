@@ -36,7 +36,8 @@ pub fn loss_png(path: &Path, history: &[Value]) -> Result<()> {
     let y_max = all.iter().map(|p| p.1).fold(f64::MIN, f64::max);
     let y_min = all.iter().map(|p| p.1).fold(f64::MAX, f64::min);
     let pad = ((y_max - y_min) * 0.08).max(1e-3);
-    let tmp = path.with_extension("png.tmp");
+    // The encoder picks the format from the extension, so the temp file ends in .png too.
+    let tmp = path.with_file_name(format!(".{}.tmp.png", path.file_stem().and_then(|s| s.to_str()).unwrap_or("loss")));
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
