@@ -157,6 +157,10 @@ fn messages_alpaca_prompt_completion_text() {
 fn json_object_holding_arrays_needs_split_when_ambiguous() {
     let e = load_err(&fixture("nested.json"), LoadOptions::default());
     assert!(e.contains("pick the array with `split:`") && e.contains("test, train"), "{e}");
+    // Skipped and counted when skipping (alpaca.json loads, nested.json does not).
+    let (ds, rep) = load_dataset(&fixture("*.json"), &skip()).unwrap();
+    assert_eq!((ds.len(), rep.skipped[&Reason::FileStructure]), (2, 1));
+    assert!(rep.summary().contains("skipped 1: unusable file 1"), "{}", rep.summary());
     let (ds, _) = load_dataset(&fixture("nested.json"), &LoadOptions { split: Some("test".into()), ..Default::default() }).unwrap();
     assert_eq!(ds.len(), 2);
     assert_eq!(ds.get(1).unwrap().to_json()["messages"][1]["content"], json!("Madrid."));
@@ -790,5 +794,37 @@ if t.lints().len() == 0 {{ throw "lints"; }}
     assert!(e.contains("tokenization options: unknown key `packing`"), "{e}");
     for f in ["load_dataset", "shuffle", "select", "filter", "map", "train_test_split", "concat", "to_jsonl", "stats", "preview", "tokenized", "batches", "index", "Dataset"] {
         assert!(host.docs.iter().any(|d| d.name == f), "{f} undocumented");
+    }
+}
+
+// ---------------------------------------------------------------- with the training engine
+
+/// Batches as the engine consumes them: the summed loss of a packed row (and of a padded batch)
+/// equals the sum of each example's loss run alone, so no attention or label crosses examples.
+#[test]
+fn packed_and_padded_batches_lose_nothing_in_the_engine() {
+    use qscript::model::engine::{self, TrainBatch};
+    use qscript::model::{LoadOptions, Model};
+    let model = Model::load_hf_dir(DEFAULT_MODEL, &model_dir(), &LoadOptions::default()).unwrap();
+    let ct = ChatTokenizer::for_model(&model).unwrap();
+    let ds = Dataset::new(vec![msgs(CONVO), msgs(&[("user", "2+2?"), ("assistant", "4")]), Row::text("Once upon a time")]);
+    let t = Arc::new(tokenize_dataset(&ds, &ct, &TokenizeOptions::default()).unwrap());
+    let dev = &model.llama.device;
+    let (mut alone_sum, mut alone_n) = (0.0, 0);
+    for ex in &t.examples {
+        let b = TrainBatch::new(1, ex.len(), &ex.input_ids, &ex.labels(), None, None, dev).unwrap();
+        let o = engine::loss(&model.llama, &b).unwrap();
+        alone_sum += o.loss_sum;
+        alone_n += o.n_tokens;
+    }
+    for packing in [true, false] {
+        let opts = BatchOptions { batch_size: 3, shuffle: false, packing, max_seq_length: Some(256), ..Default::default() };
+        let b = &BatchIterator::new(t.clone(), opts).unwrap().epoch(0)[0];
+        assert_eq!(b.examples.concat().len(), 3);
+        assert_eq!(b.batch, if packing { 1 } else { 3 });
+        let tb = TrainBatch::new(b.batch, b.seq, &b.input_ids, &b.labels, Some(&b.position_ids), Some(&b.segment_ids), dev).unwrap();
+        let o = engine::loss(&model.llama, &tb).unwrap();
+        assert_eq!(o.n_tokens, alone_n, "packing {packing}");
+        assert!((o.loss_sum - alone_sum).abs() < 1e-4 * alone_sum.abs(), "packing {packing}: {} vs {alone_sum}", o.loss_sum);
     }
 }

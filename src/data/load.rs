@@ -86,6 +86,8 @@ pub enum Reason {
     UnknownRole,
     EmptyConversation,
     EmptyFile,
+    /// A JSON document that is not an array of records (or an object holding one).
+    FileStructure,
 }
 
 impl Reason {
@@ -102,6 +104,7 @@ impl Reason {
             Reason::UnknownRole => "unknown role",
             Reason::EmptyConversation => "empty conversation",
             Reason::EmptyFile => "empty file",
+            Reason::FileStructure => "unusable file",
         }
     }
 }
@@ -355,7 +358,7 @@ impl Loader<'_> {
                 Some(items) => items,
                 None => return Ok(()),
             },
-            _ => bail!("{name}: expected an array of records or an object holding one"),
+            _ => return self.fail(name, err(Reason::FileStructure, "expected an array of records or an object holding one")),
         };
         let base = text.as_ptr() as usize;
         let (mut line, mut at) = (1, 0);
@@ -377,10 +380,13 @@ impl Loader<'_> {
         let is_array = |r: &&RawValue| r.get().trim_start().starts_with('[');
         if let Some(key) = &self.opts.split {
             let Some(raw) = fields.get(key) else {
-                bail!("{name}: no key `{key}` (keys: {})", fields.keys().cloned().collect::<Vec<_>>().join(", "));
+                let keys = fields.keys().cloned().collect::<Vec<_>>().join(", ");
+                self.fail(name, err(Reason::FileStructure, format!("no key `{key}` (keys: {keys})")))?;
+                return Ok(None);
             };
             if !is_array(raw) {
-                bail!("{name}: `{key}` is not an array of records");
+                self.fail(name, err(Reason::FileStructure, format!("`{key}` is not an array of records")))?;
+                return Ok(None);
             }
             return Ok(Some(serde_json::from_str(raw.get())?));
         }
@@ -392,10 +398,12 @@ impl Loader<'_> {
         let arrays: Vec<(&String, &&RawValue)> = fields.iter().filter(|(_, r)| is_array(r)).collect();
         match arrays.as_slice() {
             [(_, raw)] => Ok(Some(serde_json::from_str(raw.get())?)),
-            _ => bail!(
-                "{name}: expected an array of records or an object holding one; pick the array with `split:` (keys: {})",
-                fields.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
+            _ => {
+                let keys = fields.keys().cloned().collect::<Vec<_>>().join(", ");
+                let msg = format!("expected an array of records or an object holding one; pick the array with `split:` (keys: {keys})");
+                self.fail(name, err(Reason::FileStructure, msg))?;
+                Ok(None)
+            }
         }
     }
 
@@ -411,12 +419,12 @@ impl Loader<'_> {
                 for (i, f) in h.iter().enumerate() {
                     match std::str::from_utf8(f) {
                         Ok(s) => out.push(s.trim_start_matches('\u{feff}').to_string()),
-                        Err(_) => bail!("{name}:1: invalid UTF-8 in header column {}", i + 1),
+                        Err(_) => return self.fail(&format!("{name}:1"), err(Reason::InvalidUtf8, format!("invalid UTF-8 in header column {}", i + 1))),
                     }
                 }
                 out
             }
-            Err(e) => bail!("{name}: {e}"),
+            Err(e) => return self.fail(name, err(Reason::Csv, csv_msg(&e))),
         };
         if headers.iter().all(|h| h.is_empty()) {
             return Ok(());
