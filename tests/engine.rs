@@ -196,7 +196,7 @@ fn tiny_model(dtype: DType, rank: usize) -> Model {
     for layer in m.llama.layers.iter_mut() {
         for p in Proj::ALL {
             let lin = layer.proj_mut(p);
-            let (o, i) = lin.weight.dims2().unwrap();
+            let (o, i) = lin.weight_shape().unwrap();
             seed += 2;
             lin.lora = Some(linear::Lora {
                 a: (randn(seed, &[rank, i], dtype) * 0.2).unwrap(),
@@ -232,7 +232,7 @@ fn reference_loss(m: &Model, vars: &[(Var, Var)], ids: &[u32], labels: &[i64], p
         let lw = l.layers[li].proj(p);
         let (a, bb) = &vars[k];
         let s = lw.lora.as_ref().unwrap().scaling;
-        (x.matmul(&lw.weight.t().unwrap()).unwrap() + (x.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&bb.as_tensor().t().unwrap()).unwrap() * s).unwrap()).unwrap()
+        (x.matmul(&lw.dense_weight().unwrap().t().unwrap()).unwrap() + (x.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&bb.as_tensor().t().unwrap()).unwrap() * s).unwrap()).unwrap()
     };
     let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
     let mut x = l.embed_tokens.index_select(&Tensor::new(ids, &DEV).unwrap(), 0).unwrap();
@@ -250,7 +250,7 @@ fn reference_loss(m: &Model, vars: &[(Var, Var)], ids: &[u32], labels: &[i64], p
         x = (x2 + lin(li, Proj::Down, &hm)).unwrap();
     }
     let hn = candle_nn::ops::rms_norm_slow(&x, &l.norm.weight, c.rms_norm_eps as f32).unwrap();
-    let head = l.lm_head.as_ref().map(|h| h.weight.clone()).unwrap_or_else(|| l.embed_tokens.clone());
+    let head = l.lm_head.as_ref().map(|h| h.dense_weight().unwrap()).unwrap_or_else(|| l.embed_tokens.clone());
     let batch = TrainBatch::new(b, t, ids, labels, Some(pos), Some(seg), &DEV).unwrap();
     let keep: Vec<u32> = (0..(b * t) as u32).filter(|&i| batch.targets[i as usize] >= 0).collect();
     let tg: Vec<u32> = keep.iter().map(|&i| batch.targets[i as usize] as u32).collect();

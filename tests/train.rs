@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use qscript::model::engine::{self, LoraGrad, Proj, StepOptions, TrainBatch};
+use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
 use qscript::model::{LoadOptions, Model};
 use qscript::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -116,7 +117,7 @@ fn lora_overfits_fixed_sequences() {
     // frozen head cannot give any token a logit margin above ~1.3, so no adapter could fit
     // anything. Scale the head as training would have (logits of a few units).
     let head = m.llama.lm_head.as_mut().unwrap();
-    head.weight = (&head.weight * 8.0).unwrap();
+    head.weight = Weight::Dense((head.dense_weight().unwrap() * 8.0).unwrap());
     let cfg = LoraConfig { lora_dropout: 0.05, ..all_linear(8, 16.0, InitLoraWeights::Default) };
     lora::attach(&mut m.llama, &cfg, 0).unwrap();
     let (b, t) = (8, 16);

@@ -25,6 +25,30 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// Load time, peak memory and the time of one forward over N tokens, dense or 4-bit
+    #[command(after_help = "Examples:\n  qscript bench forward\n  qscript bench forward --load-in-4bit --quant-type nf4 --double-quant\n\nRun dense and 4-bit as separate commands: peak_rss_mib is the process's high-water mark.")]
+    Forward {
+        /// Hub id, HF directory or GGUF file
+        #[arg(long, default_value = hub::DEFAULT_MODEL)]
+        model: String,
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        /// Quantize the decoder linears while loading (bitsandbytes 4-bit)
+        #[arg(long)]
+        load_in_4bit: bool,
+        #[arg(long, default_value = "nf4", value_parser = ["nf4", "fp4"])]
+        quant_type: String,
+        #[arg(long)]
+        double_quant: bool,
+        /// bnb_4bit_compute_dtype
+        #[arg(long, default_value = "float32")]
+        compute_dtype: String,
+        /// Tokens in the forward
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
 }
 
 /// Peak resident set size of this process in bytes (VmHWM), where /proc is available.
@@ -81,6 +105,56 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 "decode_tok_per_s_median": median(decode.clone()),
                 "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
                 "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+            });
+            println!("{line}");
+            Ok(())
+        }
+        BenchCommand::Forward { model, dtype, load_in_4bit, quant_type, double_quant, compute_dtype, tokens, repeat } => {
+            use crate::model::quantized::{parse_bnb_dtype, BnbConfig};
+            let quantization = if load_in_4bit {
+                Some(BnbConfig {
+                    quant_type: crate::quant::QuantType::parse(&quant_type)?,
+                    double_quant,
+                    compute_dtype: parse_bnb_dtype("--compute-dtype", &compute_dtype)?,
+                    ..Default::default()
+                })
+            } else {
+                None
+            };
+            let opts = LoadOptions { dtype: parse_dtype(&dtype)?, quantization, ..Default::default() };
+            hub::resolve(&model, None)?;
+            let rss_before = peak_rss_bytes();
+            let t = Instant::now();
+            let m = Model::load(&model, &opts)?;
+            let load_secs = t.elapsed().as_secs_f64();
+            let rss_load = peak_rss_bytes();
+            let vocab = m.config().vocab_size as u32;
+            let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+            m.forward_ids(&ids)?; // warm-up
+            let mut secs = Vec::new();
+            for _ in 0..repeat.max(1) {
+                let t = Instant::now();
+                m.forward_ids(&ids)?;
+                secs.push(t.elapsed().as_secs_f64());
+            }
+            let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
+            let line = serde_json::json!({
+                "bench": "forward",
+                "model": model,
+                "dtype": dtype,
+                "load_in_4bit": load_in_4bit,
+                "quant_type": load_in_4bit.then_some(quant_type),
+                "double_quant": load_in_4bit.then_some(double_quant),
+                "compute_dtype": load_in_4bit.then_some(compute_dtype),
+                "threads": candle_core::utils::get_num_threads(),
+                "load_secs": load_secs,
+                "weights_mib": m.memory_by_kind().iter().map(|(_, b)| b).sum::<usize>() as f64 / (1024.0 * 1024.0),
+                "peak_rss_before_load_mib": mib(rss_before),
+                "peak_rss_after_load_mib": mib(rss_load),
+                "tokens": tokens,
+                "forward_secs_median": median(secs.clone()),
+                "forward_secs_best": secs.iter().cloned().fold(f64::INFINITY, f64::min),
+                "peak_rss_mib": mib(peak_rss_bytes()),
             });
             println!("{line}");
             Ok(())

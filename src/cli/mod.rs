@@ -1,6 +1,7 @@
-//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`.
+//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`, `quantize`.
 
 pub mod bench;
+pub mod quantize;
 pub mod repl;
 
 use crate::script::{parse_set, Host, Limits};
@@ -62,6 +63,9 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Write a bitsandbytes 4-bit checkpoint (NF4/FP4) of a model directory or safetensors file
+    #[command(after_help = quantize::EXAMPLES)]
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn install_ctrlc() {
@@ -114,6 +118,7 @@ pub fn main() -> i32 {
         })()),
         (Some(Command::Repl), _) | (None, None) => report(repl::run(&cli.run)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
+        (Some(Command::Quantize(args)), _) => report(quantize::run(args)),
         (None, Some(recipe)) => report(run_recipe(&recipe, &cli.run)),
     }
 }

@@ -7,79 +7,149 @@ use super::weights::WeightFiles;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 
+/// The frozen weight of a [`Linear`]: dense, or bitsandbytes 4-bit (packed codes + statistics).
+/// A 4-bit weight is dequantized on every use and never cached, so memory stays at 4 bits.
+pub enum Weight {
+    Dense(Tensor),
+    Quant4 {
+        q: crate::quant::Quantized4bit,
+        /// bnb's `bnb_4bit_compute_dtype`: the dtype the weight is dequantized to and the
+        /// inference matmul runs in.
+        bnb_compute_dtype: DType,
+        /// The dtype of the activations around the layer (and of its adapters).
+        dtype: DType,
+        device: Device,
+    },
+}
+
 /// A linear layer `y = x Wᵀ + b` (`W` is `[out, in]` as in PyTorch), plus an optional LoRA
 /// adapter whose term is added at inference (no dropout).
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     pub lora: Option<super::ops::linear::Lora>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self { weight: Weight::Dense(weight), bias, lora: None }
+    }
+
+    /// A 4-bit layer; `q` must hold a 2-D `[out, in]` weight.
+    pub fn new_4bit(q: crate::quant::Quantized4bit, bnb_compute_dtype: DType, dtype: DType, device: &Device, bias: Option<Tensor>) -> Result<Self> {
+        anyhow::ensure!(q.state.shape.len() == 2, "4-bit linear weight has shape {:?}, expected [out, in]", q.state.shape);
+        Ok(Self { weight: Weight::Quant4 { q, bnb_compute_dtype, dtype, device: device.clone() }, bias, lora: None })
     }
 
     /// The frozen weight as a dense tensor in the compute dtype (what matmuls and backward use).
+    /// 4-bit: dequantized now (bnb's compute dtype, then the activations' dtype), every call.
     pub fn dense_weight(&self) -> Result<Tensor> {
-        Ok(self.weight.clone())
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quant4 { q, bnb_compute_dtype, dtype, device } => {
+                Ok(crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_dtype(*dtype)?.to_device(device)?)
+            }
+        }
+    }
+
+    /// The 4-bit weight, if this layer is quantized.
+    pub fn quantized(&self) -> Option<&crate::quant::Quantized4bit> {
+        match &self.weight {
+            Weight::Quant4 { q, .. } => Some(q),
+            Weight::Dense(_) => None,
+        }
     }
 
     /// `(out, in)` of the weight.
     pub fn weight_shape(&self) -> Result<(usize, usize)> {
-        Ok(self.weight.dims2()?)
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.dims2()?),
+            Weight::Quant4 { q, .. } => Ok((q.state.shape[0], q.state.shape[1])),
+        }
     }
 
     pub fn device(&self) -> &Device {
-        self.weight.device()
+        match &self.weight {
+            Weight::Dense(w) => w.device(),
+            Weight::Quant4 { device, .. } => device,
+        }
     }
 
     /// The dtype activations and adapters use with this layer.
     pub fn compute_dtype(&self) -> DType {
-        self.weight.dtype()
+        match &self.weight {
+            Weight::Dense(w) => w.dtype(),
+            Weight::Quant4 { dtype, .. } => *dtype,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_base(x)?;
         let Some(l) = &self.lora else { return Ok(y) };
-        let u = x.broadcast_matmul(&l.a.t()?)?;
-        Ok((y + (u.broadcast_matmul(&l.b.t()?)? * l.scaling)?)?)
+        let u = x.to_dtype(l.a.dtype())?.broadcast_matmul(&l.a.t()?)?;
+        Ok((y + (u.broadcast_matmul(&l.b.t()?)? * l.scaling)?.to_dtype(x.dtype())?)?)
     }
 
     fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, inner) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
         let mut out_shape = x.dims().to_vec();
-        *out_shape.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_shape.last_mut().unwrap() = self.weight_shape()?.0;
         let x2 = x.reshape((rows, inner))?;
         let y = if rows == 1 { self.gemv(&x2)? } else { None };
-        let y = match y {
-            Some(y) => y,
-            None => x2.matmul(&self.weight.t()?)?,
+        let y = match (y, &self.weight) {
+            (Some(y), _) => y,
+            (None, Weight::Dense(w)) => x2.matmul(&w.t()?)?,
+            // bnb: the input goes to the compute dtype, the output back to the input's dtype.
+            (None, Weight::Quant4 { q, bnb_compute_dtype, device, .. }) => {
+                let w = crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_device(device)?;
+                x2.to_dtype(*bnb_compute_dtype)?.matmul(&w.t()?)?.to_dtype(x.dtype())?
+            }
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         };
         Ok(y.reshape(out_shape)?)
     }
 
+    /// Number of weights (a 4-bit weight counts its logical elements, as transformers does).
     pub fn num_parameters(&self) -> usize {
-        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+        let w = match &self.weight {
+            Weight::Dense(w) => w.elem_count(),
+            Weight::Quant4 { q, .. } => q.numel(),
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.elem_count())
     }
 
-    /// Batch-1 fast path (decoding): f32 weights on the CPU go through our GEMV kernel.
+    /// Batch-1 fast path (decoding): f32 weights on the CPU go through our GEMV kernel; a 4-bit
+    /// weight with f32 compute is dequantized into a scratch vector first.
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !self.weight.device().is_cpu() || self.weight.dtype() != DType::F32 || x.dtype() != DType::F32 {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
-        let (storage, layout) = self.weight.storage_and_layout();
+        let w = match &self.weight {
+            Weight::Dense(w) => w,
+            Weight::Quant4 { q, bnb_compute_dtype: DType::F32, device, .. } if device.is_cpu() => {
+                let mut w = vec![0f32; q.numel()];
+                crate::quant::dequantize_4bit_f32(q, &mut w)?;
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; q.state.shape[0]];
+                crate::kernels::gemv::gemv_f32(&w, &xv, &mut y);
+                return Ok(Some(Tensor::from_vec(y, (1, q.state.shape[0]), x.device())?));
+            }
+            Weight::Quant4 { .. } => return Ok(None),
+        };
+        if !w.device().is_cpu() || w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (storage, layout) = w.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
         let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-        let w = &cpu.as_slice::<f32>()?[start..end];
+        let ws = &cpu.as_slice::<f32>()?[start..end];
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; self.weight.dim(0)?];
-        crate::kernels::gemv::gemv_f32(w, &xv, &mut y);
-        Ok(Some(Tensor::from_vec(y, (1, self.weight.dim(0)?), x.device())?))
+        let mut y = vec![0f32; w.dim(0)?];
+        crate::kernels::gemv::gemv_f32(ws, &xv, &mut y);
+        Ok(Some(Tensor::from_vec(y, (1, w.dim(0)?), x.device())?))
     }
 }
 
@@ -402,12 +472,20 @@ pub struct Llama {
     pub rope: Rope,
     pub dtype: DType,
     pub device: Device,
+    /// How the 4-bit decoder linears were quantized (`None`: a dense model).
+    pub quantization: Option<super::quantized::BnbConfig>,
 }
 
 /// Where the tensors of a model come from (an HF checkpoint or an in-memory map).
 pub trait TensorSource {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
     fn has(&self, name: &str) -> bool;
+    /// The tensor as stored (dtype and shape unchanged, on the CPU); `None` when absent.
+    fn stored(&self, name: &str) -> Result<Option<Tensor>>;
+    /// Where `name` lives, for error messages (a file path).
+    fn location(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 impl TensorSource for WeightFiles {
@@ -416,6 +494,15 @@ impl TensorSource for WeightFiles {
     }
     fn has(&self, name: &str) -> bool {
         self.contains(name)
+    }
+    fn stored(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.load_stored(name)?))
+    }
+    fn location(&self, name: &str) -> Option<String> {
+        self.file_of(name).map(|p| p.display().to_string())
     }
 }
 
@@ -428,18 +515,74 @@ impl TensorSource for std::collections::HashMap<String, Tensor> {
     fn has(&self, name: &str) -> bool {
         self.contains_key(name)
     }
+    fn stored(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.get(name).cloned())
+    }
+}
+
+/// A 4-bit weight saved by bitsandbytes under `name` (`...q_proj.weight`), if the checkpoint
+/// has one (its `quant_state` tensor marks it); shape checked against `[out, inp]`.
+fn load_bnb_weight(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Option<crate::quant::Quantized4bit>> {
+    if !["nf4", "fp4"].iter().any(|q| src.has(&format!("{name}.quant_state.bitsandbytes__{q}"))) {
+        return Ok(None);
+    }
+    // `from_bnb_tensors` asks by name; keep the first read error to report it as such.
+    let err = std::cell::RefCell::new(None);
+    let got = crate::quant::Quantized4bit::from_bnb_tensors(name, |n| match src.stored(n) {
+        Ok(t) => t,
+        Err(e) => {
+            err.borrow_mut().get_or_insert(e);
+            None
+        }
+    });
+    let at = src.location(name).map(|l| format!("{l}: ")).unwrap_or_default();
+    if let Some(e) = err.into_inner() {
+        return Err(e);
+    }
+    let q = got.map_err(|e| anyhow::anyhow!("{at}{e:#}"))?;
+    if q.state.shape != [out, inp] {
+        anyhow::bail!("{at}{name}: 4-bit weight has shape {:?} in its quant_state, expected {:?}", q.state.shape, [out, inp]);
+    }
+    Ok(Some(q))
 }
 
 impl Llama {
     /// Build from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn load(config: &Config, src: &dyn TensorSource, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(config, src, dtype, device, None)
+    }
+
+    /// [`Self::load`], with the decoder linears in 4 bits: those saved by bitsandbytes load as
+    /// they are; with `quant`, the others (less `llm_int8_skip_modules`) are quantized as they
+    /// load, one tensor at a time, so the dense copy of only one weight exists at once.
+    /// Embeddings, norms and the LM head stay dense in `dtype`, as in transformers.
+    pub fn load_with(config: &Config, src: &dyn TensorSource, dtype: DType, device: &Device, quant: Option<&super::quantized::BnbConfig>) -> Result<Self> {
         let c = config;
         let (hd, h, kvh, d, inter) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear::new(
-                src.tensor(&format!("{name}.weight"), &[out, inp], dtype, device)?,
-                if bias { Some(src.tensor(&format!("{name}.bias"), &[out], dtype, device)?) } else { None },
-            ))
+        let mut any_4bit = false;
+        let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = format!("{name}.weight");
+            let bias = if bias { Some(src.tensor(&format!("{name}.bias"), &[out], dtype, device)?) } else { None };
+            let compute = quant.map_or(dtype, |q| q.compute_dtype);
+            if let Some(q) = load_bnb_weight(src, &w, out, inp)? {
+                any_4bit = true;
+                return Linear::new_4bit(q, compute, dtype, device, bias);
+            }
+            if let Some(cfg) = quant.filter(|q| name != "lm_head" && q.quantizes(name)) {
+                let at = src.location(&w).map(|l| format!("{l}: ")).unwrap_or_default();
+                // Rounded to `dtype` first, as transformers quantizes the weight it loaded.
+                let dense = match src.stored(&w)? {
+                    Some(t) if !t.dtype().is_float() => anyhow::bail!("{at}tensor `{w}` is {:?}, not a floating tensor: cannot quantize it", t.dtype()),
+                    Some(t) if t.dims() != [out, inp] => anyhow::bail!("{at}tensor `{w}` has shape {:?}, expected {:?}", t.dims(), [out, inp]),
+                    Some(t) => t.to_dtype(dtype)?,
+                    None => src.tensor(&w, &[out, inp], dtype, &Device::Cpu)?, // reports it missing
+                };
+                let q = crate::quant::quantize_4bit_tensor(&dense, cfg.quant_type, cfg.blocksize, cfg.double_quant)
+                    .with_context(|| format!("{w}: cannot quantize"))?;
+                any_4bit = true;
+                return Linear::new_4bit(q, compute, dtype, device, bias);
+            }
+            Ok(Linear::new(src.tensor(&w, &[out, inp], dtype, device)?, bias))
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm { weight: src.tensor(&format!("{name}.weight"), &[hd], dtype, device)?, eps: c.rms_norm_eps })
@@ -474,6 +617,19 @@ impl Llama {
         } else {
             Some(linear("lm_head", c.vocab_size, hd, false)?)
         };
+        let quantization = match (any_4bit, quant) {
+            (false, _) => None,
+            (true, Some(q)) => Some(q.clone()),
+            // 4-bit tensors without a quantization_config: describe what was found.
+            (true, None) => layers.iter().flat_map(|b: &Block| [&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj, &b.self_attn.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj])
+                .find_map(|l| l.quantized())
+                .map(|q| super::quantized::BnbConfig {
+                    quant_type: q.state.quant_type,
+                    double_quant: matches!(q.state.absmax, crate::quant::Absmax::Double { .. }),
+                    compute_dtype: dtype,
+                    ..Default::default()
+                }),
+        };
         Ok(Self {
             config: c.clone(),
             embed_tokens,
@@ -483,6 +639,7 @@ impl Llama {
             rope: Rope::new(c, c.max_position_embeddings.max(1), dtype, device)?,
             dtype,
             device: device.clone(),
+            quantization,
         })
     }
 

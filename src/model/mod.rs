@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod lora;
+pub mod quantized;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;
@@ -27,11 +28,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub revision: Option<String>,
+    /// `quantization_config`: quantize the decoder linears to 4 bits while loading.
+    pub quantization: Option<quantized::BnbConfig>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, revision: None }
+        Self { dtype: DType::F32, device: Device::Cpu, revision: None, quantization: None }
     }
 }
 
@@ -93,7 +96,8 @@ impl Model {
         }
         let config = Config::from_file(&cfg_path)?;
         let weights = weights::WeightFiles::open_dir(dir)?;
-        let llama = Llama::load(&config, &weights, opts.dtype, &opts.device)?;
+        let quant = Self::checkpoint_quantization(&config, &cfg_path, opts)?;
+        let llama = Llama::load_with(&config, &weights, opts.dtype, &opts.device, quant.as_ref())?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
         Ok(Self { llama, tokenizer, generation_config, name_or_path: name.to_string(), source_path: dir.to_path_buf(), lora_config: None })
@@ -101,7 +105,7 @@ impl Model {
 
     pub fn load_gguf(name: &str, path: &Path, opts: &LoadOptions) -> Result<Self> {
         let g = gguf::read_gguf(path)?;
-        let llama = Llama::load(&g.config, &g.tensors, opts.dtype, &opts.device)
+        let llama = Llama::load_with(&g.config, &g.tensors, opts.dtype, &opts.device, opts.quantization.as_ref())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(Self {
             llama,
@@ -111,6 +115,20 @@ impl Model {
             source_path: path.to_path_buf(),
             lora_config: None,
         })
+    }
+
+    /// The 4-bit settings to load with: a checkpoint saved in 4 bits (config.json's
+    /// `quantization_config`) keeps its own, except that a compute dtype the caller asked for
+    /// wins; otherwise the caller's options (quantize while loading) or none.
+    fn checkpoint_quantization(config: &Config, cfg_path: &Path, opts: &LoadOptions) -> Result<Option<quantized::BnbConfig>> {
+        let Some(v) = config.raw.get("quantization_config").filter(|v| !v.is_null()) else {
+            return Ok(opts.quantization.clone());
+        };
+        let mut q = quantized::BnbConfig::from_transformers_json(v).map_err(|e| anyhow::anyhow!("{}: {e:#}", cfg_path.display()))?;
+        if let Some(user) = &opts.quantization {
+            q.compute_dtype = user.compute_dtype;
+        }
+        Ok(Some(q))
     }
 
     pub fn config(&self) -> &Config {
@@ -157,24 +175,46 @@ impl Model {
         Ok(logits.squeeze(0)?.to_vec2::<f32>()?)
     }
 
-    /// Bytes held by weights, by kind.
+    /// Bytes held by weights, by kind (4-bit decoder linears: packed codes and statistics
+    /// apart; kinds the model does not have are left out, except the first four).
     pub fn memory_by_kind(&self) -> Vec<(&'static str, usize)> {
         let bytes = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let l = &self.llama;
-        let mut linear = 0;
+        let (mut linear, mut packed, mut stats, mut adapters) = (0, 0, 0, 0);
         let mut norm = bytes(&l.norm.weight);
         for b in &l.layers {
             let a = &b.self_attn;
             for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
-                linear += bytes(&lin.weight) + lin.bias.as_ref().map_or(0, bytes);
+                let (d, p, s) = quantized::weight_bytes(lin);
+                linear += d + lin.bias.as_ref().map_or(0, bytes);
+                packed += p;
+                stats += s;
+                adapters += lin.lora.as_ref().map_or(0, |o| bytes(&o.a) + bytes(&o.b));
             }
             norm += bytes(&b.input_layernorm.weight) + bytes(&b.post_attention_layernorm.weight);
         }
-        vec![
-            ("embeddings", bytes(&l.embed_tokens)),
-            ("decoder linears", linear),
-            ("norms", norm),
-            ("lm_head", l.lm_head.as_ref().map_or(0, |h| bytes(&h.weight))),
-        ]
+        let head = l.lm_head.as_ref().map_or(0, |h| {
+            let (d, p, s) = quantized::weight_bytes(h);
+            d + p + s + h.bias.as_ref().map_or(0, bytes)
+        });
+        let mut out = vec![("embeddings", bytes(&l.embed_tokens)), ("decoder linears", linear), ("norms", norm), ("lm_head", head)];
+        if packed > 0 {
+            out.insert(2, ("4-bit weights", packed));
+            out.insert(3, ("4-bit stats", stats));
+        }
+        if adapters > 0 {
+            out.push(("lora adapters", adapters));
+        }
+        out
+    }
+
+    /// transformers' `get_memory_footprint()`: bytes of all parameters and buffers. A 4-bit
+    /// weight counts as its packed bytes (the parameter bnb holds); its statistics live in
+    /// the quant state, which is neither, so they are not counted (see `memory_by_kind`).
+    /// The one buffer of a Llama is RoPE's `inv_freq` (f32, head_dim / 2).
+    pub fn memory_footprint(&self) -> usize {
+        let kinds = self.memory_by_kind();
+        let params: usize = kinds.iter().filter(|(k, _)| *k != "4-bit stats").map(|(_, b)| b).sum();
+        params + 4 * (self.config().head_dim / 2)
     }
 }

@@ -112,9 +112,68 @@ impl WeightFiles {
         }
         let src = st_dtype(view.dtype())
             .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype()))?;
-        let t = Tensor::from_raw_buffer(view.data(), src, view.shape(), &Device::Cpu)
-            .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+        let t = self.copy_out(name, view.data(), src, view.shape()).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
         let t = if src == dtype { t } else { t.to_dtype(dtype)? };
         Ok(t.to_device(device)?)
+    }
+
+    /// A tensor's dtype, shape and bytes exactly as stored (any dtype; for copying it on).
+    pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+        let (path, st) = self.view(name)?;
+        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        let out = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
+        self.release(name, view.data());
+        Ok(out)
+    }
+
+    /// A tensor as stored (its own dtype and shape), on the CPU.
+    pub fn load_stored(&self, name: &str) -> Result<Tensor> {
+        let (path, st) = self.view(name)?;
+        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        let src = st_dtype(view.dtype())
+            .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype()))?;
+        self.copy_out(name, view.data(), src, view.shape()).with_context(|| format!("{}: tensor `{name}`", path.display()))
+    }
+
+    /// Copy a tensor's bytes out of the mapping into a CPU tensor, releasing the mapped pages
+    /// chunk by chunk: at no point are both full copies resident (loading SmolLM2's 113 MB f32
+    /// embedding would otherwise raise the peak by as much).
+    fn copy_out(&self, name: &str, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        fn typed<T: candle_core::WithDType + Default>(w: &WeightFiles, name: &str, data: &[u8], shape: &[usize]) -> Result<Tensor> {
+            let size = std::mem::size_of::<T>();
+            anyhow::ensure!(data.len() % size == 0 && data.len() / size == shape.iter().product::<usize>(), "{} bytes do not hold shape {shape:?}", data.len());
+            let mut v = vec![T::default(); data.len() / size];
+            // SAFETY: T is a plain number type (no padding, every bit pattern valid); the byte
+            // view covers exactly v's elements. safetensors stores little-endian, as this host.
+            let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, data.len()) };
+            for (d, s) in dst.chunks_mut(8 << 20).zip(data.chunks(8 << 20)) {
+                d.copy_from_slice(s);
+                w.release(name, s);
+            }
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+        }
+        match dtype {
+            DType::F32 => typed::<f32>(self, name, data, shape),
+            DType::F16 => typed::<half::f16>(self, name, data, shape),
+            DType::BF16 => typed::<half::bf16>(self, name, data, shape),
+            DType::F64 => typed::<f64>(self, name, data, shape),
+            DType::U8 => typed::<u8>(self, name, data, shape),
+            DType::U32 => typed::<u32>(self, name, data, shape),
+            DType::I64 => typed::<i64>(self, name, data, shape),
+            other => bail!("unsupported dtype {other:?}"),
+        }
+    }
+
+    /// Drop the mapped pages of bytes already copied out, so they stop counting in this
+    /// process's resident memory (streaming loads keep peak RSS near the loaded model's size;
+    /// the page cache keeps the file).
+    fn release(&self, name: &str, data: &[u8]) {
+        let Some(&i) = self.index.get(name) else { return };
+        let mmap = &self.files[i].1;
+        let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
+        // SAFETY: a read-only file mapping; MADV_DONTNEED only makes later reads fault the
+        // pages in again from the file. Nothing borrows these bytes any more.
+        #[cfg(unix)]
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len()) };
     }
 }

@@ -213,6 +213,7 @@ pub static LOAD_MODEL: Schema = Schema {
         key("torch_dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"]), "transformers' name for `dtype`"),
         key("device", Ty::Str, "\"cpu\" (CUDA arrives with the cuda build)"),
         key("revision", Ty::Str, "hub revision (branch, tag or commit)"),
+        key("quantization_config", Ty::Any, "BitsAndBytesConfig(#{ load_in_4bit: true, ... }) (or its map): decoder linears in 4 bits"),
     ],
 };
 
@@ -335,6 +336,21 @@ pub static LORA_CONFIG: Schema = Schema {
     ],
 };
 
+const DTYPES: &[&str] = &["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"];
+
+pub static BNB_CONFIG: Schema = Schema {
+    name: "BitsAndBytesConfig",
+    keys: &[
+        key("load_in_4bit", Ty::Bool, "quantize the decoder linears to 4 bits (required: true)"),
+        key("load_in_8bit", Ty::Bool, "8-bit LLM.int8() is not supported"),
+        key("bnb_4bit_quant_type", Ty::OneOf(&["nf4", "fp4"]), "4-bit data type (default \"fp4\", as transformers; QLoRA uses \"nf4\")"),
+        key("bnb_4bit_use_double_quant", Ty::Bool, "quantize the absmax statistics too (default false)"),
+        key("bnb_4bit_compute_dtype", Ty::OneOf(DTYPES), "dtype the 4-bit weights are dequantized to for matmuls (default float32)"),
+        key("bnb_4bit_quant_storage", Ty::OneOf(&["uint8", "float32", "bfloat16", "float16"]), "dtype the packed weights are saved as (default uint8)"),
+        key("llm_int8_skip_modules", Ty::StrOrList, "modules kept unquantized: names (\"down_proj\"), paths or prefixes (\"model.layers.0\")"),
+    ],
+};
+
 pub static TRAINING_ARGS: Schema = Schema {
     name: "TrainingArguments",
     keys: &[
@@ -396,6 +412,7 @@ pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
         "stats" => &DATA_STATS,
         "preview" => &DATA_PREVIEW,
         "batches" => &DATA_BATCHES,
+        "BitsAndBytesConfig" => &BNB_CONFIG,
         _ => return None,
     })
 }

@@ -7,6 +7,7 @@ pub mod data_api;
 pub mod generate_api;
 pub mod lora_api;
 pub mod model_api;
+pub mod quant_api;
 pub mod train_api;
 pub mod util_api;
 
@@ -136,6 +137,7 @@ impl Host {
             generate_api::register(&mut api);
             util_api::register(&mut api);
             lora_api::register(&mut api);
+            quant_api::register(&mut api);
             train_api::register(&mut api);
             data_api::register(&mut api);
         }

