@@ -285,7 +285,7 @@ pub fn register(api: &mut Api) {
     api.func("select", "dataset.select(range) -> Dataset", "The records in a range, e.g. ds.select(0..100).",
         |ds: &mut DatasetHandle, r: std::ops::Range<INT>| rt(select_range(ds, r.start, r.end)));
     api.func("select", "dataset.select(start..=end) -> Dataset", "The records in an inclusive range.",
-        |ds: &mut DatasetHandle, r: std::ops::RangeInclusive<INT>| rt(select_range(ds, *r.start(), r.end() + 1)));
+        |ds: &mut DatasetHandle, r: std::ops::RangeInclusive<INT>| rt(select_range(ds, *r.start(), r.end().saturating_add(1))));
     api.func("select", "dataset.select(indices) -> Dataset", "The records at these indices, in this order.",
         |ds: &mut DatasetHandle, idx: Array| rt(select_array(ds, &idx)));
     api.func("filter", "dataset.filter(|record| bool) -> Dataset", "Keep the records for which the function returns true.",
