@@ -8,6 +8,7 @@ pub mod data;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod profile;
 pub mod quant;
 pub mod script;
 pub mod train;

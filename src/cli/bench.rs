@@ -8,6 +8,27 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// One QLoRA/LoRA training step (forward, backward, AdamW) on random token batches
+    Train {
+        /// Hub id, HF directory or GGUF file
+        #[arg(long, default_value = hub::DEFAULT_MODEL)]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// LoRA rank (all seven projections, alpha = 2r, dropout 0.1)
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Base weights: nf4 (4-bit, double quant) or none (dense)
+        #[arg(long, default_value = "nf4")]
+        quant: String,
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        /// Timed steps (after one warm-up step)
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
     /// Load time, prefill time and greedy decode speed of a model on this machine
     Generate {
         /// Hub id, HF directory or GGUF file
@@ -66,6 +87,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Train { model, batch, seq, rank, quant, gradient_checkpointing, steps } => bench_train(&model, batch, seq, rank, &quant, gradient_checkpointing, steps),
         BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat } => {
             let opts = LoadOptions { dtype: parse_dtype(&dtype)?, ..Default::default() };
             // Resolve first (a first run may download/convert), so load time is the cached load.
@@ -160,4 +182,66 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench_train(model: &str, batch: usize, seq: usize, rank: usize, quant: &str, ckpt: bool, steps: usize) -> anyhow::Result<()> {
+    use crate::model::engine::{self, StepOptions, TrainBatch};
+    use crate::model::lora::{self, LoraConfig, TargetModules};
+    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+    use rand::{Rng, SeedableRng};
+    let mut opts = LoadOptions::default();
+    match quant {
+        "none" => {}
+        // QLoRA's choice: nf4 + double quant, computing in the load dtype (f32 on the CPU).
+        "nf4" => {
+            opts.quantization = Some(crate::model::quantized::BnbConfig {
+                quant_type: crate::quant::QuantType::Nf4,
+                double_quant: true,
+                ..Default::default()
+            })
+        }
+        other => anyhow::bail!("--quant {other}: expected nf4 or none"),
+    }
+    hub::resolve(model, None)?;
+    let rss0 = peak_rss_bytes();
+    let mut m = Model::load(model, &opts)?;
+    let cfg = LoraConfig { r: rank, lora_alpha: 2.0 * rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
+    lora::attach(&mut m.llama, &cfg, 0)?;
+    let vocab = m.config().vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let tb = TrainBatch::new(batch, seq, &ids, &labels, None, None, &m.llama.device)?;
+    let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() })?;
+    let so = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+    let mut times = Vec::new();
+    for i in 0..steps + 1 {
+        let t = Instant::now();
+        let mut out = engine::forward_backward(&m.llama, &tb, &so, &mut rng)?;
+        clip_grad_norm(&mut out.grads, 1.0)?;
+        {
+            let _p = crate::profile::scope("adamw");
+            opt.step(&mut m.llama, &out.grads, 2e-4)?;
+        }
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        } else if crate::profile::enabled() {
+            let _ = crate::profile::report(); // drop the warm-up step from the profile
+        }
+    }
+    let step = median(times.clone());
+    let line = serde_json::json!({
+        "bench": "train", "model": model, "quant": quant, "batch": batch, "seq": seq, "rank": rank,
+        "gradient_checkpointing": ckpt, "threads": candle_core::utils::get_num_threads(),
+        "trainable_params": lora::parameter_counts(&m.llama).0,
+        "step_secs_median": step, "step_secs_best": times.iter().cloned().fold(f64::INFINITY, f64::min),
+        "tokens_per_sec": (batch * seq) as f64 / step,
+        "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        "rss_before_load_mib": rss0.map(|b| b as f64 / 1048576.0),
+    });
+    println!("{line}");
+    if crate::profile::enabled() {
+        eprint!("{}", crate::profile::report());
+    }
+    Ok(())
 }

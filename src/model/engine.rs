@@ -198,31 +198,49 @@ fn unheads(x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
 }
 
 fn lin_fwd(l: &Linear, x: &Tensor, train: bool, rng: &mut StdRng) -> Result<(Tensor, linear::Saved)> {
-    linear::forward(x, &l.dense_weight()?, l.bias.as_ref(), l.lora.as_ref(), train, rng)
+    let w = {
+        let _p = crate::profile::scope("dequantize");
+        l.dense_weight()?
+    };
+    let _p = crate::profile::scope("linear+lora fwd");
+    linear::forward(x, &w, l.bias.as_ref(), l.lora.as_ref(), train, rng)
 }
 
 fn lin_bwd(l: &Linear, s: &linear::Saved, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     // Re-dequantized (or the dense weight again); nothing of W is kept from the forward.
-    linear::backward(s, &l.dense_weight()?, l.lora.as_ref(), dy)
+    let w = {
+        let _p = crate::profile::scope("dequantize");
+        l.dense_weight()?
+    };
+    let _p = crate::profile::scope("linear+lora bwd");
+    linear::backward(s, &w, l.lora.as_ref(), dy)
 }
 
 fn layer_forward(layer: &Block, x: &Tensor, batch: &TrainBatch, rope_at: &RopeAt, train: bool, rng: &mut StdRng) -> Result<(Tensor, LayerActs)> {
     let (b, t) = (batch.b, batch.t);
     let a = &layer.self_attn;
+    let p = crate::profile::scope("rms_norm fwd");
     let (h1, attn_norm) = rms_norm::forward(x, &layer.input_layernorm.weight, layer.input_layernorm.eps)?;
+    drop(p);
     let (q, sq) = lin_fwd(&a.q_proj, &h1, train, rng)?;
     let (k, sk) = lin_fwd(&a.k_proj, &h1, train, rng)?;
     let (v, sv) = lin_fwd(&a.v_proj, &h1, train, rng)?;
+    let p = crate::profile::scope("rope fwd");
     let q = rope::forward(&heads(&q, b, t, a.n_heads, a.head_dim)?, &rope_at.cos, &rope_at.sin)?;
     let k = rope::forward(&heads(&k, b, t, a.n_kv_heads, a.head_dim)?, &rope_at.cos, &rope_at.sin)?;
     let v = heads(&v, b, t, a.n_kv_heads, a.head_dim)?;
+    drop(p);
+    let p = crate::profile::scope("attention fwd");
     let (o, attn) = attention::forward(&q, &k, &v, &batch.mask)?;
+    drop(p);
     let (ao, so) = lin_fwd(&a.o_proj, &unheads(&o, b, t)?, train, rng)?;
     let x2 = (x + ao)?;
     let (h2, mlp_norm) = rms_norm::forward(&x2, &layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)?;
     let (g, sg) = lin_fwd(&layer.mlp.gate_proj, &h2, train, rng)?;
     let (u, su) = lin_fwd(&layer.mlp.up_proj, &h2, train, rng)?;
+    let p = crate::profile::scope("swiglu fwd");
     let (hm, ssw) = swiglu::forward(g, u)?;
+    drop(p);
     let (dn, sd) = lin_fwd(&layer.mlp.down_proj, &hm, train, rng)?;
     let out = (x2 + dn)?;
     let acts = LayerActs { attn_norm, q: sq, k: sk, v: sv, attn, o: so, mlp_norm, gate: sg, up: su, swiglu: ssw, down: sd };
@@ -240,7 +258,9 @@ fn layer_backward(layer: &Block, acts: &LayerActs, batch: &TrainBatch, rope_at: 
     // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2).
     let (dhm, gd) = lin_bwd(&layer.mlp.down_proj, &acts.down, d_out)?;
     push(Proj::Down, gd);
+    let p = crate::profile::scope("swiglu bwd");
     let (dg, du) = swiglu::backward(&acts.swiglu, &dhm)?;
+    drop(p);
     let (dh2g, gg) = lin_bwd(&layer.mlp.gate_proj, &acts.gate, &dg)?;
     push(Proj::Gate, gg);
     let (dh2u, gu) = lin_bwd(&layer.mlp.up_proj, &acts.up, &du)?;
@@ -250,10 +270,14 @@ fn layer_backward(layer: &Block, acts: &LayerActs, batch: &TrainBatch, rope_at: 
     let (do_, go) = lin_bwd(&a.o_proj, &acts.o, &dx2)?;
     push(Proj::O, go);
     let do_ = heads(&do_, b, t, a.n_heads, a.head_dim)?;
+    let p = crate::profile::scope("attention bwd");
     let (dq, dk, dv) = attention::backward(&acts.attn, &do_)?;
+    drop(p);
+    let p = crate::profile::scope("rope bwd");
     let dq = unheads(&rope::backward(&dq, &rope_at.cos, &rope_at.sin)?, b, t)?;
     let dk = unheads(&rope::backward(&dk, &rope_at.cos, &rope_at.sin)?, b, t)?;
     let dv = unheads(&dv, b, t)?;
+    drop(p);
     let (dh1q, gq) = lin_bwd(&a.q_proj, &acts.q, &dq)?;
     push(Proj::Q, gq);
     let (dh1k, gk) = lin_bwd(&a.k_proj, &acts.k, &dk)?;
@@ -311,7 +335,9 @@ fn forward_impl(model: &Llama, batch: &TrainBatch, opts: &StepOptions, rng: &mut
     };
     let n_targets = batch.n_targets();
     let grad_scale = if backward { Some(opts.grad_scale.unwrap_or(1.0 / n_targets.max(1) as f64)) } else { None };
+    let p = crate::profile::scope("lm_head+cross_entropy");
     let ce = cross_entropy::forward_backward(&hn, &head, &batch.targets, grad_scale, cross_entropy::CHUNK_ROWS)?;
+    drop(p);
     let mut out = StepOutput { loss_sum: ce.loss_sum, n_tokens: ce.n_tokens, grads: Vec::new() };
     let Some(dh) = ce.dh else { return Ok(out) };
     let mut dx = rms_norm::backward(&final_norm, &model.norm.weight, &dh)?;

@@ -63,7 +63,10 @@ impl Api<'_> {
 }
 
 /// Rhai modules shipped with qscript, importable by name: `import "chat" as chat;`.
-pub const STDLIB: &[(&str, &str)] = &[("chat", include_str!("../../stdlib/chat.rhai"))];
+pub const STDLIB: &[(&str, &str)] = &[
+    ("chat", include_str!("../../stdlib/chat.rhai")),
+    ("qlora", include_str!("../../stdlib/qlora.rhai")),
+];
 
 struct StdlibResolver;
 

@@ -30,10 +30,14 @@ pub struct Saved {
     pub mask: Option<Tensor>,
 }
 
-/// Inverted-dropout mask `[n, in]`: 0 with probability `p`, else `1/(1−p)`.
+/// Inverted-dropout mask `[n, in]`: 0 with probability `p`, else `1/(1−p)`. The caller's RNG
+/// seeds a fast generator (one draw), so masks stay a pure function of the caller's seed.
 fn dropout_mask(shape: (usize, usize), p: f64, rng: &mut impl Rng, like: &Tensor) -> Result<Tensor> {
+    use rand::{RngCore, SeedableRng};
     let keep = 1.0 / (1.0 - p) as f32;
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let threshold = (p * u32::MAX as f64) as u32;
+    let mut fast = rand::rngs::SmallRng::seed_from_u64(rng.next_u64());
+    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| if fast.next_u32() < threshold { 0.0 } else { keep }).collect();
     Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
 }
 
@@ -49,8 +53,9 @@ pub fn forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&Lora
         Some(m) => (x * m)?,
         None => x.clone(),
     };
+    // The scaling goes on the small [n, r] product, not on the [n, out] output.
     let u = xd.matmul(&l.a.t()?)?;
-    let y = (y + (u.matmul(&l.b.t()?)? * l.scaling)?)?;
+    let y = (y + (&u * l.scaling)?.matmul(&l.b.t()?)?)?;
     Ok((y, Saved { xd: Some(xd), u: Some(u), mask }))
 }
 
@@ -58,9 +63,8 @@ pub fn forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&Lora
 pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let dx = dy.matmul(w)?;
     let (Some(l), Some(xd), Some(u)) = (lora, &s.xd, &s.u) else { return Ok((dx, None)) };
-    let dy_s = (dy * l.scaling)?;
-    let db = dy_s.t()?.matmul(u)?; // [out, r]
-    let du = dy_s.matmul(&l.b)?; // [n, r]
+    let db = (dy.t()?.matmul(u)? * l.scaling)?; // [out, r]
+    let du = (dy.matmul(&l.b)? * l.scaling)?; // [n, r]
     let da = du.t()?.matmul(xd)?; // [r, in]
     let mut dxd = du.matmul(&l.a)?; // [n, in]
     if let Some(m) = &s.mask {
