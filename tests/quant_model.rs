@@ -406,3 +406,36 @@ fn memory_footprint_counts_like_transformers() {
     let dense = load(&golden("source"), DType::BF16, None);
     assert_eq!(dense.memory_footprint(), 2 * dense.llama.num_parameters() + 4 * 8);
 }
+
+// ---------------------------------------------------------------- save_pretrained
+
+#[test]
+fn save_pretrained_writes_transformers_4bit_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A transformers checkpoint loaded in its dtype and saved again: the very same file.
+    let m = load(&golden("quantized"), DType::BF16, None);
+    let out = tmp.path().join("saved");
+    qscript::model::save::save_model_dir(&m, &out).unwrap();
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(golden("quantized/model.safetensors")).unwrap());
+    assert_eq!(quantization_config(&out), quantization_config(&golden("quantized")));
+    // Round trip: quantize while loading → save → load → identical packed tensors.
+    let cfg = BnbConfig { quant_type: QuantType::Fp4, blocksize: 128, compute_dtype: DType::F32, ..Default::default() };
+    let m = load(&golden("source"), DType::F32, Some(cfg));
+    let out = tmp.path().join("fp4");
+    qscript::model::save::save_model_dir(&m, &out).unwrap();
+    let back = load(&out, DType::F32, None);
+    assert_eq!(model_4bit_tensors(&back), model_4bit_tensors(&m));
+    let q = back.llama.quantization.as_ref().unwrap();
+    assert_eq!((q.quant_type, q.double_quant, q.compute_dtype), (QuantType::Fp4, false, DType::F32));
+    let (ids, _) = golden_logits();
+    assert_eq!(back.forward_ids(&ids[..16]).unwrap(), m.forward_ids(&ids[..16]).unwrap());
+    // In a recipe.
+    let dir = tmp.path().join("recipe_out");
+    run(&format!(r#"
+        let m = load_model("{}", #{{ quantization_config: BitsAndBytesConfig(#{{ load_in_4bit: true, bnb_4bit_quant_type: "nf4", bnb_4bit_use_double_quant: true }}) }});
+        m.save_pretrained("{}");
+    "#, golden("source").display(), dir.display())).unwrap();
+    let back = load(&dir, DType::F32, None);
+    assert!(quantized::is_quantized(&back.llama));
+    assert_eq!(quantization_config(&dir)["bnb_4bit_quant_type"], "nf4");
+}

@@ -45,6 +45,7 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
         DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::U8 => t.to_vec1::<u8>()?, // 4-bit packed weights and their u8 statistics
         d => bail!("dtype {d:?} cannot be saved"),
     })
 }
@@ -54,6 +55,7 @@ fn st_dtype(d: DType) -> Option<safetensors::Dtype> {
         DType::F32 => safetensors::Dtype::F32,
         DType::BF16 => safetensors::Dtype::BF16,
         DType::F16 => safetensors::Dtype::F16,
+        DType::U8 => safetensors::Dtype::U8,
         _ => return None,
     })
 }
@@ -92,7 +94,7 @@ impl safetensors::View for Lazy<'_> {
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     for (name, t) in tensors {
         if st_dtype(t.dtype()).is_none() {
-            bail!("{}: tensor `{name}` has dtype {:?}; only f32, bf16 and f16 are saved", path.display(), t.dtype());
+            bail!("{}: tensor `{name}` has dtype {:?}; only f32, bf16, f16 and u8 are saved", path.display(), t.dtype());
         }
     }
     let err = RefCell::new(None);
@@ -150,8 +152,9 @@ pub(crate) fn install_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
-/// The tensors of `llama` under their HF names, linears as dense weights (a 4-bit base comes
-/// out dequantized). Adapters must have been merged or removed first.
+/// The tensors of `llama` under their HF names, linears as dense weights; the weights of 4-bit
+/// linears are left out (`quantized::quantized_tensors` gives them in bnb's layout). Adapters
+/// must have been merged or removed first.
 fn hf_tensors(llama: &Llama) -> Result<Vec<(String, Tensor)>> {
     use super::engine::Proj;
     let mut out = vec![("model.embed_tokens.weight".to_string(), llama.embed_tokens.clone())];
@@ -165,7 +168,9 @@ fn hf_tensors(llama: &Llama) -> Result<Vec<(String, Tensor)>> {
             if lin.lora.is_some() {
                 bail!("save_model_dir: module `{path}` still has a LoRA adapter; call merge_and_unload() first, or save the adapter with save_adapter");
             }
-            out.push((format!("{path}.weight"), lin.dense_weight()?));
+            if lin.quantized().is_none() {
+                out.push((format!("{path}.weight"), lin.dense_weight()?));
+            }
             if let Some(b) = &lin.bias {
                 out.push((format!("{path}.bias"), b.clone()));
             }
@@ -183,8 +188,9 @@ fn hf_tensors(llama: &Llama) -> Result<Vec<(String, Tensor)>> {
 
 /// `save_pretrained` of a plain model: an HF directory with `config.json` (the model's own
 /// config; `torch_dtype`/`dtype` set to the weights' dtype, `tie_word_embeddings` to whether
-/// there is no separate LM head, any `quantization_config` dropped since the weights are
-/// written dense), `generation_config.json` (when the model has one), `model.safetensors`
+/// there is no separate LM head; `quantization_config` as transformers writes it when decoder
+/// linears are 4-bit — saved in bitsandbytes' layout, which transformers loads — and dropped
+/// otherwise, e.g. after merging), `generation_config.json` (when the model has one), `model.safetensors`
 /// (HF names; tied embeddings → no `lm_head.weight`) and the tokenizer files when the model
 /// has a tokenizer. Written atomically (see the module doc for what happens in an existing
 /// directory). A model that still has LoRA adapters is refused: merge them first.
@@ -194,6 +200,8 @@ pub fn save_model_dir(model: &Model, dir: &Path) -> Result<()> {
     if let Some((name, t)) = tensors.iter().find(|(_, t)| t.dtype() != dtype) {
         bail!("save_model_dir: tensor `{name}` is {:?} but the embeddings are {dtype:?}; one dtype per checkpoint", t.dtype());
     }
+    let mut tensors = tensors;
+    tensors.extend(super::quantized::quantized_tensors(&model.llama)?);
     let mut config = model.llama.config.raw.clone();
     let dtype_name = super::dtype_name(dtype);
     let mut set_dtype = false;
@@ -208,7 +216,10 @@ pub fn save_model_dir(model: &Model, dir: &Path) -> Result<()> {
         config.insert("torch_dtype".into(), dtype_name.into());
     }
     config.insert("tie_word_embeddings".into(), model.llama.lm_head.is_none().into());
-    config.remove("quantization_config");
+    match super::quantized::quantization_config_json(&model.llama) {
+        Some(q) => config.insert("quantization_config".into(), q),
+        None => config.remove("quantization_config"),
+    };
     let pretty = |v: &Value| -> Result<Vec<u8>> { Ok((serde_json::to_string_pretty(&sorted_json(v))? + "\n").into_bytes()) };
     let jinja_there = dir.join("chat_template.jinja").exists();
     install_dir(dir, |tmp| {

@@ -138,7 +138,7 @@ impl ModelHandle {
             c.vocab_size,
             dtype_name(m.llama.dtype),
         );
-        if let Some(q) = &m.llama.quantization {
+        if let Some(q) = m.llama.quantization.as_ref().filter(|_| crate::model::quantized::is_quantized(&m.llama)) {
             s = s.replacen("  weights:\n", &format!(
                 "  quantization: bitsandbytes {}{}, compute {}\n  weights:\n",
                 q.quant_type,
