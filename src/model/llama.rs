@@ -229,9 +229,14 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() && u.is_contiguous() {
+            // silu(g)·u in one parallel pass, in place on g (a fresh matmul output).
+            g.inplace_op2(&u, &crate::kernels::vecmath::SiluMul)?;
+            return self.down_proj.forward(&g);
+        }
+        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
     }
 }
 
@@ -649,7 +654,16 @@ impl Llama {
 
     /// Logits (f32) for `ids` `[b, t]` at positions `cache.len()..`; with `last_only` only the
     /// last position's logits `[b, 1, vocab]` are computed (generation), else `[b, t, vocab]`.
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, last_only: bool) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, last_only: bool) -> Result<Tensor> {
+        if self.device.is_cpu() && rayon::current_num_threads() > 1 {
+            // Run on a rayon worker, so the many short parallel kernels of a forward (GEMVs while
+            // decoding) are joined by this thread instead of each waking a blocked caller.
+            return rayon::scope(|_| self.forward_inner(ids, cache, last_only));
+        }
+        self.forward_inner(ids, cache, last_only)
+    }
+
+    fn forward_inner(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, last_only: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let pos = cache.as_ref().map_or(0, |c| c.len());
         anyhow::ensure!(
