@@ -413,3 +413,46 @@ fn checkpointing_recomputes_the_same_dropout_masks() {
     let c2 = engine::forward_backward(&m.llama, &batch, &opts, &mut StdRng::seed_from_u64(8)).unwrap();
     assert_ne!(a.grads[0].da.to_vec2::<f32>().unwrap(), c2.grads[0].da.to_vec2::<f32>().unwrap());
 }
+
+#[test]
+fn packed_row_logits_equal_each_example_alone() {
+    // Issue 4's packing guarantee, through the data layer's batches: a packed row's logits, per
+    // example, equal the logits of that example run alone.
+    use qscript::data::{BatchIterator, BatchOptions, TokenizedDataset, TokenizedExample};
+    let m = tiny_model(DType::F32, 4);
+    let lens = [5usize, 3, 6, 2];
+    let examples: Vec<TokenizedExample> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| TokenizedExample {
+            index: k,
+            input_ids: (0..n as u32).map(|i| (i * 31 + k as u32 * 57 + 3) % 256).collect(),
+            trained: vec![true; n],
+            truncated_from: None,
+        })
+        .collect();
+    let data = std::sync::Arc::new(TokenizedDataset { examples: examples.clone(), pad_id: 0, max_seq_length: Some(8), report: Default::default() });
+    let opts = BatchOptions { batch_size: 4, packing: true, max_seq_length: Some(8), shuffle: false, ..Default::default() };
+    let batch = BatchIterator::new(data, opts).unwrap().next_batch();
+    assert!(batch.examples.iter().any(|r| r.len() > 1), "some row must hold several examples: {:?}", batch.examples);
+    let tb = TrainBatch::new(batch.batch, batch.seq, &batch.input_ids, &batch.labels, Some(&batch.position_ids), Some(&batch.segment_ids), &DEV).unwrap();
+    let packed = engine::logits(&m.llama, &tb).unwrap();
+    let mut checked = 0;
+    for (r, row) in batch.examples.iter().enumerate() {
+        let mut at = 0;
+        for &k in row {
+            let ex = &examples[k];
+            let n = ex.len();
+            let alone = TrainBatch::new(1, n, &ex.input_ids, &ex.labels(), None, None, &DEV).unwrap();
+            let want = engine::logits(&m.llama, &alone).unwrap().squeeze(0).unwrap();
+            let got = packed.get(r).unwrap().narrow(0, at, n).unwrap();
+            assert_close(&format!("row {r} example {k}"), &got, &want, 1e-5);
+            // And the inference forward (no packing) agrees with the training forward.
+            let inf = Tensor::new(m.forward_ids(&ex.input_ids).unwrap(), &DEV).unwrap();
+            assert_close("inference vs training forward", &inf, &want, 1e-5);
+            at += n;
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, lens.len());
+}

@@ -301,6 +301,24 @@ pub fn forward_backward(model: &Llama, batch: &TrainBatch, opts: &StepOptions, r
     forward_impl(model, batch, opts, rng, true)
 }
 
+/// Logits `[b, t, vocab]` (f32) of a batch through the training forward — positions and
+/// segment masks as in training, so a packed row can be compared with its examples alone.
+pub fn logits(model: &Llama, batch: &TrainBatch) -> Result<Tensor> {
+    let (cos, sin) = rope::gather(&model.rope.cos, &model.rope.sin, &batch.positions)?;
+    let rope_at = RopeAt { cos, sin };
+    let mut rng: StdRng = rand::SeedableRng::seed_from_u64(0);
+    let mut x = model.embed_tokens.index_select(&batch.input_ids.flatten_all()?, 0)?;
+    for layer in &model.layers {
+        x = layer_forward(layer, &x, batch, &rope_at, false, &mut rng)?.0;
+    }
+    let (hn, _) = rms_norm::forward(&x, &model.norm.weight, model.norm.eps)?;
+    let head = match &model.lm_head {
+        Some(h) => h.dense_weight()?,
+        None => model.embed_tokens.clone(),
+    };
+    Ok(hn.matmul(&head.t()?)?.to_dtype(candle_core::DType::F32)?.reshape((batch.b, batch.t, ()))?)
+}
+
 /// Loss only (evaluation): no activations are kept.
 pub fn loss(model: &Llama, batch: &TrainBatch) -> Result<StepOutput> {
     let opts = StepOptions { train: false, gradient_checkpointing: false, grad_scale: None };
