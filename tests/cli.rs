@@ -112,3 +112,18 @@ fn ctrl_c_cancels_a_running_recipe_cleanly() {
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("long.rhai:3:") && stderr.contains("interrupted"), "{stderr}");
 }
+
+#[test]
+fn every_shipped_recipe_passes_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&root).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "rhai") {
+            let out = qscript().arg("check").arg(&p).output().unwrap();
+            assert!(out.status.success(), "{}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "chat + four training recipes, found {n}");
+}
