@@ -10,8 +10,18 @@ use std::path::{Path, PathBuf};
 
 pub struct WeightFiles {
     files: Vec<(PathBuf, Mmap)>,
-    /// tensor name → index into `files`
-    index: BTreeMap<String, usize>,
+    /// tensor name → where it is (the header is parsed once: a 4-bit checkpoint has thousands
+    /// of tensors, and re-parsing per lookup made loading quadratic)
+    index: BTreeMap<String, Entry>,
+}
+
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range of the data in the file's mapping.
+    start: usize,
+    end: usize,
 }
 
 fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
@@ -62,8 +72,10 @@ impl WeightFiles {
             let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e}); is it truncated?", path.display()))?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
+            for (name, v) in st.tensors() {
+                let start = v.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let entry = Entry { file: i, dtype: v.dtype(), shape: v.shape().to_vec(), start, end: start + v.data().len() };
+                index.insert(name, entry);
             }
             drop(st);
             files.push((path.clone(), mmap));
@@ -81,58 +93,54 @@ impl WeightFiles {
 
     /// Path of the file holding `name` (for error messages).
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|&i| self.files[i].0.as_path())
+        self.index.get(name).map(|e| self.files[e.file].0.as_path())
     }
 
     /// Shape and dtype of a tensor without reading it.
     pub fn info(&self, name: &str) -> Result<(Vec<usize>, safetensors::Dtype)> {
-        let (path, st) = self.view(name)?;
-        let t = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-        Ok((t.shape().to_vec(), t.dtype()))
+        let (_, e, _) = self.view(name)?;
+        Ok((e.shape.clone(), e.dtype))
     }
 
-    fn view(&self, name: &str) -> Result<(&Path, SafeTensors<'_>)> {
-        let &i = self.index.get(name).with_context(|| {
+    /// The file, entry and mapped bytes of a tensor.
+    fn view(&self, name: &str) -> Result<(&Path, &Entry, &[u8])> {
+        let e = self.index.get(name).with_context(|| {
             let where_ = self.files.iter().map(|f| f.0.display().to_string()).collect::<Vec<_>>().join(", ");
             format!("{where_}: missing tensor `{name}`")
         })?;
-        let (path, mmap) = &self.files[i];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok((path, st))
+        let (path, mmap) = &self.files[e.file];
+        Ok((path, e, &mmap[e.start..e.end]))
     }
 
     /// Load a tensor, checking its shape when `expected` is given, converted to `dtype`.
     pub fn load(&self, name: &str, expected: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (path, st) = self.view(name)?;
-        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        let (path, e, data) = self.view(name)?;
         if let Some(exp) = expected {
-            if view.shape() != exp {
-                bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", path.display(), view.shape(), exp);
+            if e.shape != exp {
+                bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", path.display(), e.shape, exp);
             }
         }
-        let src = st_dtype(view.dtype())
-            .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype()))?;
-        let t = self.copy_out(name, view.data(), src, view.shape()).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+        let src = st_dtype(e.dtype)
+            .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), e.dtype))?;
+        let t = self.copy_out(name, data, src, &e.shape).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
         let t = if src == dtype { t } else { t.to_dtype(dtype)? };
         Ok(t.to_device(device)?)
     }
 
     /// A tensor's dtype, shape and bytes exactly as stored (any dtype; for copying it on).
     pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, Vec<u8>)> {
-        let (path, st) = self.view(name)?;
-        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-        let out = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
-        self.release(name, view.data());
+        let (_, e, data) = self.view(name)?;
+        let out = (e.dtype, e.shape.clone(), data.to_vec());
+        self.release(name, data);
         Ok(out)
     }
 
     /// A tensor as stored (its own dtype and shape), on the CPU.
     pub fn load_stored(&self, name: &str) -> Result<Tensor> {
-        let (path, st) = self.view(name)?;
-        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-        let src = st_dtype(view.dtype())
-            .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype()))?;
-        self.copy_out(name, view.data(), src, view.shape()).with_context(|| format!("{}: tensor `{name}`", path.display()))
+        let (path, e, data) = self.view(name)?;
+        let src = st_dtype(e.dtype)
+            .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), e.dtype))?;
+        self.copy_out(name, data, src, &e.shape).with_context(|| format!("{}: tensor `{name}`", path.display()))
     }
 
     /// Copy a tensor's bytes out of the mapping into a CPU tensor, releasing the mapped pages
@@ -168,8 +176,8 @@ impl WeightFiles {
     /// process's resident memory (streaming loads keep peak RSS near the loaded model's size;
     /// the page cache keeps the file).
     fn release(&self, name: &str, data: &[u8]) {
-        let Some(&i) = self.index.get(name) else { return };
-        let mmap = &self.files[i].1;
+        let Some(e) = self.index.get(name) else { return };
+        let mmap = &self.files[e.file].1;
         let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
         // SAFETY: a read-only file mapping; MADV_DONTNEED only makes later reads fault the
         // pages in again from the file. Nothing borrows these bytes any more.
