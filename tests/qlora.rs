@@ -190,6 +190,19 @@ fn lora_on_4bit_base_overfits_fixed_sequences() {
     let last = engine::loss(&m.llama, &batch).unwrap().mean_loss();
     eprintln!("4-bit base + LoRA: loss {first:.4} -> {last:.4}");
     assert!(last < 0.1 * first, "loss {first} -> {last}: did not fall by 90%");
+    // Inference (Linear::forward: dequantize + matmul, LoRA term added) agrees with the engine.
+    let row = &ids[..t];
+    let logits = m.forward_ids(row).unwrap();
+    let mut nll = 0.0;
+    for i in 0..t - 1 {
+        let l = &logits[i];
+        let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        nll += lse - l[row[i + 1] as usize] as f64;
+    }
+    let one = TrainBatch::new(1, t, row, &labels[..t], None, None, &DEV).unwrap();
+    let want = engine::loss(&m.llama, &one).unwrap().mean_loss();
+    assert!((nll / (t - 1) as f64 - want).abs() < 1e-4 * want.max(1.0), "inference {} vs engine {want}", nll / (t - 1) as f64);
     // The base never changed: still 4-bit.
     assert!(m.llama.layers.iter().all(|l| Proj::ALL.iter().all(|&p| l.proj(p).quantized().is_some())));
 }
