@@ -157,3 +157,49 @@ fn llama3_rope_scaling_is_applied() {
     assert!((inv[0] - plain(0)).abs() < 1e-7);
     assert!((inv[31] - plain(31) / 32.0).abs() / inv[31] < 1e-5);
 }
+
+/// Forward `ids` `[1, n]` through a KV cache in the given chunk sizes; logits of every position.
+fn chunked_logits(m: &Model, ids: &Tensor, chunks: &[usize]) -> Vec<Tensor> {
+    let mut cache = m.llama.new_cache();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for &c in chunks {
+        let logits = m.llama.forward(&ids.narrow(1, pos, c).unwrap(), Some(&mut cache), false).unwrap();
+        pos += c;
+        assert_eq!(cache.len(), pos);
+        for i in 0..c {
+            out.push(logits.get_on_dim(1, i).unwrap().squeeze(0).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn kv_cache_chunks_after_cached_positions_equal_full_forward() {
+    // Prefill chunks that start after cached positions (causal mask with an offset), single
+    // decode steps in between, and a cache that outgrows its first buffer (64 positions).
+    let m = load_base(DType::F32);
+    let ids: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % 256).collect();
+    let ids = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = m.llama.forward(&ids, None, false).unwrap().squeeze(0).unwrap(); // [100, V]
+    let chunks = [5, 4, 1, 1, 50, 1, 30, 1, 1, 6];
+    assert_eq!(chunks.iter().sum::<usize>(), 100);
+    for (i, got) in chunked_logits(&m, &ids, &chunks).iter().enumerate() {
+        let d = max_abs_diff(got, &full.get(i).unwrap());
+        assert!(d < 1e-5, "position {i}: {d}");
+    }
+}
+
+#[test]
+fn bf16_kv_cache_decode_equals_full_forward() {
+    // bf16 keeps the tensor cache (concatenation) and candle's mask + softmax.
+    let m = load_base(DType::BF16);
+    let (ids, _) = golden_logits("logits_base");
+    let ids = ids.get(0).unwrap().unsqueeze(0).unwrap(); // [1, 16]
+    let full = m.llama.forward(&ids, None, false).unwrap().squeeze(0).unwrap();
+    let scale = full.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for (i, got) in chunked_logits(&m, &ids, &[6, 1, 1, 5, 1, 1, 1]).iter().enumerate() {
+        let d = max_abs_diff(got, &full.get(i).unwrap());
+        assert!(d <= 0.02 * scale.max(1.0), "position {i}: {d} (logit scale {scale})");
+    }
+}

@@ -80,6 +80,50 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The 1-minute load average (other work on the machine skews every figure here).
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+/// The model's dense f32 CPU weight tensors (embedding, linears, LM head if untied, norms).
+fn dense_f32_weights(m: &Model) -> Vec<candle_core::Tensor> {
+    use crate::model::llama::{Linear, Weight};
+    let l = &m.llama;
+    let dense = |lin: &Linear| match &lin.weight {
+        Weight::Dense(w) => Some(w.clone()),
+        _ => None,
+    };
+    let mut out = vec![l.embed_tokens.clone()];
+    for b in &l.layers {
+        let (a, p) = (&b.self_attn, &b.mlp);
+        out.push(b.input_layernorm.weight.clone());
+        out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].into_iter().filter_map(dense));
+        out.push(b.post_attention_layernorm.weight.clone());
+        out.extend([&p.gate_proj, &p.up_proj, &p.down_proj].into_iter().filter_map(dense));
+    }
+    out.push(l.norm.weight.clone());
+    out.extend(l.lm_head.as_ref().and_then(dense));
+    out.retain(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+    out
+}
+
+/// Seconds to read every element of `weights` once, on the rayon pool as the forward does.
+fn read_weights(weights: &[candle_core::Tensor]) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let total = rayon::scope(|_| -> anyhow::Result<f32> {
+        let mut total = 0f32;
+        for w in weights {
+            let (storage, layout) = w.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else { continue };
+            let Some((a, b)) = layout.contiguous_offsets() else { continue };
+            total += crate::kernels::gemv::stream_read(&cpu.as_slice::<f32>()?[a..b]);
+        }
+        Ok(total)
+    })?;
+    std::hint::black_box(total);
+    Ok(t.elapsed().as_secs_f64())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -107,13 +151,23 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             };
             let mut prefill = Vec::new();
             let mut decode = Vec::new();
+            let mut read = Vec::new();
+            let weights = dense_f32_weights(&m);
+            let weight_bytes: usize = weights.iter().map(|t| t.elem_count() * 4).sum();
+            let load_before = loadavg();
             for _ in 0..repeat.max(1) {
                 let g = generate(&m, &ids, &gen_opts, &mut |_| {})?;
                 prefill.push(g.prefill_secs);
                 let short = &ids[..16.min(ids.len())];
                 let g = generate(&m, short, &GenerateOptions { max_new_tokens: new_tokens, ..gen_opts.clone() }, &mut |_| {})?;
                 decode.push(g.tokens_per_sec());
+                // The decode ceiling, measured between decode runs: read every weight once.
+                for _ in 0..5 {
+                    read.push(read_weights(&weights)?);
+                }
             }
+            let read_med = median(read.clone());
+            let read_best = read.iter().cloned().fold(f64::INFINITY, f64::min);
             let line = serde_json::json!({
                 "bench": "generate",
                 "model": model,
@@ -126,7 +180,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 "decode_tokens": new_tokens,
                 "decode_tok_per_s_median": median(decode.clone()),
                 "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
+                // Batch-1 decoding reads every weight byte per token: the time to stream them
+                // once (same threads, same row-block tasks as the GEMV) bounds tokens/s.
+                "weights_mib": weight_bytes as f64 / (1024.0 * 1024.0),
+                "weights_read_secs_median": read_med,
+                "read_gb_per_s_median": weight_bytes as f64 / read_med / 1e9,
+                "decode_ceiling_tok_per_s_median": 1.0 / read_med,
+                "decode_ceiling_tok_per_s_best": 1.0 / read_best,
                 "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+                "loadavg_1min": [load_before, loadavg()],
             });
             println!("{line}");
             Ok(())

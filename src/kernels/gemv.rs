@@ -42,6 +42,42 @@ pub fn gemv_f32_multi(parts: &mut [(&[f32], &mut [f32])], x: &[f32]) {
     }
 }
 
+/// Read every element of `w` once, in the same row-block tasks as [`gemv_f32`] (a sum, so the
+/// reads cannot be elided): the time this takes over all of a model's weights is the floor of
+/// a batch-1 decode step, which must stream every weight byte from memory.
+pub fn stream_read(w: &[f32]) -> f32 {
+    const CHUNK: usize = TASK_BYTES / 4;
+    w.par_chunks(CHUNK).map(sum).sum()
+}
+
+fn sum(a: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { sum_avx512(a) };
+        }
+    }
+    a.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(a: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let p = a.as_ptr();
+    let (mut s0, mut s1, mut s2, mut s3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 64 <= a.len() {
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p.add(i)));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(p.add(i + 16)));
+        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(p.add(i + 32)));
+        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p.add(i + 48)));
+        i += 64;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) + a[i..].iter().sum::<f32>()
+}
+
 /// `y = W x` for one contiguous block of rows, on the calling thread.
 pub fn rows(w: &[f32], x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(w.len(), y.len() * x.len());

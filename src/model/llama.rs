@@ -284,7 +284,7 @@ impl KvBuf {
         let (kvh, d) = (self.kvh, self.d);
         assert!(k.len() == kvh * t * d && v.len() == kvh * t * d);
         if self.len + t > self.cap {
-            let cap = (self.len + t).max(2 * self.cap).max(256);
+            let cap = (self.len + t).max(2 * self.cap).max(64);
             let relayout = |old: &[f32]| {
                 let mut new = vec![0f32; kvh * cap * d];
                 for h in 0..kvh {
