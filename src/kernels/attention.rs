@@ -171,10 +171,7 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], head_stride: usize, s: 
         scores.clear();
         scores.extend(kh.chunks_exact(d).map(|kr| dot(qh, kr)));
         softmax_prefix_inplace(scores, s, scale);
-        o.fill(0.0);
-        for (p, vr) in scores.iter().zip(vh.chunks_exact(d)) {
-            axpy(*p, vr, o);
-        }
+        weighted_rows(scores, vh, o);
     };
     if s * n_heads * d >= 64 * 1024 && rayon::current_num_threads() > 1 {
         out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (h, o)| head(h, o, scores));
@@ -217,11 +214,55 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
-/// `y += a · x`.
-#[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yv, xv) in y.iter_mut().zip(x) {
-        *yv = a.mul_add(*xv, *yv);
+/// `out = Σ_j p[j] · v[j]` for `v` holding `p.len()` rows of `out.len()`.
+fn weighted_rows(p: &[f32], v: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { weighted_rows_avx512(p, v, out) };
+        }
+    }
+    let d = out.len();
+    out.fill(0.0);
+    for (pj, vr) in p.iter().zip(v.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += pj * x;
+        }
+    }
+}
+
+/// Columns in blocks of 64 (four registers of accumulators), rows streamed through them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_rows_avx512(p: &[f32], v: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = out.len();
+    assert!(v.len() >= p.len() * d);
+    let mask = |c: usize| -> __mmask16 {
+        if c + 16 <= d {
+            0xffff
+        } else if c < d {
+            ((1u32 << (d - c)) - 1) as __mmask16
+        } else {
+            0
+        }
+    };
+    let mut c0 = 0;
+    while c0 < d {
+        let m = [mask(c0), mask(c0 + 16), mask(c0 + 32), mask(c0 + 48)];
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm512_set1_ps(pj);
+            let row = v.as_ptr().add(j * d + c0);
+            for k in 0..4 {
+                acc[k] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m[k], row.add(16 * k)), acc[k]);
+            }
+        }
+        for k in 0..4 {
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(c0 + 16 * k), m[k], acc[k]);
+        }
+        c0 += 64;
     }
 }
 
