@@ -102,7 +102,7 @@ fn lora_linear_backward_matches_autograd_with_dropout() {
     let r = randn(14, &[n, o], DType::F32);
     let mut rng = StdRng::seed_from_u64(0);
     let (y, saved) = linear::forward(x.as_tensor(), &w, Some(&bias), Some(&lora), true, &mut rng).unwrap();
-    let mask = saved.mask.clone().expect("dropout mask in training");
+    let mask = saved.scaled_mask(DType::F32).unwrap().expect("dropout mask in training");
     let zeros = mask.eq(0.0).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(zeros > 0.0 && zeros < (n * i) as f32, "dropout must drop some, not all");
     let xd = (x.as_tensor() * &mask).unwrap();
