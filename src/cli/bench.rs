@@ -72,6 +72,13 @@ pub enum BenchCommand {
     },
 }
 
+/// Current resident set size in bytes (VmRSS).
+fn current_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Peak resident set size of this process in bytes (VmHWM), where /proc is available.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -85,8 +92,8 @@ fn loadavg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
-/// The model's dense f32 CPU weight tensors (embedding, linears, LM head if untied, norms).
-fn dense_f32_weights(m: &Model) -> Vec<candle_core::Tensor> {
+/// The model's dense CPU weight tensors (embedding, linears, LM head if untied, norms).
+fn dense_weights(m: &Model) -> Vec<candle_core::Tensor> {
     use crate::model::llama::{Linear, Weight};
     let l = &m.llama;
     let dense = |lin: &Linear| match &lin.weight {
@@ -103,25 +110,35 @@ fn dense_f32_weights(m: &Model) -> Vec<candle_core::Tensor> {
     }
     out.push(l.norm.weight.clone());
     out.extend(l.lm_head.as_ref().and_then(dense));
-    out.retain(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+    out.retain(|t| t.device().is_cpu());
     out
 }
 
-/// Seconds to read every element of `weights` once, on the rayon pool as the forward does.
-fn read_weights(weights: &[candle_core::Tensor]) -> anyhow::Result<f64> {
+/// A CPU tensor's bytes (contiguous float tensors), else `None`.
+fn with_bytes<R>(t: &candle_core::Tensor, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    use candle_core::CpuStorage as S;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
+    let (a, b) = layout.contiguous_offsets()?;
+    fn bytes<T>(v: &[T]) -> &[u8] {
+        // SAFETY: plain number types; the byte view covers exactly the elements.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+    Some(f(match cpu {
+        S::F32(v) => bytes(&v[a..b]),
+        S::BF16(v) => bytes(&v[a..b]),
+        S::F16(v) => bytes(&v[a..b]),
+        S::F64(v) => bytes(&v[a..b]),
+        _ => return None,
+    }))
+}
+
+/// Seconds to read every byte of `weights` once, on the rayon pool as the forward does.
+fn read_weights(weights: &[candle_core::Tensor]) -> f64 {
     let t = Instant::now();
-    let total = rayon::scope(|_| -> anyhow::Result<f32> {
-        let mut total = 0f32;
-        for w in weights {
-            let (storage, layout) = w.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else { continue };
-            let Some((a, b)) = layout.contiguous_offsets() else { continue };
-            total += crate::kernels::gemv::stream_read(&cpu.as_slice::<f32>()?[a..b]);
-        }
-        Ok(total)
-    })?;
-    std::hint::black_box(total);
-    Ok(t.elapsed().as_secs_f64())
+    let h = rayon::scope(|_| weights.iter().filter_map(|w| with_bytes(w, crate::kernels::gemv::stream_read)).fold(0, |a, b| a ^ b));
+    std::hint::black_box(h);
+    t.elapsed().as_secs_f64()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -152,8 +169,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let mut prefill = Vec::new();
             let mut decode = Vec::new();
             let mut read = Vec::new();
-            let weights = dense_f32_weights(&m);
-            let weight_bytes: usize = weights.iter().map(|t| t.elem_count() * 4).sum();
+            let weights = dense_weights(&m);
+            let weight_bytes: usize = weights.iter().filter_map(|t| with_bytes(t, <[u8]>::len)).sum();
             let load_before = loadavg();
             for _ in 0..repeat.max(1) {
                 let g = generate(&m, &ids, &gen_opts, &mut |_| {})?;
@@ -163,7 +180,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 decode.push(g.tokens_per_sec());
                 // The decode ceiling, measured between decode runs: read every weight once.
                 for _ in 0..5 {
-                    read.push(read_weights(&weights)?);
+                    read.push(read_weights(&weights));
                 }
             }
             let read_med = median(read.clone());
@@ -269,6 +286,7 @@ fn bench_train(model: &str, batch: usize, seq: usize, rank: usize, quant: &str, 
     let mut m = Model::load(model, &opts)?;
     let cfg = LoraConfig { r: rank, lora_alpha: 2.0 * rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
     lora::attach(&mut m.llama, &cfg, 0)?;
+    let rss_loaded = current_rss_bytes();
     let vocab = m.config().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
@@ -300,6 +318,7 @@ fn bench_train(model: &str, batch: usize, seq: usize, rank: usize, quant: &str, 
         "tokens_per_sec": (batch * seq) as f64 / step,
         "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         "rss_before_load_mib": rss0.map(|b| b as f64 / 1048576.0),
+        "rss_after_load_mib": rss_loaded.map(|b| b as f64 / 1048576.0),
     });
     println!("{line}");
     if crate::profile::enabled() {
