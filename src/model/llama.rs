@@ -200,15 +200,34 @@ impl Rope {
     /// cos/sin at one position as f32 slices (CPU f32 tables only), for the decode path.
     fn row_f32(&self, pos: usize) -> Option<(Vec<f32>, Vec<f32>)> {
         let row = |t: &Tensor| -> Option<Vec<f32>> {
-            let (storage, layout) = t.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
-            let (start, end) = layout.contiguous_offsets()?;
             let half = t.dim(1).ok()?;
-            let all = &cpu.as_slice::<f32>().ok()?[start..end];
-            all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)
+            with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
         };
         Some((row(&self.cos)?, row(&self.sin)?))
     }
+
+    /// A projection's output `y` `[b, t, heads·d]` → `[b, heads, t, d]` in one pass, rotated for
+    /// positions `pos..pos+t` when `rotate` (CPU f32 only; `None` otherwise).
+    fn split_heads(&self, y: &Tensor, heads: usize, d: usize, pos: usize, rotate: bool) -> Result<Option<Tensor>> {
+        let (b, t, _) = y.dims3()?;
+        let out = with_f32(y, |ys| {
+            with_f32(&self.cos, |cos| {
+                with_f32(&self.sin, |sin| crate::kernels::attention::split_heads_rope(ys, b, t, heads, d, rotate.then_some((cos, sin, pos))))
+            })
+        });
+        match out.flatten().flatten() {
+            Some(v) => Ok(Some(Tensor::from_vec(v, (b, heads, t, d), y.device())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// `f` over a contiguous CPU f32 tensor's elements; `None` for other tensors.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(f(&cpu.as_slice::<f32>().ok()?[start..end]))
 }
 
 pub struct Attention {
@@ -391,9 +410,14 @@ impl Attention {
     fn qkv(&self, x: &Tensor, rope: &Rope, pos: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
+        // CPU f32: split heads and rotate in one parallel pass per projection.
+        if let (Some(qh), Some(kh), Some(vh)) = (rope.split_heads(&q, h, d, pos, true)?, rope.split_heads(&k, kvh, d, pos, true)?, rope.split_heads(&v, kvh, d, pos, false)?) {
+            return Ok((qh, kh, vh));
+        }
+        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         Ok((rope.apply(&q, pos)?, rope.apply(&k, pos)?, v))
     }
 
