@@ -203,3 +203,27 @@ fn bf16_kv_cache_decode_equals_full_forward() {
         assert!(d <= 0.02 * scale.max(1.0), "position {i}: {d} (logit scale {scale})");
     }
 }
+
+#[test]
+fn long_prefill_equals_token_by_token_decode() {
+    // 300 tokens in one forward, and as a 260-token chunk after 40 cached positions (the KV
+    // buffer grows mid-way); single-token decoding (the slice kernels) is the reference.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&golden("peft/1/base"), tmp.path());
+    let p = tmp.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["max_position_embeddings"] = 512.into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let m = Model::load_hf_dir("long", tmp.path(), &LoadOptions::default()).unwrap();
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 61 + 7) % 256).collect();
+    let ids = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let steps = chunked_logits(&m, &ids, &[1; 300]);
+    let full = m.llama.forward(&ids, None, false).unwrap().squeeze(0).unwrap();
+    let chunked = chunked_logits(&m, &ids, &[40, 260]);
+    for (i, want) in steps.iter().enumerate() {
+        let d = max_abs_diff(&full.get(i).unwrap(), want);
+        assert!(d < 1e-5, "full forward, position {i}: {d}");
+        let d = max_abs_diff(&chunked[i], want);
+        assert!(d < 1e-5, "40 + 260 chunks, position {i}: {d}");
+    }
+}
