@@ -10,7 +10,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use std::path::Path;
 
 mod common;
-use common::autograd::{assert_close, attention_ref, randn, reference_loss};
+use common::autograd::{adapter_vars, assert_close, attention_ref, randn, reference_loss};
 
 const DEV: Device = Device::Cpu;
 
@@ -206,15 +206,7 @@ fn simple_case() -> Case {
 
 fn check_model_grads(case: &Case, checkpointing: bool) {
     let m = tiny_model(DType::F32, 4);
-    let vars: Vec<(Var, Var)> = m
-        .llama
-        .layers
-        .iter()
-        .flat_map(|layer| Proj::ALL.map(|p| {
-            let lo = layer.proj(p).lora.as_ref().unwrap();
-            (Var::from_tensor(&lo.a).unwrap(), Var::from_tensor(&lo.b).unwrap())
-        }))
-        .collect();
+    let vars = adapter_vars(&m);
     let loss_ref = reference_loss(&m, &vars, &case.ids, &case.labels, &case.pos, &case.seg, case.b, case.t);
     let grads_ref = loss_ref.backward().unwrap();
     let batch = TrainBatch::new(case.b, case.t, &case.ids, &case.labels, Some(&case.pos), Some(&case.seg), &DEV).unwrap();

@@ -2,7 +2,7 @@
 //! run on the dequantized weights (and the engine on a dense copy of them), with and without
 //! checkpointing; a tiny 4-bit model with LoRA overfits fixed sequences.
 
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device};
 use qscript::model::engine::{self, Proj, StepOptions, TrainBatch};
 use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
@@ -15,7 +15,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use std::path::Path;
 
 mod common;
-use common::autograd::{randn, reference_loss, rel_err};
+use common::autograd::{adapter_vars, randn, reference_loss, rel_err};
 
 const DEV: Device = Device::Cpu;
 
@@ -48,15 +48,7 @@ fn engine_gradients_with_4bit_base_match_autograd_on_dequantized_weights() {
     let (b, t) = (2, 8);
     let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 53 + 7) % 256).collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let vars: Vec<(Var, Var)> = m
-        .llama
-        .layers
-        .iter()
-        .flat_map(|layer| Proj::ALL.map(|p| {
-            let lo = layer.proj(p).lora.as_ref().unwrap();
-            (Var::from_tensor(&lo.a).unwrap(), Var::from_tensor(&lo.b).unwrap())
-        }))
-        .collect();
+    let vars = adapter_vars(&m);
     let pos: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
     let loss_ref = reference_loss(&m, &vars, &ids, &labels, &pos, &vec![1; b * t], b, t);
     let grads_ref = loss_ref.backward().unwrap();

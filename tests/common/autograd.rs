@@ -49,6 +49,19 @@ pub fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tenso
 }
 
 /// The whole model with differentiable candle ops; LoRA matrices as Vars.
+/// Every adapter's A and B as autograd Vars, layer-major in `Proj::ALL` order (the order
+/// `reference_loss` expects).
+pub fn adapter_vars(m: &Model) -> Vec<(Var, Var)> {
+    m.llama
+        .layers
+        .iter()
+        .flat_map(|layer| Proj::ALL.map(|p| {
+            let lo = layer.proj(p).lora.as_ref().unwrap();
+            (Var::from_tensor(&lo.a).unwrap(), Var::from_tensor(&lo.b).unwrap())
+        }))
+        .collect()
+}
+
 pub fn reference_loss(m: &Model, vars: &[(Var, Var)], ids: &[u32], labels: &[i64], pos: &[u32], seg: &[u32], b: usize, t: usize) -> Tensor {
     let l = &m.llama;
     let c = &l.config;
