@@ -74,6 +74,59 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Largest element (−∞ for an empty row).
+pub fn max(row: &[f32]) -> f32 {
+    // Sixteen independent lanes, so the loop vectorizes.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    lanes.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `row[i] ← exp(row[i] − shift)`; returns Σ of the new values.
+pub fn exp_shift_sum_inplace(row: &mut [f32], shift: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { exp_shift_sum_avx512(row, shift) };
+        }
+    }
+    row.iter_mut().map(|v| {
+        *v = (*v - shift).exp();
+        *v as f64
+    }).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shift_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
+    use std::arch::x86_64::*;
+    let (n, p) = (row.len(), row.as_mut_ptr());
+    let sh = _mm512_set1_ps(shift);
+    // Per-lane f32 partial sums over blocks of 1024 elements, folded into f64 per block.
+    let mut total = 0f64;
+    let mut i = 0;
+    while i < n {
+        let end = (i + 1024).min(n);
+        let mut acc = _mm512_setzero_ps();
+        while i < end {
+            let m: __mmask16 = if end - i >= 16 { 0xffff } else { ((1u32 << (end - i)) - 1) as __mmask16 };
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sh));
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
+            i += 16;
+        }
+        total += _mm512_reduce_add_ps(acc) as f64;
+    }
+    total
+}
+
 /// `silu(g)·u` in place on `g` as a candle op (f32, both contiguous, same shape). Forward only.
 pub struct SiluMul;
 

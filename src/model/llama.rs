@@ -201,7 +201,7 @@ impl Rope {
     fn row_f32(&self, pos: usize) -> Option<(Vec<f32>, Vec<f32>)> {
         let row = |t: &Tensor| -> Option<Vec<f32>> {
             let half = t.dim(1).ok()?;
-            with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
+            crate::kernels::with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
         };
         Some((row(&self.cos)?, row(&self.sin)?))
     }
@@ -210,9 +210,9 @@ impl Rope {
     /// positions `pos..pos+t` when `rotate` (CPU f32 only; `None` otherwise).
     fn split_heads(&self, y: &Tensor, heads: usize, d: usize, pos: usize, rotate: bool) -> Result<Option<Tensor>> {
         let (b, t, _) = y.dims3()?;
-        let out = with_f32(y, |ys| {
-            with_f32(&self.cos, |cos| {
-                with_f32(&self.sin, |sin| crate::kernels::attention::split_heads_rope(ys, b, t, heads, d, rotate.then_some((cos, sin, pos))))
+        let out = crate::kernels::with_f32(y, |ys| {
+            crate::kernels::with_f32(&self.cos, |cos| {
+                crate::kernels::with_f32(&self.sin, |sin| crate::kernels::attention::split_heads_rope(ys, b, t, heads, d, rotate.then_some((cos, sin, pos))))
             })
         });
         match out.flatten().flatten() {
@@ -220,14 +220,6 @@ impl Rope {
             None => Ok(None),
         }
     }
-}
-
-/// `f` over a contiguous CPU f32 tensor's elements; `None` for other tensors.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(f(&cpu.as_slice::<f32>().ok()?[start..end]))
 }
 
 pub struct Attention {

@@ -3,6 +3,7 @@
 //! are never copied per query head and their gradients sum over the group for free.
 
 use anyhow::Result;
+use crate::kernels::{attention_train, f32_view};
 use candle_core::{Device, Tensor, D};
 
 /// Additive mask `[b, 1, t, t]` from per-token segment ids `[b·t]`: token `i` attends to `j`
@@ -26,13 +27,16 @@ pub fn build_mask(segment_ids: &[u32], b: usize, t: usize, device: &Device) -> R
 }
 
 pub struct Saved {
-    /// Folded, scaled queries `[b, kvh, rep·t, d]`.
+    /// Queries as given `[b, nh, t, d]` (unscaled), keys and values `[b, kvh, t, d]`.
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
-    /// Softmax probabilities `[b, kvh, rep·t, t]`.
+    /// Softmax probabilities `[b, nh, t, t]` (the same memory as `[b, kvh, rep·t, t]`).
     pub p: Tensor,
-    pub n_heads: usize,
+}
+
+fn scale_of(d: usize) -> f64 {
+    1.0 / (d as f64).sqrt()
 }
 
 /// `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, `mask` `[b, 1, t, t]` → `o` `[b, nh, t, d]`.
@@ -40,31 +44,52 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Ten
     let (b, nh, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let rep = nh / kvh;
-    let q = (q.reshape((b, kvh, rep * t, d))? * (1.0 / (d as f64).sqrt()))?;
-    let k = k.contiguous()?;
-    let v = v.contiguous()?;
-    let scores = q.matmul(&k.t()?)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let fused = match (f32_view(&q), f32_view(&k), f32_view(&v), f32_view(mask)) {
+        (Some(qv), Some(kv), Some(vv), Some(mv)) => {
+            let dims = attention_train::Dims { b, nh, kvh, t, d };
+            Some(attention_train::forward(dims, qv.slice(), kv.slice(), vv.slice(), mv.slice(), scale_of(d) as f32))
+        }
+        _ => None,
+    };
+    if let Some((o, p)) = fused {
+        let dev = q.device();
+        let (o, p) = (Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?);
+        return Ok((o, Saved { q, k, v, p }));
+    }
+    let qs = (q.reshape((b, kvh, rep * t, d))? * scale_of(d))?;
+    let scores = qs.matmul(&k.t()?)?;
     let scores = scores
         .reshape((b, kvh, rep, t, t))?
         .broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?
         .reshape((b, kvh, rep * t, t))?;
     let p = candle_nn::ops::softmax_last_dim(&scores.to_dtype(super::stat_dtype(v.dtype()))?)?.to_dtype(v.dtype())?;
     let o = p.matmul(&v)?.reshape((b, nh, t, d))?;
-    Ok((o, Saved { q, k, v, p, n_heads: nh }))
+    let p = p.reshape((b, nh, t, t))?;
+    Ok((o, Saved { q, k, v, p }))
 }
 
 /// Returns `(dq, dk, dv)` in the shapes of the forward's inputs.
 pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, kvh, rt, d) = s.q.dims4()?;
-    let t = s.k.dim(2)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let d_o = d_o.reshape((b, kvh, rt, d))?;
-    let dv = s.p.t()?.matmul(&d_o)?; // [b, kvh, t, d]
+    let (b, nh, t, d) = s.q.dims4()?;
+    let kvh = s.k.dim(1)?;
+    let rep = nh / kvh;
+    let scale = scale_of(d);
+    let d_o = d_o.contiguous()?;
+    if let (Some(qv), Some(kv), Some(vv), Some(pv), Some(dov)) = (f32_view(&s.q), f32_view(&s.k), f32_view(&s.v), f32_view(&s.p), f32_view(&d_o)) {
+        let dims = attention_train::Dims { b, nh, kvh, t, d };
+        let (dq, dk, dv) = attention_train::backward(dims, qv.slice(), kv.slice(), vv.slice(), pv.slice(), dov.slice(), scale as f32);
+        let dev = d_o.device();
+        return Ok((Tensor::from_vec(dq, s.q.shape(), dev)?, Tensor::from_vec(dk, s.k.shape(), dev)?, Tensor::from_vec(dv, s.v.shape(), dev)?));
+    }
+    let d_o = d_o.reshape((b, kvh, rep * t, d))?;
+    let p = s.p.reshape((b, kvh, rep * t, t))?;
+    let dv = p.t()?.matmul(&d_o)?; // [b, kvh, t, d]
     let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, rt, t]
     // Softmax backward: dS = P ⊙ (dP − Σ_j dP·P).
-    let dot = (&dp * &s.p)?.sum_keepdim(D::Minus1)?;
-    let ds = (&s.p * dp.broadcast_sub(&dot)?)?;
-    let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, s.n_heads, t, d))?;
-    let dk = ds.t()?.matmul(&s.q)?; // q is already scaled
+    let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+    let ds = (&p * dp.broadcast_sub(&dot)?)?;
+    let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, nh, t, d))?;
+    let dk = (ds.t()?.matmul(&s.q.reshape((b, kvh, rep * t, d))?)? * scale)?;
     Ok((dq, dk, dv))
 }

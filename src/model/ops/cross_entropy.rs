@@ -26,6 +26,12 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
     if let Some(bad) = rows.iter().map(|&i| targets[i as usize]).find(|&t| t as usize >= vocab) {
         anyhow::bail!("label {bad} is out of range for vocab_size {vocab}");
     }
+    if let (Some(hv), Some(wv)) = (crate::kernels::f32_view(h), crate::kernels::f32_view(head)) {
+        let tg: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
+        let (loss_sum, dh) = crate::kernels::train_cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, &rows, &tg, grad_scale.map(|s| s as f32), chunk_rows);
+        let dh = dh.map(|d| Tensor::from_vec(d, (n, hidden), h.device())).transpose()?;
+        return Ok(Output { loss_sum, n_tokens: rows.len(), dh });
+    }
     let dev = h.device();
     let mut loss_sum = 0.0;
     let mut dh_rows = Vec::new();
@@ -36,18 +42,6 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         let hc = h.index_select(&idx, 0)?;
         let sd = super::stat_dtype(h.dtype());
         let logits = hc.matmul(&head.t()?)?.to_dtype(sd)?; // [c, vocab]
-        if logits.device().is_cpu() && sd == DType::F32 {
-            // One fused pass per row (max, log-sum-exp, loss, gradient) instead of eight tensor ops.
-            let tg: Vec<u32> = chunk.iter().map(|&i| targets[i as usize] as u32).collect();
-            let mut buf = logits.flatten_all()?.to_vec1::<f32>()?;
-            let losses = crate::kernels::train_cpu::softmax_xent_rows(&mut buf, vocab, &tg, grad_scale.map(|s| s as f32));
-            loss_sum += losses.iter().sum::<f64>();
-            if grad_scale.is_some() {
-                let dlogits = Tensor::from_vec(buf, (chunk.len(), vocab), dev)?.to_dtype(h.dtype())?;
-                dh_rows.push((idx, dlogits.matmul(head)?));
-            }
-            continue;
-        }
         let max = logits.max_keepdim(D::Minus1)?;
         let e = logits.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;

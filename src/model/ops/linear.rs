@@ -1,10 +1,13 @@
 //! Linear layer with a frozen weight and an optional LoRA adapter (peft semantics):
 //! `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`, `A` `[r, in]`, `B` `[out, r]`, `s` = lora_alpha / r
 //! (or / √r with rsLoRA). Only `A` and `B` get gradients; `W` — dense or dequantized from 4 bits
-//! by the caller, in forward and again in backward — never does.
+//! by the caller, in forward and again in backward — never does. f32 on the CPU runs the fused
+//! kernel of `kernels::lora_cpu`; other devices and dtypes the candle formulation below.
 
+use crate::kernels::lora_cpu::{self, Dims, Dropout};
+use crate::kernels::{f32_view, F32View};
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rand::Rng;
 
 /// A LoRA adapter's trainable matrices and hyper-parameters.
@@ -23,23 +26,20 @@ impl Lora {
 }
 
 /// What backward needs for the LoRA gradients: the layer input (shared, not copied, with the
-/// sibling projections reading the same activation), the dropout mask as one byte per element
-/// (a quarter of an f32 mask; the dropped input is recomputed from it) and `u = drop(x) Aᵀ`.
+/// sibling projections reading the same activation), the dropout's seed (the mask is
+/// regenerated, never stored) and `u = drop(x) Aᵀ`.
 pub struct Saved {
     pub x: Option<Tensor>,
-    /// 1 = kept, 0 = dropped; kept values are scaled by `keep_scale` = 1/(1−p).
-    pub mask: Option<Tensor>,
-    pub keep_scale: f64,
+    pub dropout: Option<Dropout>,
     pub u: Option<Tensor>,
 }
 
 impl Saved {
     /// The inverted-dropout multiplier `[n, in]` (0 or 1/(1−p)), when dropout was applied.
-    pub fn scaled_mask(&self, dtype: candle_core::DType) -> Result<Option<Tensor>> {
-        Ok(match &self.mask {
-            Some(m) => Some((m.to_dtype(dtype)? * self.keep_scale)?),
-            None => None,
-        })
+    pub fn scaled_mask(&self, dtype: DType) -> Result<Option<Tensor>> {
+        let (Some(x), Some(dr)) = (&self.x, &self.dropout) else { return Ok(None) };
+        let m = lora_cpu::scaled_mask(x.elem_count(), dr);
+        Ok(Some(Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(dtype)?))
     }
 
     /// `drop(x)` as the forward used it.
@@ -52,35 +52,81 @@ impl Saved {
     }
 }
 
-/// Dropout keep-mask `[n, in]` as bytes: 0 with probability `p`, else 1. The caller's RNG seeds
-/// a fast generator (one draw), so masks stay a pure function of the caller's seed.
-fn dropout_mask(shape: (usize, usize), p: f64, rng: &mut impl Rng, like: &Tensor) -> Result<Tensor> {
-    use rand::{RngCore, SeedableRng};
-    let threshold = (p * u32::MAX as f64) as u32;
-    let mut fast = rand::rngs::SmallRng::seed_from_u64(rng.next_u64());
-    let v: Vec<u8> = (0..shape.0 * shape.1).map(|_| (fast.next_u32() >= threshold) as u8).collect();
-    Ok(Tensor::from_vec(v, shape, like.device())?)
+/// Views of the given tensors when all are contiguous CPU f32 (the fused kernel's inputs).
+fn views<'a, const N: usize>(ts: [&'a Tensor; N]) -> Option<[F32View<'a>; N]> {
+    let v: Vec<F32View<'a>> = ts.iter().map(|t| f32_view(t)).collect::<Option<_>>()?;
+    v.try_into().ok()
 }
 
-/// `x` `[n, in]`, `w` `[out, in]`. `train` turns dropout on (it draws from `rng`).
+/// `x` `[n, in]`, `w` `[out, in]`. `train` turns dropout on (one seed drawn from `rng`).
 pub fn forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&Lora>, train: bool, rng: &mut impl Rng) -> Result<(Tensor, Saved)> {
-    let mut y = x.matmul(&w.t()?)?;
+    let dropout = match lora {
+        Some(l) if train && l.dropout > 0.0 => {
+            Some(Dropout { seed: rng.next_u64(), threshold: lora_cpu::dropout_threshold(l.dropout), scale: (1.0 / (1.0 - l.dropout)) as f32 })
+        }
+        _ => None,
+    };
+    let (n, inp) = x.dims2()?;
+    let out = w.dim(0)?;
+    let dev = x.device();
+    let fused = match (views([x, w]), lora) {
+        (Some([xv, wv]), None) => Some(lora_cpu::forward(Dims { n, inp, out, r: 0 }, xv.slice(), wv.slice(), None, None)),
+        (Some([xv, wv]), Some(l)) => views([&l.a, &l.b]).map(|[a, b]| {
+            let d = Dims { n, inp, out, r: l.rank() };
+            lora_cpu::forward(d, xv.slice(), wv.slice(), Some((a.slice(), b.slice(), l.scaling as f32)), dropout.as_ref())
+        }),
+        _ => None,
+    };
+    let (mut y, saved) = match fused {
+        Some((y, u)) => {
+            let r = lora.map_or(0, |l| l.rank());
+            let u = u.map(|u| Tensor::from_vec(u, (n, r), dev)).transpose()?;
+            (Tensor::from_vec(y, (n, out), dev)?, Saved { x: lora.map(|_| x.clone()), dropout, u })
+        }
+        None => {
+            let y = x.matmul(&w.t()?)?;
+            match lora {
+                None => (y, Saved { x: None, dropout: None, u: None }),
+                Some(l) => {
+                    let mut saved = Saved { x: Some(x.clone()), dropout, u: None };
+                    let xd = saved.dropped_input()?.unwrap_or_else(|| x.clone());
+                    // The scaling goes on the small [n, r] product, not on the [n, out] output.
+                    let u = xd.matmul(&l.a.t()?)?;
+                    let y = (y + (&u * l.scaling)?.matmul(&l.b.t()?)?)?;
+                    saved.u = Some(u);
+                    (y, saved)
+                }
+            }
+        }
+    };
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;
     }
-    let Some(l) = lora else { return Ok((y, Saved { x: None, mask: None, keep_scale: 1.0, u: None })) };
-    let mask = if train && l.dropout > 0.0 { Some(dropout_mask(x.dims2()?, l.dropout, rng, x)?) } else { None };
-    let mut saved = Saved { x: Some(x.clone()), mask, keep_scale: 1.0 / (1.0 - l.dropout), u: None };
-    let xd = saved.dropped_input()?.unwrap_or_else(|| x.clone());
-    // The scaling goes on the small [n, r] product, not on the [n, out] output.
-    let u = xd.matmul(&l.a.t()?)?;
-    let y = (y + (&u * l.scaling)?.matmul(&l.b.t()?)?)?;
-    saved.u = Some(u);
     Ok((y, saved))
 }
 
 /// Returns `dx` and, with an adapter, `(dA, dB)`.
 pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let dy = &dy.contiguous()?;
+    let (n, out) = dy.dims2()?;
+    let inp = w.dim(1)?;
+    let dev = dy.device();
+    let fused = match (views([dy, w]), lora, &s.x, &s.u) {
+        (Some([dyv, wv]), None, _, _) => Some(lora_cpu::backward(Dims { n, inp, out, r: 0 }, &[], wv.slice(), None, None, dyv.slice())),
+        (Some([dyv, wv]), Some(l), Some(x), Some(u)) => views([&l.a, &l.b, x, u]).map(|[a, b, x, u]| {
+            let d = Dims { n, inp, out, r: l.rank() };
+            lora_cpu::backward(d, x.slice(), wv.slice(), Some((a.slice(), b.slice(), l.scaling as f32, u.slice())), s.dropout.as_ref(), dyv.slice())
+        }),
+        _ => None,
+    };
+    if let Some((dx, g)) = fused {
+        let r = lora.map_or(0, |l| l.rank());
+        let g = match g {
+            Some((da, db)) => Some((Tensor::from_vec(da, (r, inp), dev)?, Tensor::from_vec(db, (out, r), dev)?)),
+            None => None,
+        };
+        return Ok((Tensor::from_vec(dx, (n, inp), dev)?, g));
+    }
     let dx = dy.matmul(w)?;
     let (Some(l), Some(xd), Some(u)) = (lora, s.dropped_input()?, &s.u) else { return Ok((dx, None)) };
     let db = (dy.t()?.matmul(u)? * l.scaling)?; // [out, r]

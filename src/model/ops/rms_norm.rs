@@ -2,6 +2,7 @@
 //! f32 (as transformers). The norm weight is frozen, so backward returns only `dx`.
 
 use anyhow::Result;
+use crate::kernels::{f32_view, train_cpu};
 use candle_core::{Tensor, D};
 
 /// What backward needs: the input and the per-row reciprocal RMS.
@@ -11,6 +12,12 @@ pub struct Saved {
 }
 
 pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Saved)> {
+    if let (Some(xv), Some(wv)) = (f32_view(x), f32_view(w)) {
+        let (y, rstd) = train_cpu::rms_norm_fwd(xv.slice(), wv.slice(), eps as f32);
+        let rows = rstd.len();
+        let y = Tensor::from_vec(y, x.shape(), x.device())?;
+        return Ok((y, Saved { x: x.clone(), rstd: Tensor::from_vec(rstd, (rows, 1), x.device())? }));
+    }
     let sd = super::stat_dtype(x.dtype());
     let xf = x.to_dtype(sd)?;
     let rstd = ((xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip())?;
@@ -20,6 +27,11 @@ pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Saved)> {
 
 /// `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w`, `x̂ = x · rstd`.
 pub fn backward(s: &Saved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dy = &dy.contiguous()?;
+    if let (Some(xv), Some(rv), Some(wv), Some(dyv)) = (f32_view(&s.x), f32_view(&s.rstd), f32_view(w), f32_view(dy)) {
+        let dx = train_cpu::rms_norm_bwd(xv.slice(), rv.slice(), wv.slice(), dyv.slice());
+        return Ok(Tensor::from_vec(dx, dy.shape(), dy.device())?);
+    }
     let sd = s.x.dtype();
     let g = dy.to_dtype(sd)?.broadcast_mul(&w.to_dtype(sd)?)?;
     let xhat = s.x.broadcast_mul(&s.rstd)?;

@@ -1,6 +1,7 @@
 //! SwiGLU gate: `h = silu(g) · u`.
 
 use anyhow::Result;
+use crate::kernels::{f32_view, train_cpu};
 use candle_core::Tensor;
 
 pub struct Saved {
@@ -8,17 +9,12 @@ pub struct Saved {
     pub u: Tensor,
 }
 
-fn cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
-
 pub fn forward(g: Tensor, u: Tensor) -> Result<(Tensor, Saved)> {
-    if cpu_f32(&g) {
-        let h = crate::kernels::train_cpu::swiglu_fwd(&flat(&g)?, &flat(&u)?);
+    let fused = match (f32_view(&g), f32_view(&u)) {
+        (Some(gv), Some(uv)) => Some(train_cpu::swiglu_fwd(gv.slice(), uv.slice())),
+        _ => None,
+    };
+    if let Some(h) = fused {
         let h = Tensor::from_vec(h, g.shape(), g.device())?;
         return Ok((h, Saved { g, u }));
     }
@@ -28,8 +24,9 @@ pub fn forward(g: Tensor, u: Tensor) -> Result<(Tensor, Saved)> {
 
 /// `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`; `dg = dh·u·silu'(g)`, `du = dh·silu(g)`.
 pub fn backward(s: &Saved, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    if cpu_f32(&s.g) {
-        let (dg, du) = crate::kernels::train_cpu::swiglu_bwd(&flat(&s.g)?, &flat(&s.u)?, &flat(dh)?);
+    let dh = &dh.contiguous()?;
+    if let (Some(gv), Some(uv), Some(dhv)) = (f32_view(&s.g), f32_view(&s.u), f32_view(dh)) {
+        let (dg, du) = train_cpu::swiglu_bwd(gv.slice(), uv.slice(), dhv.slice());
         return Ok((Tensor::from_vec(dg, s.g.shape(), s.g.device())?, Tensor::from_vec(du, s.g.shape(), s.g.device())?));
     }
     let sig = candle_nn::ops::sigmoid(&s.g)?;
