@@ -3,7 +3,7 @@
 //! regenerated from its seed in the same pass that applies it, and no `[n, in]` mask, scaled
 //! mask or dropped-input tensor is kept between forward and backward.
 
-use super::matmul::{mm, rm, tr};
+use super::matmul::{mm, mm_new, rm, tr};
 use rayon::prelude::*;
 
 /// Inverted dropout's keep test, the same on every device: element `e` (row-major index into
@@ -122,14 +122,12 @@ fn dropped(d: Dims, x: &[f32], dropout: Option<&Dropout>) -> Option<Vec<f32>> {
 /// (what backward needs besides `x` and the dropout seed). `lora` = `(A, B, s)`.
 pub fn forward(d: Dims, x: &[f32], w: &[f32], lora: Option<(&[f32], &[f32], f32)>, dropout: Option<&Dropout>) -> (Vec<f32>, Option<Vec<f32>>) {
     assert!(x.len() == d.n * d.inp && w.len() == d.out * d.inp, "lora linear: shapes {d:?}");
-    let mut y = vec![0f32; d.n * d.out];
-    mm(d.n, d.out, d.inp, &mut y, false, rm(x, d.inp), tr(w, d.inp), 1.0);
+    let mut y = mm_new(d.n, d.out, d.inp, rm(x, d.inp), tr(w, d.inp), 1.0);
     let Some((a, b, s)) = lora else { return (y, None) };
     assert!(a.len() == d.r * d.inp && b.len() == d.out * d.r, "lora linear: adapter shapes {d:?}");
     let xd = dropped(d, x, dropout);
     let xd = xd.as_deref().unwrap_or(x);
-    let mut u = vec![0f32; d.n * d.r];
-    mm(d.n, d.r, d.inp, &mut u, false, rm(xd, d.inp), tr(a, d.inp), 1.0);
+    let u = mm_new(d.n, d.r, d.inp, rm(xd, d.inp), tr(a, d.inp), 1.0);
     // The scaling rides on the rank-r product, folded into the accumulate.
     mm(d.n, d.out, d.r, &mut y, true, rm(&u, d.r), tr(b, d.r), s);
     (y, Some(u))
@@ -140,24 +138,19 @@ pub fn forward(d: Dims, x: &[f32], w: &[f32], lora: Option<(&[f32], &[f32], f32)
 #[allow(clippy::type_complexity)]
 pub fn backward(d: Dims, x: &[f32], w: &[f32], lora: Option<(&[f32], &[f32], f32, &[f32])>, dropout: Option<&Dropout>, dy: &[f32]) -> (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>) {
     assert!(dy.len() == d.n * d.out && w.len() == d.out * d.inp, "lora linear backward: shapes {d:?}");
-    let mut dx = vec![0f32; d.n * d.inp];
-    mm(d.n, d.inp, d.out, &mut dx, false, rm(dy, d.out), rm(w, d.inp), 1.0);
+    let mut dx = mm_new(d.n, d.inp, d.out, rm(dy, d.out), rm(w, d.inp), 1.0);
     let Some((a, b, s, u)) = lora else { return (dx, None) };
     assert!(x.len() == d.n * d.inp && u.len() == d.n * d.r, "lora linear backward: saved shapes {d:?}");
-    let mut db = vec![0f32; d.out * d.r];
-    mm(d.out, d.r, d.n, &mut db, false, tr(dy, d.out), rm(u, d.r), s);
-    let mut du = vec![0f32; d.n * d.r];
-    mm(d.n, d.r, d.out, &mut du, false, rm(dy, d.out), rm(b, d.r), s);
+    let db = mm_new(d.out, d.r, d.n, tr(dy, d.out), rm(u, d.r), s);
+    let du = mm_new(d.n, d.r, d.out, rm(dy, d.out), rm(b, d.r), s);
     let xd = dropped(d, x, dropout);
-    let mut da = vec![0f32; d.r * d.inp];
-    mm(d.r, d.inp, d.n, &mut da, false, tr(&du, d.r), rm(xd.as_deref().unwrap_or(x), d.inp), 1.0);
+    let da = mm_new(d.r, d.inp, d.n, tr(&du, d.r), rm(xd.as_deref().unwrap_or(x), d.inp), 1.0);
     match dropout {
         // dx += du A, straight into the base product.
         None => mm(d.n, d.inp, d.r, &mut dx, true, rm(&du, d.r), rm(a, d.inp), 1.0),
         // dx += (du A) ⊙ mask·scale: the rank-r product, then one masked accumulate.
         Some(dr) => {
-            let mut t = vec![0f32; d.n * d.inp];
-            mm(d.n, d.inp, d.r, &mut t, false, rm(&du, d.r), rm(a, d.inp), 1.0);
+            let t = mm_new(d.n, d.inp, d.r, rm(&du, d.r), rm(a, d.inp), 1.0);
             dx.par_chunks_mut(d.inp).zip(t.par_chunks(d.inp)).enumerate().for_each(|(i, (dxr, tr))| dr.add_row(i * d.inp, tr, dxr));
         }
     }

@@ -233,16 +233,25 @@ fn layer_forward(layer: &Block, x: &Tensor, batch: &TrainBatch, rope_at: &RopeAt
     let p = crate::profile::scope("attention fwd");
     let (o, attn) = attention::forward(&q, &k, &v, &batch.mask)?;
     drop(p);
-    let (ao, so) = lin_fwd(&a.o_proj, &unheads(&o, b, t)?, train, rng)?;
+    let p = crate::profile::scope("heads+residual fwd");
+    let o = unheads(&o, b, t)?;
+    drop(p);
+    let (ao, so) = lin_fwd(&a.o_proj, &o, train, rng)?;
+    let p = crate::profile::scope("heads+residual fwd");
     let x2 = (x + ao)?;
+    drop(p);
+    let p = crate::profile::scope("rms_norm fwd");
     let (h2, mlp_norm) = rms_norm::forward(&x2, &layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)?;
+    drop(p);
     let (g, sg) = lin_fwd(&layer.mlp.gate_proj, &h2, train, rng)?;
     let (u, su) = lin_fwd(&layer.mlp.up_proj, &h2, train, rng)?;
     let p = crate::profile::scope("swiglu fwd");
     let (hm, ssw) = swiglu::forward(g, u)?;
     drop(p);
     let (dn, sd) = lin_fwd(&layer.mlp.down_proj, &hm, train, rng)?;
+    let p = crate::profile::scope("heads+residual fwd");
     let out = (x2 + dn)?;
+    drop(p);
     let acts = LayerActs { attn_norm, q: sq, k: sk, v: sv, attn, o: so, mlp_norm, gate: sg, up: su, swiglu: ssw, down: sd };
     Ok((out, acts))
 }
@@ -265,11 +274,15 @@ fn layer_backward(layer: &Block, acts: &LayerActs, batch: &TrainBatch, rope_at: 
     push(Proj::Gate, gg);
     let (dh2u, gu) = lin_bwd(&layer.mlp.up_proj, &acts.up, &du)?;
     push(Proj::Up, gu);
+    let p = crate::profile::scope("rms_norm+residual bwd");
     let dx2 = (d_out + rms_norm::backward(&acts.mlp_norm, &layer.post_attention_layernorm.weight, &(dh2g + dh2u)?)?)?;
+    drop(p);
     // Attention half: x2 = x + o_proj(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x).
     let (do_, go) = lin_bwd(&a.o_proj, &acts.o, &dx2)?;
     push(Proj::O, go);
+    let p = crate::profile::scope("heads bwd");
     let do_ = heads(&do_, b, t, a.n_heads, a.head_dim)?;
+    drop(p);
     let p = crate::profile::scope("attention bwd");
     let (dq, dk, dv) = attention::backward(&acts.attn, &do_)?;
     drop(p);
@@ -284,6 +297,7 @@ fn layer_backward(layer: &Block, acts: &LayerActs, batch: &TrainBatch, rope_at: 
     push(Proj::K, gk);
     let (dh1v, gv) = lin_bwd(&a.v_proj, &acts.v, &dv)?;
     push(Proj::V, gv);
+    let _p = crate::profile::scope("rms_norm+residual bwd");
     let dh1 = ((dh1q + dh1k)? + dh1v)?;
     Ok((dx2 + rms_norm::backward(&acts.attn_norm, &layer.input_layernorm.weight, &dh1)?)?)
 }
@@ -298,7 +312,14 @@ enum Kept {
 /// Forward and backward of one batch: the summed loss, the number of trained tokens and the
 /// adapters' gradients (of `grad_scale · loss_sum`).
 pub fn forward_backward(model: &Llama, batch: &TrainBatch, opts: &StepOptions, rng: &mut StdRng) -> Result<StepOutput> {
-    forward_impl(model, batch, opts, rng, true)
+    on_pool(|| forward_impl(model, batch, opts, rng, true))
+}
+
+/// Runs `f` on one of rayon's worker threads: the step's serial parts then run where its
+/// parallel kernels fork, instead of the caller's thread handing every kernel over to the pool
+/// and sleeping (two context switches per kernel, ~9k a second).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::join(f, || ()).0
 }
 
 /// Logits `[b, t, vocab]` (f32) of a batch through the training forward — positions and
@@ -323,13 +344,15 @@ pub fn logits(model: &Llama, batch: &TrainBatch) -> Result<Tensor> {
 pub fn loss(model: &Llama, batch: &TrainBatch) -> Result<StepOutput> {
     let opts = StepOptions { train: false, gradient_checkpointing: false, grad_scale: None };
     let mut rng = rand::SeedableRng::seed_from_u64(0);
-    forward_impl(model, batch, &opts, &mut rng, false)
+    on_pool(|| forward_impl(model, batch, &opts, &mut rng, false))
 }
 
 fn forward_impl(model: &Llama, batch: &TrainBatch, opts: &StepOptions, rng: &mut StdRng, backward: bool) -> Result<StepOutput> {
+    let p = crate::profile::scope("embedding+rope tables");
     let (cos, sin) = rope::gather(&model.rope.cos, &model.rope.sin, &batch.positions)?;
     let rope_at = RopeAt { cos, sin };
     let mut x = model.embed_tokens.index_select(&batch.input_ids.flatten_all()?, 0)?; // [n, h]
+    drop(p);
     let mut kept = Vec::with_capacity(model.layers.len());
     for layer in &model.layers {
         crate::check_cancel()?;

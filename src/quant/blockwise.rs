@@ -45,13 +45,20 @@ impl InElem for f16 {
 }
 
 /// Output element types (f32 → dtype rounds to nearest even, as `__float2bfloat16`/`__float2half`).
-pub trait OutElem: Copy + Send + Sync + Default {
+pub trait OutElem: Copy + Send + Sync {
     fn from_f32(x: f32) -> Self;
 }
 impl OutElem for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+}
+/// Writing into uninitialised memory (every element of the output is stored).
+impl OutElem for std::mem::MaybeUninit<f32> {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        std::mem::MaybeUninit::new(x)
     }
 }
 impl OutElem for bf16 {

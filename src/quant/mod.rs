@@ -460,9 +460,10 @@ pub fn dequantize_4bit(q: &Quantized4bit, dtype: DType) -> Result<Tensor> {
     let cpu = &Device::Cpu;
     Ok(match dtype {
         DType::F32 => {
-            let mut v = vec![0f32; n];
-            dequantize_4bit_f32(q, &mut v)?;
-            Tensor::from_vec(v, shape, cpu)?
+            let mut v = crate::kernels::uninit_vec(n);
+            q.dequantize_into(&mut v)?;
+            // SAFETY: dequantize_into checked the length and wrote every element.
+            Tensor::from_vec(unsafe { crate::kernels::assume_init(v) }, shape, cpu)?
         }
         DType::BF16 => {
             let mut v = vec![bf16::ZERO; n];
