@@ -9,10 +9,20 @@ use std::time::Instant;
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// One QLoRA/LoRA training step (forward, backward, AdamW) on random token batches
+    #[command(after_help = "Examples:\n  qscript bench train --quant nf4\n  qscript bench train --shape llama-3.2-3b --device cuda --batch 4 --seq 1024 --gradient-checkpointing")]
     Train {
         /// Hub id, HF directory or GGUF file
         #[arg(long, default_value = hub::DEFAULT_MODEL)]
         model: String,
+        /// A random-weight model of this shape instead of --model: smollm2-135m, llama-3.2-1b, llama-3.2-3b
+        #[arg(long)]
+        shape: Option<String>,
+        /// cpu, cuda, cuda:N or auto
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute dtype (default: float32 on the CPU, bfloat16 on CUDA)
+        #[arg(long)]
+        dtype: Option<String>,
         #[arg(long, default_value_t = 4)]
         batch: usize,
         #[arg(long, default_value_t = 128)]
@@ -30,10 +40,20 @@ pub enum BenchCommand {
         steps: usize,
     },
     /// Load time, prefill time and greedy decode speed of a model on this machine
+    #[command(after_help = "Examples:\n  qscript bench generate\n  qscript bench generate --shape llama-3.2-3b --device cuda --quant nf4 --dtype bfloat16")]
     Generate {
         /// Hub id, HF directory or GGUF file
         #[arg(long, default_value = hub::DEFAULT_MODEL)]
         model: String,
+        /// A random-weight model of this shape instead of --model (random prompt ids): smollm2-135m, llama-3.2-1b, llama-3.2-3b
+        #[arg(long)]
+        shape: Option<String>,
+        /// cpu, cuda, cuda:N or auto (with --shape)
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Base weights with --shape: nf4 (4-bit, double quant) or none
+        #[arg(long, default_value = "none")]
+        quant: String,
         /// Prompt length for the prefill measurement
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
@@ -45,6 +65,19 @@ pub enum BenchCommand {
         /// Repetitions (the best is reported alongside the median)
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+    },
+    /// NF4 dequantization (bs 64, double quant) to bf16, and on CUDA the fused 4-bit GEMV
+    #[command(after_help = "Examples:\n  qscript bench dequant --device cuda --rows 8192 --cols 3072\n\nGB/s counts 0.5 B read + 2 B written per weight (the Python reference's convention).")]
+    Dequant {
+        /// cpu or cuda (CUDA device 0)
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 8192)]
+        rows: usize,
+        #[arg(long, default_value_t = 3072)]
+        cols: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
     },
     /// Load time, peak memory and the time of one forward over N tokens, dense or 4-bit
     #[command(after_help = "Examples:\n  qscript bench forward\n  qscript bench forward --load-in-4bit --quant-type nf4 --double-quant\n\nRun dense and 4-bit as separate commands: peak_rss_mib is the process's high-water mark.")]
@@ -148,8 +181,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Train { model, batch, seq, rank, quant, gradient_checkpointing, steps } => bench_train(&model, batch, seq, rank, &quant, gradient_checkpointing, steps),
-        BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat } => {
+        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, steps } => {
+            let device = crate::device::parse(&device)?;
+            let dtype = match dtype {
+                Some(d) => parse_dtype(&d)?,
+                None if device.is_cpu() => candle_core::DType::F32,
+                None => candle_core::DType::BF16,
+            };
+            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, quant, ckpt: gradient_checkpointing, steps };
+            bench_train(&case)
+        }
+        BenchCommand::Dequant { device, rows, cols, iters } => bench_dequant(&device, rows, cols, iters),
+        BenchCommand::Generate { shape: Some(shape), device, quant, prompt_tokens, new_tokens, dtype, repeat, .. } => {
+            bench_decode_random(&shape, &device, &quant, &dtype, prompt_tokens, new_tokens, repeat)
+        }
+        BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat, .. } => {
             let opts = LoadOptions { dtype: parse_dtype(&dtype)?, ..Default::default() };
             // Resolve first (a first run may download/convert), so load time is the cached load.
             hub::resolve(&model, None)?;
@@ -263,27 +309,148 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-fn bench_train(model: &str, batch: usize, seq: usize, rank: usize, quant: &str, ckpt: bool, steps: usize) -> anyhow::Result<()> {
-    use crate::model::engine::{self, StepOptions, TrainBatch};
-    use crate::model::lora::{self, LoraConfig, TargetModules};
-    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-    use rand::{Rng, SeedableRng};
-    let mut opts = LoadOptions::default();
+/// Greedy batch-1 decoding of a random-weight model of a benchmark shape: prefill of
+/// `prompt_tokens` random ids, then `new_tokens` steps through the KV cache, the argmax taken on
+/// the device (one token id comes back per step, as in transformers' generate).
+fn bench_decode_random(shape: &str, device: &str, quant: &str, dtype: &str, prompt_tokens: usize, new_tokens: usize, repeat: usize) -> anyhow::Result<()> {
+    use candle_core::{Tensor, D};
+    let device = crate::device::parse(device)?;
+    let dtype = parse_dtype(dtype)?;
+    let mut opts = LoadOptions { dtype, device: device.clone(), ..Default::default() };
     match quant {
         "none" => {}
-        // QLoRA's choice: nf4 + double quant, computing in the load dtype (f32 on the CPU).
         "nf4" => {
             opts.quantization = Some(crate::model::quantized::BnbConfig {
                 quant_type: crate::quant::QuantType::Nf4,
                 double_quant: true,
+                compute_dtype: dtype,
                 ..Default::default()
             })
         }
         other => anyhow::bail!("--quant {other}: expected nf4 or none"),
     }
-    hub::resolve(model, None)?;
+    let t = Instant::now();
+    let m = Model::random(shape, &opts)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let llama = &m.llama;
+    let vocab = m.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for r in 0..repeat.max(1) + 1 {
+        let mut cache = llama.new_cache();
+        let t0 = Instant::now();
+        let logits = llama.forward(&Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?, Some(&mut cache), true)?;
+        let mut next = logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        let t1 = Instant::now();
+        for _ in 0..new_tokens {
+            let logits = llama.forward(&Tensor::new(&[next], &device)?.unsqueeze(0)?, Some(&mut cache), true)?;
+            next = logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        }
+        let t2 = Instant::now();
+        if r > 0 {
+            // The first round warms up kernels and the memory pool.
+            prefill.push((t1 - t0).as_secs_f64());
+            decode.push(new_tokens as f64 / (t2 - t1).as_secs_f64());
+        }
+    }
+    let line = serde_json::json!({
+        "bench": "generate", "model": format!("random:{shape}"), "device": crate::device::name(&device),
+        "dtype": crate::model::dtype_name(dtype), "quant": quant, "load_secs": load_secs,
+        "prompt_tokens": prompt.len(), "prefill_secs_median": median(prefill.clone()),
+        "decode_tokens": new_tokens,
+        "decode_tok_per_s_median": median(decode.clone()),
+        "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
+        "weights_mib": m.memory_by_kind().iter().map(|(_, b)| b).sum::<usize>() as f64 / (1024.0 * 1024.0),
+        "peak_gpu_gib": crate::device::peak_memory(&device)?.map(|b| b as f64 / (1u64 << 30) as f64),
+        "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn bench_dequant(device: &str, rows: usize, cols: usize, iters: usize) -> anyhow::Result<()> {
+    let dev = crate::device::parse(device)?;
+    let line = if dev.is_cpu() {
+        let data: Vec<f32> = (0..rows * cols).map(|i| crate::kernels::lora_cpu::dropout_bits(7, i) as f32 / 65536.0 - 0.5).collect();
+        let q = crate::quant::quantize_4bit(&data, &[rows, cols], crate::quant::QuantType::Nf4, 64, true)?;
+        crate::quant::dequantize_4bit(&q, candle_core::DType::BF16)?;
+        let t = Instant::now();
+        for _ in 0..iters.max(1) {
+            std::hint::black_box(crate::quant::dequantize_4bit(&q, candle_core::DType::BF16)?);
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        serde_json::json!({"bench": "dequant", "device": "cpu", "rows": rows, "cols": cols, "out": "bfloat16",
+            "ms": ms, "gb_per_s": (rows * cols) as f64 * 2.5 / (ms * 1e-3) / 1e9})
+    } else {
+        cuda_dequant_line(rows, cols, iters)?
+    };
+    println!("{line}");
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_dequant_line(rows: usize, cols: usize, iters: usize) -> anyhow::Result<serde_json::Value> {
+    let (gbs, ms) = crate::kernels::cuda::bench_dequant(rows, cols, iters)?;
+    let (gemv_gbs, gemv_ms) = crate::kernels::cuda::bench_gemv(rows, cols, iters)?;
+    Ok(serde_json::json!({"bench": "dequant", "device": "cuda:0", "rows": rows, "cols": cols, "out": "bfloat16",
+        "ms": ms, "gb_per_s": gbs, "gemv_ms": gemv_ms, "gemv_gb_per_s": gemv_gbs}))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_dequant_line(_rows: usize, _cols: usize, _iters: usize) -> anyhow::Result<serde_json::Value> {
+    anyhow::bail!("this qscript was built without CUDA")
+}
+
+/// One `bench train` case.
+struct TrainCase {
+    model: String,
+    shape: Option<String>,
+    device: candle_core::Device,
+    dtype: candle_core::DType,
+    batch: usize,
+    seq: usize,
+    rank: usize,
+    quant: String,
+    ckpt: bool,
+    steps: usize,
+}
+
+/// H200 dense bf16 tensor-core peak (TFLOP/s), the denominator of MFU on CUDA.
+const GPU_PEAK_TFLOPS: f64 = 989.0;
+
+fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
+    use crate::model::engine::{self, StepOptions, TrainBatch};
+    use crate::model::lora::{self, LoraConfig, TargetModules};
+    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+    use rand::{Rng, SeedableRng};
+    let (batch, seq, rank, steps) = (c.batch, c.seq, c.rank, c.steps);
+    let mut opts = LoadOptions { dtype: c.dtype, device: c.device.clone(), ..Default::default() };
+    match c.quant.as_str() {
+        "none" => {}
+        // QLoRA's choice: nf4 + double quant, computing in the load dtype.
+        "nf4" => {
+            opts.quantization = Some(crate::model::quantized::BnbConfig {
+                quant_type: crate::quant::QuantType::Nf4,
+                double_quant: true,
+                compute_dtype: c.dtype,
+                ..Default::default()
+            })
+        }
+        other => anyhow::bail!("--quant {other}: expected nf4 or none"),
+    }
     let rss0 = peak_rss_bytes();
-    let mut m = Model::load(model, &opts)?;
+    let t_load = Instant::now();
+    let mut m = match &c.shape {
+        Some(shape) => Model::random(shape, &opts)?,
+        None => {
+            hub::resolve(&c.model, None)?;
+            Model::load(&c.model, &opts)?
+        }
+    };
+    let load_secs = t_load.elapsed().as_secs_f64();
+    let model = c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}"));
+    let quant = c.quant.as_str();
+    let ckpt = c.ckpt;
     let cfg = LoraConfig { r: rank, lora_alpha: 2.0 * rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
     lora::attach(&mut m.llama, &cfg, 0)?;
     let rss_loaded = current_rss_bytes();
@@ -294,8 +461,16 @@ fn bench_train(model: &str, batch: usize, seq: usize, rank: usize, quant: &str, 
     let tb = TrainBatch::new(batch, seq, &ids, &labels, None, None, &m.llama.device)?;
     let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() })?;
     let so = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+    let dev = &m.llama.device.clone();
     let mut times = Vec::new();
-    for i in 0..steps + 1 {
+    let mut losses = Vec::new();
+    // GPU work is queued: every timed step ends with a synchronisation. Two warm-up steps
+    // (the first loads kernels and grows the memory pool).
+    let warmup = if dev.is_cpu() { 1 } else { 2 };
+    for i in 0..steps + warmup {
+        if i == warmup {
+            crate::device::reset_peak_memory(dev)?;
+        }
         let t = Instant::now();
         let mut out = engine::forward_backward(&m.llama, &tb, &so, &mut rng)?;
         clip_grad_norm(&mut out.grads, 1.0)?;
@@ -303,19 +478,36 @@ fn bench_train(model: &str, batch: usize, seq: usize, rank: usize, quant: &str, 
             let _p = crate::profile::scope("adamw");
             opt.step(&mut m.llama, &out.grads, 2e-4)?;
         }
-        if i > 0 {
+        crate::device::synchronize(dev)?;
+        losses.push(out.mean_loss());
+        if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         } else if crate::profile::enabled() {
-            let _ = crate::profile::report(); // drop the warm-up step from the profile
+            let _ = crate::profile::report(); // drop the warm-up steps from the profile
         }
     }
     let step = median(times.clone());
+    let tokens_per_sec = (batch * seq) as f64 / step;
+    // Matmul FLOPs per token of a frozen-base LoRA step: forward 2·P, input gradients 2·P
+    // (no weight gradients), P = the linear and LM-head weights; attention not counted.
+    let cfgm = m.config();
+    let p_lin = cfgm.num_hidden_layers * (cfgm.hidden_size * (cfgm.num_attention_heads + 2 * cfgm.num_key_value_heads) * cfgm.head_dim
+        + cfgm.num_attention_heads * cfgm.head_dim * cfgm.hidden_size + 3 * cfgm.hidden_size * cfgm.intermediate_size)
+        + cfgm.vocab_size * cfgm.hidden_size;
+    let tflops = 4.0 * p_lin as f64 * tokens_per_sec / 1e12;
+    let peak_gpu = crate::device::peak_memory(dev)?;
     let line = serde_json::json!({
-        "bench": "train", "model": model, "quant": quant, "batch": batch, "seq": seq, "rank": rank,
+        "bench": "train", "model": model, "device": crate::device::name(dev), "dtype": crate::model::dtype_name(m.llama.dtype),
+        "quant": quant, "batch": batch, "seq": seq, "rank": rank,
         "gradient_checkpointing": ckpt, "threads": candle_core::utils::get_num_threads(),
         "trainable_params": lora::parameter_counts(&m.llama).0,
+        "load_secs": load_secs,
         "step_secs_median": step, "step_secs_best": times.iter().cloned().fold(f64::INFINITY, f64::min),
-        "tokens_per_sec": (batch * seq) as f64 / step,
+        "tokens_per_sec": tokens_per_sec,
+        "matmul_tflops_per_sec": tflops,
+        "mfu": peak_gpu.map(|_| tflops / GPU_PEAK_TFLOPS),
+        "peak_gpu_gib": peak_gpu.map(|b| b as f64 / (1u64 << 30) as f64),
+        "loss_first": losses.first(), "loss_last": losses.last(),
         "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         "rss_before_load_mib": rss0.map(|b| b as f64 / 1048576.0),
         "rss_after_load_mib": rss_loaded.map(|b| b as f64 / 1048576.0),

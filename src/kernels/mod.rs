@@ -3,6 +3,10 @@
 
 pub mod attention;
 pub mod attention_train;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_train;
 pub mod gemv;
 pub mod lora_cpu;
 pub mod matmul;

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod llama;
 pub mod lora;
 pub mod quantized;
+pub mod random;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;

