@@ -9,9 +9,12 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 /// The frozen weight of a [`Linear`]: dense, or bitsandbytes 4-bit (packed codes + statistics).
 /// A 4-bit weight is dequantized on every use and never cached, so memory stays at 4 bits.
+// With `cuda`, `Device::Cuda` alone is large; a Weight exists once per layer.
+#[cfg_attr(feature = "cuda", allow(clippy::large_enum_variant))]
 pub enum Weight {
     Dense(Tensor),
     Quant4 {
+        /// The host copy (what checkpoints save; the CPU path dequantizes from it).
         q: crate::quant::Quantized4bit,
         /// bnb's `bnb_4bit_compute_dtype`: the dtype the weight is dequantized to and the
         /// inference matmul runs in.
@@ -19,7 +22,24 @@ pub enum Weight {
         /// The dtype of the activations around the layer (and of its adapters).
         dtype: DType,
         device: Device,
+        /// With `device` a GPU: the codes and statistics uploaded once (by [`Linear::new_4bit`]),
+        /// so dequantization and the batch-1 GEMV run there without a host round trip.
+        #[cfg(feature = "cuda")]
+        gpu: Option<Box<crate::kernels::cuda::Quant4Gpu>>,
     },
+}
+
+impl Weight {
+    /// A 4-bit weight dequantized to bnb's compute dtype on its device (`None` if dense): on the
+    /// GPU from its device copy, else on the CPU and then moved.
+    fn dequantize4(&self) -> Result<Option<Tensor>> {
+        let Weight::Quant4 { q, bnb_compute_dtype, device, .. } = self else { return Ok(None) };
+        #[cfg(feature = "cuda")]
+        if let Weight::Quant4 { gpu: Some(g), .. } = self {
+            return Ok(Some(g.dequantize(*bnb_compute_dtype)?));
+        }
+        Ok(Some(crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_device(device)?))
+    }
 }
 
 /// A linear layer `y = x Wᵀ + b` (`W` is `[out, in]` as in PyTorch), plus an optional LoRA
@@ -38,7 +58,20 @@ impl Linear {
     /// A 4-bit layer; `q` must hold a 2-D `[out, in]` weight.
     pub fn new_4bit(q: crate::quant::Quantized4bit, bnb_compute_dtype: DType, dtype: DType, device: &Device, bias: Option<Tensor>) -> Result<Self> {
         anyhow::ensure!(q.state.shape.len() == 2, "4-bit linear weight has shape {:?}, expected [out, in]", q.state.shape);
-        Ok(Self { weight: Weight::Quant4 { q, bnb_compute_dtype, dtype, device: device.clone() }, bias, lora: None })
+        #[cfg(feature = "cuda")]
+        let gpu = match device {
+            Device::Cuda(d) => Some(Box::new(crate::kernels::cuda::Quant4Gpu::upload(&q, d)?)),
+            _ => None,
+        };
+        let weight = Weight::Quant4 {
+            q,
+            bnb_compute_dtype,
+            dtype,
+            device: device.clone(),
+            #[cfg(feature = "cuda")]
+            gpu,
+        };
+        Ok(Self { weight, bias, lora: None })
     }
 
     /// The frozen weight as a dense tensor in the compute dtype (what matmuls and backward use).
@@ -46,9 +79,7 @@ impl Linear {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
-            Weight::Quant4 { q, bnb_compute_dtype, dtype, device } => {
-                Ok(crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_dtype(*dtype)?.to_device(device)?)
-            }
+            Weight::Quant4 { dtype, .. } => Ok(self.weight.dequantize4()?.expect("4-bit").to_dtype(*dtype)?),
         }
     }
 
@@ -100,8 +131,8 @@ impl Linear {
             (Some(y), _) => y,
             (None, Weight::Dense(w)) => x2.matmul(&w.t()?)?,
             // bnb: the input goes to the compute dtype, the output back to the input's dtype.
-            (None, Weight::Quant4 { q, bnb_compute_dtype, device, .. }) => {
-                let w = crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_device(device)?;
+            (None, Weight::Quant4 { bnb_compute_dtype, .. }) => {
+                let w = self.weight.dequantize4()?.expect("4-bit");
                 x2.to_dtype(*bnb_compute_dtype)?.matmul(&w.t()?)?.to_dtype(x.dtype())?
             }
         };
@@ -122,8 +153,14 @@ impl Linear {
     }
 
     /// Batch-1 fast path (decoding): f32 weights on the CPU go through our GEMV kernel; a 4-bit
-    /// weight with f32 compute is dequantized into a scratch vector first.
+    /// weight with f32 compute is dequantized into a scratch vector first. A 4-bit weight on the
+    /// GPU uses the fused dequantize-GEMV kernel (the weight is never materialised).
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Weight::Quant4 { gpu: Some(g), bnb_compute_dtype, .. } = &self.weight {
+            // As bnb: x in the compute dtype, y back in x's dtype.
+            return Ok(Some(g.gemv(&x.to_dtype(*bnb_compute_dtype)?)?.to_dtype(x.dtype())?));
+        }
         if !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }

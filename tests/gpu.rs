@@ -1,0 +1,339 @@
+//! CUDA 4-bit kernels (src/kernels/cuda.rs, quant4.cu) against their CPU twins: dequantization
+//! bit for bit (NF4/FP4, plain and double-quantized scales, odd sizes, every golden tensor), the
+//! fused GEMV within f32 accuracy, and `Linear` on a GPU. Every test prints a skip line and
+//! passes when CUDA device 0 cannot be opened.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use qscript::kernels::cuda::Quant4Gpu;
+use qscript::model::llama::Linear;
+use qscript::quant::{self, QuantType, Quantized4bit};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// CUDA device 0, opened once for all tests; `None` (after a skip line) without one.
+fn gpu(test: &str) -> Option<&'static Device> {
+    static DEV: OnceLock<Option<Device>> = OnceLock::new();
+    let dev = DEV
+        .get_or_init(|| match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("no CUDA device: {e}");
+                None
+            }
+        })
+        .as_ref();
+    if dev.is_none() {
+        eprintln!("{test}: skipped (no CUDA device)");
+    }
+    dev
+}
+
+fn upload(q: &Quantized4bit, dev: &Device) -> Quant4Gpu {
+    Quant4Gpu::upload(q, dev.as_cuda_device().unwrap()).unwrap()
+}
+
+/// Raw little-endian bytes of a tensor on any device (bitwise: -0.0 ≠ 0.0, NaN payloads kept).
+fn bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+    match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>().unwrap(),
+        DType::F32 => t.to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<bf16>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<f16>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    }
+}
+
+/// "" when equal, else where the first difference is.
+fn diff(got: &[u8], want: &[u8], elem: usize) -> String {
+    if got == want {
+        return String::new();
+    }
+    let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0) / elem;
+    format!("{n} differing bytes (len {} vs {}), first at element {first}", got.len(), want.len())
+}
+
+/// The GPU dequantization of `q` in f32, bf16 and f16 equals the CPU's byte for byte; pushes
+/// a line per mismatch to `bad`. Returns the GPU tensors.
+fn check_dequant(dev: &Device, q: &Quantized4bit, what: &str, bad: &mut Vec<String>) -> HashMap<DType, Tensor> {
+    let g = upload(q, dev);
+    let mut out = HashMap::new();
+    for (dtype, elem) in [(DType::F32, 4), (DType::BF16, 2), (DType::F16, 2)] {
+        let got = g.dequantize(dtype).unwrap();
+        assert_eq!(got.dims(), q.state.shape.as_slice(), "{what}");
+        assert!(got.device().is_cuda());
+        let want = quant::dequantize_4bit(q, dtype).unwrap();
+        let d = diff(&bytes(&got), &bytes(&want), elem);
+        if !d.is_empty() {
+            bad.push(format!("{what} {dtype:?}: {d}"));
+        }
+        out.insert(dtype, got);
+    }
+    out
+}
+
+/// Deterministic values in [-1, 1) (splitmix-style hash).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let mut z = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn dequantize_matches_cpu_bit_for_bit() {
+    let Some(dev) = gpu("dequantize_matches_cpu_bit_for_bit") else { return };
+    // Odd counts (a padding nibble), partial blocks, one element, a single 32-wide group, the
+    // vector path over many threads, >256 blocks (two nested scales, the second partial).
+    let shapes: &[&[usize]] = &[&[3, 100], &[3, 101], &[7, 9], &[1], &[32], &[1, 63], &[64, 64], &[300, 64], &[129, 577], &[1000, 576]];
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for (si, shape) in shapes.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let mut w = values(n, si as u64);
+        // Scales of very different sizes, zeros, denormals, -0.0.
+        for (i, v) in w.iter_mut().enumerate() {
+            match i % 97 {
+                0 => *v *= 1e30,
+                1 => *v = 0.0,
+                2 => *v = -0.0,
+                3 => *v = 1e-40,
+                _ if (i / 64) % 5 == 4 => *v *= 1e-36,
+                _ => {}
+            }
+        }
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            for bs in [32, 64, 4096] {
+                for dq in [false, true] {
+                    let q = quant::quantize_4bit(&w, shape, qt, bs, dq).unwrap();
+                    check_dequant(dev, &q, &format!("{shape:?} {qt} bs{bs} dq={dq}"), &mut bad);
+                    checked += 3;
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{} of {checked} differ:\n{}", bad.len(), bad.join("\n"));
+    eprintln!("{checked} GPU dequantizations bit-identical to the CPU");
+}
+
+/// Infinite and NaN scales: the products' NaN bits follow the CPU's (x86) rules.
+#[test]
+fn dequantize_non_finite_scales_like_the_cpu() {
+    let Some(dev) = gpu("dequantize_non_finite_scales_like_the_cpu") else { return };
+    let mut bad = Vec::new();
+    let mut w = values(4 * 64, 9);
+    w[5] = f32::INFINITY; // block 0: absmax inf → ±inf and 0·inf = NaN
+    w[70] = f32::NEG_INFINITY; // block 1
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        for dq in [false, true] {
+            let mut q = quant::quantize_4bit(&w, &[4, 64], qt, 64, dq).unwrap();
+            check_dequant(dev, &q, &format!("inf {qt} dq={dq}"), &mut bad);
+            if let quant::Absmax::Plain(a) = &mut q.state.absmax {
+                a[2] = f32::NAN; // a NaN scale (a corrupt checkpoint)
+                a[3] = -f32::NAN;
+                check_dequant(dev, &q, &format!("NaN {qt}"), &mut bad);
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// tests/golden under the working directory (the binary is built here and run from the repo
+/// root on the GPU machine), else under the tree it was built from.
+fn golden(p: &str) -> PathBuf {
+    let here = PathBuf::from("tests/golden");
+    let base = if here.is_dir() { here } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden") };
+    base.join(p)
+}
+
+fn load(p: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(golden(p), &Device::Cpu).unwrap()
+}
+
+/// Every `input.qt.bsN.mode` group of the bitsandbytes golden files: our quantization of the
+/// input dequantized on the GPU equals the CPU and bnb's own dequantized tensors.
+#[test]
+fn golden_nf4_files_dequantize_on_gpu() {
+    let Some(dev) = gpu("golden_nf4_files_dequantize_on_gpu") else { return };
+    let mut bad = Vec::new();
+    let mut groups = 0;
+    let mut vs_bnb = 0;
+    for file in ["nf4/1.safetensors", "nf4/extra.safetensors"] {
+        let g = load(file);
+        let mut inputs: Vec<&String> = g.keys().filter(|k| !k.contains('.')).collect();
+        inputs.sort();
+        for input in inputs {
+            let mut ps: Vec<&str> =
+                g.keys().filter(|k| k.starts_with(&format!("{input}.")) && k.ends_with(".packed")).map(|k| k.trim_end_matches(".packed")).collect();
+            ps.sort();
+            for p in ps {
+                let parts: Vec<&str> = p.split('.').collect();
+                let qt = QuantType::parse(parts[1]).unwrap();
+                let bs: usize = parts[2].trim_start_matches("bs").parse().unwrap();
+                let q = quant::quantize_4bit_tensor(&g[input.as_str()], qt, bs, parts[3] == "dq").unwrap();
+                let ours = check_dequant(dev, &q, &format!("{file} {p}"), &mut bad);
+                groups += 1;
+                for (suffix, dtype) in [
+                    ("dequant", g[input.as_str()].dtype()),
+                    ("dequant_float32", DType::F32),
+                    ("dequant_bfloat16", DType::BF16),
+                    ("dequant_float16", DType::F16),
+                ] {
+                    if let Some(want) = g.get(&format!("{p}.{suffix}")) {
+                        let d = diff(&bytes(&ours[&dtype]), &bytes(want), 2);
+                        if !d.is_empty() {
+                            bad.push(format!("{file} {p}.{suffix} vs bitsandbytes: {d}"));
+                        }
+                        vs_bnb += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    // 80 + 58 groups; 208 dequantized tensors from bnb (tests/golden/nf4/EXTRA.md).
+    assert_eq!((groups, vs_bnb), (138, 208), "groups / bnb tensors checked");
+    eprintln!("{groups} golden groups x 3 dtypes equal the CPU, {vs_bnb} equal bitsandbytes");
+}
+
+/// The generator of tests/golden/nf4's big case (EXTRA.md).
+fn gen(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let mut u = (i.wrapping_mul(0x9E37_79B1).wrapping_add(seed.wrapping_mul(0x85EB_CA77))) & 0xffff_ffff;
+            u ^= u >> 15;
+            u = (u * 0x2C1B_3C6D) & 0xffff_ffff;
+            u ^= u >> 12;
+            u >>= 8;
+            (u as f32) * 2f32.powi(-24) * 4.0 + 0.01
+        })
+        .collect()
+}
+
+/// 11008 × 1024 bf16, double quantization over 176 128 blocks: the SHA-256 of bnb's bf16
+/// dequantization.
+#[test]
+fn golden_big_tensor_on_gpu() {
+    let Some(dev) = gpu("golden_big_tensor_on_gpu") else { return };
+    let g = load("nf4/extra.safetensors");
+    let x: Vec<bf16> = gen(11008 * 1024, 7).iter().map(|v| bf16::from_f32(v - 2.0)).collect();
+    let q = quant::quantize_4bit_bf16(&x, &[11008, 1024], QuantType::Nf4, 64, true).unwrap();
+    let deq = upload(&q, dev).dequantize(DType::BF16).unwrap();
+    assert_eq!(Sha256::digest(bytes(&deq)).to_vec(), bytes(&g["big7.nf4.bs64.dq.dequant_bfloat16_sha256"]));
+}
+
+/// The transformers checkpoint (nf4, double quant) loaded from its tensors dequantizes on the
+/// GPU exactly as on the CPU.
+#[test]
+fn golden_bnb4bit_checkpoint_on_gpu() {
+    let Some(dev) = gpu("golden_bnb4bit_checkpoint_on_gpu") else { return };
+    let gold = load("bnb4bit/1/quantized/model.safetensors");
+    let mut prefixes: Vec<&str> = gold.keys().filter_map(|k| k.strip_suffix(".quant_state.bitsandbytes__nf4")).collect();
+    prefixes.sort();
+    assert_eq!(prefixes.len(), 14);
+    let mut bad = Vec::new();
+    for p in prefixes {
+        let q = Quantized4bit::from_bnb_tensors(p, |n| gold.get(n).cloned()).unwrap();
+        check_dequant(dev, &q, p, &mut bad);
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// The fused GEMV against the CPU's dequantize + matmul: f32 within 1e-4 of max|y| (accumulation
+/// order only), bf16 x/y within bf16 rounding. Shapes cover 8/16/32-lane groups, rows that are
+/// not a multiple of the 4-row group, and the generic kernel (cols % 32 ≠ 0, misaligned x).
+#[test]
+fn gemv_matches_cpu_matmul() {
+    let Some(dev) = gpu("gemv_matches_cpu_matmul") else { return };
+    let shapes = [(576, 576), (1536, 576), (49152, 576), (576, 1536), (1026, 3072), (3, 100), (7, 9), (5, 33)];
+    let mut worst = 0f32;
+    for (si, &(rows, cols)) in shapes.iter().enumerate() {
+        let w: Vec<f32> = values(rows * cols, 100 + si as u64).iter().map(|v| v * 0.05).collect();
+        let xv: Vec<f32> = values(cols, 200 + si as u64);
+        for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Nf4, false), (QuantType::Fp4, true)] {
+            let q = quant::quantize_4bit(&w, &[rows, cols], qt, 64, dq).unwrap();
+            let g = upload(&q, dev);
+            let wd = quant::dequantize_4bit(&q, DType::F32).unwrap();
+            let what = format!("[{rows}, {cols}] {qt} dq={dq}");
+            // f32, also from a misaligned x (offset 1 element: the generic kernel).
+            let x = Tensor::from_vec(xv.clone(), (1, cols), &Device::Cpu).unwrap();
+            let want = x.matmul(&wd.t().unwrap()).unwrap();
+            let scale = max_abs(&want);
+            let padded = Tensor::cat(&[&Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap(), &x], 1).unwrap();
+            for xg in [x.to_device(dev).unwrap(), padded.to_device(dev).unwrap().narrow(1, 1, cols).unwrap()] {
+                let got = g.gemv(&xg).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (&[1, rows][..], DType::F32), "{what}");
+                let err = max_abs(&(got.to_device(&Device::Cpu).unwrap() - &want).unwrap()) / scale;
+                worst = worst.max(err);
+                assert!(err <= 1e-4, "{what} f32: max |Δ| = {err} of max |y|");
+            }
+            // bf16 x and y; the reference uses the same bf16 x.
+            let xb = x.to_dtype(DType::BF16).unwrap();
+            let want = xb.to_dtype(DType::F32).unwrap().matmul(&wd.t().unwrap()).unwrap();
+            let got = g.gemv(&xb.to_device(dev).unwrap()).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let err = max_abs(&(got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap() - &want).unwrap()) / max_abs(&want);
+            // y rounded to bf16: up to 2^-8 of |y|.
+            assert!(err <= 5e-3, "{what} bf16: max |Δ| = {err} of max |y|");
+            // f16 x goes through f32.
+            let got = g.gemv(&x.to_dtype(DType::F16).unwrap().to_device(dev).unwrap()).unwrap();
+            assert_eq!(got.dtype(), DType::F16);
+        }
+    }
+    eprintln!("GEMV: worst f32 error {worst:e} of max |y|");
+}
+
+/// A 4-bit `Linear` on the GPU: `dense_weight` is the CPU's bit for bit, and forward (batch 1:
+/// fused GEMV; batched: GPU dequantize + matmul) matches `x Wᵀ` computed in f32 on the CPU from
+/// x in the compute dtype (1e-4 of max |y| in f32; bf16 results are rounded to 2^-8).
+#[test]
+fn linear_4bit_on_gpu_matches_cpu() {
+    let Some(dev) = gpu("linear_4bit_on_gpu_matches_cpu") else { return };
+    let (rows, cols) = (192, 320);
+    let w: Vec<f32> = values(rows * cols, 7).iter().map(|v| v * 0.05).collect();
+    let q = quant::quantize_4bit(&w, &[rows, cols], QuantType::Nf4, 64, true).unwrap();
+    for (compute, dtype) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::BF16, DType::BF16)] {
+        let cpu = Linear::new_4bit(q.clone(), compute, dtype, &Device::Cpu, None).unwrap();
+        assert!(cpu.device().is_cpu());
+        let gpu = Linear::new_4bit(q.clone(), compute, dtype, dev, None).unwrap();
+        assert!(gpu.device().is_cuda());
+        let (wc, wg) = (cpu.dense_weight().unwrap(), gpu.dense_weight().unwrap());
+        assert!(wg.device().is_cuda());
+        assert_eq!(bytes(&wg), bytes(&wc), "dense_weight {compute:?}/{dtype:?}");
+        let tol = if compute == DType::F32 && dtype == DType::F32 { 1e-4 } else { 1e-2 };
+        let w32 = wc.to_dtype(DType::F32).unwrap();
+        for t in [1, 3] {
+            let x = Tensor::from_vec(values(t * cols, 11 + t as u64), (1, t, cols), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let want = x.to_dtype(compute).unwrap().to_dtype(DType::F32).unwrap().broadcast_matmul(&w32.t().unwrap()).unwrap();
+            let got = gpu.forward(&x.to_device(dev).unwrap()).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (want.dims(), dtype));
+            let got = got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+            let err = max_abs(&(got - &want).unwrap()) / max_abs(&want);
+            assert!(err <= tol, "forward t={t} {compute:?}/{dtype:?}: {err}");
+        }
+    }
+}
+
+/// Runs the two benches briefly (their numbers are printed; no thresholds).
+#[test]
+fn benches_run() {
+    let Some(_) = gpu("benches_run") else { return };
+    let (gbs, ms) = qscript::kernels::cuda::bench_dequant(1024, 3072, 5).unwrap();
+    eprintln!("dequant 1024x3072 -> bf16: {gbs:.0} GB/s, {ms:.4} ms");
+    assert!(gbs > 0.0 && ms > 0.0);
+    let (gbs, ms) = qscript::kernels::cuda::bench_gemv(1024, 3072, 5).unwrap();
+    eprintln!("gemv 1024x3072 bf16: {gbs:.0} GB/s, {ms:.4} ms");
+    assert!(gbs > 0.0 && ms > 0.0);
+}
