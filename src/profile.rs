@@ -21,16 +21,34 @@ pub fn enabled() -> bool {
     }
 }
 
+/// A GPU whose queue each scope drains at its start and end, so the time of queued kernels
+/// lands in the op that launched them (set by the benchmarks when profiling on CUDA).
+static SYNC: Mutex<Option<candle_core::Device>> = Mutex::new(None);
+
+pub fn sync_device(d: Option<candle_core::Device>) {
+    *SYNC.lock().unwrap_or_else(|e| e.into_inner()) = d.filter(|d| !d.is_cpu());
+}
+
+fn drain() {
+    if let Some(d) = SYNC.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = d.synchronize();
+    }
+}
+
 /// Adds the time until it is dropped to `name`.
 pub struct Scope(Option<(&'static str, Instant)>);
 
 pub fn scope(name: &'static str) -> Scope {
-    Scope(enabled().then(|| (name, Instant::now())))
+    Scope(enabled().then(|| {
+        drain();
+        (name, Instant::now())
+    }))
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
         if let Some((name, t)) = self.0.take() {
+            drain();
             let mut m = TIMES.lock().unwrap_or_else(|e| e.into_inner());
             let e = m.entry(name).or_insert((0.0, 0));
             e.0 += t.elapsed().as_secs_f64();

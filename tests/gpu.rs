@@ -337,3 +337,111 @@ fn benches_run() {
     eprintln!("gemv 1024x3072 bf16: {gbs:.0} GB/s, {ms:.4} ms");
     assert!(gbs > 0.0 && ms > 0.0);
 }
+
+// ---------------------------------------------------------------- the training engine on CUDA
+
+use qscript::model::engine::{self, StepOptions, TrainBatch};
+use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
+use qscript::model::{LoadOptions, Model};
+use qscript::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use rand::SeedableRng;
+
+fn peft_golden(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1").join(p)
+}
+
+/// The golden tiny Llama with LoRA r=4 (random B, dropout 0.1) on all seven projections.
+fn tiny_lora(dev: &Device, dtype: DType) -> Model {
+    let opts = LoadOptions { dtype, device: dev.clone(), ..Default::default() };
+    let mut m = Model::load_hf_dir("tiny", &peft_golden("base"), &opts).unwrap();
+    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, init_lora_weights: InitLoraWeights::Random, ..Default::default() };
+    lora::attach(&mut m.llama, &cfg, 7).unwrap();
+    m
+}
+
+/// Per-step mean losses of `steps` AdamW steps on fixed packed/padded batches.
+fn train_losses(m: &mut Model, steps: usize) -> Vec<f64> {
+    let (b, t) = (2, 12);
+    let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 37 + 11) % 256).collect();
+    let seg = vec![1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0];
+    let pos = vec![0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0];
+    let labels: Vec<i64> = ids.iter().zip(&seg).map(|(&i, &s)| if s == 0 { -100 } else { i as i64 }).collect();
+    let dev = m.llama.device.clone();
+    let batch = TrainBatch::new(b, t, &ids, &labels, Some(&pos), Some(&seg), &dev).unwrap();
+    let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
+    (0..steps)
+        .map(|_| {
+            let mut out = engine::forward_backward(&m.llama, &batch, &opts, &mut rng).unwrap();
+            clip_grad_norm(&mut out.grads, 1.0).unwrap();
+            opt.step(&mut m.llama, &out.grads, 1e-3).unwrap();
+            out.mean_loss()
+        })
+        .collect()
+}
+
+/// 50 steps with dropout on the CPU and on CUDA, both f32: the dropout masks are the same hash on
+/// both devices, so only summation order differs. bf16 compute on CUDA stays within 2% of them.
+#[test]
+fn training_on_cuda_matches_the_cpu() {
+    let Some(dev) = gpu("training_on_cuda_matches_the_cpu") else { return };
+    let cpu = train_losses(&mut tiny_lora(&Device::Cpu, DType::F32), 50);
+    let cuda = train_losses(&mut tiny_lora(dev, DType::F32), 50);
+    let bf16 = train_losses(&mut tiny_lora(dev, DType::BF16), 50);
+    eprintln!("losses cpu {:.5} -> {:.5}, cuda f32 {:.5} -> {:.5}, cuda bf16 {:.5} -> {:.5}", cpu[0], cpu[49], cuda[0], cuda[49], bf16[0], bf16[49]);
+    for i in 0..50 {
+        assert!((cpu[i] - cuda[i]).abs() <= 1e-4 * cpu[i].max(1.0), "step {i}: cpu {} cuda {}", cpu[i], cuda[i]);
+        assert!((cpu[i] - bf16[i]).abs() <= 2e-2 * cpu[i].max(1.0), "step {i}: cpu {} cuda bf16 {}", cpu[i], bf16[i]);
+    }
+    assert!(cpu[49] < cpu[0], "the tiny model should learn: {} -> {}", cpu[0], cpu[49]);
+}
+
+/// The engine's gradients on CUDA equal the CPU's (which the CPU tests check against autograd
+/// and finite differences), with and without checkpointing, on a 4-bit base.
+#[test]
+fn gradients_on_cuda_match_the_cpu() {
+    let Some(dev) = gpu("gradients_on_cuda_match_the_cpu") else { return };
+    let q = qscript::model::quantized::BnbConfig { quant_type: QuantType::Nf4, double_quant: true, compute_dtype: DType::F32, ..Default::default() };
+    let load = |d: &Device| {
+        let opts = LoadOptions { dtype: DType::F32, device: d.clone(), quantization: Some(q.clone()), ..Default::default() };
+        let mut m = Model::load_hf_dir("tiny", &peft_golden("base"), &opts).unwrap();
+        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, init_lora_weights: InitLoraWeights::Random, ..Default::default() };
+        lora::attach(&mut m.llama, &cfg, 7).unwrap();
+        m
+    };
+    let (mc, mg) = (load(&Device::Cpu), load(dev));
+    let (b, t) = (2, 9);
+    let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 53 + 7) % 256).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    for ckpt in [false, true] {
+        let opts = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+        let run = |m: &Model| {
+            let batch = TrainBatch::new(b, t, &ids, &labels, None, None, &m.llama.device).unwrap();
+            engine::forward_backward(&m.llama, &batch, &opts, &mut rand::rngs::StdRng::seed_from_u64(1)).unwrap()
+        };
+        let (oc, og) = (run(&mc), run(&mg));
+        assert!((oc.mean_loss() - og.mean_loss()).abs() < 1e-5, "loss {} vs {}", oc.mean_loss(), og.mean_loss());
+        for (gc, gg) in oc.grads.iter().zip(&og.grads) {
+            for (c, g) in [(&gc.da, &gg.da), (&gc.db, &gg.db)] {
+                let g = g.to_device(&Device::Cpu).unwrap();
+                let rel = max_abs(&(c - &g).unwrap()) / max_abs(c).max(1e-12);
+                assert!(rel < 1e-4, "layer {} {:?} (checkpointing {ckpt}): relative difference {rel}", gc.layer, gc.proj);
+            }
+        }
+    }
+}
+
+/// peft's golden adapter on the golden base, on CUDA: transformers' `logits_adapted` to 1e-4.
+#[test]
+fn peft_golden_logits_on_cuda() {
+    let Some(dev) = gpu("peft_golden_logits_on_cuda") else { return };
+    let opts = LoadOptions { dtype: DType::F32, device: dev.clone(), ..Default::default() };
+    let mut m = Model::load_hf_dir("tiny", &peft_golden("base"), &opts).unwrap();
+    qscript::model::adapter::load_adapter(&mut m.llama, &peft_golden("adapter")).unwrap();
+    let t = candle_core::safetensors::load(peft_golden("logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = t["ids"].to_dtype(DType::U32).unwrap().to_device(dev).unwrap();
+    let got = m.llama.forward(&ids, None, false).unwrap().to_device(&Device::Cpu).unwrap();
+    let d = max_abs(&(got - &t["logits_adapted"]).unwrap());
+    assert!(d <= 1e-4, "max abs diff {d}");
+}

@@ -462,6 +462,9 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
     let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() })?;
     let so = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
     let dev = &m.llama.device.clone();
+    if crate::profile::enabled() {
+        crate::profile::sync_device(Some(dev.clone()));
+    }
     let mut times = Vec::new();
     let mut losses = Vec::new();
     // GPU work is queued: every timed step ends with a synchronisation. Two warm-up steps
