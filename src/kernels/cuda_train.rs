@@ -42,3 +42,101 @@ fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     drop(b);
     Ok(T::wrap_cuda_slice(out, dev.clone()))
 }
+
+/// A contiguous CUDA tensor's buffer as a typed slice view.
+fn slice<'a, T: CudaDType>(g: &'a candle_core::StorageRef<'_>, l: &candle_core::Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Storage::Cuda(cs) = &**g else { bail!("{what}: not a CUDA tensor") };
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: not contiguous") };
+    Ok(cs.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn row_blocks(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `softmax(scale · s + mask)` over the last axis of attention scores `s` `[b, nh, t, t]`
+/// (f32 or bf16, contiguous), `mask` `[b, 1, t, t]` f32 additive; the result in `s`'s dtype.
+pub fn attn_softmax_fwd(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tensor> {
+    let (b, nh, t, t2) = s.dims4()?;
+    anyhow::ensure!(t == t2 && mask.dims4()? == (b, 1, t, t) && mask.dtype() == DType::F32, "attention softmax: scores {:?}, mask {:?}", s.dims(), mask.dims());
+    let dev = match s.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => bail!("attention softmax: not a CUDA tensor"),
+    };
+    let rows = b * nh * t;
+    let (t32, rows_per_b) = (t as i32, (nh * t) as i64);
+    let (sg, sl) = s.storage_and_layout();
+    let (mg, ml) = mask.storage_and_layout();
+    let m = slice::<f32>(&mg, ml, "mask")?;
+    let storage = match s.dtype() {
+        DType::F32 => {
+            let x = slice::<f32>(&sg, sl, "scores")?;
+            // SAFETY: the kernel writes every element of its row.
+            let mut out = unsafe { dev.alloc::<f32>(rows * t)? };
+            let func = dev.get_or_load_custom_func("attn_softmax_fwd_f32", MODULE, PTX)?;
+            let mut bld = func.builder();
+            bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b);
+            // SAFETY: arguments as in train.cu.
+            unsafe { bld.launch(row_blocks(rows)) }.w()?;
+            drop(bld);
+            f32::wrap_cuda_slice(out, dev.clone())
+        }
+        DType::BF16 => {
+            let x = slice::<bf16>(&sg, sl, "scores")?;
+            // SAFETY: the kernel writes every element of its row.
+            let mut out = unsafe { dev.alloc::<bf16>(rows * t)? };
+            let func = dev.get_or_load_custom_func("attn_softmax_fwd_bf16", MODULE, PTX)?;
+            let mut bld = func.builder();
+            bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b);
+            // SAFETY: arguments as in train.cu.
+            unsafe { bld.launch(row_blocks(rows)) }.w()?;
+            drop(bld);
+            bf16::wrap_cuda_slice(out, dev.clone())
+        }
+        other => bail!("attention softmax on CUDA: {other:?} (f32 or bf16)"),
+    };
+    Ok(Tensor::from_storage(Storage::Cuda(storage), s.shape(), BackpropOp::none(), false))
+}
+
+/// Softmax backward over the last axis: `dS = P ⊙ (dP − Σ_j dP·P)`; `p`, `dp` contiguous, same
+/// shape and dtype (f32 or bf16).
+pub fn attn_softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    anyhow::ensure!(p.dims() == dp.dims() && p.dtype() == dp.dtype(), "softmax backward: {:?} vs {:?}", p.dims(), dp.dims());
+    let t = p.dim(candle_core::D::Minus1)?;
+    let rows = p.elem_count() / t.max(1);
+    let dev = match p.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => bail!("softmax backward: not a CUDA tensor"),
+    };
+    let t32 = t as i32;
+    let (pg, pl) = p.storage_and_layout();
+    let (dg, dl) = dp.storage_and_layout();
+    let storage = match p.dtype() {
+        DType::F32 => {
+            let (a, d) = (slice::<f32>(&pg, pl, "p")?, slice::<f32>(&dg, dl, "dp")?);
+            // SAFETY: the kernel writes every element of its row.
+            let mut out = unsafe { dev.alloc::<f32>(rows * t)? };
+            let func = dev.get_or_load_custom_func("attn_softmax_bwd_f32", MODULE, PTX)?;
+            let mut bld = func.builder();
+            bld.arg(&a).arg(&d).arg(&mut out).arg(&t32);
+            // SAFETY: arguments as in train.cu.
+            unsafe { bld.launch(row_blocks(rows)) }.w()?;
+            drop(bld);
+            f32::wrap_cuda_slice(out, dev.clone())
+        }
+        DType::BF16 => {
+            let (a, d) = (slice::<bf16>(&pg, pl, "p")?, slice::<bf16>(&dg, dl, "dp")?);
+            // SAFETY: the kernel writes every element of its row.
+            let mut out = unsafe { dev.alloc::<bf16>(rows * t)? };
+            let func = dev.get_or_load_custom_func("attn_softmax_bwd_bf16", MODULE, PTX)?;
+            let mut bld = func.builder();
+            bld.arg(&a).arg(&d).arg(&mut out).arg(&t32);
+            // SAFETY: arguments as in train.cu.
+            unsafe { bld.launch(row_blocks(rows)) }.w()?;
+            drop(bld);
+            bf16::wrap_cuda_slice(out, dev.clone())
+        }
+        other => bail!("softmax backward on CUDA: {other:?} (f32 or bf16)"),
+    };
+    Ok(Tensor::from_storage(Storage::Cuda(storage), p.shape(), BackpropOp::none(), false))
+}

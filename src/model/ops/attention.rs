@@ -57,16 +57,32 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Ten
         let (o, p) = (Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?);
         return Ok((o, Saved { q, k, v, p }));
     }
-    let qs = (q.reshape((b, kvh, rep * t, d))? * scale_of(d))?;
-    let scores = qs.matmul(&k.t()?)?;
-    let scores = scores
-        .reshape((b, kvh, rep, t, t))?
-        .broadcast_add(&mask.to_dtype(scores.dtype())?.unsqueeze(1)?)?
-        .reshape((b, kvh, rep * t, t))?;
-    let p = candle_nn::ops::softmax_last_dim(&scores.to_dtype(super::stat_dtype(v.dtype()))?)?.to_dtype(v.dtype())?;
-    let o = p.matmul(&v)?.reshape((b, nh, t, d))?;
-    let p = p.reshape((b, nh, t, t))?;
+    let scores = q.reshape((b, kvh, rep * t, d))?.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+    let p = softmax_fwd(&scores, mask, scale_of(d))?;
+    let o = p.reshape((b, kvh, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, d))?;
     Ok((o, Saved { q, k, v, p }))
+}
+
+/// `softmax(scale · scores + mask)` over the last axis, scores `[b, nh, t, t]`, in the scores'
+/// dtype with f32 statistics; one fused kernel on CUDA.
+fn softmax_fwd(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda() && matches!(scores.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+        return crate::kernels::cuda_train::attn_softmax_fwd(&scores.contiguous()?, &mask.contiguous()?, scale as f32);
+    }
+    let sd = super::stat_dtype(scores.dtype());
+    let x = (scores.to_dtype(sd)? * scale)?.broadcast_add(&mask.to_dtype(sd)?)?;
+    Ok(candle_nn::ops::softmax_last_dim(&x)?.to_dtype(scores.dtype())?)
+}
+
+/// Softmax backward: `dS = P ⊙ (dP − Σ_j dP·P)`; one fused kernel on CUDA.
+fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() && matches!(p.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+        return crate::kernels::cuda_train::attn_softmax_bwd(&p.contiguous()?, &dp.contiguous()?);
+    }
+    let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
+    Ok((p * dp.broadcast_sub(&dot)?)?)
 }
 
 /// Returns `(dq, dk, dv)` in the shapes of the forward's inputs.
@@ -87,8 +103,7 @@ pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let dv = p.t()?.matmul(&d_o)?; // [b, kvh, t, d]
     let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, rt, t]
     // Softmax backward: dS = P ⊙ (dP − Σ_j dP·P).
-    let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-    let ds = (&p * dp.broadcast_sub(&dot)?)?;
+    let ds = softmax_bwd(&p, &dp)?;
     let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, nh, t, d))?;
     let dk = (ds.t()?.matmul(&s.q.reshape((b, kvh, rep * t, d))?)? * scale)?;
     Ok((dq, dk, dv))
