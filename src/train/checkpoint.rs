@@ -82,6 +82,7 @@ pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) ->
     let result = (|| -> Result<()> {
         write_adapter(&tmp)?;
         // Optimizer: master weights and moments per trainable tensor, f32, exact.
+        anyhow::ensure!(!ck.optimizer.host_stale(), "optimizer state is on the device: call AdamW::sync_to_host before saving");
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for p in &ck.optimizer.params {
             let key = format!("layers.{}.{}.lora_{}", p.layer, p.proj.name(), if p.is_b { "B" } else { "A" });

@@ -6,7 +6,7 @@ use crate::model::engine::{LoraGrad, Proj};
 use crate::model::llama::Llama;
 use rayon::prelude::*;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamWConfig {
@@ -41,7 +41,25 @@ pub struct ParamState {
 pub struct AdamW {
     pub cfg: AdamWConfig,
     pub step: u64,
+    /// The host copy of the state: the source of truth for checkpoints. While the update runs
+    /// on the device ([`AdamW::uses_device_state`]) it lags behind until [`AdamW::sync_to_host`].
     pub params: Vec<ParamState>,
+    /// Test hook: run the flat-tensor update (used automatically when the adapters are on a
+    /// non-CPU device) even on the CPU.
+    pub force_tensor_path: bool,
+    /// The state as flat f32 tensors on the adapters' device (`params` order), when the update
+    /// runs there; `None` until the first such step, and after the host copy was replaced.
+    dev: Option<DeviceState>,
+}
+
+/// The optimizer state concatenated in `params` order, on the adapters' device.
+#[derive(Debug, Clone)]
+struct DeviceState {
+    master: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// The device state has steps the host `params` do not have yet.
+    host_stale: bool,
 }
 
 fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -72,7 +90,7 @@ impl AdamW {
         if params.is_empty() {
             bail!("the model has no LoRA adapters to train (call get_peft_model first)");
         }
-        Ok(Self { cfg, step: 0, params })
+        Ok(Self { cfg, step: 0, params, force_tensor_path: false, dev: None })
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -80,17 +98,23 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr` from `grads` (one entry per adapter), written back
-    /// into the model's adapters in their compute dtype.
+    /// into the model's adapters in their compute dtype. On the CPU the update runs over the
+    /// host `params`; with the adapters on another device it runs there on flat tensors, with
+    /// no host round trip (see [`AdamW::sync_to_host`]).
     pub fn step(&mut self, model: &mut Llama, grads: &[LoraGrad], lr: f64) -> Result<()> {
-        self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
-        let decay = (1.0 - lr * weight_decay) as f32;
-        // All gradients in one host copy and all updated weights in one upload: on a GPU, one
-        // transfer each way instead of two per adapter.
+        let dev = self.adapter_device(model);
+        if !dev.is_cpu() || self.force_tensor_path {
+            return self.step_tensor(model, grads, lr, &dev);
+        }
+        // Host path: bring back (and drop) device state if an earlier step ran there.
+        self.sync_to_host()?;
+        self.dev = None;
+        self.step_host(model, grads, lr)
+    }
+
+    /// The gradients of all params, flattened to f32 and concatenated in `params` order (on the
+    /// gradients' device).
+    fn flat_grads(&self, grads: &[LoraGrad]) -> Result<Tensor> {
         let mut flat = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let g = grads
@@ -101,7 +125,19 @@ impl AdamW {
             anyhow::ensure!(g.elem_count() == p.master.len(), "gradient size mismatch for layer {} {:?}", p.layer, p.proj);
             flat.push(g.to_dtype(DType::F32)?.flatten_all()?);
         }
-        let all = Tensor::cat(&flat, 0)?.to_vec1::<f32>()?;
+        Ok(Tensor::cat(&flat, 0)?)
+    }
+
+    fn step_host(&mut self, model: &mut Llama, grads: &[LoraGrad], lr: f64) -> Result<()> {
+        self.step += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
+        let bc1 = 1.0 - beta1.powi(self.step as i32);
+        let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
+        let decay = (1.0 - lr * weight_decay) as f32;
+        // All gradients in one host copy and all updated weights in one upload.
+        let all = self.flat_grads(grads)?.to_vec1::<f32>()?;
         let mut offsets = Vec::with_capacity(self.params.len());
         let mut at = 0;
         for p in &self.params {
@@ -121,18 +157,122 @@ impl AdamW {
                 *w -= step_size * *m / denom;
             }
         });
-        self.write_back(model)?;
+        let dev = self.adapter_device(model);
+        let all: Vec<f32> = self.params.iter().flat_map(|p| p.master.iter().copied()).collect();
+        let all = Tensor::from_vec(all, self.num_parameters(), &dev)?;
+        self.write_flat(model, &all)
+    }
+
+    /// The same update as [`AdamW::step_host`], as tensor ops over the flat device state (the
+    /// same f32 operations in the same order).
+    fn step_tensor(&mut self, model: &mut Llama, grads: &[LoraGrad], lr: f64, dev: &Device) -> Result<()> {
+        if self.dev.as_ref().is_some_and(|d| !d.master.device().same_device(dev)) {
+            self.sync_to_host()?;
+            self.dev = None;
+        }
+        if self.dev.is_none() {
+            self.dev = Some(self.upload_state(dev)?);
+        }
+        let state = self.dev.as_ref().expect("device state was just created");
+        let g = self.flat_grads(grads)?.to_device(dev)?;
+        let n = self.num_parameters();
+        anyhow::ensure!(g.elem_count() == n && state.master.elem_count() == n, "optimizer state size mismatch");
+        let step = self.step + 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
+        let bc1 = 1.0 - beta1.powi(step as i32);
+        let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
+        let decay = (1.0 - lr * weight_decay) as f32;
+        // f32 constants passed through f64 exactly (affine casts them back to f32).
+        let w = if decay == 1.0 { state.master.clone() } else { state.master.affine(decay as f64, 0.0)? };
+        // m += (g - m)(1 - β1)
+        let m = (&state.exp_avg + (&g - &state.exp_avg)?.affine((1.0 - b1) as f64, 0.0)?)?;
+        // v = v·β2 + ((1 - β2)·g)·g
+        let v = (state.exp_avg_sq.affine(b2 as f64, 0.0)? + (g.affine((1.0 - b2) as f64, 0.0)? * &g)?)?;
+        // denom = sqrt(v) / bc2_sqrt + eps (a true division, as on the host)
+        let denom = v.sqrt()?.broadcast_div(&Tensor::new(bc2_sqrt, dev)?)?.affine(1.0, eps as f64)?;
+        // w -= (step_size·m) / denom
+        let w = (w - (m.affine(step_size as f64, 0.0)? / denom)?)?;
+        self.write_flat(model, &w)?;
+        self.step = step;
+        self.dev = Some(DeviceState { master: w, exp_avg: m, exp_avg_sq: v, host_stale: true });
         Ok(())
+    }
+
+    fn upload_state(&self, dev: &Device) -> Result<DeviceState> {
+        let n = self.num_parameters();
+        let flat = |f: fn(&ParamState) -> &Vec<f32>| -> Result<Tensor> {
+            let all: Vec<f32> = self.params.iter().flat_map(|p| f(p).iter().copied()).collect();
+            Ok(Tensor::from_vec(all, n, dev)?)
+        };
+        Ok(DeviceState {
+            master: flat(|p| &p.master)?,
+            exp_avg: flat(|p| &p.exp_avg)?,
+            exp_avg_sq: flat(|p| &p.exp_avg_sq)?,
+            host_stale: false,
+        })
+    }
+
+    /// Whether the update runs on flat device tensors (so `params` may lag behind).
+    pub fn uses_device_state(&self) -> bool {
+        self.dev.is_some()
+    }
+
+    /// Whether `params` lacks steps that the device state has (call [`AdamW::sync_to_host`]).
+    pub fn host_stale(&self) -> bool {
+        self.dev.as_ref().is_some_and(|d| d.host_stale)
+    }
+
+    /// Copy the device state (if any) into `params[*].master/exp_avg/exp_avg_sq`, e.g. before a
+    /// checkpoint reads them. The device state stays valid.
+    pub fn sync_to_host(&mut self) -> Result<()> {
+        let Some(d) = self.dev.as_mut() else { return Ok(()) };
+        if !d.host_stale {
+            return Ok(());
+        }
+        let (w, m, v) = (d.master.to_vec1::<f32>()?, d.exp_avg.to_vec1::<f32>()?, d.exp_avg_sq.to_vec1::<f32>()?);
+        anyhow::ensure!(w.len() == self.params.iter().map(|p| p.master.len()).sum::<usize>(), "optimizer state size mismatch");
+        let mut at = 0;
+        for p in &mut self.params {
+            let len = p.master.len();
+            p.master.copy_from_slice(&w[at..at + len]);
+            p.exp_avg.copy_from_slice(&m[at..at + len]);
+            p.exp_avg_sq.copy_from_slice(&v[at..at + len]);
+            at += len;
+        }
+        d.host_stale = false;
+        Ok(())
+    }
+
+    /// Drop the device state, so that the next step rebuilds it from `params` (after `params`
+    /// was replaced, e.g. restored from a checkpoint). Unsynced device steps are lost.
+    pub fn reset_device_state(&mut self) {
+        self.dev = None;
+    }
+
+    fn adapter_device(&self, model: &Llama) -> Device {
+        self.params
+            .first()
+            .and_then(|p| model.layers.get(p.layer))
+            .and_then(|l| l.proj(self.params[0].proj).lora.as_ref().map(|l| l.a.device().clone()))
+            .unwrap_or(Device::Cpu)
     }
 }
 
 impl AdamW {
-    /// Write the master weights into the model's adapters (after restoring a checkpoint).
-    pub fn write_back(&self, model: &mut Llama) -> Result<()> {
-        let Some(first) = self.params.first() else { return Ok(()) };
-        let dev = model.layers[first.layer].proj(first.proj).lora.as_ref().map(|l| l.a.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    /// Write the host master weights into the model's adapters (after restoring a checkpoint);
+    /// any device state is dropped, to be rebuilt from `params` at the next step.
+    pub fn write_back(&mut self, model: &mut Llama) -> Result<()> {
+        self.dev = None;
+        let dev = self.adapter_device(model);
         let all: Vec<f32> = self.params.iter().flat_map(|p| p.master.iter().copied()).collect();
         let all = Tensor::from_vec(all, self.num_parameters(), &dev)?;
+        self.write_flat(model, &all)
+    }
+
+    /// Set each adapter to its view of the flat f32 `all` (in `params` order), in its dtype.
+    fn write_flat(&self, model: &mut Llama, all: &Tensor) -> Result<()> {
         let mut at = 0;
         for p in &self.params {
             let lin = model.layers.get_mut(p.layer).ok_or_else(|| anyhow::anyhow!("no layer {}", p.layer))?.proj_mut(p.proj);
@@ -171,4 +311,119 @@ pub fn clip_grad_norm(grads: &mut [LoraGrad], max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
+    use crate::model::{LoadOptions, Model};
+    use candle_core::Device;
+
+    fn tiny_with_adapters() -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base");
+        let mut m = Model::load_hf_dir("tiny", &dir, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, target_modules: TargetModules::AllLinear, init_lora_weights: InitLoraWeights::Random, ..Default::default() };
+        lora::attach(&mut m.llama, &cfg, 0).unwrap();
+        m
+    }
+
+    /// Deterministic gradients of varied sign and magnitude for step `t`.
+    fn grads(opt: &AdamW, t: usize) -> Vec<LoraGrad> {
+        let mut out: Vec<LoraGrad> = Vec::new();
+        let mut k = 0u64;
+        let mut gen = |s: (usize, usize)| {
+            let v: Vec<f32> = (0..s.0 * s.1)
+                .map(|i| {
+                    k += 1;
+                    let x = ((k * 2654435761 + (t as u64) * 40503 + i as u64 * 97) % 10007) as f32 / 10007.0 - 0.5;
+                    x * 10f32.powi(((k + t as u64) % 5) as i32 - 3)
+                })
+                .collect();
+            Tensor::from_vec(v, s, &Device::Cpu).unwrap()
+        };
+        for p in opt.params.iter().filter(|p| !p.is_b) {
+            let b = opt.params.iter().find(|q| q.is_b && q.layer == p.layer && q.proj == p.proj).unwrap();
+            out.push(LoraGrad { layer: p.layer, proj: p.proj, da: gen(p.shape), db: gen(b.shape) });
+        }
+        out
+    }
+
+    fn assert_close(host: &AdamW, dev: &AdamW) {
+        let mut max_rel = 0f64;
+        for (p, q) in host.params.iter().zip(&dev.params) {
+            for (what, a, b) in [("master", &p.master, &q.master), ("exp_avg", &p.exp_avg, &q.exp_avg), ("exp_avg_sq", &p.exp_avg_sq, &q.exp_avg_sq)] {
+                for (x, y) in a.iter().zip(b) {
+                    let rel = (*x as f64 - *y as f64).abs() / (x.abs() as f64).max(1e-30);
+                    max_rel = max_rel.max(rel);
+                    assert!(rel <= 1e-6, "layer {} {:?} {what}: host {x} vs tensor path {y}", p.layer, p.proj);
+                }
+            }
+        }
+        eprintln!("tensor path vs host loop: max relative difference {max_rel:e}");
+    }
+
+    fn adapters(m: &Model, opt: &AdamW) -> Vec<Vec<f32>> {
+        opt.params
+            .iter()
+            .map(|p| {
+                let l = m.llama.layers[p.layer].proj(p.proj).lora.as_ref().unwrap();
+                let t = if p.is_b { &l.b } else { &l.a };
+                t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tensor_path_matches_host_loop() {
+        let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+        let (mut mh, mut md) = (tiny_with_adapters(), tiny_with_adapters());
+        let mut host = AdamW::new(&mh.llama, cfg.clone()).unwrap();
+        let mut dev = AdamW::new(&md.llama, cfg.clone()).unwrap();
+        dev.force_tensor_path = true;
+        assert_eq!(host.num_parameters(), dev.num_parameters());
+        for t in 0..5 {
+            let lr = 1e-2 * (1.0 - t as f64 / 10.0);
+            host.step(&mut mh.llama, &grads(&host, t), lr).unwrap();
+            dev.step(&mut md.llama, &grads(&dev, t), lr).unwrap();
+        }
+        assert!(!host.uses_device_state());
+        assert!(dev.uses_device_state() && dev.host_stale());
+        assert_eq!(dev.step, 5);
+        dev.sync_to_host().unwrap();
+        assert!(!dev.host_stale());
+        assert_close(&host, &dev);
+        // The adapters are views of the master weights.
+        for (a, p) in adapters(&md, &dev).iter().zip(&dev.params) {
+            assert_eq!(a, &p.master);
+        }
+
+        // Save/restore round trip: a fresh optimizer from the synced host state (as resume
+        // builds it) continues on the tensor path exactly like the host loop; so does the
+        // original one after syncing.
+        let mut restored = AdamW::new(&md.llama, cfg.clone()).unwrap();
+        restored.force_tensor_path = true;
+        restored.params = dev.params.clone();
+        restored.step = dev.step;
+        let mut mr = tiny_with_adapters();
+        restored.write_back(&mut mr.llama).unwrap();
+        assert!(!restored.uses_device_state());
+        for t in 5..8 {
+            host.step(&mut mh.llama, &grads(&host, t), 1e-2).unwrap();
+            dev.step(&mut md.llama, &grads(&dev, t), 1e-2).unwrap();
+            restored.step(&mut mr.llama, &grads(&restored, t), 1e-2).unwrap();
+        }
+        dev.sync_to_host().unwrap();
+        restored.sync_to_host().unwrap();
+        assert_close(&host, &dev);
+        assert_close(&host, &restored);
+        assert_eq!(adapters(&md, &dev), adapters(&mr, &restored));
+
+        // Switching back to the host loop brings the device state home first.
+        dev.force_tensor_path = false;
+        dev.step(&mut md.llama, &grads(&dev, 8), 1e-2).unwrap();
+        host.step(&mut mh.llama, &grads(&host, 8), 1e-2).unwrap();
+        assert!(!dev.uses_device_state());
+        assert_close(&host, &dev);
+    }
 }

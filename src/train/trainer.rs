@@ -413,6 +413,7 @@ impl SftTrainer {
                 if last_eval_loss.is_some() && state.best_metric == last_eval_loss {
                     state.best_model_checkpoint = Some(out_dir.join(format!("checkpoint-{}", state.global_step)).display().to_string());
                 }
+                opt.sync_to_host()?;
                 let model = self.model.borrow();
                 let save_adapter = &self.save_adapter;
                 let dir = checkpoint::save(
