@@ -140,3 +140,128 @@ pub fn attn_softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
     };
     Ok(Tensor::from_storage(Storage::Cuda(storage), p.shape(), BackpropOp::none(), false))
 }
+
+fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("not a CUDA tensor"),
+    }
+}
+
+fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(T::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+}
+
+/// RMSNorm forward over the last axis: `(y, rstd [rows, 1] f32)`; `x` and `w` contiguous, the
+/// same dtype (f32 or bf16).
+pub fn rms_norm_fwd(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    match x.dtype() {
+        DType::F32 => rms_fwd_t::<f32>(x, w, eps, "rms_fwd_f32"),
+        DType::BF16 => rms_fwd_t::<bf16>(x, w, eps, "rms_fwd_bf16"),
+        other => bail!("RMSNorm on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn rms_fwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, name: &str) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_dev(x)?;
+    let h = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / h.max(1);
+    let h32 = h as i32;
+    let (xg, xl) = x.storage_and_layout();
+    let (wg, wl) = w.storage_and_layout();
+    let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
+    // SAFETY: the kernel writes every element of y and every row's rstd.
+    let (mut y, mut r) = unsafe { (dev.alloc::<T>(rows * h)?, dev.alloc::<f32>(rows)?) };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&xs).arg(&ws).arg(&mut y).arg(&mut r).arg(&h32).arg(&eps);
+    // SAFETY: arguments as in train.cu.
+    unsafe { b.launch(row_blocks(rows)) }.w()?;
+    drop(b);
+    Ok((wrap(y, &dev, x.shape()), wrap(r, &dev, (rows, 1))))
+}
+
+/// RMSNorm backward: `dx` from the saved `x`, `rstd` (f32) and `dy`; all contiguous.
+pub fn rms_norm_bwd(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 => rms_bwd_t::<f32>(x, rstd, w, dy, "rms_bwd_f32"),
+        DType::BF16 => rms_bwd_t::<bf16>(x, rstd, w, dy, "rms_bwd_bf16"),
+        other => bail!("RMSNorm backward on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn rms_bwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, name: &str) -> Result<Tensor> {
+    let dev = cuda_dev(x)?;
+    let h = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / h.max(1);
+    let h32 = h as i32;
+    let (xg, xl) = x.storage_and_layout();
+    let (rg, rl) = rstd.storage_and_layout();
+    let (wg, wl) = w.storage_and_layout();
+    let (dg, dl) = dy.storage_and_layout();
+    let (xs, rs, ws, ds) = (slice::<T>(&xg, xl, "x")?, slice::<f32>(&rg, rl, "rstd")?, slice::<T>(&wg, wl, "w")?, slice::<T>(&dg, dl, "dy")?);
+    // SAFETY: the kernel writes every element of dx.
+    let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&xs).arg(&rs).arg(&ws).arg(&ds).arg(&mut dx).arg(&h32);
+    // SAFETY: arguments as in train.cu.
+    unsafe { b.launch(row_blocks(rows)) }.w()?;
+    drop(b);
+    Ok(wrap(dx, &dev, x.shape()))
+}
+
+/// SwiGLU forward `silu(g)·u` (contiguous, same shape and dtype).
+pub fn swiglu_fwd(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    match g.dtype() {
+        DType::F32 => swiglu_fwd_t::<f32>(g, u, "swiglu_fwd_f32"),
+        DType::BF16 => swiglu_fwd_t::<bf16>(g, u, "swiglu_fwd_bf16"),
+        other => bail!("SwiGLU on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn swiglu_fwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(g: &Tensor, u: &Tensor, name: &str) -> Result<Tensor> {
+    let dev = cuda_dev(g)?;
+    let n = g.elem_count();
+    let n64 = n as i64;
+    let (gg, gl) = g.storage_and_layout();
+    let (ug, ul) = u.storage_and_layout();
+    let (gs, us) = (slice::<T>(&gg, gl, "g")?, slice::<T>(&ug, ul, "u")?);
+    // SAFETY: the kernel writes all n elements.
+    let mut h = unsafe { dev.alloc::<T>(n)? };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&gs).arg(&us).arg(&mut h).arg(&n64);
+    // SAFETY: arguments as in train.cu.
+    unsafe { b.launch(grid(n)) }.w()?;
+    drop(b);
+    Ok(wrap(h, &dev, g.shape()))
+}
+
+/// SwiGLU backward: `(dg, du)`.
+pub fn swiglu_bwd(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    match g.dtype() {
+        DType::F32 => swiglu_bwd_t::<f32>(g, u, dh, "swiglu_bwd_f32"),
+        DType::BF16 => swiglu_bwd_t::<bf16>(g, u, dh, "swiglu_bwd_bf16"),
+        other => bail!("SwiGLU backward on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn swiglu_bwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, name: &str) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_dev(g)?;
+    let n = g.elem_count();
+    let n64 = n as i64;
+    let (gg, gl) = g.storage_and_layout();
+    let (ug, ul) = u.storage_and_layout();
+    let (hg, hl) = dh.storage_and_layout();
+    let (gs, us, hs) = (slice::<T>(&gg, gl, "g")?, slice::<T>(&ug, ul, "u")?, slice::<T>(&hg, hl, "dh")?);
+    // SAFETY: the kernel writes all n elements of both outputs.
+    let (mut dg, mut du) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?) };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&gs).arg(&us).arg(&hs).arg(&mut dg).arg(&mut du).arg(&n64);
+    // SAFETY: arguments as in train.cu.
+    unsafe { b.launch(grid(n)) }.w()?;
+    drop(b);
+    Ok((wrap(dg, &dev, g.shape()), wrap(du, &dev, g.shape())))
+}

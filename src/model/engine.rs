@@ -377,7 +377,7 @@ fn forward_impl(model: &Llama, batch: &TrainBatch, opts: &StepOptions, rng: &mut
     let n_targets = batch.n_targets();
     let grad_scale = if backward { Some(opts.grad_scale.unwrap_or(1.0 / n_targets.max(1) as f64)) } else { None };
     let p = crate::profile::scope("lm_head+cross_entropy");
-    let ce = cross_entropy::forward_backward(&hn, &head, &batch.targets, grad_scale, cross_entropy::CHUNK_ROWS)?;
+    let ce = cross_entropy::forward_backward(&hn, &head, &batch.targets, grad_scale, cross_entropy::chunk_rows(hn.device()))?;
     drop(p);
     let mut out = StepOutput { loss_sum: ce.loss_sum, n_tokens: ce.n_tokens, grads: Vec::new() };
     let Some(dh) = ce.dh else { return Ok(out) };

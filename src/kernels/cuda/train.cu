@@ -101,3 +101,63 @@ extern "C" __global__ void attn_softmax_bwd_f32(const float* p, const float* dp,
 extern "C" __global__ void attn_softmax_bwd_bf16(const __nv_bfloat16* p, const __nv_bfloat16* dp, __nv_bfloat16* ds, int t) {
     softmax_bwd(p, dp, ds, t);
 }
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm over rows of h: forward y = x·rstd·w (rstd = 1/sqrt(mean(x²) + eps), f32, saved per
+// row) and backward dx = rstd·(g − x̂·mean(g·x̂)), g = dy·w, x̂ = x·rstd. One block per row.
+
+template <typename T>
+__device__ void rms_fwd(const T* x, const T* w, T* y, float* rstd, int h, float eps) {
+    long long row = blockIdx.x;
+    const T* xr = x + row * h;
+    T* yr = y + row * h;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) { float v = ldf(xr, j); ss += v * v; }
+    float r = rsqrtf(block_reduce<false>(ss) / h + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) stf(yr, j, ldf(xr, j) * r * ldf(w, j));
+}
+
+template <typename T>
+__device__ void rms_bwd(const T* x, const float* rstd, const T* w, const T* dy, T* dx, int h) {
+    long long row = blockIdx.x;
+    const T* xr = x + row * h;
+    const T* dr = dy + row * h;
+    T* or_ = dx + row * h;
+    float r = rstd[row];
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) dot += ldf(dr, j) * ldf(w, j) * ldf(xr, j) * r;
+    float proj = block_reduce<false>(dot) / h;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) stf(or_, j, (ldf(dr, j) * ldf(w, j) - ldf(xr, j) * r * proj) * r);
+}
+
+extern "C" __global__ void rms_fwd_f32(const float* x, const float* w, float* y, float* rstd, int h, float eps) { rms_fwd(x, w, y, rstd, h, eps); }
+extern "C" __global__ void rms_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, float* rstd, int h, float eps) { rms_fwd(x, w, y, rstd, h, eps); }
+extern "C" __global__ void rms_bwd_f32(const float* x, const float* rstd, const float* w, const float* dy, float* dx, int h) { rms_bwd(x, rstd, w, dy, dx, h); }
+extern "C" __global__ void rms_bwd_bf16(const __nv_bfloat16* x, const float* rstd, const __nv_bfloat16* w, const __nv_bfloat16* dy, __nv_bfloat16* dx, int h) { rms_bwd(x, rstd, w, dy, dx, h); }
+
+// SwiGLU h = silu(g)·u and its backward dg = dh·u·σ(g)(1 + g(1 − σ(g))), du = dh·g·σ(g).
+template <typename T>
+__device__ void swiglu_fwd(const T* g, const T* u, T* h, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float gv = ldf(g, i);
+        stf(h, i, gv / (1.0f + expf(-gv)) * ldf(u, i));
+    }
+}
+
+template <typename T>
+__device__ void swiglu_bwd(const T* g, const T* u, const T* dh, T* dg, T* du, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float gv = ldf(g, i), uv = ldf(u, i), hv = ldf(dh, i);
+        float s = 1.0f / (1.0f + expf(-gv));
+        stf(dg, i, hv * uv * s * (1.0f + gv * (1.0f - s)));
+        stf(du, i, hv * gv * s);
+    }
+}
+
+extern "C" __global__ void swiglu_fwd_f32(const float* g, const float* u, float* h, long long n) { swiglu_fwd(g, u, h, n); }
+extern "C" __global__ void swiglu_fwd_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* h, long long n) { swiglu_fwd(g, u, h, n); }
+extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const float* dh, float* dg, float* du, long long n) { swiglu_bwd(g, u, dh, dg, du, n); }
+extern "C" __global__ void swiglu_bwd_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dh, __nv_bfloat16* dg, __nv_bfloat16* du, long long n) {
+    swiglu_bwd(g, u, dh, dg, du, n);
+}

@@ -8,6 +8,12 @@ use candle_core::{DType, Tensor, D};
 /// Rows projected per chunk (chunk × vocab f32 logits live at once: 256 × 49152 × 4 B = 48 MiB).
 pub const CHUNK_ROWS: usize = 256;
 
+/// Rows per chunk on `device`: on a GPU larger chunks keep the matmuls large and the per-chunk
+/// launches and loss read-backs few (1024 × 128256 × 4 B = 0.5 GiB of logits at once).
+pub fn chunk_rows(device: &candle_core::Device) -> usize {
+    if device.is_cpu() { CHUNK_ROWS } else { 1024 }
+}
+
 pub struct Output {
     /// Σ over trained tokens of −log p(target).
     pub loss_sum: f64,

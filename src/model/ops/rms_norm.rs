@@ -12,6 +12,12 @@ pub struct Saved {
 }
 
 pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Saved)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+        let x = x.contiguous()?;
+        let (y, rstd) = crate::kernels::cuda_train::rms_norm_fwd(&x, &w.to_dtype(x.dtype())?.contiguous()?, eps as f32)?;
+        return Ok((y, Saved { x, rstd }));
+    }
     if let (Some(xv), Some(wv)) = (f32_view(x), f32_view(w)) {
         let (y, rstd) = train_cpu::rms_norm_fwd(xv.slice(), wv.slice(), eps as f32);
         let rows = rstd.len();
@@ -28,6 +34,10 @@ pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Saved)> {
 /// `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w`, `x̂ = x · rstd`.
 pub fn backward(s: &Saved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dy = &dy.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if s.x.device().is_cuda() && matches!(s.x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) && dy.dtype() == s.x.dtype() {
+        return crate::kernels::cuda_train::rms_norm_bwd(&s.x, &s.rstd, &w.to_dtype(s.x.dtype())?.contiguous()?, dy);
+    }
     if let (Some(xv), Some(rv), Some(wv), Some(dyv)) = (f32_view(&s.x), f32_view(&s.rstd), f32_view(w), f32_view(dy)) {
         let dx = train_cpu::rms_norm_bwd(xv.slice(), rv.slice(), wv.slice(), dyv.slice());
         return Ok(Tensor::from_vec(dx, dy.shape(), dy.device())?);

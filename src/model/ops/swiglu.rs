@@ -18,6 +18,12 @@ pub fn forward(g: Tensor, u: Tensor) -> Result<(Tensor, Saved)> {
         let h = Tensor::from_vec(h, g.shape(), g.device())?;
         return Ok((h, Saved { g, u }));
     }
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda() && matches!(g.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+        let (g, u) = (g.contiguous()?, u.contiguous()?);
+        let h = crate::kernels::cuda_train::swiglu_fwd(&g, &u)?;
+        return Ok((h, Saved { g, u }));
+    }
     let h = (candle_nn::ops::silu(&g)? * &u)?;
     Ok((h, Saved { g, u }))
 }
@@ -28,6 +34,10 @@ pub fn backward(s: &Saved, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     if let (Some(gv), Some(uv), Some(dhv)) = (f32_view(&s.g), f32_view(&s.u), f32_view(dh)) {
         let (dg, du) = train_cpu::swiglu_bwd(gv.slice(), uv.slice(), dhv.slice());
         return Ok((Tensor::from_vec(dg, s.g.shape(), s.g.device())?, Tensor::from_vec(du, s.g.shape(), s.g.device())?));
+    }
+    #[cfg(feature = "cuda")]
+    if s.g.device().is_cuda() && matches!(s.g.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
+        return crate::kernels::cuda_train::swiglu_bwd(&s.g, &s.u, dh);
     }
     let sig = candle_nn::ops::sigmoid(&s.g)?;
     let silu = (&s.g * &sig)?;
