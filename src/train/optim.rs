@@ -287,6 +287,12 @@ impl AdamW {
 
 /// Global L2 norm of all gradients.
 pub fn grad_norm(grads: &[LoraGrad]) -> Result<f64> {
+    // f32 on the CPU: summed in f64 straight from the buffers (no f64 copies of every tensor).
+    let views: Option<Vec<_>> = grads.iter().flat_map(|g| [&g.da, &g.db]).map(crate::kernels::f32_view).collect();
+    if let Some(views) = views {
+        let sq: f64 = views.par_iter().map(|v| v.slice().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
+        return Ok(sq.sqrt());
+    }
     // Per-tensor sums stay on the device; one scalar comes back.
     let mut sums = Vec::with_capacity(2 * grads.len());
     for g in grads {
