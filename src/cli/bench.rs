@@ -309,6 +309,20 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `--quant`: nf4 = QLoRA's choice (nf4 + double quant, computing in the load dtype), or none.
+fn qlora_quant(quant: &str, dtype: candle_core::DType) -> anyhow::Result<Option<crate::model::quantized::BnbConfig>> {
+    match quant {
+        "none" => Ok(None),
+        "nf4" => Ok(Some(crate::model::quantized::BnbConfig {
+            quant_type: crate::quant::QuantType::Nf4,
+            double_quant: true,
+            compute_dtype: dtype,
+            ..Default::default()
+        })),
+        other => anyhow::bail!("--quant {other}: expected nf4 or none"),
+    }
+}
+
 /// Greedy batch-1 decoding of a random-weight model of a benchmark shape: prefill of
 /// `prompt_tokens` random ids, then `new_tokens` steps through the KV cache, the argmax taken on
 /// the device (one token id comes back per step, as in transformers' generate).
@@ -316,19 +330,7 @@ fn bench_decode_random(shape: &str, device: &str, quant: &str, dtype: &str, prom
     use candle_core::{Tensor, D};
     let device = crate::device::parse(device)?;
     let dtype = parse_dtype(dtype)?;
-    let mut opts = LoadOptions { dtype, device: device.clone(), ..Default::default() };
-    match quant {
-        "none" => {}
-        "nf4" => {
-            opts.quantization = Some(crate::model::quantized::BnbConfig {
-                quant_type: crate::quant::QuantType::Nf4,
-                double_quant: true,
-                compute_dtype: dtype,
-                ..Default::default()
-            })
-        }
-        other => anyhow::bail!("--quant {other}: expected nf4 or none"),
-    }
+    let opts = LoadOptions { dtype, device: device.clone(), quantization: qlora_quant(quant, dtype)?, ..Default::default() };
     let t = Instant::now();
     let m = Model::random(shape, &opts)?;
     let load_secs = t.elapsed().as_secs_f64();
@@ -424,20 +426,7 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
     use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
     let (batch, seq, rank, steps) = (c.batch, c.seq, c.rank, c.steps);
-    let mut opts = LoadOptions { dtype: c.dtype, device: c.device.clone(), ..Default::default() };
-    match c.quant.as_str() {
-        "none" => {}
-        // QLoRA's choice: nf4 + double quant, computing in the load dtype.
-        "nf4" => {
-            opts.quantization = Some(crate::model::quantized::BnbConfig {
-                quant_type: crate::quant::QuantType::Nf4,
-                double_quant: true,
-                compute_dtype: c.dtype,
-                ..Default::default()
-            })
-        }
-        other => anyhow::bail!("--quant {other}: expected nf4 or none"),
-    }
+    let opts = LoadOptions { dtype: c.dtype, device: c.device.clone(), quantization: qlora_quant(&c.quant, c.dtype)?, ..Default::default() };
     let rss0 = peak_rss_bytes();
     let t_load = Instant::now();
     let mut m = match &c.shape {

@@ -3,7 +3,7 @@
 
 use super::lora_cpu::Dropout;
 use anyhow::{bail, Result};
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, DType, Storage, Tensor};
@@ -31,7 +31,7 @@ pub fn dropout_mask(dev: &CudaDevice, shape: &[usize], dtype: DType, dr: &Dropou
     Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
 }
 
-fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(dev: &CudaDevice, name: &str, k1: u32, k2: u32, dr: &Dropout, n: i64) -> Result<candle_core::CudaStorage> {
+fn launch<T: CudaDType + DeviceRepr>(dev: &CudaDevice, name: &str, k1: u32, k2: u32, dr: &Dropout, n: i64) -> Result<candle_core::CudaStorage> {
     // SAFETY: the kernel writes all n elements.
     let mut out = unsafe { dev.alloc::<T>(n as usize)? };
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
@@ -59,86 +59,60 @@ fn row_blocks(rows: usize) -> LaunchConfig {
 pub fn attn_softmax_fwd(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tensor> {
     let (b, nh, t, t2) = s.dims4()?;
     anyhow::ensure!(t == t2 && mask.dims4()? == (b, 1, t, t) && mask.dtype() == DType::F32, "attention softmax: scores {:?}, mask {:?}", s.dims(), mask.dims());
-    let dev = match s.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => bail!("attention softmax: not a CUDA tensor"),
-    };
-    let rows = b * nh * t;
+    match s.dtype() {
+        DType::F32 => softmax_fwd_t::<f32>(s, mask, scale, nh, "attn_softmax_fwd_f32"),
+        DType::BF16 => softmax_fwd_t::<bf16>(s, mask, scale, nh, "attn_softmax_fwd_bf16"),
+        other => bail!("attention softmax on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn softmax_fwd_t<T: CudaDType + DeviceRepr>(s: &Tensor, mask: &Tensor, scale: f32, nh: usize, name: &str) -> Result<Tensor> {
+    let dev = cuda_dev(s)?;
+    let t = s.dim(candle_core::D::Minus1)?;
+    let rows = s.elem_count() / t.max(1);
     let (t32, rows_per_b) = (t as i32, (nh * t) as i64);
     let (sg, sl) = s.storage_and_layout();
     let (mg, ml) = mask.storage_and_layout();
-    let m = slice::<f32>(&mg, ml, "mask")?;
-    let storage = match s.dtype() {
-        DType::F32 => {
-            let x = slice::<f32>(&sg, sl, "scores")?;
-            // SAFETY: the kernel writes every element of its row.
-            let mut out = unsafe { dev.alloc::<f32>(rows * t)? };
-            let func = dev.get_or_load_custom_func("attn_softmax_fwd_f32", MODULE, PTX)?;
-            let mut bld = func.builder();
-            bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b);
-            // SAFETY: arguments as in train.cu.
-            unsafe { bld.launch(row_blocks(rows)) }.w()?;
-            drop(bld);
-            f32::wrap_cuda_slice(out, dev.clone())
-        }
-        DType::BF16 => {
-            let x = slice::<bf16>(&sg, sl, "scores")?;
-            // SAFETY: the kernel writes every element of its row.
-            let mut out = unsafe { dev.alloc::<bf16>(rows * t)? };
-            let func = dev.get_or_load_custom_func("attn_softmax_fwd_bf16", MODULE, PTX)?;
-            let mut bld = func.builder();
-            bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b);
-            // SAFETY: arguments as in train.cu.
-            unsafe { bld.launch(row_blocks(rows)) }.w()?;
-            drop(bld);
-            bf16::wrap_cuda_slice(out, dev.clone())
-        }
-        other => bail!("attention softmax on CUDA: {other:?} (f32 or bf16)"),
-    };
-    Ok(Tensor::from_storage(Storage::Cuda(storage), s.shape(), BackpropOp::none(), false))
+    let (x, m) = (slice::<T>(&sg, sl, "scores")?, slice::<f32>(&mg, ml, "mask")?);
+    // SAFETY: the kernel writes every element of its row.
+    let mut out = unsafe { dev.alloc::<T>(rows * t)? };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut bld = func.builder();
+    bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b);
+    // SAFETY: arguments as in train.cu.
+    unsafe { bld.launch(row_blocks(rows)) }.w()?;
+    drop(bld);
+    Ok(wrap(out, &dev, s.shape()))
 }
 
 /// Softmax backward over the last axis: `dS = P ⊙ (dP − Σ_j dP·P)`; `p`, `dp` contiguous, same
 /// shape and dtype (f32 or bf16).
 pub fn attn_softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
     anyhow::ensure!(p.dims() == dp.dims() && p.dtype() == dp.dtype(), "softmax backward: {:?} vs {:?}", p.dims(), dp.dims());
+    match p.dtype() {
+        DType::F32 => softmax_bwd_t::<f32>(p, dp, "attn_softmax_bwd_f32"),
+        DType::BF16 => softmax_bwd_t::<bf16>(p, dp, "attn_softmax_bwd_bf16"),
+        other => bail!("softmax backward on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn softmax_bwd_t<T: CudaDType + DeviceRepr>(p: &Tensor, dp: &Tensor, name: &str) -> Result<Tensor> {
+    let dev = cuda_dev(p)?;
     let t = p.dim(candle_core::D::Minus1)?;
     let rows = p.elem_count() / t.max(1);
-    let dev = match p.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => bail!("softmax backward: not a CUDA tensor"),
-    };
     let t32 = t as i32;
     let (pg, pl) = p.storage_and_layout();
     let (dg, dl) = dp.storage_and_layout();
-    let storage = match p.dtype() {
-        DType::F32 => {
-            let (a, d) = (slice::<f32>(&pg, pl, "p")?, slice::<f32>(&dg, dl, "dp")?);
-            // SAFETY: the kernel writes every element of its row.
-            let mut out = unsafe { dev.alloc::<f32>(rows * t)? };
-            let func = dev.get_or_load_custom_func("attn_softmax_bwd_f32", MODULE, PTX)?;
-            let mut bld = func.builder();
-            bld.arg(&a).arg(&d).arg(&mut out).arg(&t32);
-            // SAFETY: arguments as in train.cu.
-            unsafe { bld.launch(row_blocks(rows)) }.w()?;
-            drop(bld);
-            f32::wrap_cuda_slice(out, dev.clone())
-        }
-        DType::BF16 => {
-            let (a, d) = (slice::<bf16>(&pg, pl, "p")?, slice::<bf16>(&dg, dl, "dp")?);
-            // SAFETY: the kernel writes every element of its row.
-            let mut out = unsafe { dev.alloc::<bf16>(rows * t)? };
-            let func = dev.get_or_load_custom_func("attn_softmax_bwd_bf16", MODULE, PTX)?;
-            let mut bld = func.builder();
-            bld.arg(&a).arg(&d).arg(&mut out).arg(&t32);
-            // SAFETY: arguments as in train.cu.
-            unsafe { bld.launch(row_blocks(rows)) }.w()?;
-            drop(bld);
-            bf16::wrap_cuda_slice(out, dev.clone())
-        }
-        other => bail!("softmax backward on CUDA: {other:?} (f32 or bf16)"),
-    };
-    Ok(Tensor::from_storage(Storage::Cuda(storage), p.shape(), BackpropOp::none(), false))
+    let (a, d) = (slice::<T>(&pg, pl, "p")?, slice::<T>(&dg, dl, "dp")?);
+    // SAFETY: the kernel writes every element of its row.
+    let mut out = unsafe { dev.alloc::<T>(rows * t)? };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut bld = func.builder();
+    bld.arg(&a).arg(&d).arg(&mut out).arg(&t32);
+    // SAFETY: arguments as in train.cu.
+    unsafe { bld.launch(row_blocks(rows)) }.w()?;
+    drop(bld);
+    Ok(wrap(out, &dev, p.shape()))
 }
 
 fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
@@ -162,7 +136,7 @@ pub fn rms_norm_fwd(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)
     }
 }
 
-fn rms_fwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, name: &str) -> Result<(Tensor, Tensor)> {
+fn rms_fwd_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, name: &str) -> Result<(Tensor, Tensor)> {
     let dev = cuda_dev(x)?;
     let h = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / h.max(1);
@@ -190,7 +164,7 @@ pub fn rms_norm_bwd(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor) -> Resul
     }
 }
 
-fn rms_bwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, name: &str) -> Result<Tensor> {
+fn rms_bwd_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, name: &str) -> Result<Tensor> {
     let dev = cuda_dev(x)?;
     let h = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / h.max(1);
@@ -220,7 +194,7 @@ pub fn swiglu_fwd(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn swiglu_fwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(g: &Tensor, u: &Tensor, name: &str) -> Result<Tensor> {
+fn swiglu_fwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, name: &str) -> Result<Tensor> {
     let dev = cuda_dev(g)?;
     let n = g.elem_count();
     let n64 = n as i64;
@@ -247,7 +221,7 @@ pub fn swiglu_bwd(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor
     }
 }
 
-fn swiglu_bwd_t<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, name: &str) -> Result<(Tensor, Tensor)> {
+fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, name: &str) -> Result<(Tensor, Tensor)> {
     let dev = cuda_dev(g)?;
     let n = g.elem_count();
     let n64 = n as i64;
