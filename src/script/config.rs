@@ -211,7 +211,7 @@ pub static LOAD_MODEL: Schema = Schema {
     keys: &[
         key("dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"]), "compute dtype of the weights (default float32)"),
         key("torch_dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"]), "transformers' name for `dtype`"),
-        key("device", Ty::Str, "\"cpu\" (CUDA arrives with the cuda build)"),
+        key("device", Ty::Str, "\"cpu\", \"cuda\", \"cuda:N\" or \"auto\" (the GPU when built with `--features cuda` and one is present)"),
         key("revision", Ty::Str, "hub revision (branch, tag or commit)"),
         key("quantization_config", Ty::Any, "BitsAndBytesConfig(#{ load_in_4bit: true, ... }) (or its map): decoder linears in 4 bits"),
     ],
