@@ -1,5 +1,5 @@
 //! Devices: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when this binary was built with the
-//! `cuda` feature and a GPU answers, else the CPU), synchronisation for timing, and the CUDA
+//! `cuda` feature and a GPU answers, else the CPU), and the CUDA
 //! allocator's peak memory (what `torch.cuda.max_memory_allocated` reports for PyTorch).
 
 use anyhow::{bail, Result};
@@ -43,11 +43,6 @@ pub fn name(d: &Device) -> String {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
-}
-
-/// Waits for the device's queued work (timings of GPU work need it).
-pub fn synchronize(d: &Device) -> Result<()> {
-    Ok(d.synchronize()?)
 }
 
 /// Peak bytes the device's memory pool held in use since the last [`reset_peak_memory`]

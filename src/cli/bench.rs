@@ -470,7 +470,7 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
             let _p = crate::profile::scope("adamw");
             opt.step(&mut m.llama, &out.grads, 2e-4)?;
         }
-        crate::device::synchronize(dev)?;
+        dev.synchronize()?;
         losses.push(out.mean_loss());
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());

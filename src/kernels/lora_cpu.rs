@@ -41,12 +41,12 @@ pub struct Dropout {
 
 impl Dropout {
     /// `out[k] = x[k]·scale` where kept, else 0, for the row starting at element `e0`.
-    pub fn apply_row(&self, e0: usize, x: &[f32], out: &mut [f32]) {
+    fn apply_row(&self, e0: usize, x: &[f32], out: &mut [f32]) {
         self.mask_row(e0, x, out, false)
     }
 
     /// `out[k] += x[k]·scale` where kept.
-    pub fn add_row(&self, e0: usize, x: &[f32], out: &mut [f32]) {
+    fn add_row(&self, e0: usize, x: &[f32], out: &mut [f32]) {
         self.mask_row(e0, x, out, true)
     }
 

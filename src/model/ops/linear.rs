@@ -133,12 +133,18 @@ pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Resu
         return Ok((Tensor::from_vec(dx, (n, inp), dev)?, g));
     }
     let dx = dy.matmul(w)?;
-    let (Some(l), Some(xd), Some(u)) = (lora, s.dropped_input()?, &s.u) else { return Ok((dx, None)) };
+    let (Some(l), Some(x), Some(u)) = (lora, &s.x, &s.u) else { return Ok((dx, None)) };
+    // One mask for both uses: drop(x) for dA, and masking dx's LoRA term.
+    let mask = s.scaled_mask(x.dtype())?;
+    let xd = match &mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
     let db = (dy.t()?.matmul(u)? * l.scaling)?; // [out, r]
     let du = (dy.matmul(&l.b)? * l.scaling)?; // [n, r]
     let da = du.t()?.matmul(&xd)?; // [r, in]
     let mut dxd = du.matmul(&l.a)?; // [n, in]
-    if let Some(m) = s.scaled_mask(dxd.dtype())? {
+    if let Some(m) = &mask {
         dxd = (dxd * m)?;
     }
     Ok(((dx + dxd)?, Some((da, db))))
