@@ -22,7 +22,7 @@ pub fn parse(s: &str) -> Result<Device> {
 /// The first GPU when this binary has CUDA and one is present, else the CPU.
 pub fn auto() -> Device {
     if cfg!(feature = "cuda") {
-        if let Ok(d) = Device::new_cuda(0) {
+        if let Ok(d) = open_cuda(0) {
             return d;
         }
     }
@@ -33,7 +33,25 @@ fn cuda(n: usize, name: &str) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!("device \"{name}\": this qscript was built without CUDA (build with `--features cuda`)");
     }
-    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("device \"{name}\": no usable CUDA GPU ({e})"))
+    open_cuda(n).map_err(|e| anyhow::anyhow!("device \"{name}\": no usable CUDA GPU ({e})"))
+}
+
+/// GPU `n` with one stream of its own that every host thread launches on. candle's
+/// `Device::new_cuda` uses the per-thread default stream: work that the training step queues from
+/// a rayon worker and the optimizer then queues from the caller's thread would run unordered (a
+/// race that showed as NaN losses once the GPU ran behind the host).
+///
+/// cudarc's event tracking (events recorded around every buffer use, so that other streams can
+/// wait on them) is turned off: there is one stream.
+pub fn open_cuda(n: usize) -> candle_core::Result<Device> {
+    let d = Device::new_cuda_with_stream(n)?;
+    // SAFETY: nothing was allocated on this device yet, and all its work goes to one stream, in
+    // the order it is issued, so no buffer is used or freed out of order.
+    #[cfg(feature = "cuda")]
+    unsafe {
+        d.as_cuda_device()?.disable_event_tracking()
+    };
+    Ok(d)
 }
 
 /// The short name of a device (`cpu`, `cuda:0`).

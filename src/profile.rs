@@ -1,5 +1,11 @@
 //! A per-op time profile for the training engine, on when `QSCRIPT_PROFILE=1`: each op adds its
-//! wall time to a named counter; `report()` prints the table. Off, it costs one relaxed load.
+//! time to a named counter; `report()` prints the table. Off, it costs one relaxed load.
+//!
+//! On the CPU a scope counts wall time. With a GPU registered ([`gpu`]) it counts GPU time: CUDA
+//! events recorded on the stream at the scope's start and end, read back at `report()`, so the
+//! profiled step runs at full speed and each op gets the time its kernels spent in the queue
+//! (host launch gaps included). Names starting with '·' are sub-steps inside another scope:
+//! listed, not added to the total.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -21,51 +27,118 @@ pub fn enabled() -> bool {
     }
 }
 
-/// A GPU whose queue each scope drains at its start and end, so the time of queued kernels
-/// lands in the op that launched them (set by the benchmarks when profiling on CUDA).
-static SYNC: Mutex<Option<candle_core::Device>> = Mutex::new(None);
-
-pub fn sync_device(d: Option<candle_core::Device>) {
-    *SYNC.lock().unwrap_or_else(|e| e.into_inner()) = d.filter(|d| !d.is_cpu());
+fn add(name: &'static str, secs: f64) {
+    let mut m = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    let e = m.entry(name).or_insert((0.0, 0));
+    e.0 += secs;
+    e.1 += 1;
 }
 
-fn drain() {
-    if let Some(d) = SYNC.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let _ = d.synchronize();
+#[cfg(feature = "cuda")]
+mod gpu_events {
+    use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaStream};
+    use std::sync::{Arc, Mutex};
+
+    pub struct Gpu {
+        pub stream: Arc<CudaStream>,
+        /// Closed scopes whose events are not read yet.
+        pub pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    }
+
+    pub static GPU: Mutex<Option<Gpu>> = Mutex::new(None);
+
+    pub fn lock() -> std::sync::MutexGuard<'static, Option<Gpu>> {
+        GPU.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record(g: &Gpu) -> Option<CudaEvent> {
+        g.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()
+    }
+
+    /// Wait for the queue, fold the pending scopes into the counters.
+    pub fn drain(g: &mut Gpu) {
+        let _ = g.stream.synchronize();
+        for (name, a, b) in g.pending.drain(..) {
+            if let Ok(ms) = a.elapsed_ms(&b) {
+                super::add(name, ms as f64 / 1e3);
+            }
+        }
     }
 }
 
+/// Time scopes on this GPU's stream (the benchmarks set it when profiling on CUDA); `None` or a
+/// CPU device: wall time.
+pub fn gpu(d: Option<candle_core::Device>) {
+    #[cfg(feature = "cuda")]
+    {
+        let mut g = gpu_events::lock();
+        if let Some(g) = g.as_mut() {
+            gpu_events::drain(g);
+        }
+        *g = match d {
+            Some(candle_core::Device::Cuda(c)) => Some(gpu_events::Gpu { stream: c.cuda_stream(), pending: Vec::new() }),
+            _ => None,
+        };
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = d;
+}
+
+enum Start {
+    Wall(Instant),
+    #[cfg(feature = "cuda")]
+    Event(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+}
+
 /// Adds the time until it is dropped to `name`.
-pub struct Scope(Option<(&'static str, Instant)>);
+pub struct Scope(Option<(&'static str, Start)>);
 
 pub fn scope(name: &'static str) -> Scope {
-    Scope(enabled().then(|| {
-        drain();
-        (name, Instant::now())
-    }))
+    if !enabled() {
+        return Scope(None);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(g) = gpu_events::lock().as_ref() {
+        return Scope(gpu_events::record(g).map(|e| (name, Start::Event(e))));
+    }
+    Scope(Some((name, Start::Wall(Instant::now()))))
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        if let Some((name, t)) = self.0.take() {
-            drain();
-            let mut m = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-            let e = m.entry(name).or_insert((0.0, 0));
-            e.0 += t.elapsed().as_secs_f64();
-            e.1 += 1;
+        match self.0.take() {
+            None => {}
+            Some((name, Start::Wall(t))) => add(name, t.elapsed().as_secs_f64()),
+            #[cfg(feature = "cuda")]
+            Some((name, Start::Event(a))) => {
+                let mut g = gpu_events::lock();
+                if let Some(g) = g.as_mut() {
+                    if let Some(b) = gpu_events::record(g) {
+                        g.pending.push((name, a, b));
+                    }
+                    // Bound the events alive at once.
+                    if g.pending.len() >= 100_000 {
+                        gpu_events::drain(g);
+                    }
+                }
+            }
         }
     }
 }
 
 /// The table so far (op, seconds, calls, share), slowest first; clears the counters.
 pub fn report() -> String {
+    #[cfg(feature = "cuda")]
+    if let Some(g) = gpu_events::lock().as_mut() {
+        gpu_events::drain(g);
+    }
     let mut m = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-    let total: f64 = m.values().map(|v| v.0).sum();
+    let total: f64 = m.iter().filter(|(k, _)| !k.starts_with('·')).map(|(_, v)| v.0).sum();
     let mut rows: Vec<_> = m.iter().map(|(k, v)| (*k, v.0, v.1)).collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut s = format!("{:<22} {:>9} {:>7} {:>6}\n", "op", "seconds", "calls", "share");
+    let mut s = format!("{:<26} {:>9} {:>7} {:>6}\n", "op", "seconds", "calls", "share");
     for (k, secs, calls) in rows {
-        s.push_str(&format!("{k:<22} {secs:>9.3} {calls:>7} {:>5.1}%\n", 100.0 * secs / total.max(1e-12)));
+        s.push_str(&format!("{k:<26} {secs:>9.3} {calls:>7} {:>5.1}%\n", 100.0 * secs / total.max(1e-12)));
     }
     m.clear();
     s

@@ -110,7 +110,10 @@ fn ctrl_c_cancels_a_running_recipe_cleanly() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("long.rhai:3:") && stderr.contains("interrupted"), "{stderr}");
+    // Named by file, line and column; which statement the signal lands in (line 2 or the loop on
+    // line 3) depends on timing.
+    let named = ["long.rhai:2:", "long.rhai:3:"].iter().any(|at| stderr.contains(at));
+    assert!(named && stderr.contains("interrupted"), "{stderr}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 fn gpu(test: &str) -> Option<&'static Device> {
     static DEV: OnceLock<Option<Device>> = OnceLock::new();
     let dev = DEV
-        .get_or_init(|| match Device::new_cuda(0) {
+        .get_or_init(|| match qscript::device::open_cuda(0) {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("no CUDA device: {e}");
@@ -444,4 +444,72 @@ fn peft_golden_logits_on_cuda() {
     let got = m.llama.forward(&ids, None, false).unwrap().to_device(&Device::Cpu).unwrap();
     let d = max_abs(&(got - &t["logits_adapted"]).unwrap());
     assert!(d <= 1e-4, "max abs diff {d}");
+}
+
+// ------------------------------------------------- LoRA linear and cross-entropy kernels
+
+use qscript::model::ops::{cross_entropy, linear};
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    let g = got.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let w = want.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    assert_eq!(g.dims(), w.dims());
+    max_abs(&(g - &w).unwrap()) / max_abs(&w).max(1e-12)
+}
+
+/// The CUDA LoRA kernels (lora.cu: project / expand / grad, the dropout hash regenerated in
+/// each) against the CPU's fused f32 kernel, forward and backward: ranks padded to 8, 16 and 32,
+/// odd sizes (rows not a multiple of a block, inner sizes not a multiple of a chunk), dropout on
+/// and off; f32 to 2e-6 of the largest value, bf16 to 2e-2.
+#[test]
+fn lora_linear_kernels_match_the_cpu() {
+    let Some(dev) = gpu("lora_linear_kernels_match_the_cpu") else { return };
+    let t = |v: Vec<f32>, s: (usize, usize), d: &Device| Tensor::from_vec(v, s, d).unwrap();
+    for (n, inp, out, r, p) in [(77, 300, 130, 4, 0.1), (256, 512, 1024, 16, 0.0), (130, 264, 96, 32, 0.3), (33, 1000, 8, 16, 0.1)] {
+        let (x, w, a, bm, dy) = (values(n * inp, 1), values(out * inp, 2), values(r * inp, 3), values(out * r, 4), values(n * out, 5));
+        for dtype in [DType::F32, DType::BF16] {
+            let run = |d: &Device, dt: DType| {
+                let cast = |v: &Vec<f32>, s| t(v.clone(), s, d).to_dtype(dt).unwrap();
+                let lora = linear::Lora { a: cast(&a, (r, inp)), b: cast(&bm, (out, r)), scaling: 2.0, dropout: p };
+                let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+                let (y, saved) = linear::forward(&cast(&x, (n, inp)), &cast(&w, (out, inp)), None, Some(&lora), true, &mut rng).unwrap();
+                let (dx, g) = linear::backward(&saved, &cast(&w, (out, inp)), Some(&lora), &cast(&dy, (n, out))).unwrap();
+                let (da, db) = g.unwrap();
+                [y, saved.u.unwrap(), dx, da, db]
+            };
+            let want = run(&Device::Cpu, DType::F32);
+            let got = run(dev, dtype);
+            let tol = if dtype == DType::F32 { 2e-6 } else { 2e-2 };
+            for (name, g, w) in ["y", "u", "dx", "dA", "dB"].iter().zip(&got).zip(&want).map(|((n, g), w)| (n, g, w)) {
+                let e = rel_err(g, w);
+                assert!(e <= tol, "n {n} in {inp} out {out} r {r} p {p} {dtype:?}: {name} off by {e:e} of its max");
+            }
+        }
+    }
+}
+
+/// The fused cross-entropy kernel against the candle formulation on the CPU (f32 logits): the
+/// loss sum and the gradient `dh`, with untrained rows and several chunks.
+#[test]
+fn cross_entropy_kernel_matches_the_cpu() {
+    let Some(dev) = gpu("cross_entropy_kernel_matches_the_cpu") else { return };
+    let (n, hidden, vocab) = (300, 64, 5000);
+    let h = values(n * hidden, 21);
+    let head = values(vocab * hidden, 22);
+    let targets: Vec<i64> = (0..n as i64).map(|i| if i % 7 == 3 { -100 } else { (i * 7919) % vocab as i64 }).collect();
+    let run = |d: &Device, dt: DType| {
+        let h = Tensor::from_vec(h.clone(), (n, hidden), d).unwrap().to_dtype(dt).unwrap();
+        let head = Tensor::from_vec(head.clone(), (vocab, hidden), d).unwrap().to_dtype(dt).unwrap();
+        cross_entropy::forward_backward(&h, &head, &targets, Some(0.01), 128).unwrap()
+    };
+    // f64 on the CPU takes the candle path (the f32 CPU path is its own fused kernel).
+    let want = run(&Device::Cpu, DType::F64);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let got = run(dev, dt);
+        assert_eq!(got.n_tokens, want.n_tokens);
+        let lerr = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs();
+        assert!(lerr <= tol, "{dt:?}: loss {} vs {}", got.loss_sum, want.loss_sum);
+        let e = rel_err(got.dh.as_ref().unwrap(), want.dh.as_ref().unwrap());
+        assert!(e <= tol as f32 * 10.0, "{dt:?}: dh off by {e:e} of its max");
+    }
 }

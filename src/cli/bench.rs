@@ -451,8 +451,9 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
     let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() })?;
     let so = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
     let dev = &m.llama.device.clone();
-    if crate::profile::enabled() {
-        crate::profile::sync_device(Some(dev.clone()));
+    // QSCRIPT_PROFILE=host: the host's time per op (what launching costs), not the GPU's.
+    if crate::profile::enabled() && std::env::var("QSCRIPT_PROFILE").is_ok_and(|v| v != "host") {
+        crate::profile::gpu(Some(dev.clone()));
     }
     let mut times = Vec::new();
     let mut losses = Vec::new();

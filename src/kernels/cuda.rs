@@ -251,7 +251,7 @@ fn bench_weight(rows: usize, cols: usize) -> Result<(Quant4Gpu, Device)> {
         })
         .collect();
     let q = crate::quant::quantize_4bit(&data, &[rows, cols], QuantType::Nf4, 64, true)?;
-    let dev = Device::new_cuda(0)?;
+    let dev = crate::device::open_cuda(0)?;
     let g = Quant4Gpu::upload(&q, dev.as_cuda_device()?)?;
     Ok((g, dev))
 }

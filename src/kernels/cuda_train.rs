@@ -239,3 +239,37 @@ fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, 
     drop(b);
     Ok((wrap(dg, &dev, g.shape()), wrap(du, &dev, g.shape())))
 }
+
+/// Cross-entropy of logits `[c, V]` (f32 or bf16, contiguous) against `targets` `[c]` (u32, all
+/// in range): per-row losses `[c]` f32 and, with `grad_scale`, `grad_scale · (softmax − onehot)`
+/// in the logits' dtype.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, grad_scale: Option<f32>) -> Result<(Tensor, Option<Tensor>)> {
+    match logits.dtype() {
+        DType::F32 => xent_t::<f32>(logits, targets, grad_scale, "xent_f32"),
+        DType::BF16 => xent_t::<bf16>(logits, targets, grad_scale, "xent_bf16"),
+        other => bail!("cross-entropy on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+fn xent_t<T: CudaDType + DeviceRepr>(logits: &Tensor, targets: &Tensor, grad_scale: Option<f32>, name: &str) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = cuda_dev(logits)?;
+    let (c, v) = logits.dims2()?;
+    anyhow::ensure!(targets.dims() == [c] && targets.dtype() == DType::U32, "cross-entropy: logits {:?}, targets {:?}", logits.dims(), targets.dims());
+    let (lg, ll) = logits.storage_and_layout();
+    let (tg, tl) = targets.storage_and_layout();
+    let (ls, ts) = (slice::<T>(&lg, ll, "logits")?, slice::<u32>(&tg, tl, "targets")?);
+    let g = grad_scale.unwrap_or(0.0);
+    // SAFETY: the kernel writes every row's loss, and every gradient element when g ≠ 0 (the
+    // buffer is one element when there is no gradient, and never touched).
+    let (mut loss, mut dl) = unsafe { (dev.alloc::<f32>(c)?, dev.alloc::<T>(if g != 0.0 { c * v } else { 1 })?) };
+    let v32 = v as i32;
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&ls).arg(&ts).arg(&g).arg(&mut dl).arg(&mut loss).arg(&v32);
+    let cfg = LaunchConfig { grid_dim: (c as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as in train.cu.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    let dl = (g != 0.0).then(|| wrap(dl, &dev, (c, v)));
+    Ok((wrap(loss, &dev, c), dl))
+}

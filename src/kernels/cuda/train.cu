@@ -2,22 +2,7 @@
 
 #include <cuda_bf16.h>
 
-// Wellons' lowbias32, as in src/kernels/lora_cpu.rs (dropout_bits).
-__device__ __forceinline__ unsigned lowbias32(unsigned x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
-
-// The inverted-dropout multiplier of element i: `scale` where kept, else 0. Element i is kept
-// when the top 16 bits of the keyed hash of (u32)i reach `thr` (the CPU's dropout_bits).
-__device__ __forceinline__ float keep(long long i, unsigned k1, unsigned k2, unsigned thr, float scale) {
-    unsigned h = lowbias32(lowbias32((unsigned)i ^ k1) ^ k2) >> 16;
-    return h >= thr ? scale : 0.0f;
-}
+#include "dropout.cuh"
 
 extern "C" __global__ void dropout_mask_f32(unsigned k1, unsigned k2, unsigned thr, float scale, long long n, float* out) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
@@ -101,6 +86,34 @@ extern "C" __global__ void attn_softmax_bwd_f32(const float* p, const float* dp,
 extern "C" __global__ void attn_softmax_bwd_bf16(const __nv_bfloat16* p, const __nv_bfloat16* dp, __nv_bfloat16* ds, int t) {
     softmax_bwd(p, dp, ds, t);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy of one chunk of LM-head logits [c, V] (bf16 or f32; f32 statistics, as
+// transformers upcasts the logits): loss[i] = logsumexp(l_i) − l_i[t_i] and, when `g` ≠ 0, the
+// gradient g·(softmax(l_i) − onehot(t_i)) in the logits' dtype. One block per row: one pass for
+// an online max/sum, one for the gradient (the row is still in L2).
+
+template <typename T>
+__device__ void xent(const T* logits, const unsigned* tgt, float g, T* dl, float* loss, int V) {
+    long long row = blockIdx.x;
+    const T* lr = logits + row * V;
+    float m = -INFINITY, s = 0.0f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        float v = ldf(lr, j);
+        if (v > m) { s = s * expf(m - v) + 1.0f; m = v; } else s += expf(v - m);
+    }
+    float mx = block_reduce<true>(m);
+    float sum = block_reduce<false>(m == -INFINITY ? 0.0f : s * expf(m - mx));
+    int t = (int)tgt[row];
+    if (threadIdx.x == 0) loss[row] = mx + logf(sum) - ldf(lr, t);
+    if (g == 0.0f) return;
+    float inv = 1.0f / sum;
+    T* dr = dl + row * V;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) stf(dr, j, g * (expf(ldf(lr, j) - mx) * inv - (j == t ? 1.0f : 0.0f)));
+}
+
+extern "C" __global__ void xent_f32(const float* l, const unsigned* t, float g, float* dl, float* loss, int V) { xent(l, t, g, dl, loss, V); }
+extern "C" __global__ void xent_bf16(const __nv_bfloat16* l, const unsigned* t, float g, __nv_bfloat16* dl, float* loss, int V) { xent(l, t, g, dl, loss, V); }
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm over rows of h: forward y = x·rstd·w (rstd = 1/sqrt(mean(x²) + eps), f32, saved per

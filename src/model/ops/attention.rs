@@ -57,8 +57,13 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Ten
         let (o, p) = (Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?);
         return Ok((o, Saved { q, k, v, p }));
     }
+    let pr = crate::profile::scope("·attn fwd QK matmul");
     let scores = q.reshape((b, kvh, rep * t, d))?.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+    drop(pr);
+    let pr = crate::profile::scope("·attn fwd softmax");
     let p = softmax_fwd(&scores, mask, scale_of(d))?;
+    drop(pr);
+    let _pr = crate::profile::scope("·attn fwd PV matmul");
     let o = p.reshape((b, kvh, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, d))?;
     Ok((o, Saved { q, k, v, p }))
 }
@@ -100,10 +105,15 @@ pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     }
     let d_o = d_o.reshape((b, kvh, rep * t, d))?;
     let p = s.p.reshape((b, kvh, rep * t, t))?;
+    let pr = crate::profile::scope("·attn bwd dV dP matmuls");
     let dv = p.t()?.matmul(&d_o)?; // [b, kvh, t, d]
     let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, rt, t]
+    drop(pr);
     // Softmax backward: dS = P ⊙ (dP − Σ_j dP·P).
+    let pr = crate::profile::scope("·attn bwd softmax");
     let ds = softmax_bwd(&p, &dp)?;
+    drop(pr);
+    let _pr = crate::profile::scope("·attn bwd dQ dK matmuls");
     let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, nh, t, d))?;
     let dk = (ds.t()?.matmul(&s.q.reshape((b, kvh, rep * t, d))?)? * scale)?;
     Ok((dq, dk, dv))

@@ -39,29 +39,30 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         return Ok(Output { loss_sum, n_tokens: rows.len(), dh });
     }
     let dev = h.device();
-    let mut loss_sum = 0.0;
+    let mut losses = Vec::new();
     let mut dh_rows = Vec::new();
     for chunk in rows.chunks(chunk_rows.max(1)) {
         let idx = Tensor::new(chunk, dev)?;
         let tgt: Vec<u32> = chunk.iter().map(|&i| targets[i as usize] as u32).collect();
-        let tgt = Tensor::new(tgt.as_slice(), dev)?.unsqueeze(1)?;
+        let tgt = Tensor::new(tgt.as_slice(), dev)?;
         let hc = h.index_select(&idx, 0)?;
-        let sd = super::stat_dtype(h.dtype());
-        let logits = hc.matmul(&head.t()?)?.to_dtype(sd)?; // [c, vocab]
-        let max = logits.max_keepdim(D::Minus1)?;
-        let e = logits.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        let lse = (max + sum.log()?)?;
-        let picked = logits.gather(&tgt, 1)?;
-        loss_sum += (lse - picked)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if let Some(scale) = grad_scale {
-            // d loss / d logits = softmax − onehot(target).
-            let p = e.broadcast_div(&sum)?;
-            let minus_one = Tensor::full(-1f32, (chunk.len(), 1), dev)?.to_dtype(sd)?;
-            let dlogits = (p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(h.dtype())?;
-            dh_rows.push((idx, dlogits.matmul(head)?));
+        let pr = crate::profile::scope("·ce logits matmul");
+        let logits = hc.matmul(&head.t()?)?; // [c, vocab]
+        drop(pr);
+        let pr = crate::profile::scope("·ce softmax+loss");
+        let (loss, dlogits) = chunk_loss(&logits, &tgt, grad_scale)?;
+        drop(pr);
+        losses.push(loss);
+        if let Some(dl) = dlogits {
+            let _pr = crate::profile::scope("·ce dh matmul");
+            dh_rows.push((idx, dl.matmul(head)?));
         }
     }
+    // One read-back for the whole batch.
+    let loss_sum = match losses.is_empty() {
+        true => 0.0,
+        false => Tensor::cat(&losses, 0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?,
+    };
     let dh = match grad_scale {
         None => None,
         Some(_) => {
@@ -73,4 +74,28 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         }
     };
     Ok(Output { loss_sum, n_tokens: rows.len(), dh })
+}
+
+/// Per-row losses `[c]` (stat dtype) of logits `[c, vocab]` against `tgt` `[c]` (u32), and with
+/// `grad_scale` the logits' gradient `scale · (softmax − onehot)` in the logits' dtype. One
+/// kernel on CUDA; candle ops elsewhere.
+fn chunk_loss(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
+        return crate::kernels::cuda_train::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32));
+    }
+    let sd = super::stat_dtype(logits.dtype());
+    let dtype = logits.dtype();
+    let logits = logits.to_dtype(sd)?;
+    let tgt = tgt.unsqueeze(1)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let e = logits.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let lse = (max + sum.log()?)?;
+    let loss = (lse - logits.gather(&tgt, 1)?)?.squeeze(1)?;
+    let Some(scale) = grad_scale else { return Ok((loss, None)) };
+    // d loss / d logits = softmax − onehot(target).
+    let p = e.broadcast_div(&sum)?;
+    let minus_one = Tensor::full(-1f32, (tgt.dim(0)?, 1), logits.device())?.to_dtype(sd)?;
+    Ok((loss, Some((p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(dtype)?)))
 }

@@ -71,6 +71,10 @@ pub fn forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&Lora
         }
         _ => None,
     };
+    #[cfg(feature = "cuda")]
+    if let Some(l) = lora.filter(|l| crate::kernels::cuda_lora::supported(x, &l.a, &l.b)) {
+        return cuda_forward(x, w, bias, l, dropout);
+    }
     let (n, inp) = x.dims2()?;
     let out = w.dim(0)?;
     let dev = x.device();
@@ -89,7 +93,10 @@ pub fn forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&Lora
             (Tensor::from_vec(y, (n, out), dev)?, Saved { x: lora.map(|_| x.clone()), dropout, u })
         }
         None => {
+            let p = crate::profile::scope("·lin fwd base matmul");
             let y = x.matmul(&w.t()?)?;
+            drop(p);
+            let _p = crate::profile::scope("·lin fwd lora");
             match lora {
                 None => (y, Saved { x: None, dropout: None, u: None }),
                 Some(l) => {
@@ -113,6 +120,12 @@ pub fn forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&Lora
 /// Returns `dx` and, with an adapter, `(dA, dB)`.
 pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let dy = &dy.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if let (Some(l), Some(x), Some(u)) = (lora, &s.x, &s.u) {
+        if crate::kernels::cuda_lora::supported(dy, &l.a, &l.b) {
+            return cuda_backward(s.dropout.as_ref(), x, u, w, l, dy);
+        }
+    }
     let (n, out) = dy.dims2()?;
     let inp = w.dim(1)?;
     let dev = dy.device();
@@ -132,7 +145,10 @@ pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Resu
         };
         return Ok((Tensor::from_vec(dx, (n, inp), dev)?, g));
     }
+    let p = crate::profile::scope("·lin bwd base matmul");
     let dx = dy.matmul(w)?;
+    drop(p);
+    let _p = crate::profile::scope("·lin bwd lora");
     let (Some(l), Some(x), Some(u)) = (lora, &s.x, &s.u) else { return Ok((dx, None)) };
     // One mask for both uses: drop(x) for dA, and masking dx's LoRA term.
     let mask = s.scaled_mask(x.dtype())?;
@@ -148,4 +164,37 @@ pub fn backward(s: &Saved, w: &Tensor, lora: Option<&Lora>, dy: &Tensor) -> Resu
         dxd = (dxd * m)?;
     }
     Ok(((dx + dxd)?, Some((da, db))))
+}
+
+/// CUDA: cuBLAS for `x Wᵀ`, then one kernel for `u = drop(x) Aᵀ` and one adding `s·u Bᵀ`.
+#[cfg(feature = "cuda")]
+fn cuda_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, l: &Lora, dropout: Option<Dropout>) -> Result<(Tensor, Saved)> {
+    use crate::kernels::cuda_lora::{expand, project};
+    let p = crate::profile::scope("·lin fwd base matmul");
+    let y = x.matmul(&w.t()?)?;
+    drop(p);
+    let _p = crate::profile::scope("·lin fwd lora");
+    let u = project(x, &l.a, false, dropout.as_ref(), 1.0)?;
+    let mut y = expand(&y, &u, &l.b, false, None, l.scaling as f32)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    Ok((y, Saved { x: Some(x.clone()), dropout, u: Some(u) }))
+}
+
+/// CUDA: cuBLAS for `dy W`; kernels for `du = s·dy B`, `dx += mask ⊙ (du A)`, `dA = duᵀ drop(x)`
+/// and `dB = s·dyᵀ u`.
+#[cfg(feature = "cuda")]
+fn cuda_backward(dropout: Option<&Dropout>, x: &Tensor, u: &Tensor, w: &Tensor, l: &Lora, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    use crate::kernels::cuda_lora::{expand, grad, project};
+    let p = crate::profile::scope("·lin bwd base matmul");
+    let dx = dy.matmul(w)?;
+    drop(p);
+    let _p = crate::profile::scope("·lin bwd lora");
+    let s = l.scaling as f32;
+    let du = project(dy, &l.b, true, None, s)?;
+    let dx = expand(&dx, &du, &l.a, true, dropout, 1.0)?;
+    let da = grad(&du, x, dropout, 1.0)?.to_dtype(l.a.dtype())?;
+    let db = grad(u, dy, None, s)?.t()?.contiguous()?.to_dtype(l.b.dtype())?;
+    Ok((dx, Some((da, db))))
 }

@@ -1,0 +1,189 @@
+//! The LoRA side products on CUDA (feature `cuda`), from `src/kernels/cuda/lora.cu`: the
+//! forward and backward of a LoRA linear around cuBLAS's two big matmuls. The portable candle
+//! formulation in `model::ops::linear` is the reference the GPU tests compare with.
+
+use super::lora_cpu::Dropout;
+use anyhow::{bail, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
+use half::bf16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+const MODULE: &str = "qscript_lora";
+
+/// The dropout as the kernels take it (`Mask` in lora.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MaskArg {
+    k1: u32,
+    k2: u32,
+    thr: u32,
+    scale: f32,
+    on: i32,
+}
+
+// SAFETY: a plain #[repr(C)] struct of 4-byte scalars, laid out as lora.cu's `Mask`.
+unsafe impl DeviceRepr for MaskArg {}
+
+impl MaskArg {
+    fn of(d: Option<&Dropout>) -> Self {
+        match d {
+            Some(d) => MaskArg { k1: d.seed as u32, k2: (d.seed >> 32) as u32, thr: d.threshold, scale: d.scale, on: 1 },
+            None => MaskArg { k1: 0, k2: 0, thr: 0, scale: 1.0, on: 0 },
+        }
+    }
+}
+
+/// The compiled rank a kernel uses for rank `r` (≤ 32), or `None`.
+fn compiled_rank(r: usize) -> Option<usize> {
+    [8, 16, 32].into_iter().find(|&c| r <= c && r > 0)
+}
+
+/// Can the kernels run this adapter: CUDA, f32 or bf16 throughout, rank ≤ 32?
+pub fn supported(x: &Tensor, a: &Tensor, b: &Tensor) -> bool {
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && a.dtype() == x.dtype()
+        && b.dtype() == x.dtype()
+        && compiled_rank(a.dim(0).unwrap_or(0)).is_some()
+}
+
+fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("not a CUDA tensor"),
+    }
+}
+
+fn view<'a, T: CudaDType>(g: &'a candle_core::StorageRef<'_>, l: &candle_core::Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(cs) = &**g else { bail!("{what}: not a CUDA tensor") };
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: not contiguous") };
+    Ok(cs.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(T::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+}
+
+fn name(kind: &str, dtype: DType, r: usize) -> Result<String> {
+    let t = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => bail!("LoRA kernels: {other:?} (f32 or bf16)"),
+    };
+    let Some(c) = compiled_rank(r) else { bail!("LoRA kernels: rank {r} (at most 32)") };
+    Ok(format!("lora_{kind}_{t}_r{c}"))
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow::anyhow!("LoRA kernels: {what} = {v} exceeds i32"))
+}
+
+/// `U = scale · drop(X) · W(r, k)ᵀ` → `[n, r]` in X's dtype. `x` `[n, K]`; `w` `[r, K]`, or with
+/// `wt` `[K, r]` (B used as Bᵀ).
+pub fn project(x: &Tensor, w: &Tensor, wt: bool, dropout: Option<&Dropout>, scale: f32) -> Result<Tensor> {
+    let _p = crate::profile::scope("·· lora project");
+    let (n, k) = x.dims2()?;
+    let r = if wt { w.dim(1)? } else { w.dim(0)? };
+    anyhow::ensure!(w.elem_count() == r * k, "LoRA project: x {:?}, w {:?}", x.dims(), w.dims());
+    match x.dtype() {
+        DType::F32 => project_t::<f32>(x, w, wt, dropout, scale, n, k, r),
+        _ => project_t::<bf16>(x, w, wt, dropout, scale, n, k, r),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn project_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, wt: bool, dropout: Option<&Dropout>, scale: f32, n: usize, k: usize, r: usize) -> Result<Tensor> {
+    let dev = cuda_dev(x)?;
+    let (w, x) = (w.contiguous()?, x.contiguous()?);
+    let (xg, xl) = x.storage_and_layout();
+    let (wg, wl) = w.storage_and_layout();
+    let (xs, ws) = (view::<T>(&xg, xl, "x")?, view::<T>(&wg, wl, "w")?);
+    // SAFETY: the kernel writes all n·r outputs.
+    let mut u = unsafe { dev.alloc::<T>(n * r)? };
+    let func = dev.get_or_load_custom_func(&name("project", x.dtype(), r)?, MODULE, PTX)?;
+    let (wt, m, ni, ki, ri) = (i32::from(wt), MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "inner")?, r as i32);
+    // 16-byte loads of x need rows that start 16-byte aligned.
+    let elem = std::mem::size_of::<T>();
+    let vec = i32::from((k * elem) % 16 == 0 && xs.device_ptr(&dev.cuda_stream()).0 % 16 == 0);
+    let mut b = func.builder();
+    b.arg(&xs).arg(&ws).arg(&wt).arg(&m).arg(&scale).arg(&mut u).arg(&ni).arg(&ki).arg(&ri).arg(&vec);
+    // 16 warps of two rows each per block (lora.cu's PW).
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as lora.cu's lora_project.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(wrap(u, &dev, (n, r)))
+}
+
+/// `Y + scale · mask ⊙ (U · V(j, r)ᵀ)` as a new tensor: `y` `[n, M]`, `u` `[n, r]`; `v` `[M, r]`,
+/// or with `vt` `[r, M]` (A used as Aᵀ). The mask (when given) is over `[n, M]`.
+pub fn expand(y: &Tensor, u: &Tensor, v: &Tensor, vt: bool, dropout: Option<&Dropout>, scale: f32) -> Result<Tensor> {
+    let _p = crate::profile::scope("·· lora expand");
+    let (n, m) = y.dims2()?;
+    let r = u.dim(1)?;
+    anyhow::ensure!(u.dim(0)? == n && v.elem_count() == m * r, "LoRA expand: y {:?}, u {:?}, v {:?}", y.dims(), u.dims(), v.dims());
+    match y.dtype() {
+        DType::F32 => expand_t::<f32>(y, u, v, vt, dropout, scale, n, m, r),
+        _ => expand_t::<bf16>(y, u, v, vt, dropout, scale, n, m, r),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expand_t<T: CudaDType + DeviceRepr>(y: &Tensor, u: &Tensor, v: &Tensor, vt: bool, dropout: Option<&Dropout>, scale: f32, n: usize, m: usize, r: usize) -> Result<Tensor> {
+    let dev = cuda_dev(y)?;
+    let (y, u, v) = (y.contiguous()?, u.contiguous()?, v.contiguous()?);
+    let (yg, yl) = y.storage_and_layout();
+    let (ug, ul) = u.storage_and_layout();
+    let (vg, vl) = v.storage_and_layout();
+    let (ys, us, vs) = (view::<T>(&yg, yl, "y")?, view::<T>(&ug, ul, "u")?, view::<T>(&vg, vl, "v")?);
+    // SAFETY: the kernel writes all n·m outputs.
+    let mut out = unsafe { dev.alloc::<T>(n * m)? };
+    let func = dev.get_or_load_custom_func(&name("expand", y.dtype(), r)?, MODULE, PTX)?;
+    let (vt, mk, ni, mi, ri) = (i32::from(vt), MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(m, "cols")?, r as i32);
+    let mut b = func.builder();
+    b.arg(&ys).arg(&us).arg(&vs).arg(&vt).arg(&mk).arg(&scale).arg(&mut out).arg(&ni).arg(&mi).arg(&ri);
+    let cfg = LaunchConfig { grid_dim: (m.div_ceil(256) as u32, n.div_ceil(32) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as lora.cu's lora_expand.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(wrap(out, &dev, (n, m)))
+}
+
+/// Rows each block of `grad` sums: enough blocks to fill the GPU, few partials to add up.
+const GRAD_ROWS: usize = 128;
+
+/// `scale · Uᵀ · drop(X)` → `[r, K]` f32: `u` `[n, r]`, `x` `[n, K]`. Summed over row splits
+/// in a fixed order (deterministic).
+pub fn grad(u: &Tensor, x: &Tensor, dropout: Option<&Dropout>, scale: f32) -> Result<Tensor> {
+    let _p = crate::profile::scope("·· lora grad");
+    let (n, k) = x.dims2()?;
+    let r = u.dim(1)?;
+    anyhow::ensure!(u.dim(0)? == n, "LoRA grad: u {:?}, x {:?}", u.dims(), x.dims());
+    match x.dtype() {
+        DType::F32 => grad_t::<f32>(u, x, dropout, scale, n, k, r),
+        _ => grad_t::<bf16>(u, x, dropout, scale, n, k, r),
+    }
+}
+
+fn grad_t<T: CudaDType + DeviceRepr>(u: &Tensor, x: &Tensor, dropout: Option<&Dropout>, scale: f32, n: usize, k: usize, r: usize) -> Result<Tensor> {
+    let dev = cuda_dev(x)?;
+    let (u, x) = (u.contiguous()?, x.contiguous()?);
+    let splits = n.div_ceil(GRAD_ROWS).max(1);
+    let (ug, ul) = u.storage_and_layout();
+    let (xg, xl) = x.storage_and_layout();
+    let (us, xs) = (view::<T>(&ug, ul, "u")?, view::<T>(&xg, xl, "x")?);
+    // SAFETY: the kernel writes every (split, r, k) partial.
+    let mut g = unsafe { dev.alloc::<f32>(splits * r * k)? };
+    let func = dev.get_or_load_custom_func(&name("grad", x.dtype(), r)?, MODULE, PTX)?;
+    let (mk, ni, ki, ri, rows) = (MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "cols")?, r as i32, GRAD_ROWS as i32);
+    let mut b = func.builder();
+    b.arg(&us).arg(&xs).arg(&mk).arg(&scale).arg(&mut g).arg(&ni).arg(&ki).arg(&ri).arg(&rows);
+    let cfg = LaunchConfig { grid_dim: (k.div_ceil(256) as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as lora.cu's lora_grad.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(wrap(g, &dev, (splits, r, k)).sum(0)?)
+}
