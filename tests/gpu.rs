@@ -676,3 +676,68 @@ fn decode_fused_matches_generic_path() {
     }
     assert!(bad.is_empty(), "fused decoding differs:\n{}", bad.join("\n"));
 }
+
+/// Timing of a decoding step's parts on the smollm2-135m and llama-3.2-3b shapes (random NF4
+/// weights, bf16; layer 0, 160 cached positions): per call, the host's time to enqueue 500 calls
+/// back to back, and the time until the GPU has run them. Prints only; run it explicitly:
+/// `gpu --ignored decode_profile --nocapture`.
+#[test]
+#[ignore]
+fn decode_profile() {
+    use candle_core::Module;
+    use qscript::model::llama::Weight;
+    use std::time::Instant;
+    fn g(lin: &Linear) -> &Quant4Gpu {
+        match &lin.weight {
+            Weight::Quant4 { gpu: Some(g), .. } => g,
+            _ => panic!("not a 4-bit GPU weight"),
+        }
+    }
+    let Some(dev) = gpu("decode_profile") else { return };
+    for shape in ["smollm2-135m", "llama-3.2-3b"] {
+        let q = qscript::model::quantized::BnbConfig { quant_type: QuantType::Nf4, double_quant: true, compute_dtype: DType::BF16, ..Default::default() };
+        let opts = LoadOptions { dtype: DType::BF16, device: dev.clone(), quantization: Some(q), ..Default::default() };
+        let m = Model::random(shape, &opts).unwrap();
+        let l = &m.llama;
+        let c = &l.config;
+        let (h, kvh, d, hid, inter, cap, len) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size, 256, 160);
+        let (b, bf) = (&l.layers[0], |t: Tensor| t.to_dtype(DType::BF16).unwrap());
+        let (a, f) = (&b.self_attn, &b.mlp);
+        let x = bf(on(dev, &values(hid, 1), &[1, 1, hid]));
+        let (qv, att, mlp) = (bf(on(dev, &values(h * d, 2), &[h * d])), bf(on(dev, &values(h * d, 3), &[h * d])), bf(on(dev, &values(inter, 4), &[inter])));
+        let (kc, vc) = (bf(on(dev, &values(kvh * cap * d, 5), &[kvh, cap, d])), bf(on(dev, &values(kvh * cap * d, 6), &[kvh, cap, d])));
+        let time = |what: &str, f: &mut dyn FnMut()| {
+            for _ in 0..10 {
+                f();
+            }
+            dev.synchronize().unwrap();
+            let n = 500;
+            let t0 = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            let enq = t0.elapsed().as_secs_f64();
+            dev.synchronize().unwrap();
+            let all = t0.elapsed().as_secs_f64();
+            eprintln!("{shape} {what:>18}: host {:7.1} µs, with the GPU {:7.1} µs per call", enq * 1e6 / n as f64, all * 1e6 / n as f64);
+        };
+        let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
+        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(&a.q_proj), g(&a.k_proj), g(&a.v_proj)], &l.rope.cos, &l.rope.sin, len - 1, d, &qv, &kc, &vc).unwrap());
+        time("attention", &mut || dec::attention(&qv, &kc, &vc, len, &att).unwrap());
+        time("o_proj + residual", &mut || dec::residual(g(&a.o_proj), &att, &x).unwrap());
+        time("gate/up + swiglu", &mut || dec::gate_up(&x, &n2.weight, 1e-5, g(&f.gate_proj), g(&f.up_proj), &mlp).unwrap());
+        time("down + residual", &mut || dec::residual(g(&f.down_proj), &mlp, &x).unwrap());
+        let ids = Tensor::new(&[[5u32]], dev).unwrap();
+        time("embedding", &mut || drop(candle_nn::Embedding::new(l.embed_tokens.clone(), hid).forward(&ids).unwrap()));
+        time("norm + head + f32", &mut || drop(Linear::new(l.embed_tokens.clone(), None).forward(&l.norm.forward(&x).unwrap()).unwrap().to_dtype(DType::F32).unwrap()));
+        let logits = Linear::new(l.embed_tokens.clone(), None).forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+        time("argmax + to host", &mut || {
+            std::hint::black_box(logits.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap());
+        });
+        let mut cache = l.new_cache();
+        let prompt = Tensor::new(&[[1u32; 32]], dev).unwrap();
+        l.forward(&prompt, Some(&mut cache), true).unwrap();
+        time("whole step", &mut || drop(l.forward(&ids, Some(&mut cache), true).unwrap()));
+        assert!(cache.is_fused());
+    }
+}

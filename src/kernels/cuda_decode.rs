@@ -9,10 +9,12 @@
 
 use super::cuda::{gemv_blocks, gemv_lanes, Quant4Gpu};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, DType, Storage, Tensor};
 use half::bf16;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "qscript_decode";
@@ -43,6 +45,20 @@ pub(crate) struct W4Arg {
 const _: () = assert!(std::mem::size_of::<W4Arg>() == 72);
 // SAFETY: plain numbers, laid out as decode.cu's W4 (checked by the static asserts on both sides).
 unsafe impl DeviceRepr for W4Arg {}
+
+/// The kernel `name` of decode.ptx on `dev`, looked up by name once per thread and device (candle's
+/// lookup takes locks, a string copy and a driver call: a sizeable part of a launch's host time).
+fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    thread_local! {
+        static KERNELS: RefCell<HashMap<DeviceId, HashMap<String, CudaFunction>>> = RefCell::new(HashMap::new());
+    }
+    if let Some(f) = KERNELS.with_borrow(|k| k.get(&dev.id()).and_then(|m| m.get(name)).cloned()) {
+        return Ok(f);
+    }
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
+    KERNELS.with_borrow_mut(|k| k.entry(dev.id()).or_default().insert(name.to_string(), f.clone()));
+    Ok(f)
+}
 
 /// "f32" or "bf16": the kernel name part of the activations' dtype.
 fn act_name(dtype: DType) -> Result<&'static str> {
@@ -116,8 +132,8 @@ pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: 
     let (lanes, cfg) = gemv_launch(w[0], (rq + rk + rv) / 4, cols, true)?;
     let args = w.map(Quant4Gpu::decode_arg);
     let (pos, d, cap) = (pos as i32, d as i32, cap as i32);
-    let func = dev.get_or_load_custom_func(&format!("dec_qkv_{t}_{kind}_l{lanes}"), MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (kernel(&dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&x_p).arg(&n_p).arg(&eps).arg(&cos_p).arg(&sin_p);
     b.arg(&pos).arg(&d).arg(&cap).arg(&q_p).arg(&k_p).arg(&v_p);
     // SAFETY: arguments as decode.cu's dec_qkv_*; every buffer's size checked above.
@@ -145,8 +161,8 @@ pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, out
     let (cap, len, rep) = (cap as i32, len as i32, (h / kvh) as i32);
     let scale = 1.0 / (d as f32).sqrt();
     let cfg = LaunchConfig { grid_dim: (h as u32, 1, 1), block_dim: (ATT_THREADS, 1, 1), shared_mem_bytes: 0 };
-    let func = dev.get_or_load_custom_func(&format!("dec_attn_{t}_d{d}"), MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (kernel(&dev, &format!("dec_attn_{t}_d{d}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&q_p).arg(&k_p).arg(&v_p).arg(&o_p).arg(&cap).arg(&len).arg(&rep).arg(&scale);
     // SAFETY: arguments as decode.cu's dec_attn_*; sizes checked above.
     unsafe { b.launch(cfg) }.w()?;
@@ -163,8 +179,8 @@ pub fn residual(w: &Quant4Gpu, h: &Tensor, x: &Tensor) -> Result<()> {
     let x_p = addr(x, dt, rows, dev, "residual")?;
     let (lanes, cfg) = gemv_launch(w, rows.div_ceil(4), cols, false)?;
     let arg = w.decode_arg();
-    let func = dev.get_or_load_custom_func(&format!("dec_residual_{t}_{kind}_l{lanes}"), MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (kernel(&dev, &format!("dec_residual_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&arg).arg(&h_p).arg(&x_p);
     // SAFETY: arguments as decode.cu's dec_residual_*; sizes checked above.
     unsafe { b.launch(cfg) }.w()?;
@@ -184,8 +200,8 @@ pub fn gate_up(x: &Tensor, norm_w: &Tensor, eps: f32, gate: &Quant4Gpu, up: &Qua
     let h_p = addr(h, dt, rows, dev, "SwiGLU output")?;
     let (lanes, cfg) = gemv_launch(gate, rows.div_ceil(2), cols, true)?;
     let (ga, ua) = (gate.decode_arg(), up.decode_arg());
-    let func = dev.get_or_load_custom_func(&format!("dec_gate_up_{t}_{kind}_l{lanes}"), MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (kernel(&dev, &format!("dec_gate_up_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&ga).arg(&ua).arg(&x_p).arg(&n_p).arg(&eps).arg(&h_p);
     // SAFETY: arguments as decode.cu's dec_gate_up_*; sizes checked above.
     unsafe { b.launch(cfg) }.w()?;

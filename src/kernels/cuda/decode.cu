@@ -54,12 +54,14 @@ extern __shared__ float4 xs_dyn[];  // float4: 16-byte aligned for XShared's loa
 template <bool BF>
 DEVI void norm_to_shared(const void* x, const void* w, int cols, float eps, float* xs) {
     float ss = 0.0f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         const float v = ld<BF>(x, i);
         ss += v * v;
     }
     const float r = rsqrtf(block_reduce<false>(ss) / cols + eps);
     const int nchunks = cols / 32;
+#pragma unroll 4
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
         xs[(((i >> 3) & 3) * nchunks + (i >> 5)) * 8 + (i & 7)] = rt<BF>(ld<BF>(x, i) * r * ld<BF>(w, i));
     __syncthreads();
@@ -87,11 +89,8 @@ DEVI void qkv_rope(const W4& wq, const W4& wk, const W4& wv, const void* x, cons
                    const void* cos, const void* sin, int pos, int d, int cap, void* q_out, void* k_cache,
                    void* v_cache) {
     __shared__ float lut[48];
-    for (int i = threadIdx.x; i < 48; i += blockDim.x) lut[i] = (i < 16 ? wq : i < 32 ? wk : wv).q.lut[i & 15];
-    const int cols = wq.cols;
     float* xs = (float*)xs_dyn;
-    norm_to_shared<BF>(x, norm_w, cols, eps, xs);  // ends with a barrier: lut is ready too
-
+    const int cols = wq.cols;
     const int gq = wq.rows / 4, gk = wk.rows / 4, groups = gq + gk + wv.rows / 4;
     const int t = blockIdx.x * blockDim.x + threadIdx.x, lane = t % LANES;
     // Threads past the last group redo it (every lane reaches the shuffles), storing nothing.
@@ -114,7 +113,10 @@ DEVI void qkv_rope(const W4& wq, const W4& wk, const W4& wv, const void* x, cons
     for (int i = 0; i < ROWS; ++i) base[i] = (i64)row[i] * cols;
     float acc[ROWS];
     const float* l = lut + 16 * which;
-    gemv4_rows<LANES, DQ>(w.q, w.q, l, l, base, lane, cols / 32, XShared{xs, cols / 32}, acc);
+    gemv4_rows<LANES, DQ>(w.q, w.q, l, l, base, lane, cols / 32, XShared{xs, cols / 32}, acc, [&] {
+        for (int i = threadIdx.x; i < 48; i += blockDim.x) lut[i] = (i < 16 ? wq : i < 32 ? wk : wv).q.lut[i & 15];
+        norm_to_shared<BF>(x, norm_w, cols, eps, xs);  // ends with a barrier: lut is ready too
+    });
     if (lane != 0 || !live) return;
 
     float a[ROWS];
@@ -247,16 +249,17 @@ DEVI void residual(const W4& w, const void* h, void* x) {
 template <int LANES, bool DQ, bool BF>
 DEVI void gate_up(const W4& wg, const W4& wu, const void* x, const void* norm_w, float eps, void* h) {
     __shared__ float lut[32];
-    for (int i = threadIdx.x; i < 32; i += blockDim.x) lut[i] = (i < 16 ? wg : wu).q.lut[i & 15];
     const int cols = wg.cols, rows = wg.rows;
     float* xs = (float*)xs_dyn;
-    norm_to_shared<BF>(x, norm_w, cols, eps, xs);
     const int t = blockIdx.x * blockDim.x + threadIdx.x, lane = t % LANES, r0 = (t / LANES) * 2;
     i64 base[ROWS];
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) base[i] = (i64)min(r0 + i % 2, rows - 1) * cols;
     float acc[ROWS];
-    gemv4_rows<LANES, DQ>(wg.q, wu.q, lut, lut + 16, base, lane, cols / 32, XShared{xs, cols / 32}, acc);
+    gemv4_rows<LANES, DQ>(wg.q, wu.q, lut, lut + 16, base, lane, cols / 32, XShared{xs, cols / 32}, acc, [&] {
+        for (int i = threadIdx.x; i < 32; i += blockDim.x) lut[i] = (i < 16 ? wg : wu).q.lut[i & 15];
+        norm_to_shared<BF>(x, norm_w, cols, eps, xs);  // ends with a barrier: lut is ready too
+    });
     if (lane != 0) return;
 #pragma unroll
     for (int p = 0; p < 2; ++p) {

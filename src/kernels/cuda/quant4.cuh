@@ -158,10 +158,16 @@ struct XGlobal {
 // codes and scales prefetched while this one is summed. Per chunk the sum is
 // absmax * sum(lut[code] * x). Rows 0 .. ROWS/2-1 come from weight `lo` (table `lut_lo` in
 // shared memory), the others from `hi` (the same weight for a plain GEMV); row i starts at
-// element base[i] of its weight. Every lane of the warp must call this (shuffles).
-template <int LANES, bool DQ, class X>
+// element base[i] of its weight. `prologue` (block-wide work x and the tables depend on, such as
+// a norm into shared memory) runs once the first codes are on their way. Every lane of the block
+// must call this (shuffles, and the prologue's barriers).
+struct NoPrologue {
+    DEVI void operator()() const {}
+};
+
+template <int LANES, bool DQ, class X, class P = NoPrologue>
 DEVI void gemv4_rows(const Q4& lo, const Q4& hi, const float* lut_lo, const float* lut_hi, const i64 base[ROWS],
-                     int lane, int nchunks, const X& x, float acc[ROWS]) {
+                     int lane, int nchunks, const X& x, float acc[ROWS], const P& prologue = P()) {
     // Codes and scales of chunk cc of every row, into wn / an.
     uint4 wn[ROWS];
     float an[ROWS];
@@ -178,6 +184,7 @@ DEVI void gemv4_rows(const Q4& lo, const Q4& hi, const float* lut_lo, const floa
     for (int i = 0; i < ROWS; ++i) acc[i] = 0.0f;
     int c = lane;
     if (c < nchunks) fetch(c);
+    prologue();
     while (c < nchunks) {
         uint4 w[ROWS];
         float a[ROWS];
