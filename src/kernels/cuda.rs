@@ -74,7 +74,7 @@ fn blocks(n: usize, threads: usize) -> LaunchConfig {
 /// The GEMV's launch over `threads` threads: blocks of 128, halved (down to one warp) while
 /// that leaves fewer than two blocks per multiprocessor, so small layers (e.g. 1024 rows: 256
 /// row groups) still spread over the whole GPU instead of a few dozen SMs.
-fn gemv_blocks(threads: usize, sms: usize) -> LaunchConfig {
+pub(crate) fn gemv_blocks(threads: usize, sms: usize) -> LaunchConfig {
     let mut per_block = GEMV_THREADS;
     while per_block > 32 && threads.div_ceil(per_block) < 2 * sms {
         per_block /= 2;
@@ -84,7 +84,7 @@ fn gemv_blocks(threads: usize, sms: usize) -> LaunchConfig {
 
 /// Lanes per row group of the fast GEMV for a row of `chunks` 32-element chunks: the group size
 /// (32, 16 or 8) that leaves the fewest lanes idle on the last pass, the widest on ties.
-fn gemv_lanes(chunks: usize) -> usize {
+pub(crate) fn gemv_lanes(chunks: usize) -> usize {
     [32, 16, 8].into_iter().min_by_key(|&l| l * chunks.div_ceil(l)).expect("non-empty")
 }
 
@@ -133,7 +133,7 @@ impl Quant4Gpu {
     }
 
     /// Kernel name suffix for the scales' layout.
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self.scales {
             Scales::Plain(_) => "plain",
             Scales::Double { .. } => "dq",
@@ -149,6 +149,50 @@ impl Quant4Gpu {
                 b.arg(nested).arg(q).arg(nested).arg(code).arg(offset).arg(log2_nested)
             }
         };
+    }
+
+    /// Whether the fused decode kernels (src/kernels/cuda_decode.rs) take this weight: a 2-D
+    /// `[out, in]` weight with whole 32-element chunks per row (what their GEMV reads).
+    pub fn fused_ok(&self) -> bool {
+        matches!(self.shape[..], [rows, cols] if cols % 32 == 0 && rows <= i32::MAX as usize && cols <= i32::MAX as usize)
+            && aligned16(&self.packed, &self.dev.cuda_stream())
+    }
+
+    pub(crate) fn cuda_device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    pub(crate) fn sms(&self) -> usize {
+        self.sms
+    }
+
+    /// The weight as the fused decode kernels take it (device addresses of its buffers, valid
+    /// while `self` lives; the statistics slots as in [`Self::push_stats`]). Needs [`Self::fused_ok`].
+    pub(crate) fn decode_arg(&self) -> super::cuda_decode::W4Arg {
+        let stream = self.dev.cuda_stream();
+        fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+            s.device_ptr(stream).0
+        }
+        let (absmax, absmax_q, nested_absmax, nested_code, offset, log2_nested) = match &self.scales {
+            Scales::Plain(a) => (addr(a, &stream), addr(a, &stream), addr(a, &stream), addr(a, &stream), 0.0, 0),
+            Scales::Double { q, nested, code, offset, log2_nested } => {
+                (addr(nested, &stream), addr(q, &stream), addr(nested, &stream), addr(code, &stream), *offset, *log2_nested)
+            }
+        };
+        super::cuda_decode::W4Arg {
+            packed: addr(&self.packed, &stream),
+            lut: addr(&self.lut, &stream),
+            absmax,
+            absmax_q,
+            nested_absmax,
+            nested_code,
+            offset,
+            log2_nested,
+            log2_bs: self.log2_bs,
+            pad: 0,
+            rows: self.shape[0] as i32,
+            cols: self.shape[1] as i32,
+        }
     }
 
     /// Dequantize to a new tensor of the weight's shape on its device, in `dtype` (F32, BF16 or

@@ -6,6 +6,8 @@ pub mod attention_train;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+pub mod cuda_decode;
+#[cfg(feature = "cuda")]
 pub mod cuda_lora;
 #[cfg(feature = "cuda")]
 pub mod cuda_train;

@@ -7,6 +7,9 @@ use super::weights::WeightFiles;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 
+#[cfg(feature = "cuda")]
+mod decode_cuda;
+
 /// The frozen weight of a [`Linear`]: dense, or bitsandbytes 4-bit (packed codes + statistics).
 /// A 4-bit weight is dequantized on every use and never cached, so memory stays at 4 bits.
 // With `cuda`, `Device::Cuda` alone is large; a Weight exists once per layer.
@@ -299,17 +302,26 @@ pub struct Block {
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
+    /// CUDA: the fused decode path's scratch vectors (made at its first step).
+    #[cfg(feature = "cuda")]
+    decode: Option<decode_cuda::Scratch>,
+    /// CUDA: keep to the generic path (what the fused one is tested against).
+    #[cfg(feature = "cuda")]
+    unfused: bool,
 }
 
 /// One layer's cached keys and values. With batch 1 in f32 on the CPU (generation) they live
-/// in preallocated buffers that decoding appends to in place; otherwise they are tensors
-/// `[b, kvh, s, d]` grown by concatenation.
+/// in preallocated buffers that decoding appends to in place, and likewise in GPU buffers when
+/// CUDA decodes through the fused path; otherwise they are tensors `[b, kvh, s, d]` grown by
+/// concatenation.
 #[derive(Default)]
 pub enum LayerKv {
     #[default]
     Empty,
     Tensors(Tensor, Tensor),
     Buf(KvBuf),
+    #[cfg(feature = "cuda")]
+    Gpu(decode_cuda::GpuKv),
 }
 
 /// Keys and values as `[kvh, cap, d]` f32 buffers (per head: positions `0..len` in use).
@@ -372,6 +384,8 @@ impl LayerKv {
             LayerKv::Empty => 0,
             LayerKv::Tensors(k, _) => k.dim(2).unwrap_or(0),
             LayerKv::Buf(b) => b.len,
+            #[cfg(feature = "cuda")]
+            LayerKv::Gpu(g) => g.len(),
         }
     }
 
@@ -382,7 +396,26 @@ impl LayerKv {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: (0..n_layers).map(|_| LayerKv::Empty).collect() }
+        Self {
+            layers: (0..n_layers).map(|_| LayerKv::Empty).collect(),
+            #[cfg(feature = "cuda")]
+            decode: None,
+            #[cfg(feature = "cuda")]
+            unfused: false,
+        }
+    }
+
+    /// This cache never takes the fused CUDA decode path (the reference in tests).
+    #[cfg(feature = "cuda")]
+    pub fn unfused(mut self) -> Self {
+        self.unfused = true;
+        self
+    }
+
+    /// Whether the fused CUDA decode path holds this cache (it has run a step).
+    #[cfg(feature = "cuda")]
+    pub fn is_fused(&self) -> bool {
+        matches!(self.layers.first(), Some(LayerKv::Gpu(_)))
     }
 
     /// Number of cached positions.
@@ -426,6 +459,11 @@ impl Attention {
             let (q, k, v) = self.qkv(x, rope, pos)?;
             let (k, v) = match std::mem::take(slot) {
                 LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                #[cfg(feature = "cuda")]
+                LayerKv::Gpu(g) => {
+                    let (pk, pv) = g.tensors()?;
+                    (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+                }
                 _ => (k, v),
             };
             *slot = LayerKv::Tensors(k.clone(), v.clone());
@@ -725,18 +763,29 @@ impl Llama {
             pos + t,
             self.rope.cos.dim(0)?
         );
+        #[cfg(feature = "cuda")]
+        if let Some(c) = cache.as_deref_mut() {
+            if let Some(logits) = decode_cuda::forward(self, ids, c)? {
+                return Ok(logits);
+            }
+        }
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(&x, &self.rope, pos, slot)?;
         }
         let x = if last_only && t > 1 { x.narrow(1, t - 1, 1)? } else { x };
-        let x = self.norm.forward(&x)?;
+        let _ = b;
+        self.logits(&x)
+    }
+
+    /// Final norm and LM head: f32 logits for the hidden states `x` `[b, t, hidden]`.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
             None => Linear::new(self.embed_tokens.clone(), None).forward(&x)?,
         };
-        let _ = b;
         Ok(logits.to_dtype(DType::F32)?)
     }
 

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include "dropout.cuh"
+#include "reduce.cuh"
 
 extern "C" __global__ void dropout_mask_f32(unsigned k1, unsigned k2, unsigned thr, float scale, long long n, float* out) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
@@ -25,26 +26,6 @@ __device__ __forceinline__ float ldf(const float* p, long long i) { return p[i];
 __device__ __forceinline__ float ldf(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void stf(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void stf(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
-
-// Block-wide reduction (max or sum) through warp shuffles and one shared slot per warp.
-template <bool MAX>
-__device__ float block_reduce(float v) {
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = MAX ? fmaxf(v, w) : v + w;
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    __syncthreads();  // part[] may still be read by a previous reduction
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    v = lane < nw ? part[lane] : (MAX ? -INFINITY : 0.0f);
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = MAX ? fmaxf(v, w) : v + w;
-    }
-    return v;
-}
 
 template <typename T>
 __device__ void softmax_fwd(const T* s, const float* mask, T* p, float scale, int t, long long rows_per_b) {
