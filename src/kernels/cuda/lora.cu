@@ -134,12 +134,24 @@ __device__ void expand(const T* __restrict__ y, const T* __restrict__ u, const T
     for (int q = 0; q < R; q++) vj[q] = (q < r && j < M) ? ld(v, vt ? (long long)q * M + j : (long long)j * r + q) : 0.0f;
     __syncthreads();
     if (j >= M) return;
-    for (int a = 0; a < ER && row0 + a < n; a++) {
-        float s = 0.0f;
+    // Eight rows' loads issued before their sums, so that the loads overlap.
+    for (int a0 = 0; a0 < ER; a0 += 8) {
+        float yv[8];
 #pragma unroll
-        for (int q = 0; q < R; q++) s += us[a][q] * vj[q];
-        long long e = (long long)(row0 + a) * M + j;
-        st(out, e, ld(y, e) + scale * m.at(e) * s);
+        for (int t = 0; t < 8; t++) {
+            int row = row0 + a0 + t;
+            yv[t] = row < n ? ld(y, (long long)row * M + j) : 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            int row = row0 + a0 + t;
+            if (row >= n) break;
+            float s = 0.0f;
+#pragma unroll
+            for (int q = 0; q < R; q++) s += us[a0 + t][q] * vj[q];
+            long long e = (long long)row * M + j;
+            st(out, e, yv[t] + scale * m.at(e) * s);
+        }
     }
 }
 
@@ -164,12 +176,19 @@ __device__ void grad(const T* __restrict__ u, const T* __restrict__ x, Mask m, f
         }
         __syncthreads();
         if (k < K) {
+            // Eight rows' loads issued before their products (rows past the split have zero U).
             int rows = min(GR, hi - base);
-            for (int a = 0; a < rows; a++) {
-                long long e = (long long)(base + a) * K + k;
-                float xv = ld(x, e) * m.at(e);
+            for (int a0 = 0; a0 < rows; a0 += 8) {
+                float xv[8];
 #pragma unroll
-                for (int q = 0; q < R; q++) acc[q] += us[a][q] * xv;
+                for (int t = 0; t < 8; t++) {
+                    long long e = (long long)(base + a0 + t) * K + k;
+                    xv[t] = a0 + t < rows ? ld(x, e) * m.at(e) : 0.0f;
+                }
+#pragma unroll
+                for (int t = 0; t < 8; t++)
+#pragma unroll
+                    for (int q = 0; q < R; q++) acc[q] += us[a0 + t][q] * xv[t];
             }
         }
     }
