@@ -112,8 +112,16 @@ fn attention_backward_matches_autograd_with_gqa_packing_and_padding() {
     assert_close("attn dq", &dq, grads.get(q.as_tensor()).unwrap(), 1e-5);
     assert_close("attn dk", &dk, grads.get(k.as_tensor()).unwrap(), 1e-5);
     assert_close("attn dv", &dv, grads.get(v.as_tensor()).unwrap(), 1e-5);
+    // The tiled path (f64 here: tiles of 4 query rows, probabilities recomputed in backward).
+    let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let (o2, s2) = attention::forward_tiled(&f64_(q.as_tensor()), &f64_(k.as_tensor()), &f64_(v.as_tensor()), &mask, 4).unwrap();
+    assert!(s2.p.is_none(), "the tiled path keeps no probabilities");
+    let (dq2, dk2, dv2) = attention::backward(&s2, &f64_(&r)).unwrap();
+    for (name, got, want) in [("o", &o2, &o_ref), ("dq", &dq2, grads.get(q.as_tensor()).unwrap()), ("dk", &dk2, grads.get(k.as_tensor()).unwrap()), ("dv", &dv2, grads.get(v.as_tensor()).unwrap())] {
+        assert_close(&format!("tiled attn {name}"), &got.to_dtype(DType::F32).unwrap(), want, 1e-5);
+    }
     // No attention across packed examples: token 3 (example 2) ignores tokens 0..3.
-    let p = saved.p.to_dtype(DType::F32).unwrap();
+    let p = saved.p.as_ref().expect("the CPU f32 path keeps P").to_dtype(DType::F32).unwrap();
     let row = p.get(0).unwrap().get(0).unwrap().get(3).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(&row[..3], &[0.0, 0.0, 0.0]);
 }

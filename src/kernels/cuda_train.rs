@@ -54,11 +54,12 @@ fn row_blocks(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// `softmax(scale · s + mask)` over the last axis of attention scores `s` `[b, nh, t, t]`
-/// (f32 or bf16, contiguous), `mask` `[b, 1, t, t]` f32 additive; the result in `s`'s dtype.
+/// `softmax(scale · s + mask)` over the last axis of attention scores `s` `[b, nh, c, t]` (a
+/// tile of c query rows; f32 or bf16, contiguous), `mask` `[b, 1, c, t]` f32 additive; the
+/// result in `s`'s dtype.
 pub fn attn_softmax_fwd(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tensor> {
-    let (b, nh, t, t2) = s.dims4()?;
-    anyhow::ensure!(t == t2 && mask.dims4()? == (b, 1, t, t) && mask.dtype() == DType::F32, "attention softmax: scores {:?}, mask {:?}", s.dims(), mask.dims());
+    let (b, nh, c, t) = s.dims4()?;
+    anyhow::ensure!(mask.dims4()? == (b, 1, c, t) && mask.dtype() == DType::F32, "attention softmax: scores {:?}, mask {:?}", s.dims(), mask.dims());
     match s.dtype() {
         DType::F32 => softmax_fwd_t::<f32>(s, mask, scale, nh, "attn_softmax_fwd_f32"),
         DType::BF16 => softmax_fwd_t::<bf16>(s, mask, scale, nh, "attn_softmax_fwd_bf16"),
@@ -68,9 +69,9 @@ pub fn attn_softmax_fwd(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tensor>
 
 fn softmax_fwd_t<T: CudaDType + DeviceRepr>(s: &Tensor, mask: &Tensor, scale: f32, nh: usize, name: &str) -> Result<Tensor> {
     let dev = cuda_dev(s)?;
-    let t = s.dim(candle_core::D::Minus1)?;
+    let (c, t) = (s.dim(2)?, s.dim(3)?);
     let rows = s.elem_count() / t.max(1);
-    let (t32, rows_per_b) = (t as i32, (nh * t) as i64);
+    let (t32, rows_per_b, c32) = (t as i32, (nh * c) as i64, c as i32);
     let (sg, sl) = s.storage_and_layout();
     let (mg, ml) = mask.storage_and_layout();
     let (x, m) = (slice::<T>(&sg, sl, "scores")?, slice::<f32>(&mg, ml, "mask")?);
@@ -78,7 +79,7 @@ fn softmax_fwd_t<T: CudaDType + DeviceRepr>(s: &Tensor, mask: &Tensor, scale: f3
     let mut out = unsafe { dev.alloc::<T>(rows * t)? };
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
     let mut bld = func.builder();
-    bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b);
+    bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b).arg(&c32);
     // SAFETY: arguments as in train.cu.
     unsafe { bld.launch(row_blocks(rows)) }.w()?;
     drop(bld);

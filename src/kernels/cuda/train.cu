@@ -27,13 +27,14 @@ __device__ __forceinline__ float ldf(const __nv_bfloat16* p, long long i) { retu
 __device__ __forceinline__ void stf(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void stf(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// Rows of t keys, tq query rows per head (a query tile: the mask is [b, tq, t] for it).
 template <typename T>
-__device__ void softmax_fwd(const T* s, const float* mask, T* p, float scale, int t, long long rows_per_b) {
+__device__ void softmax_fwd(const T* s, const float* mask, T* p, float scale, int t, long long rows_per_b, int tq) {
     long long row = blockIdx.x;
     long long b = row / rows_per_b;
-    int i = (int)(row % t);
+    int i = (int)(row % tq);
     const T* sr = s + row * t;
-    const float* mr = mask + (b * t + i) * (long long)t;
+    const float* mr = mask + (b * tq + i) * (long long)t;
     T* pr = p + row * t;
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < t; j += blockDim.x) mx = fmaxf(mx, ldf(sr, j) * scale + mr[j]);
@@ -57,11 +58,11 @@ __device__ void softmax_bwd(const T* p, const T* dp, T* ds, int t) {
     for (int j = threadIdx.x; j < t; j += blockDim.x) stf(sr, j, ldf(pr, j) * (ldf(dr, j) - dot));
 }
 
-extern "C" __global__ void attn_softmax_fwd_f32(const float* s, const float* mask, float* p, float scale, int t, long long rows_per_b) {
-    softmax_fwd(s, mask, p, scale, t, rows_per_b);
+extern "C" __global__ void attn_softmax_fwd_f32(const float* s, const float* mask, float* p, float scale, int t, long long rows_per_b, int tq) {
+    softmax_fwd(s, mask, p, scale, t, rows_per_b, tq);
 }
-extern "C" __global__ void attn_softmax_fwd_bf16(const __nv_bfloat16* s, const float* mask, __nv_bfloat16* p, float scale, int t, long long rows_per_b) {
-    softmax_fwd(s, mask, p, scale, t, rows_per_b);
+extern "C" __global__ void attn_softmax_fwd_bf16(const __nv_bfloat16* s, const float* mask, __nv_bfloat16* p, float scale, int t, long long rows_per_b, int tq) {
+    softmax_fwd(s, mask, p, scale, t, rows_per_b, tq);
 }
 extern "C" __global__ void attn_softmax_bwd_f32(const float* p, const float* dp, float* ds, int t) { softmax_bwd(p, dp, ds, t); }
 extern "C" __global__ void attn_softmax_bwd_bf16(const __nv_bfloat16* p, const __nv_bfloat16* dp, __nv_bfloat16* ds, int t) {

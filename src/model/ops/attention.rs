@@ -1,6 +1,12 @@
 //! Grouped-query causal attention with padding and packing masks. The `nh/kvh` query heads
 //! that share a key/value head are folded into the time axis (`[b, kvh, rep·t, d]`), so K and V
 //! are never copied per query head and their gradients sum over the group for free.
+//!
+//! The CPU f32 path keeps the probabilities for backward (its fused kernel, memory is cheap
+//! there). Elsewhere (CUDA, and the f64 gradient checks) attention runs in query tiles of
+//! [`TILE`] rows against only the keys the tile can see (causal), and backward recomputes each
+//! tile's probabilities instead of keeping `[b, nh, t, t]` per layer — flash attention's
+//! memory at tile granularity, the products in cuBLAS.
 
 use anyhow::Result;
 use crate::kernels::{attention_train, f32_view};
@@ -31,9 +37,17 @@ pub struct Saved {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
-    /// Softmax probabilities `[b, nh, t, t]` (the same memory as `[b, kvh, rep·t, t]`).
-    pub p: Tensor,
+    /// The additive mask `[b, 1, t, t]`.
+    pub mask: Tensor,
+    /// Softmax probabilities `[b, nh, t, t]`: kept by the CPU f32 path only (the tiled path
+    /// recomputes them).
+    pub p: Option<Tensor>,
+    /// Query rows per tile.
+    pub tile: usize,
 }
+
+/// Query rows per tile of the tiled path: `[b, nh, TILE, t]` scores exist at once.
+pub const TILE: usize = 256;
 
 fn scale_of(d: usize) -> f64 {
     1.0 / (d as f64).sqrt()
@@ -41,6 +55,11 @@ fn scale_of(d: usize) -> f64 {
 
 /// `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, `mask` `[b, 1, t, t]` → `o` `[b, nh, t, d]`.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, Saved)> {
+    forward_tiled(q, k, v, mask, TILE)
+}
+
+/// [`forward`] with query tiles of `tile` rows (tests use small ones).
+pub fn forward_tiled(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, tile: usize) -> Result<(Tensor, Saved)> {
     let (b, nh, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let rep = nh / kvh;
@@ -55,21 +74,56 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Ten
     if let Some((o, p)) = fused {
         let dev = q.device();
         let (o, p) = (Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?);
-        return Ok((o, Saved { q, k, v, p }));
+        return Ok((o, Saved { q, k, v, mask: mask.clone(), p: Some(p), tile }));
     }
-    let pr = crate::profile::scope("·attn fwd QK matmul");
-    let scores = q.reshape((b, kvh, rep * t, d))?.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-    drop(pr);
-    let pr = crate::profile::scope("·attn fwd softmax");
-    let p = softmax_fwd(&scores, mask, scale_of(d))?;
-    drop(pr);
-    let _pr = crate::profile::scope("·attn fwd PV matmul");
-    let o = p.reshape((b, kvh, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, d))?;
-    Ok((o, Saved { q, k, v, p }))
+    let s = Saved { q, k, v, mask: mask.clone(), p: None, tile };
+    let mut outs = Vec::new();
+    for (q0, c) in tiles(t, tile) {
+        let tile = Tile::new(&s, q0, c)?;
+        let _pr = crate::profile::scope("·attn fwd PV matmul");
+        outs.push(tile.p.reshape((b, kvh, rep * c, q0 + c))?.matmul(&tile.v)?.reshape((b, nh, c, d))?);
+    }
+    let o = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 2)? };
+    Ok((o, s))
 }
 
-/// `softmax(scale · scores + mask)` over the last axis, scores `[b, nh, t, t]`, in the scores'
-/// dtype with f32 statistics; one fused kernel on CUDA.
+/// `(first query, rows)` of each tile.
+fn tiles(t: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(tile.max(1)).map(move |q0| (q0, tile.min(t - q0)))
+}
+
+/// One query tile's operands and probabilities: queries `q0..q0+c` against keys `0..q0+c` (the
+/// causal mask hides every later key from the whole tile).
+struct Tile {
+    /// `[b, kvh, rep·c, d]`
+    q: Tensor,
+    /// `[b, kvh, q0+c, d]`
+    k: Tensor,
+    v: Tensor,
+    /// `[b, nh, c, q0+c]`
+    p: Tensor,
+}
+
+impl Tile {
+    fn new(s: &Saved, q0: usize, c: usize) -> Result<Self> {
+        let (b, nh, t, d) = s.q.dims4()?;
+        let kvh = s.k.dim(1)?;
+        let end = q0 + c;
+        let whole = c == t;
+        let q = if whole { s.q.clone() } else { s.q.narrow(2, q0, c)?.contiguous()? }.reshape((b, kvh, nh / kvh * c, d))?;
+        let (k, v) = if whole { (s.k.clone(), s.v.clone()) } else { (s.k.narrow(2, 0, end)?.contiguous()?, s.v.narrow(2, 0, end)?.contiguous()?) };
+        let mask = if whole { s.mask.clone() } else { s.mask.narrow(2, q0, c)?.narrow(3, 0, end)?.contiguous()? };
+        let pr = crate::profile::scope("·attn QK matmul");
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, c, end))?;
+        drop(pr);
+        let _pr = crate::profile::scope("·attn softmax");
+        let p = softmax_fwd(&scores, &mask, scale_of(d))?;
+        Ok(Self { q, k, v, p })
+    }
+}
+
+/// `softmax(scale · scores + mask)` over the last axis, scores `[b, nh, c, s]` with the mask
+/// `[b, 1, c, s]`, in the scores' dtype with f32 statistics; one fused kernel on CUDA.
 fn softmax_fwd(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if scores.device().is_cuda() && matches!(scores.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
@@ -97,24 +151,71 @@ pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let rep = nh / kvh;
     let scale = scale_of(d);
     let d_o = d_o.contiguous()?;
-    if let (Some(qv), Some(kv), Some(vv), Some(pv), Some(dov)) = (f32_view(&s.q), f32_view(&s.k), f32_view(&s.v), f32_view(&s.p), f32_view(&d_o)) {
+    if let (Some(qv), Some(kv), Some(vv), Some(pv), Some(dov)) = (f32_view(&s.q), f32_view(&s.k), f32_view(&s.v), s.p.as_ref().and_then(f32_view), f32_view(&d_o)) {
         let dims = attention_train::Dims { b, nh, kvh, t, d };
         let (dq, dk, dv) = attention_train::backward(dims, qv.slice(), kv.slice(), vv.slice(), pv.slice(), dov.slice(), scale as f32);
         let dev = d_o.device();
         return Ok((Tensor::from_vec(dq, s.q.shape(), dev)?, Tensor::from_vec(dk, s.k.shape(), dev)?, Tensor::from_vec(dv, s.v.shape(), dev)?));
     }
-    let d_o = d_o.reshape((b, kvh, rep * t, d))?;
-    let p = s.p.reshape((b, kvh, rep * t, t))?;
-    let pr = crate::profile::scope("·attn bwd dV dP matmuls");
-    let dv = p.t()?.matmul(&d_o)?; // [b, kvh, t, d]
-    let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, rt, t]
-    drop(pr);
-    // Softmax backward: dS = P ⊙ (dP − Σ_j dP·P).
-    let pr = crate::profile::scope("·attn bwd softmax");
-    let ds = softmax_bwd(&p, &dp)?;
-    drop(pr);
-    let _pr = crate::profile::scope("·attn bwd dQ dK matmuls");
-    let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, nh, t, d))?;
-    let dk = (ds.t()?.matmul(&s.q.reshape((b, kvh, rep * t, d))?)? * scale)?;
-    Ok((dq, dk, dv))
+    // Per tile: dV += Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − Σ_j dP·P), dQ = s·dS K, dK += s·dSᵀ Q.
+    // dK and dV add up over tiles in f32 (each tile covers a prefix of the keys).
+    let acc = super::stat_dtype(s.q.dtype());
+    let (mut dk, mut dv) = (Tensor::zeros(s.k.shape(), acc, d_o.device())?, Tensor::zeros(s.v.shape(), acc, d_o.device())?);
+    let mut dqs = Vec::new();
+    for (q0, c) in tiles(t, s.tile) {
+        let end = q0 + c;
+        let tile = Tile::new(s, q0, c)?;
+        let do_c = if c == t { d_o.clone() } else { d_o.narrow(2, q0, c)?.contiguous()? }.reshape((b, kvh, rep * c, d))?;
+        let p = tile.p.reshape((b, kvh, rep * c, end))?;
+        let pr = crate::profile::scope("·attn bwd dV dP matmuls");
+        let dv_c = p.t()?.matmul(&do_c)?; // [b, kvh, end, d]
+        let dp = do_c.matmul(&tile.v.t()?)?; // [b, kvh, rep·c, end]
+        drop(pr);
+        let pr = crate::profile::scope("·attn bwd softmax");
+        let ds = softmax_bwd(&p, &dp)?;
+        drop(pr);
+        let _pr = crate::profile::scope("·attn bwd dQ dK matmuls");
+        dqs.push((ds.matmul(&tile.k)? * scale)?.reshape((b, nh, c, d))?);
+        let dk_c = (ds.t()?.matmul(&tile.q)? * scale)?;
+        let pad = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(acc)?.pad_with_zeros(2, 0, t - end)?) };
+        dk = (dk + pad(dk_c)?)?;
+        dv = (dv + pad(dv_c)?)?;
+    }
+    let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
+    Ok((dq, dk.to_dtype(s.k.dtype())?, dv.to_dtype(s.v.dtype())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    /// Tiles of 3 rows against one tile of the whole sequence (f64, so both run the tiled
+    /// path): outputs and all three gradients equal to rounding, with GQA, packing and padding.
+    #[test]
+    fn query_tiles_give_the_untiled_result() {
+        let (b, nh, kvh, t, d) = (2, 4, 2, 11, 8);
+        let dev = Device::Cpu;
+        let rnd = |n: usize, seed: u64| -> Tensor {
+            let v: Vec<f64> = (0..n as u64).map(|i| ((i * 2654435761 + seed * 97) % 1000) as f64 / 500.0 - 1.0).collect();
+            Tensor::from_vec(v, n, &dev).unwrap()
+        };
+        let q = rnd(b * nh * t * d, 1).reshape((b, nh, t, d)).unwrap();
+        let k = rnd(b * kvh * t * d, 2).reshape((b, kvh, t, d)).unwrap();
+        let v = rnd(b * kvh * t * d, 3).reshape((b, kvh, t, d)).unwrap();
+        let d_o = rnd(b * nh * t * d, 4).reshape((b, nh, t, d)).unwrap();
+        let seg = [[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]].concat();
+        let mask = build_mask(&seg, b, t, &dev).unwrap();
+        let run = |tile| {
+            let (o, s) = forward_tiled(&q, &k, &v, &mask, tile).unwrap();
+            let (dq, dk, dv) = backward(&s, &d_o).unwrap();
+            [o, dq, dk, dv]
+        };
+        let (tiled, whole) = (run(3), run(t));
+        for (name, (a, w)) in ["o", "dq", "dk", "dv"].iter().zip(tiled.iter().zip(&whole)) {
+            assert_eq!(a.dtype(), DType::F64);
+            let diff = (a - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-12, "{name}: tiled differs by {diff}");
+        }
+    }
 }
