@@ -2,12 +2,12 @@
 //! forward and backward of a LoRA linear around cuBLAS's two big matmuls. The portable candle
 //! formulation in `model::ops::linear` is the reference the GPU tests compare with.
 
+use super::cuda_train::{cuda_dev, slice, wrap};
 use super::lora_cpu::Dropout;
 use anyhow::{bail, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use half::bf16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
@@ -50,23 +50,6 @@ pub fn supported(x: &Tensor, a: &Tensor, b: &Tensor) -> bool {
         && compiled_rank(a.dim(0).unwrap_or(0)).is_some()
 }
 
-fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d.clone()),
-        _ => bail!("not a CUDA tensor"),
-    }
-}
-
-fn view<'a, T: CudaDType>(g: &'a candle_core::StorageRef<'_>, l: &candle_core::Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let Storage::Cuda(cs) = &**g else { bail!("{what}: not a CUDA tensor") };
-    let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: not contiguous") };
-    Ok(cs.as_cuda_slice::<T>()?.slice(a..b))
-}
-
-fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(T::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
-}
-
 fn name(kind: &str, dtype: DType, r: usize) -> Result<String> {
     let t = match dtype {
         DType::F32 => "f32",
@@ -100,7 +83,7 @@ fn project_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, wt: bool, dropou
     let (w, x) = (w.contiguous()?, x.contiguous()?);
     let (xg, xl) = x.storage_and_layout();
     let (wg, wl) = w.storage_and_layout();
-    let (xs, ws) = (view::<T>(&xg, xl, "x")?, view::<T>(&wg, wl, "w")?);
+    let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
     // SAFETY: the kernel writes all n·r outputs.
     let mut u = unsafe { dev.alloc::<T>(n * r)? };
     let func = dev.get_or_load_custom_func(&name("project", x.dtype(), r)?, MODULE, PTX)?;
@@ -138,7 +121,7 @@ fn expand_t<T: CudaDType + DeviceRepr>(y: &Tensor, u: &Tensor, v: &Tensor, vt: b
     let (yg, yl) = y.storage_and_layout();
     let (ug, ul) = u.storage_and_layout();
     let (vg, vl) = v.storage_and_layout();
-    let (ys, us, vs) = (view::<T>(&yg, yl, "y")?, view::<T>(&ug, ul, "u")?, view::<T>(&vg, vl, "v")?);
+    let (ys, us, vs) = (slice::<T>(&yg, yl, "y")?, slice::<T>(&ug, ul, "u")?, slice::<T>(&vg, vl, "v")?);
     // SAFETY: the kernel writes all n·m outputs.
     let mut out = unsafe { dev.alloc::<T>(n * m)? };
     let func = dev.get_or_load_custom_func(&name("expand", y.dtype(), r)?, MODULE, PTX)?;
@@ -174,7 +157,7 @@ fn grad_t<T: CudaDType + DeviceRepr>(u: &Tensor, x: &Tensor, dropout: Option<&Dr
     let splits = n.div_ceil(GRAD_ROWS).max(1);
     let (ug, ul) = u.storage_and_layout();
     let (xg, xl) = x.storage_and_layout();
-    let (us, xs) = (view::<T>(&ug, ul, "u")?, view::<T>(&xg, xl, "x")?);
+    let (us, xs) = (slice::<T>(&ug, ul, "u")?, slice::<T>(&xg, xl, "x")?);
     // SAFETY: the kernel writes every (split, r, k) partial.
     let mut g = unsafe { dev.alloc::<f32>(splits * r * k)? };
     let func = dev.get_or_load_custom_func(&name("grad", x.dtype(), r)?, MODULE, PTX)?;

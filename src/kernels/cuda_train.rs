@@ -44,7 +44,7 @@ fn launch<T: CudaDType + DeviceRepr>(dev: &CudaDevice, name: &str, k1: u32, k2: 
 }
 
 /// A contiguous CUDA tensor's buffer as a typed slice view.
-fn slice<'a, T: CudaDType>(g: &'a candle_core::StorageRef<'_>, l: &candle_core::Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+pub(super) fn slice<'a, T: CudaDType>(g: &'a candle_core::StorageRef<'_>, l: &candle_core::Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
     let Storage::Cuda(cs) = &**g else { bail!("{what}: not a CUDA tensor") };
     let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: not contiguous") };
     Ok(cs.as_cuda_slice::<T>()?.slice(a..b))
@@ -116,14 +116,15 @@ fn softmax_bwd_t<T: CudaDType + DeviceRepr>(p: &Tensor, dp: &Tensor, name: &str)
     Ok(wrap(out, &dev, p.shape()))
 }
 
-fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+pub(super) fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
         _ => bail!("not a CUDA tensor"),
     }
 }
 
-fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
+/// A new tensor of `shape` owning the device buffer `s`.
+pub(super) fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(T::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
 }
 
