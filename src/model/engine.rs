@@ -161,7 +161,7 @@ pub struct LayerActs {
     pub down: linear::Saved,
 }
 
-/// Gradients of one adapter.
+/// Gradients of one adapter: in the adapter's dtype, or f32 where the CUDA kernels summed them.
 pub struct LoraGrad {
     pub layer: usize,
     pub proj: Proj,

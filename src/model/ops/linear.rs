@@ -194,7 +194,9 @@ fn cuda_backward(dropout: Option<&Dropout>, x: &Tensor, u: &Tensor, w: &Tensor, 
     let s = l.scaling as f32;
     let du = project(dy, &l.b, true, None, s)?;
     let dx = expand(&dx, &du, &l.a, true, dropout, 1.0)?;
-    let da = grad(&du, x, dropout, 1.0)?.to_dtype(l.a.dtype())?;
-    let db = grad(u, dy, None, s)?.t()?.contiguous()?.to_dtype(l.b.dtype())?;
+    // f32, as the kernels sum them: the optimizer's master weights are f32 (no round trip
+    // through the adapters' dtype).
+    let da = grad(&du, x, dropout, 1.0)?;
+    let db = grad(u, dy, None, s)?.t()?.contiguous()?;
     Ok((dx, Some((da, db))))
 }
