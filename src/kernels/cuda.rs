@@ -12,8 +12,10 @@
 use crate::quant::codebook::dequant_table;
 use crate::quant::{Absmax, Quantized4bit, QuantType};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
@@ -48,6 +50,22 @@ pub struct Quant4Gpu {
 }
 
 /// Whether a device buffer starts on a 16-byte boundary (what the vector loads need).
+/// The kernel `name` of the PTX module `module` on `dev`, looked up once per thread, device and
+/// module (candle's lookup takes locks, a string copy and a driver call on every launch).
+pub(crate) fn function(dev: &CudaDevice, module: &'static str, ptx: &'static str, name: &str) -> Result<CudaFunction> {
+    type Cache = HashMap<(DeviceId, &'static str), HashMap<String, CudaFunction>>;
+    thread_local! {
+        static FUNCTIONS: RefCell<Cache> = RefCell::new(HashMap::new());
+    }
+    let key = (dev.id(), module);
+    if let Some(f) = FUNCTIONS.with_borrow(|c| c.get(&key).and_then(|m| m.get(name)).cloned()) {
+        return Ok(f);
+    }
+    let f = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
+    FUNCTIONS.with_borrow_mut(|c| c.entry(key).or_default().insert(name.to_string(), f.clone()));
+    Ok(f)
+}
+
 fn aligned16<T, S: DevicePtr<T>>(s: &S, stream: &CudaStream) -> bool {
     let (ptr, _record) = s.device_ptr(stream);
     ptr % 16 == 0
@@ -218,8 +236,8 @@ impl Quant4Gpu {
         let mut out = unsafe { self.dev.alloc::<T>(self.numel)? };
         let vec = i32::from(aligned16(&self.packed, &stream) && aligned16(&out, &stream));
         let n = self.numel as i64;
-        let func = self.dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
-        let mut b = func.builder();
+        let func = function(&self.dev, MODULE, PTX, kernel)?;
+        let mut b = stream.launch_builder(&func);
         b.arg(&self.packed).arg(&self.lut);
         self.push_stats(&mut b);
         b.arg(&self.log2_bs).arg(&n).arg(&mut out).arg(&vec);
@@ -272,8 +290,8 @@ impl Quant4Gpu {
             (format!("gemv4_generic_{xname}_{}", self.kind()), gemv_blocks(rows * 32, self.sms))
         };
         let (rows_i, cols_i) = (rows as i32, cols as i32);
-        let func = self.dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
-        let mut b = func.builder();
+        let func = function(&self.dev, MODULE, PTX, &kernel)?;
+        let mut b = stream.launch_builder(&func);
         b.arg(&self.packed).arg(&self.lut);
         self.push_stats(&mut b);
         b.arg(&self.log2_bs).arg(&rows_i).arg(&cols_i).arg(&xs).arg(&mut y);

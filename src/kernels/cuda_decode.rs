@@ -10,11 +10,9 @@
 use super::cuda::{gemv_blocks, gemv_lanes, Quant4Gpu};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{DeviceId, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, DType, Storage, Tensor};
 use half::bf16;
-use std::cell::RefCell;
-use std::collections::HashMap;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "qscript_decode";
@@ -46,18 +44,9 @@ const _: () = assert!(std::mem::size_of::<W4Arg>() == 72);
 // SAFETY: plain numbers, laid out as decode.cu's W4 (checked by the static asserts on both sides).
 unsafe impl DeviceRepr for W4Arg {}
 
-/// The kernel `name` of decode.ptx on `dev`, looked up by name once per thread and device (candle's
-/// lookup takes locks, a string copy and a driver call: a sizeable part of a launch's host time).
+/// The kernel `name` of decode.ptx on `dev` (cached per thread).
 fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    thread_local! {
-        static KERNELS: RefCell<HashMap<DeviceId, HashMap<String, CudaFunction>>> = RefCell::new(HashMap::new());
-    }
-    if let Some(f) = KERNELS.with_borrow(|k| k.get(&dev.id()).and_then(|m| m.get(name)).cloned()) {
-        return Ok(f);
-    }
-    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
-    KERNELS.with_borrow_mut(|k| k.entry(dev.id()).or_default().insert(name.to_string(), f.clone()));
-    Ok(f)
+    super::cuda::function(dev, MODULE, PTX, name)
 }
 
 /// "f32" or "bf16": the kernel name part of the activations' dtype.

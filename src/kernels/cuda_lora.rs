@@ -86,12 +86,13 @@ fn project_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, wt: bool, dropou
     let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
     // SAFETY: the kernel writes all n·r outputs.
     let mut u = unsafe { dev.alloc::<T>(n * r)? };
-    let func = dev.get_or_load_custom_func(&name("project", x.dtype(), r)?, MODULE, PTX)?;
+    let func = super::cuda::function(&dev, MODULE, PTX, &name("project", x.dtype(), r)?)?;
     let (wt, m, ni, ki, ri) = (i32::from(wt), MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "inner")?, r as i32);
     // 16-byte loads of x need rows that start 16-byte aligned.
     let elem = std::mem::size_of::<T>();
     let vec = i32::from((k * elem) % 16 == 0 && xs.device_ptr(&dev.cuda_stream()).0 % 16 == 0);
-    let mut b = func.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     b.arg(&xs).arg(&ws).arg(&wt).arg(&m).arg(&scale).arg(&mut u).arg(&ni).arg(&ki).arg(&ri).arg(&vec);
     // 16 warps of two rows each per block (lora.cu's PW).
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
@@ -124,9 +125,10 @@ fn expand_t<T: CudaDType + DeviceRepr>(y: &Tensor, u: &Tensor, v: &Tensor, vt: b
     let (ys, us, vs) = (slice::<T>(&yg, yl, "y")?, slice::<T>(&ug, ul, "u")?, slice::<T>(&vg, vl, "v")?);
     // SAFETY: the kernel writes all n·m outputs.
     let mut out = unsafe { dev.alloc::<T>(n * m)? };
-    let func = dev.get_or_load_custom_func(&name("expand", y.dtype(), r)?, MODULE, PTX)?;
+    let func = super::cuda::function(&dev, MODULE, PTX, &name("expand", y.dtype(), r)?)?;
     let (vt, mk, ni, mi, ri) = (i32::from(vt), MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(m, "cols")?, r as i32);
-    let mut b = func.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     b.arg(&ys).arg(&us).arg(&vs).arg(&vt).arg(&mk).arg(&scale).arg(&mut out).arg(&ni).arg(&mi).arg(&ri);
     let cfg = LaunchConfig { grid_dim: (m.div_ceil(256) as u32, n.div_ceil(32) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: arguments as lora.cu's lora_expand.
@@ -160,9 +162,10 @@ fn grad_t<T: CudaDType + DeviceRepr>(u: &Tensor, x: &Tensor, dropout: Option<&Dr
     let (us, xs) = (slice::<T>(&ug, ul, "u")?, slice::<T>(&xg, xl, "x")?);
     // SAFETY: the kernel writes every (split, r, k) partial.
     let mut g = unsafe { dev.alloc::<f32>(splits * r * k)? };
-    let func = dev.get_or_load_custom_func(&name("grad", x.dtype(), r)?, MODULE, PTX)?;
+    let func = super::cuda::function(&dev, MODULE, PTX, &name("grad", x.dtype(), r)?)?;
     let (mk, ni, ki, ri, rows) = (MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "cols")?, r as i32, GRAD_ROWS as i32);
-    let mut b = func.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     b.arg(&us).arg(&xs).arg(&mk).arg(&scale).arg(&mut g).arg(&ni).arg(&ki).arg(&ri).arg(&rows);
     let cfg = LaunchConfig { grid_dim: (k.div_ceil(256) as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: arguments as lora.cu's lora_grad.

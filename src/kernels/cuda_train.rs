@@ -34,8 +34,8 @@ pub fn dropout_mask(dev: &CudaDevice, shape: &[usize], dtype: DType, dr: &Dropou
 fn launch<T: CudaDType + DeviceRepr>(dev: &CudaDevice, name: &str, k1: u32, k2: u32, dr: &Dropout, n: i64) -> Result<candle_core::CudaStorage> {
     // SAFETY: the kernel writes all n elements.
     let mut out = unsafe { dev.alloc::<T>(n as usize)? };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&k1).arg(&k2).arg(&dr.threshold).arg(&dr.scale).arg(&n).arg(&mut out);
     // SAFETY: the arguments match the kernel's signature in train.cu.
     unsafe { b.launch(grid(n as usize)) }.w()?;
@@ -77,8 +77,8 @@ fn softmax_fwd_t<T: CudaDType + DeviceRepr>(s: &Tensor, mask: &Tensor, scale: f3
     let (x, m) = (slice::<T>(&sg, sl, "scores")?, slice::<f32>(&mg, ml, "mask")?);
     // SAFETY: the kernel writes every element of its row.
     let mut out = unsafe { dev.alloc::<T>(rows * t)? };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut bld = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut bld = stream.launch_builder(&func);
     bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b).arg(&c32);
     // SAFETY: arguments as in train.cu.
     unsafe { bld.launch(row_blocks(rows)) }.w()?;
@@ -107,8 +107,8 @@ fn softmax_bwd_t<T: CudaDType + DeviceRepr>(p: &Tensor, dp: &Tensor, name: &str)
     let (a, d) = (slice::<T>(&pg, pl, "p")?, slice::<T>(&dg, dl, "dp")?);
     // SAFETY: the kernel writes every element of its row.
     let mut out = unsafe { dev.alloc::<T>(rows * t)? };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut bld = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut bld = stream.launch_builder(&func);
     bld.arg(&a).arg(&d).arg(&mut out).arg(&t32);
     // SAFETY: arguments as in train.cu.
     unsafe { bld.launch(row_blocks(rows)) }.w()?;
@@ -148,8 +148,8 @@ fn rms_fwd_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, name: 
     let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
     // SAFETY: the kernel writes every element of y and every row's rstd.
     let (mut y, mut r) = unsafe { (dev.alloc::<T>(rows * h)?, dev.alloc::<f32>(rows)?) };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&xs).arg(&ws).arg(&mut y).arg(&mut r).arg(&h32).arg(&eps);
     // SAFETY: arguments as in train.cu.
     unsafe { b.launch(row_blocks(rows)) }.w()?;
@@ -178,8 +178,8 @@ fn rms_bwd_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, d
     let (xs, rs, ws, ds) = (slice::<T>(&xg, xl, "x")?, slice::<f32>(&rg, rl, "rstd")?, slice::<T>(&wg, wl, "w")?, slice::<T>(&dg, dl, "dy")?);
     // SAFETY: the kernel writes every element of dx.
     let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&xs).arg(&rs).arg(&ws).arg(&ds).arg(&mut dx).arg(&h32);
     // SAFETY: arguments as in train.cu.
     unsafe { b.launch(row_blocks(rows)) }.w()?;
@@ -205,8 +205,8 @@ fn swiglu_fwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, name: &str) -
     let (gs, us) = (slice::<T>(&gg, gl, "g")?, slice::<T>(&ug, ul, "u")?);
     // SAFETY: the kernel writes all n elements.
     let mut h = unsafe { dev.alloc::<T>(n)? };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&gs).arg(&us).arg(&mut h).arg(&n64);
     // SAFETY: arguments as in train.cu.
     unsafe { b.launch(grid(n)) }.w()?;
@@ -233,8 +233,8 @@ fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, 
     let (gs, us, hs) = (slice::<T>(&gg, gl, "g")?, slice::<T>(&ug, ul, "u")?, slice::<T>(&hg, hl, "dh")?);
     // SAFETY: the kernel writes all n elements of both outputs.
     let (mut dg, mut du) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?) };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&gs).arg(&us).arg(&hs).arg(&mut dg).arg(&mut du).arg(&n64);
     // SAFETY: arguments as in train.cu.
     unsafe { b.launch(grid(n)) }.w()?;
@@ -265,8 +265,8 @@ fn xent_t<T: CudaDType + DeviceRepr>(logits: &Tensor, targets: &Tensor, grad_sca
     // buffer is one element when there is no gradient, and never touched).
     let (mut loss, mut dl) = unsafe { (dev.alloc::<f32>(c)?, dev.alloc::<T>(if g != 0.0 { c * v } else { 1 })?) };
     let v32 = v as i32;
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
     b.arg(&ls).arg(&ts).arg(&g).arg(&mut dl).arg(&mut loss).arg(&v32);
     let cfg = LaunchConfig { grid_dim: (c as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: arguments as in train.cu.
