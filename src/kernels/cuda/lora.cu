@@ -60,6 +60,21 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, long long e, int l
     for (int t = 0; t < 8; t++) v[t] = t < left ? __bfloat162float(p[e + t]) : 0.0f;
 }
 
+// Eight consecutive x values from k0 of each of the RPW rows from row0 (zeros outside x).
+template <typename T, int RPW>
+__device__ __forceinline__ void fetch_rows(const T* __restrict__ x, int row0, int n, int K, int k0, bool vec, float (&v)[RPW][8]) {
+#pragma unroll
+    for (int a = 0; a < RPW; a++) {
+        int row = row0 + a;
+        if (row < n && k0 < K) {
+            load8(x, (long long)row * K + k0, K - k0, vec, v[a]);
+        } else {
+#pragma unroll
+            for (int t = 0; t < 8; t++) v[a][t] = 0.0f;
+        }
+    }
+}
+
 // Each warp owns two rows; each lane 8 consecutive k of a 256-wide chunk (one 16-byte load per
 // row), W's chunk staged in shared memory and reused by the block's 32 rows.
 template <typename T, int R>
@@ -73,6 +88,8 @@ __device__ void project(const T* __restrict__ x, const T* __restrict__ w, int wt
     for (int a = 0; a < RPW; a++)
 #pragma unroll
         for (int q = 0; q < R; q++) acc[a][q] = 0.0f;
+    float xv[RPW][8];
+    fetch_rows<T, RPW>(x, row0, n, K, lane * 8, vec != 0, xv);
     for (int kc = 0; kc < K; kc += KC) {
         __syncthreads();
         for (int idx = threadIdx.x; idx < R * KC; idx += blockDim.x) {
@@ -80,21 +97,15 @@ __device__ void project(const T* __restrict__ x, const T* __restrict__ w, int wt
             ws[q][j] = (q < r && k < K) ? ld(w, wt ? (long long)k * r + q : (long long)q * K + k) : 0.0f;
         }
         __syncthreads();
-        const int k0 = kc + lane * 8;
-        float xv[RPW][8];
+        // x of this chunk was fetched during the previous one; fetch the next chunk's now, so
+        // its loads are in flight while this chunk's products run.
+        float xn[RPW][8];
+        fetch_rows<T, RPW>(x, row0, n, K, kc + KC + lane * 8, vec != 0, xn);
+        if (m.on) {
 #pragma unroll
-        for (int a = 0; a < RPW; a++) {
-            int row = row0 + a;
-            long long e = (long long)row * K + k0;
-            if (row < n && k0 < K) {
-                load8(x, e, K - k0, vec != 0, xv[a]);
-                if (m.on)
+            for (int a = 0; a < RPW; a++)
 #pragma unroll
-                    for (int t = 0; t < 8; t++) xv[a][t] *= m.at(e + t);
-            } else {
-#pragma unroll
-                for (int t = 0; t < 8; t++) xv[a][t] = 0.0f;
-            }
+                for (int t = 0; t < 8; t++) xv[a][t] *= m.at((long long)(row0 + a) * K + kc + lane * 8 + t);
         }
 #pragma unroll
         for (int q = 0; q < R; q++) {
@@ -105,6 +116,10 @@ __device__ void project(const T* __restrict__ x, const T* __restrict__ w, int wt
 #pragma unroll
                 for (int t = 0; t < 8; t++) acc[a][q] += xv[a][t] * wv[t];
         }
+#pragma unroll
+        for (int a = 0; a < RPW; a++)
+#pragma unroll
+            for (int t = 0; t < 8; t++) xv[a][t] = xn[a][t];
     }
 #pragma unroll
     for (int a = 0; a < RPW; a++) {
