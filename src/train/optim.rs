@@ -271,14 +271,23 @@ impl AdamW {
         self.write_flat(model, &all)
     }
 
-    /// Set each adapter to its view of the flat f32 `all` (in `params` order), in its dtype.
+    /// Set each adapter to its view of the flat f32 `all` (in `params` order), in its dtype:
+    /// one cast of the whole vector per dtype, then views (not one cast per adapter).
     fn write_flat(&self, model: &mut Llama, all: &Tensor) -> Result<()> {
+        let mut cast: Vec<Tensor> = Vec::new();
         let mut at = 0;
         for p in &self.params {
             let lin = model.layers.get_mut(p.layer).ok_or_else(|| anyhow::anyhow!("no layer {}", p.layer))?.proj_mut(p.proj);
             let lora = lin.lora.as_mut().ok_or_else(|| anyhow::anyhow!("layer {} {:?} has no adapter", p.layer, p.proj))?;
             let target = if p.is_b { &mut lora.b } else { &mut lora.a };
-            *target = all.narrow(0, at, p.master.len())?.reshape(p.shape)?.to_dtype(target.dtype())?;
+            let src = match cast.iter().find(|c| c.dtype() == target.dtype()) {
+                Some(c) => c.clone(),
+                None => {
+                    cast.push(all.to_dtype(target.dtype())?);
+                    cast[cast.len() - 1].clone()
+                }
+            };
+            *target = src.narrow(0, at, p.master.len())?.reshape(p.shape)?;
             at += p.master.len();
         }
         Ok(())
