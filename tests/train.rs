@@ -73,6 +73,24 @@ fn clipping_scales_to_max_norm() {
     // Below the limit nothing changes.
     let n2 = clip_grad_norm(&mut grads, 10.0).unwrap();
     assert!((n2 - after).abs() < 1e-12);
+    // Not f32 on the CPU (as on a GPU): one flat vector; the scaled gradients are views of it.
+    let t64 = |v: Vec<f64>| Tensor::from_vec(v, (1, 2), &Device::Cpu).unwrap();
+    let mut grads = vec![
+        LoraGrad { layer: 0, proj: Proj::Q, da: t64(vec![3.0, 0.0]), db: t64(vec![0.0, 0.0]) },
+        LoraGrad { layer: 1, proj: Proj::V, da: t64(vec![0.0, 0.0]), db: t64(vec![0.0, 4.0]) },
+    ];
+    assert!((qscript::train::optim::grad_norm(&grads).unwrap() - 5.0).abs() < 1e-12);
+    let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-12);
+    let got: Vec<Vec<f32>> = grads.iter().flat_map(|g| [&g.da, &g.db]).map(|t| t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+    let want = [[0.6f32, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.8]];
+    for (g, w) in got.iter().zip(&want) {
+        assert!(g.iter().zip(w).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?}");
+    }
+    // Below the limit the gradients are left as they are.
+    let mut small = vec![LoraGrad { layer: 0, proj: Proj::Q, da: t64(vec![0.3, 0.0]), db: t64(vec![0.0, 0.4]) }];
+    assert!((clip_grad_norm(&mut small, 1.0).unwrap() - 0.5).abs() < 1e-12);
+    assert_eq!(small[0].da.dtype(), candle_core::DType::F64);
 }
 
 #[test]

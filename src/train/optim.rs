@@ -296,33 +296,63 @@ impl AdamW {
 
 /// Global L2 norm of all gradients.
 pub fn grad_norm(grads: &[LoraGrad]) -> Result<f64> {
-    // f32 on the CPU: summed in f64 straight from the buffers (no f64 copies of every tensor).
-    let views: Option<Vec<_>> = grads.iter().flat_map(|g| [&g.da, &g.db]).map(crate::kernels::f32_view).collect();
-    if let Some(views) = views {
-        let sq: f64 = views.par_iter().map(|v| v.slice().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
-        return Ok(sq.sqrt());
+    if let Some(n) = host_f32_norm(grads) {
+        return Ok(n);
     }
-    // Per-tensor sums stay on the device; one scalar comes back.
-    let mut sums = Vec::with_capacity(2 * grads.len());
-    for g in grads {
-        for t in [&g.da, &g.db] {
-            sums.push(t.to_dtype(DType::F64)?.sqr()?.sum_all()?);
-        }
-    }
-    if sums.is_empty() {
-        return Ok(0.0);
-    }
-    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    Ok(match flat(grads)? {
+        Some(all) => norm_of(&all)?,
+        None => 0.0,
+    })
 }
 
-/// Scale gradients so their global norm is at most `max_norm`; returns the norm before.
+/// f32 on the CPU: summed in f64 straight from the buffers (no f64 copies of every tensor).
+fn host_f32_norm(grads: &[LoraGrad]) -> Option<f64> {
+    let views: Vec<_> = grads.iter().flat_map(|g| [&g.da, &g.db]).map(crate::kernels::f32_view).collect::<Option<_>>()?;
+    let sq: f64 = views.par_iter().map(|v| v.slice().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
+    Some(sq.sqrt())
+}
+
+/// Elsewhere (a GPU) the gradients go into one vector on their device (in their dtype, f32 if
+/// they differ), so the norm and the clipping are a few kernels, not a few per gradient (784
+/// gradients on the 3B shape).
+fn flat(grads: &[LoraGrad]) -> Result<Option<Tensor>> {
+    let all: Vec<&Tensor> = grads.iter().flat_map(|g| [&g.da, &g.db]).collect();
+    let Some(first) = all.first() else { return Ok(None) };
+    let dtype = if all.iter().all(|t| t.dtype() == first.dtype()) { first.dtype() } else { DType::F32 };
+    let parts = all.iter().map(|t| Ok(t.to_dtype(dtype)?.flatten_all()?)).collect::<Result<Vec<_>>>()?;
+    Ok(Some(Tensor::cat(&parts, 0)?))
+}
+
+/// L2 norm of a flat vector, squares summed in f64 (as on the host); one scalar comes back.
+fn norm_of(all: &Tensor) -> Result<f64> {
+    Ok(all.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+/// Scale gradients so their global norm is at most `max_norm`; returns the norm before. Off the
+/// CPU the scaled gradients come back as views of one vector (see [`flat`]).
 pub fn clip_grad_norm(grads: &mut [LoraGrad], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads)?;
+    if let Some(norm) = host_f32_norm(grads) {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                g.da = (&g.da * coef)?;
+                g.db = (&g.db * coef)?;
+            }
+        }
+        return Ok(norm);
+    }
+    let Some(all) = flat(grads)? else { return Ok(0.0) };
+    let norm = norm_of(&all)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
+        let all = (all * coef)?;
+        let mut at = 0;
         for g in grads.iter_mut() {
-            g.da = (&g.da * coef)?;
-            g.db = (&g.db * coef)?;
+            for t in [&mut g.da, &mut g.db] {
+                let (n, shape) = (t.elem_count(), t.shape().clone());
+                *t = all.narrow(0, at, n)?.reshape(shape)?;
+                at += n;
+            }
         }
     }
     Ok(norm)
