@@ -208,7 +208,10 @@ __device__ void grad(const T* __restrict__ u, const T* __restrict__ x, Mask m, f
         }
     }
     if (k >= K) return;
-    for (int q = 0; q < r && q < R; q++) g[((long long)s * r + q) * K + k] = acc[q] * scale;
+    // Unrolled with constant indices, so that acc stays in registers.
+#pragma unroll
+    for (int q = 0; q < R; q++)
+        if (q < r) g[((long long)s * r + q) * K + k] = acc[q] * scale;
 }
 
 }  // namespace
