@@ -842,3 +842,35 @@ fn training_steps_are_finite_and_repeatable() {
     assert!(a.iter().all(|l| l.is_finite()), "{a:?}");
     assert_eq!(a, b, "two runs of the same steps differ");
 }
+
+/// The fused heads/RoPE kernel (split: rows → rotated heads; merge: its transpose, the
+/// gradient) against the CPU's copy + candle RoPE, f32 to 1e-6 and bf16 to 1e-2 of the largest
+/// value, with per-token positions as packing gives them; merge(split(x)) = x.
+#[test]
+fn heads_rope_kernel_matches_the_cpu() {
+    use qscript::model::ops::rope;
+    let Some(dev) = gpu("heads_rope_kernel_matches_the_cpu") else { return };
+    let (b, t, h, d, half) = (2, 7, 3, 8, 4);
+    let x = values(b * t * h * d, 41);
+    let angles: Vec<f32> = (0..b * t * half).map(|i| ((i / half) % 5) as f32 * (0.3 + (i % half) as f32 * 0.7)).collect();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+    for (dt, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 1e-2)] {
+        let on = |v: &[f32], s: &[usize], dv: &Device| Tensor::from_vec(v.to_vec(), s, dv).unwrap().to_dtype(dt).unwrap();
+        for rotate in [true, false] {
+            let run = |dv: &Device| {
+                let (c, s) = (on(&cos, &[b, t, half], dv), on(&sin, &[b, t, half], dv));
+                let r = rotate.then_some((&c, &s));
+                let y = rope::split_heads(&on(&x, &[b * t, h * d], dv), b, t, h, d, r).unwrap();
+                let back = rope::merge_heads(&y, r).unwrap();
+                (y, back)
+            };
+            let (want_y, _) = run(&Device::Cpu);
+            let (got_y, got_back) = run(dev);
+            assert_eq!(got_y.dims(), [b, h, t, d]);
+            let e = tensor_rel_err(&got_y, &want_y);
+            assert!(e <= tol, "{dt:?} rotate {rotate}: split off by {e:e}");
+            let e = tensor_rel_err(&got_back, &on(&x, &[b * t, h * d], &Device::Cpu));
+            assert!(e <= tol * 2.0, "{dt:?} rotate {rotate}: merge(split(x)) off by {e:e}");
+        }
+    }
+}

@@ -275,3 +275,44 @@ fn xent_t<T: CudaDType + DeviceRepr>(logits: &Tensor, targets: &Tensor, grad_sca
     let dl = (g != 0.0).then(|| wrap(dl, &dev, (c, v)));
     Ok((wrap(loss, &dev, c), dl))
 }
+
+/// Rows `[b·t, h·d]` → heads `[b, h, t, d]` (or back with `merge`), rotated by RoPE with the
+/// per-token `rope` tables `[b, t, d/2]` when given (backward when merging). `x` contiguous, f32
+/// or bf16, the tables in its dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn heads_rope(x: &Tensor, rope: Option<(&Tensor, &Tensor)>, b: usize, t: usize, h: usize, d: usize, merge: bool) -> Result<Tensor> {
+    anyhow::ensure!(x.elem_count() == b * t * h * d && d % 2 == 0, "heads/RoPE: {:?} as {b}×{t}×{h}×{d}", x.dims());
+    if let Some((c, s)) = rope {
+        anyhow::ensure!(c.elem_count() == b * t * d / 2 && s.elem_count() == c.elem_count(), "RoPE tables {:?} for {b}×{t} tokens of head dim {d}", c.dims());
+    }
+    match x.dtype() {
+        DType::F32 => heads_rope_t::<f32>(x, rope, b, t, h, d, merge, "heads_rope_f32"),
+        DType::BF16 => heads_rope_t::<bf16>(x, rope, b, t, h, d, merge, "heads_rope_bf16"),
+        other => bail!("heads/RoPE on CUDA: {other:?} (f32 or bf16)"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn heads_rope_t<T: CudaDType + DeviceRepr>(x: &Tensor, rope: Option<(&Tensor, &Tensor)>, b: usize, t: usize, h: usize, d: usize, merge: bool, name: &str) -> Result<Tensor> {
+    let dev = cuda_dev(x)?;
+    // Without a rotation the tables are never read: x stands in for them.
+    let (cos, sin) = match rope {
+        Some((c, s)) => (c.contiguous()?, s.contiguous()?),
+        None => (x.clone(), x.clone()),
+    };
+    let (xg, xl) = x.storage_and_layout();
+    let (cg, cl) = cos.storage_and_layout();
+    let (sg, sl) = sin.storage_and_layout();
+    let (xs, cs, ss) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&cg, cl, "cos")?, slice::<T>(&sg, sl, "sin")?);
+    let n = b * t * h * d;
+    // SAFETY: every (token, head, pair) writes both of its elements.
+    let mut y = unsafe { dev.alloc::<T>(n)? };
+    let (t32, h32, d32, rot, mg, pairs) = (t as i32, h as i32, d as i32, i32::from(rope.is_some()), i32::from(merge), (n / 2) as i64);
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let mut bl = stream.launch_builder(&func);
+    bl.arg(&xs).arg(&cs).arg(&ss).arg(&mut y).arg(&t32).arg(&h32).arg(&d32).arg(&rot).arg(&mg).arg(&pairs);
+    // SAFETY: arguments as in train.cu.
+    unsafe { bl.launch(grid(n / 2)) }.w()?;
+    drop(bl);
+    Ok(if merge { wrap(y, &dev, (b * t, h * d)) } else { wrap(y, &dev, (b, h, t, d)) })
+}

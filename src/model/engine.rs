@@ -188,15 +188,6 @@ struct RopeAt {
     sin: Tensor,
 }
 
-fn heads(x: &Tensor, b: usize, t: usize, n: usize, d: usize) -> Result<Tensor> {
-    Ok(x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-}
-
-fn unheads(x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-    let (_, n, _, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b * t, n * d))?)
-}
-
 fn lin_fwd(l: &Linear, x: &Tensor, train: bool, rng: &mut StdRng) -> Result<(Tensor, linear::Saved)> {
     let w = {
         let _p = crate::profile::scope("dequantize");
@@ -226,15 +217,16 @@ fn layer_forward(layer: &Block, x: &Tensor, batch: &TrainBatch, rope_at: &RopeAt
     let (k, sk) = lin_fwd(&a.k_proj, &h1, train, rng)?;
     let (v, sv) = lin_fwd(&a.v_proj, &h1, train, rng)?;
     let p = crate::profile::scope("rope fwd");
-    let q = rope::forward(&heads(&q, b, t, a.n_heads, a.head_dim)?, &rope_at.cos, &rope_at.sin)?;
-    let k = rope::forward(&heads(&k, b, t, a.n_kv_heads, a.head_dim)?, &rope_at.cos, &rope_at.sin)?;
-    let v = heads(&v, b, t, a.n_kv_heads, a.head_dim)?;
+    let r = Some((&rope_at.cos, &rope_at.sin));
+    let q = rope::split_heads(&q, b, t, a.n_heads, a.head_dim, r)?;
+    let k = rope::split_heads(&k, b, t, a.n_kv_heads, a.head_dim, r)?;
+    let v = rope::split_heads(&v, b, t, a.n_kv_heads, a.head_dim, None)?;
     drop(p);
     let p = crate::profile::scope("attention fwd");
     let (o, attn) = attention::forward(&q, &k, &v, &batch.mask)?;
     drop(p);
     let p = crate::profile::scope("heads+residual fwd");
-    let o = unheads(&o, b, t)?;
+    let o = rope::merge_heads(&o, None)?;
     drop(p);
     let (ao, so) = lin_fwd(&a.o_proj, &o, train, rng)?;
     let p = crate::profile::scope("heads+residual fwd");
@@ -281,15 +273,16 @@ fn layer_backward(layer: &Block, acts: &LayerActs, batch: &TrainBatch, rope_at: 
     let (do_, go) = lin_bwd(&a.o_proj, &acts.o, &dx2)?;
     push(Proj::O, go);
     let p = crate::profile::scope("heads bwd");
-    let do_ = heads(&do_, b, t, a.n_heads, a.head_dim)?;
+    let do_ = rope::split_heads(&do_, b, t, a.n_heads, a.head_dim, None)?;
     drop(p);
     let p = crate::profile::scope("attention bwd");
     let (dq, dk, dv) = attention::backward(&acts.attn, &do_)?;
     drop(p);
     let p = crate::profile::scope("rope bwd");
-    let dq = unheads(&rope::backward(&dq, &rope_at.cos, &rope_at.sin)?, b, t)?;
-    let dk = unheads(&rope::backward(&dk, &rope_at.cos, &rope_at.sin)?, b, t)?;
-    let dv = unheads(&dv, b, t)?;
+    let r = Some((&rope_at.cos, &rope_at.sin));
+    let dq = rope::merge_heads(&dq, r)?;
+    let dk = rope::merge_heads(&dk, r)?;
+    let dv = rope::merge_heads(&dv, None)?;
     drop(p);
     let (dh1q, gq) = lin_bwd(&a.q_proj, &acts.q, &dq)?;
     push(Proj::Q, gq);
