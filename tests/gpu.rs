@@ -463,7 +463,9 @@ fn tensor_rel_err(got: &Tensor, want: &Tensor) -> f32 {
 fn lora_linear_kernels_match_the_cpu() {
     let Some(dev) = gpu("lora_linear_kernels_match_the_cpu") else { return };
     let t = |v: Vec<f32>, s: (usize, usize), d: &Device| Tensor::from_vec(v, s, d).unwrap();
-    for (n, inp, out, r, p) in [(77, 300, 130, 4, 0.1), (256, 512, 1024, 16, 0.0), (130, 264, 96, 32, 0.3), (33, 1000, 8, 16, 0.1)] {
+    // bf16 with K % 8 == 0 takes the tensor-core kernels; the last shape has grad splits of more
+    // than one staged block of U rows.
+    for (n, inp, out, r, p) in [(77, 300, 130, 4, 0.1), (256, 512, 1024, 16, 0.0), (130, 264, 96, 32, 0.3), (33, 1000, 8, 16, 0.1), (3000, 8192, 64, 8, 0.1)] {
         let (x, w, a, bm, dy) = (values(n * inp, 1), values(out * inp, 2), values(r * inp, 3), values(out * r, 4), values(n * out, 5));
         for dtype in [DType::F32, DType::BF16] {
             let run = |d: &Device, dt: DType| {
@@ -477,7 +479,8 @@ fn lora_linear_kernels_match_the_cpu() {
             };
             let want = run(&Device::Cpu, DType::F32);
             let got = run(dev, dtype);
-            let tol = if dtype == DType::F32 { 2e-6 } else { 2e-2 };
+            // f32: sums of up to 8192 terms (3000 rows in dA) in another order than the CPU.
+            let tol = if dtype == DType::F32 { 5e-6 } else { 2e-2 };
             for (name, g, w) in ["y", "u", "dx", "dA", "dB"].iter().zip(&got).zip(&want).map(|((n, g), w)| (n, g, w)) {
                 let e = tensor_rel_err(g, w);
                 assert!(e <= tol, "n {n} in {inp} out {out} r {r} p {p} {dtype:?}: {name} off by {e:e} of its max");

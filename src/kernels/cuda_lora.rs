@@ -80,18 +80,39 @@ pub fn project(x: &Tensor, w: &Tensor, wt: bool, dropout: Option<&Dropout>, scal
 #[allow(clippy::too_many_arguments)]
 fn project_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, wt: bool, dropout: Option<&Dropout>, scale: f32, n: usize, k: usize, r: usize) -> Result<Tensor> {
     let dev = cuda_dev(x)?;
-    let (w, x) = (w.contiguous()?, x.contiguous()?);
+    let x = x.contiguous()?;
+    let elem = std::mem::size_of::<T>();
+    let stream = dev.cuda_stream();
+    let (m, ni, ki, ri) = (MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "inner")?, r as i32);
+    // SAFETY: either kernel writes all n·r outputs.
+    let mut u = unsafe { dev.alloc::<T>(n * r)? };
+    // bf16 on tensor cores when rows are whole 16-byte chunks; W as [r, K] (B transposed, tiny).
+    if x.dtype() == DType::BF16 && k % 8 == 0 {
+        let w = if wt { w.t()?.contiguous()? } else { w.contiguous()? };
+        let (xg, xl) = x.storage_and_layout();
+        let (wg, wl) = w.storage_and_layout();
+        let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
+        if xs.device_ptr(&stream).0 % 16 == 0 && ws.device_ptr(&stream).0 % 16 == 0 {
+            let func = super::cuda::function(&dev, MODULE, PTX, &format!("lora_project_tc_r{}", compiled_rank(r).unwrap_or(32)))?;
+            let mut b = stream.launch_builder(&func);
+            b.arg(&xs).arg(&ws).arg(&m).arg(&scale).arg(&mut u).arg(&ni).arg(&ki).arg(&ri);
+            // 16 rows a block, its K split between 16 warps (lora.cu's TPW).
+            let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments as lora.cu's lora_project_tc.
+            unsafe { b.launch(cfg) }.w()?;
+            drop(b);
+            drop((xg, wg));
+            return Ok(wrap(u, &dev, (n, r)));
+        }
+    }
+    let w = w.contiguous()?;
     let (xg, xl) = x.storage_and_layout();
     let (wg, wl) = w.storage_and_layout();
     let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
-    // SAFETY: the kernel writes all n·r outputs.
-    let mut u = unsafe { dev.alloc::<T>(n * r)? };
     let func = super::cuda::function(&dev, MODULE, PTX, &name("project", x.dtype(), r)?)?;
-    let (wt, m, ni, ki, ri) = (i32::from(wt), MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "inner")?, r as i32);
+    let wt = i32::from(wt);
     // 16-byte loads of x need rows that start 16-byte aligned.
-    let elem = std::mem::size_of::<T>();
-    let vec = i32::from((k * elem) % 16 == 0 && xs.device_ptr(&dev.cuda_stream()).0 % 16 == 0);
-    let stream = dev.cuda_stream();
+    let vec = i32::from((k * elem) % 16 == 0 && xs.device_ptr(&stream).0 % 16 == 0);
     let mut b = stream.launch_builder(&func);
     b.arg(&xs).arg(&ws).arg(&wt).arg(&m).arg(&scale).arg(&mut u).arg(&ni).arg(&ki).arg(&ri).arg(&vec);
     // 16 warps of two rows each per block (lora.cu's PW).
@@ -137,39 +158,64 @@ fn expand_t<T: CudaDType + DeviceRepr>(y: &Tensor, u: &Tensor, v: &Tensor, vt: b
     Ok(wrap(out, &dev, (n, m)))
 }
 
-/// Rows each block of `grad` sums: enough blocks to fill the GPU, few partials to add up.
+/// Blocks `grad`'s tensor-core kernel aims for (about two per SM of an H100/H200): enough to
+/// keep memory busy, few per-split partials to add up.
+const GRAD_TC_BLOCKS: usize = 264;
+/// Rows each block of the f32 `grad` kernel sums.
 const GRAD_ROWS: usize = 128;
 
-/// `scale · Uᵀ · drop(X)` → `[r, K]` f32: `u` `[n, r]`, `x` `[n, K]`. Summed over row splits
-/// in a fixed order (deterministic).
-pub fn grad(u: &Tensor, x: &Tensor, dropout: Option<&Dropout>, scale: f32) -> Result<Tensor> {
+/// `scale · Uᵀ · drop(X)` → f32 `[r, K]`, or with `tr` `[K, r]`: `u` `[n, r]`, `x` `[n, K]`.
+/// Summed over row splits in a fixed order (deterministic).
+pub fn grad(u: &Tensor, x: &Tensor, dropout: Option<&Dropout>, scale: f32, tr: bool) -> Result<Tensor> {
     let _p = crate::profile::scope("·· lora grad");
     let (n, k) = x.dims2()?;
     let r = u.dim(1)?;
     anyhow::ensure!(u.dim(0)? == n, "LoRA grad: u {:?}, x {:?}", u.dims(), x.dims());
     match x.dtype() {
-        DType::F32 => grad_t::<f32>(u, x, dropout, scale, n, k, r),
-        _ => grad_t::<bf16>(u, x, dropout, scale, n, k, r),
+        DType::F32 => grad_t::<f32>(u, x, dropout, scale, tr, n, k, r),
+        _ => grad_t::<bf16>(u, x, dropout, scale, tr, n, k, r),
     }
 }
 
-fn grad_t<T: CudaDType + DeviceRepr>(u: &Tensor, x: &Tensor, dropout: Option<&Dropout>, scale: f32, n: usize, k: usize, r: usize) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn grad_t<T: CudaDType + DeviceRepr>(u: &Tensor, x: &Tensor, dropout: Option<&Dropout>, scale: f32, tr: bool, n: usize, k: usize, r: usize) -> Result<Tensor> {
     let dev = cuda_dev(x)?;
     let (u, x) = (u.contiguous()?, x.contiguous()?);
-    let splits = n.div_ceil(GRAD_ROWS).max(1);
     let (ug, ul) = u.storage_and_layout();
     let (xg, xl) = x.storage_and_layout();
     let (us, xs) = (slice::<T>(&ug, ul, "u")?, slice::<T>(&xg, xl, "x")?);
+    let stream = dev.cuda_stream();
+    let (mk, ni, ki, ri) = (MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "cols")?, r as i32);
+    let tc = x.dtype() == DType::BF16 && k % 8 == 0 && xs.device_ptr(&stream).0 % 16 == 0;
+    // Rows per split: a multiple of the kernels' row step (32).
+    let cols = k.div_ceil(256);
+    let rows = if tc { n.div_ceil(GRAD_TC_BLOCKS.div_ceil(cols).clamp(1, n.div_ceil(32))).div_ceil(32) * 32 } else { GRAD_ROWS };
+    let splits = n.div_ceil(rows).max(1);
     // SAFETY: the kernel writes every (split, r, k) partial.
     let mut g = unsafe { dev.alloc::<f32>(splits * r * k)? };
-    let func = super::cuda::function(&dev, MODULE, PTX, &name("grad", x.dtype(), r)?)?;
-    let (mk, ni, ki, ri, rows) = (MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(k, "cols")?, r as i32, GRAD_ROWS as i32);
-    let stream = dev.cuda_stream();
+    let func = if tc {
+        super::cuda::function(&dev, MODULE, PTX, &format!("lora_grad_tc_r{}", compiled_rank(r).unwrap_or(32)))?
+    } else {
+        super::cuda::function(&dev, MODULE, PTX, &name("grad", x.dtype(), r)?)?
+    };
+    let rows_i = rows as i32;
     let mut b = stream.launch_builder(&func);
-    b.arg(&us).arg(&xs).arg(&mk).arg(&scale).arg(&mut g).arg(&ni).arg(&ki).arg(&ri).arg(&rows);
-    let cfg = LaunchConfig { grid_dim: (k.div_ceil(256) as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: arguments as lora.cu's lora_grad.
+    b.arg(&us).arg(&xs).arg(&mk).arg(&scale).arg(&mut g).arg(&ni).arg(&ki).arg(&ri).arg(&rows_i);
+    // tc: 4 warps of 64 columns (lora.cu's GTW); f32: one column per thread.
+    let block = if tc { 128 } else { 256 };
+    let cfg = LaunchConfig { grid_dim: (cols as u32, splits as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as lora.cu's lora_grad_tc / lora_grad.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
-    Ok(wrap(g, &dev, (splits, r, k)).sum(0)?)
+    // SAFETY: lora_sum_splits writes all r·k outputs.
+    let mut out = unsafe { dev.alloc::<f32>(r * k)? };
+    let func = super::cuda::function(&dev, MODULE, PTX, "lora_sum_splits")?;
+    let (si, tri) = (splits as i32, i32::from(tr));
+    let mut b = stream.launch_builder(&func);
+    b.arg(&g).arg(&mut out).arg(&si).arg(&ri).arg(&ki).arg(&tri);
+    let cfg = LaunchConfig { grid_dim: ((r * k).div_ceil(256).min(4096) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as lora.cu's lora_sum_splits.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(if tr { wrap(out, &dev, (k, r)) } else { wrap(out, &dev, (r, k)) })
 }

@@ -13,9 +13,13 @@ __device__ __forceinline__ unsigned lowbias32(unsigned x) {
     return x;
 }
 
-// The inverted-dropout multiplier of element i: `scale` where kept, else 0. Element i is kept
-// when the top 16 bits of the keyed hash of (u32)i reach `thr` (the CPU's dropout_bits).
+// Element i is kept when the top 16 bits of the keyed hash of (u32)i reach `thr` (the CPU's
+// dropout_bits).
+__device__ __forceinline__ bool kept(long long i, unsigned k1, unsigned k2, unsigned thr) {
+    return (lowbias32(lowbias32((unsigned)i ^ k1) ^ k2) >> 16) >= thr;
+}
+
+// The inverted-dropout multiplier of element i: `scale` where kept, else 0.
 __device__ __forceinline__ float keep(long long i, unsigned k1, unsigned k2, unsigned thr, float scale) {
-    unsigned h = lowbias32(lowbias32((unsigned)i ^ k1) ^ k2) >> 16;
-    return h >= thr ? scale : 0.0f;
+    return kept(i, k1, k2, thr) ? scale : 0.0f;
 }

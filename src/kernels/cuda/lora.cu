@@ -214,6 +214,206 @@ __device__ void grad(const T* __restrict__ u, const T* __restrict__ x, Mask m, f
         if (q < r) g[((long long)s * r + q) * K + k] = acc[q] * scale;
 }
 
+
+// ---- bf16 on tensor cores -------------------------------------------------------------------
+// `project` and `grad` for bf16 with K a multiple of 8 and 16-byte aligned rows: mma.sync
+// m16n8k16 (bf16 in, f32 accumulate), every operand fetched from global memory 16 bytes a lane
+// (no shared-memory tile of x). The sums run over k in `project` and over rows in `grad`, so
+// each lane may feed the MMA any k (or row) as long as both operands use the same one: the
+// fragments below are permuted so that a lane's 16-byte load is its whole share of a fragment.
+// Dropped elements are zeroed bitwise and the dropout scale applied once at the end.
+
+struct alignas(16) Frag8 {  // eight bf16 as four b32 words (word t holds elements 2t, 2t+1)
+    unsigned w[4];
+};
+
+__device__ __forceinline__ Frag8 ld8(const __nv_bfloat16* p, bool ok) {
+    Frag8 f;
+    if (ok) {
+        uint4 q = __ldg((const uint4*)p);
+        f.w[0] = q.x; f.w[1] = q.y; f.w[2] = q.z; f.w[3] = q.w;
+    } else {
+        f.w[0] = f.w[1] = f.w[2] = f.w[3] = 0u;
+    }
+    return f;
+}
+
+// Zero the dropped ones of the eight elements from flat index e.
+__device__ __forceinline__ void drop8(Frag8& f, const Mask& m, long long e) {
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        unsigned lo = kept(e + 2 * t, m.k1, m.k2, m.thr) ? 0x0000ffffu : 0u;
+        unsigned hi = kept(e + 2 * t + 1, m.k1, m.k2, m.thr) ? 0xffff0000u : 0u;
+        f.w[t] &= lo | hi;
+    }
+}
+
+// d += A·B for one m16n8k16 tile; a0..a3 and b0, b1 in the PTX fragment order.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+constexpr int TPW = 16;  // warps per block in `project_tc`, splitting K between them; 16 rows a block
+
+// U[16 rows of this block, R] = scale · Σ_k drop(X)[i, k] · W[q, k], W `[r, K]` (B transposed by
+// the caller). Lane (g, t) = (lane / 4, lane % 4) loads k ∈ [32·kb + 8t, +8) of rows g and g + 8
+// and of W's rows g (+ 8·nt): that is two MMAs' k-slices (words 0-1 and 2-3) of one k-block.
+// Each warp takes every TPW-th k-block; the warps' sums are added in shared memory, in order.
+template <int R>
+__device__ void project_tc(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, Mask m, float scale,
+                           __nv_bfloat16* __restrict__ u, int n, int K, int r) {
+    constexpr int NT = R / 8;
+    __shared__ float red[TPW][16][R + 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16, ra = row0 + g, rb = ra + 8;
+    const int nkb = (K + 31) / 32;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    // Two k-blocks in flight: this one's operands arrive while the previous one multiplies.
+    Frag8 xa, xb, wv[NT];
+    auto fetch = [&](int kb, Frag8& fa, Frag8& fb, Frag8 (&fw)[NT]) {
+        const int k = kb * 32 + t * 8;
+        const bool in = kb < nkb && k < K;
+        fa = ld8(x + (long long)ra * K + k, in && ra < n);
+        fb = ld8(x + (long long)rb * K + k, in && rb < n);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) fw[nt] = ld8(w + (long long)(nt * 8 + g) * K + k, in && nt * 8 + g < r);
+    };
+    fetch(warp, xa, xb, wv);
+    for (int kb = warp; kb < nkb; kb += TPW) {
+        Frag8 na, nb, nw[NT];
+        fetch(kb + TPW, na, nb, nw);
+        if (m.on) {
+            const int k = kb * 32 + t * 8;
+            drop8(xa, m, (long long)ra * K + k);
+            drop8(xb, m, (long long)rb * K + k);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            mma_bf16(acc[nt], xa.w[0], xb.w[0], xa.w[1], xb.w[1], wv[nt].w[0], wv[nt].w[1]);
+            mma_bf16(acc[nt], xa.w[2], xb.w[2], xa.w[3], xb.w[3], wv[nt].w[2], wv[nt].w[3]);
+        }
+        xa = na;
+        xb = nb;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) wv[nt] = nw[nt];
+    }
+    // C fragment: (row g, cols 2t, 2t+1) and (row g + 8, the same cols) of each 8-column tile.
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int q = nt * 8 + 2 * t;
+        red[warp][g][q] = acc[nt][0];
+        red[warp][g][q + 1] = acc[nt][1];
+        red[warp][g + 8][q] = acc[nt][2];
+        red[warp][g + 8][q + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    const float s = scale * (m.on ? m.scale : 1.0f);
+    for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
+        const int i = idx / R, q = idx % R, row = row0 + i;
+        float v = 0.0f;
+#pragma unroll
+        for (int wi = 0; wi < TPW; wi++) v += red[wi][i][q];
+        if (q < r && row < n) u[(long long)row * r + q] = __float2bfloat16_rn(v * s);
+    }
+}
+
+constexpr int GTW = 4;    // warps per block in `grad_tc`, 64 columns each
+constexpr int GTR = 256;  // rows of U staged in shared memory at a time
+constexpr int GTD = 2;    // 16-row steps whose loads are in flight together
+
+// G[s, q, k] = scale · Σ_{i ∈ split s} U[i, q] · drop(X)[i, k] for 64 columns per warp. As an
+// MMA, M is k, N is q and the sum runs over rows i. Lane (g, t) loads 16 bytes, columns
+// c = 8g .. 8g + 7 of the warp's 64, from each of rows 4t .. 4t + 3 of a 16-row step; column
+// pair (c + 2j, c + 2j + 1) is then M-rows (g, g + 8) of M-tile j, and rows (4t, 4t + 1) and
+// (4t + 2, 4t + 3) are its k-slices (a byte permute pairs them up). U is staged transposed so
+// that a lane's B fragment is one 8-byte load.
+template <int R>
+__device__ void grad_tc(const __nv_bfloat16* __restrict__ u, const __nv_bfloat16* __restrict__ x, Mask m, float scale, float* __restrict__ gout,
+                        int n, int K, int r, int rows_per_split) {
+    constexpr int NT = R / 8;
+    constexpr int US = GTR + 16;  // row stride: 8-byte loads of a half-warp hit distinct banks
+    __shared__ __align__(16) __nv_bfloat16 us[R][US];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int c = (blockIdx.x * GTW + warp) * 64 + g * 8;
+    const int s = blockIdx.y, lo = s * rows_per_split, hi = min(n, lo + rows_per_split);
+    const bool col_in = c < K;
+    float acc[4][NT][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) acc[j][nt][0] = acc[j][nt][1] = acc[j][nt][2] = acc[j][nt][3] = 0.0f;
+    for (int base = lo; base < hi; base += GTR) {
+        const int rows = min(GTR, hi - base);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < GTR * R; idx += blockDim.x) {
+            const int i = idx / R, q = idx % R;
+            us[q][i] = (q < r && i < rows) ? u[(long long)(base + i) * r + q] : __float2bfloat16_rn(0.0f);
+        }
+        __syncthreads();
+        auto fetch = [&](int i0, Frag8 (&f)[GTD][4]) {
+#pragma unroll
+            for (int d = 0; d < GTD; d++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int i = i0 + 16 * d + 4 * t + j;
+                    f[d][j] = ld8(x + (long long)(base + i) * K + c, col_in && i < rows);
+                }
+        };
+        Frag8 cur[GTD][4];
+        fetch(0, cur);
+        for (int i0 = 0; i0 < rows; i0 += 16 * GTD) {
+            Frag8 nxt[GTD][4];
+            fetch(i0 + 16 * GTD, nxt);
+#pragma unroll
+            for (int d = 0; d < GTD; d++) {
+                const int ib = i0 + 16 * d;
+                if (m.on) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) drop8(cur[d][j], m, (long long)(base + ib + 4 * t + j) * K + c);
+                }
+                unsigned b[NT][2];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const uint2 v = *(const uint2*)&us[nt * 8 + g][ib + 4 * t];
+                    b[nt][0] = v.x;
+                    b[nt][1] = v.y;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const unsigned a0 = __byte_perm(cur[d][0].w[j], cur[d][1].w[j], 0x5410);
+                    const unsigned a1 = __byte_perm(cur[d][0].w[j], cur[d][1].w[j], 0x7632);
+                    const unsigned a2 = __byte_perm(cur[d][2].w[j], cur[d][3].w[j], 0x5410);
+                    const unsigned a3 = __byte_perm(cur[d][2].w[j], cur[d][3].w[j], 0x7632);
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) mma_bf16(acc[j][nt], a0, a1, a2, a3, b[nt][0], b[nt][1]);
+                }
+            }
+#pragma unroll
+            for (int d = 0; d < GTD; d++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) cur[d][j] = nxt[d][j];
+        }
+    }
+    if (!col_in) return;
+    // acc[j][nt] = (k c+2j, q 2t), (c+2j, 2t+1), (c+2j+1, 2t), (c+2j+1, 2t+1) of tile nt: each q
+    // gets the eight consecutive k from c.
+    const float sc = scale * (m.on ? m.scale : 1.0f);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int q = nt * 8 + 2 * t + h;
+            if (q >= r) continue;
+            float4* o = (float4*)(gout + ((long long)s * r + q) * K + c);
+            o[0] = make_float4(acc[0][nt][h] * sc, acc[0][nt][2 + h] * sc, acc[1][nt][h] * sc, acc[1][nt][2 + h] * sc);
+            o[1] = make_float4(acc[2][nt][h] * sc, acc[2][nt][2 + h] * sc, acc[3][nt][h] * sc, acc[3][nt][2 + h] * sc);
+        }
+}
+
 }  // namespace
 
 #define LORA_KERNELS(TN, T, R)                                                                                                           \
@@ -229,6 +429,34 @@ __device__ void grad(const T* __restrict__ u, const T* __restrict__ x, Mask m, f
                                                                             int K, int r, int rows_per_split) {                          \
         grad<T, R>(u, x, m, scale, g, n, K, r, rows_per_split);                                                                          \
     }
+
+// Sums grad's per-split partials `[splits, r, K]` in split order, into `[r, K]` or, with `tr`,
+// `[K, r]` (dB is wanted as B's `[out, r]`).
+extern "C" __global__ void lora_sum_splits(const float* p, float* out, int splits, int r, int K, int tr) {
+    const long long rk = (long long)r * K;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < rk; e += (long long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; s++) v += p[s * rk + e];
+        const long long q = e / K, k = e % K;
+        out[tr ? k * r + q : e] = v;
+    }
+}
+
+#define LORA_TC_KERNELS(R)                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(TPW * 32) lora_project_tc_r##R(const __nv_bfloat16* x, const __nv_bfloat16* w,   \
+                                                                                 Mask m, float scale, __nv_bfloat16* u, int n,     \
+                                                                                 int K, int r) {                                   \
+        project_tc<R>(x, w, m, scale, u, n, K, r);                                                                                 \
+    }                                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(GTW * 32) lora_grad_tc_r##R(const __nv_bfloat16* u, const __nv_bfloat16* x, Mask m, \
+                                                                              float scale, float* g, int n, int K, int r,          \
+                                                                              int rows_per_split) {                                \
+        grad_tc<R>(u, x, m, scale, g, n, K, r, rows_per_split);                                                                    \
+    }
+
+LORA_TC_KERNELS(8)
+LORA_TC_KERNELS(16)
+LORA_TC_KERNELS(32)
 
 LORA_KERNELS(f32, float, 8)
 LORA_KERNELS(f32, float, 16)

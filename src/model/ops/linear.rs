@@ -196,7 +196,7 @@ fn cuda_backward(dropout: Option<&Dropout>, x: &Tensor, u: &Tensor, w: &Tensor, 
     let dx = expand(&dx, &du, &l.a, true, dropout, 1.0)?;
     // f32, as the kernels sum them: the optimizer's master weights are f32 (no round trip
     // through the adapters' dtype).
-    let da = grad(&du, x, dropout, 1.0)?;
-    let db = grad(u, dy, None, s)?.t()?.contiguous()?;
+    let da = grad(&du, x, dropout, 1.0, false)?;
+    let db = grad(u, dy, None, s, true)?;
     Ok((dx, Some((da, db))))
 }
