@@ -489,6 +489,36 @@ fn lora_linear_kernels_match_the_cpu() {
     }
 }
 
+/// The flash attention kernels against the CPU's f32 attention: output and all three
+/// gradients, head sizes 64 and 128, grouped-query, lengths that are not multiples of the
+/// 64-row blocks, packed examples and padding.
+#[test]
+fn flash_attention_matches_the_cpu() {
+    use qscript::model::ops::attention;
+    let Some(dev) = gpu("flash_attention_matches_the_cpu") else { return };
+    for (b, nh, kvh, t, d) in [(2, 4, 2, 150, 64), (1, 6, 2, 200, 128), (2, 3, 3, 64, 128)] {
+        // Row 0: two packed examples and trailing padding; row 1 (if any): one example.
+        let seg: Vec<u32> = (0..b * t).map(|i| (i / t, i % t)).map(|(r, i)| if r == 0 { if i < t / 3 { 1 } else if i < t - 9 { 2 } else { 0 } } else { 1 }).collect();
+        let (q, k, v, d_o) = (values(b * nh * t * d, 31), values(b * kvh * t * d, 32), values(b * kvh * t * d, 33), values(b * nh * t * d, 34));
+        let run = |dv: &Device, dt: DType| {
+            let ten = |x: &Vec<f32>, h: usize| Tensor::from_vec(x.clone(), (b, h, t, d), dv).unwrap().to_dtype(dt).unwrap();
+            let mask = attention::build_mask(&seg, b, t, dv).unwrap();
+            let segments = Tensor::from_vec(seg.clone(), (b, t), dv).unwrap();
+            let (o, s) = attention::forward_segments(&ten(&q, nh), &ten(&k, kvh), &ten(&v, kvh), &mask, &segments).unwrap();
+            assert_eq!(s.flash.is_some(), dv.is_cuda(), "the flash path runs exactly on CUDA");
+            let (dq, dk, dv) = attention::backward(&s, &ten(&d_o, nh)).unwrap();
+            [o, dq, dk, dv]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        let got = run(dev, DType::BF16);
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.dims(), w.dims());
+            let e = tensor_rel_err(g, w);
+            assert!(e <= 2e-2, "b {b} nh {nh} kvh {kvh} t {t} d {d}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
 /// The fused cross-entropy kernel against the candle formulation on the CPU (f32 logits): the
 /// loss sum and the gradient `dh`, with untrained rows and several chunks.
 #[test]

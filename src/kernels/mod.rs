@@ -8,6 +8,8 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_decode;
 #[cfg(feature = "cuda")]
+pub mod cuda_flash;
+#[cfg(feature = "cuda")]
 pub mod cuda_lora;
 #[cfg(feature = "cuda")]
 pub mod cuda_train;

@@ -78,6 +78,8 @@ pub struct TrainBatch {
     pub positions: Tensor,
     /// Additive attention mask `[b, 1, t, t]` (causal, per example, padding isolated).
     pub mask: Tensor,
+    /// The segment ids `[b, t]` (u32) it was built from (what the flash kernels take).
+    pub segments: Tensor,
     /// `targets[i]` = the label token row `i` predicts (labels shifted left), −100 = ignored.
     pub targets: Vec<i64>,
 }
@@ -127,6 +129,7 @@ impl TrainBatch {
             input_ids: Tensor::from_vec(input_ids.to_vec(), (b, t), device)?,
             positions: Tensor::from_vec(pos, (b, t), device)?,
             mask: attention::build_mask(&seg, b, t, device)?,
+            segments: Tensor::from_vec(seg, (b, t), device)?,
             targets,
         })
     }
@@ -223,7 +226,7 @@ fn layer_forward(layer: &Block, x: &Tensor, batch: &TrainBatch, rope_at: &RopeAt
     let v = rope::split_heads(&v, b, t, a.n_kv_heads, a.head_dim, None)?;
     drop(p);
     let p = crate::profile::scope("attention fwd");
-    let (o, attn) = attention::forward(&q, &k, &v, &batch.mask)?;
+    let (o, attn) = attention::forward_segments(&q, &k, &v, &batch.mask, &batch.segments)?;
     drop(p);
     let p = crate::profile::scope("heads+residual fwd");
     let o = rope::merge_heads(&o, None)?;

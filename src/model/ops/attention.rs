@@ -44,6 +44,15 @@ pub struct Saved {
     pub p: Option<Tensor>,
     /// Query rows per tile.
     pub tile: usize,
+    /// What the flash kernels' backward needs (CUDA, bf16), which then took the forward.
+    pub flash: Option<Flash>,
+}
+
+/// The flash forward's output, its log-sum-exp `[b, nh, t]` and the segment ids `[b, t]`.
+pub struct Flash {
+    pub o: Tensor,
+    pub lse: Tensor,
+    pub segments: Tensor,
 }
 
 /// Query rows per tile of the tiled path: `[b, nh, TILE, t]` scores exist at once.
@@ -56,6 +65,19 @@ fn scale_of(d: usize) -> f64 {
 /// `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, `mask` `[b, 1, t, t]` → `o` `[b, nh, t, d]`.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, Saved)> {
     forward_tiled(q, k, v, mask, TILE)
+}
+
+/// [`forward`] given also the segment ids `[b, t]` (u32) the mask was built from: on CUDA in
+/// bf16 with head size 64 or 128 the flash kernels run, from those instead of the mask.
+pub fn forward_segments(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, segments: &Tensor) -> Result<(Tensor, Saved)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::cuda_flash::supported(q) {
+        let (o, lse) = crate::kernels::cuda_flash::forward(q, k, v, segments)?;
+        let flash = Some(Flash { o: o.clone(), lse, segments: segments.clone() });
+        return Ok((o, Saved { q: q.clone(), k: k.clone(), v: v.clone(), mask: mask.clone(), p: None, tile: TILE, flash }));
+    }
+    let _ = segments;
+    forward(q, k, v, mask)
 }
 
 /// [`forward`] with query tiles of `tile` rows (tests use small ones).
@@ -74,9 +96,9 @@ pub fn forward_tiled(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, tile: us
     if let Some((o, p)) = fused {
         let dev = q.device();
         let (o, p) = (Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?);
-        return Ok((o, Saved { q, k, v, mask: mask.clone(), p: Some(p), tile }));
+        return Ok((o, Saved { q, k, v, mask: mask.clone(), p: Some(p), tile, flash: None }));
     }
-    let s = Saved { q, k, v, mask: mask.clone(), p: None, tile };
+    let s = Saved { q, k, v, mask: mask.clone(), p: None, tile, flash: None };
     let mut outs = Vec::new();
     for (q0, c) in tiles(t, tile) {
         let tile = Tile::new(&s, q0, c)?;
@@ -146,6 +168,10 @@ fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
 
 /// Returns `(dq, dk, dv)` in the shapes of the forward's inputs.
 pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some(f) = &s.flash {
+        return crate::kernels::cuda_flash::backward(&s.q, &s.k, &s.v, &f.segments, &f.o, &f.lse, &d_o.to_dtype(s.q.dtype())?);
+    }
     let (b, nh, t, d) = s.q.dims4()?;
     let kvh = s.k.dim(1)?;
     let rep = nh / kvh;
