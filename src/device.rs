@@ -42,7 +42,9 @@ fn cuda(n: usize, name: &str) -> Result<Device> {
 /// race that showed as NaN losses once the GPU ran behind the host).
 ///
 /// cudarc's event tracking (events recorded around every buffer use, so that other streams can
-/// wait on them) is turned off: there is one stream.
+/// wait on them) is turned off: there is one stream. The memory pool keeps what is freed (as
+/// PyTorch's caching allocator does): by default it hands it back to the driver at every
+/// synchronisation, and each training step would map its activations afresh.
 pub fn open_cuda(n: usize) -> candle_core::Result<Device> {
     let d = Device::new_cuda_with_stream(n)?;
     // SAFETY: nothing was allocated on this device yet, and all its work goes to one stream, in
@@ -51,6 +53,8 @@ pub fn open_cuda(n: usize) -> candle_core::Result<Device> {
     unsafe {
         d.as_cuda_device()?.disable_event_tracking()
     };
+    #[cfg(feature = "cuda")]
+    cuda_pool::keep_freed(&d).map_err(candle_core::Error::wrap)?;
     Ok(d)
 }
 
@@ -112,6 +116,17 @@ mod cuda_pool {
         let r = unsafe { sys::cuMemPoolGetAttribute(pool(d)?, a, &mut v as *mut u64 as *mut std::ffi::c_void) };
         ensure!(r == sys::CUresult::CUDA_SUCCESS, "cuMemPoolGetAttribute: {r:?}");
         Ok(v)
+    }
+
+    /// No release threshold: freed memory stays in the pool for the next allocation.
+    pub fn keep_freed(d: &Device) -> Result<()> {
+        let mut all = u64::MAX;
+        // SAFETY: the release threshold is a cuuint64_t, passed through a valid pointer.
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(pool(d)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut all as *mut u64 as *mut std::ffi::c_void)
+        };
+        ensure!(r == sys::CUresult::CUDA_SUCCESS, "cuMemPoolSetAttribute: {r:?}");
+        Ok(())
     }
 
     pub fn reset_high(d: &Device) -> Result<()> {

@@ -61,7 +61,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(Tens
     ensure!([qs.device_ptr(&stream).0, ks.device_ptr(&stream).0, vs.device_ptr(&stream).0].iter().all(|p| p % 16 == 0), "flash attention: unaligned operands");
     // SAFETY: the kernel writes every row of o and lse.
     let (mut o, mut lse) = unsafe { (dev.alloc::<bf16>(b * nh * t * d)?, dev.alloc::<f32>(b * nh * t)?) };
-    let (func, shm) = kernel(&q, "flash_fwd", d, 3, 2 * BR * 4)?;
+    let (func, shm) = kernel(&q, "flash_fwd", d, 5, 3 * BR * 4)?;
     let (nhi, kvhi, ti, (sl2, _)) = (nh as i32, kvh as i32, t as i32, scales(d));
     let mut bld = stream.launch_builder(&func);
     bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&mut o).arg(&mut lse).arg(&nhi).arg(&kvhi).arg(&ti).arg(&sl2);
@@ -105,14 +105,14 @@ pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, o: &Tensor, ls
     unsafe { bld.launch(cfg) }.w()?;
     drop(bld);
     let (nhi, kvhi, ti, (sl2, scale)) = (nh as i32, kvh as i32, t as i32, scales(d));
-    let (func, shm) = kernel(&q, "flash_bwd_dkdv", d, 4, 4 * BR * 4)?;
+    let (func, shm) = kernel(&q, "flash_bwd_dkdv", d, 6, 7 * BR * 4)?;
     let mut bld = stream.launch_builder(&func);
     bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&ds).arg(&ls).arg(&delta).arg(&mut dk).arg(&mut dv).arg(&nhi).arg(&kvhi).arg(&ti).arg(&sl2).arg(&scale);
     let cfg = LaunchConfig { grid_dim: (t.div_ceil(BR) as u32, kvh as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: shm };
     // SAFETY: arguments as flash.cu's flash_bwd_dkdv.
     unsafe { bld.launch(cfg) }.w()?;
     drop(bld);
-    let (func, shm) = kernel(&q, "flash_bwd_dq", d, 4, 2 * BR * 4)?;
+    let (func, shm) = kernel(&q, "flash_bwd_dq", d, 6, 3 * BR * 4)?;
     let mut bld = stream.launch_builder(&func);
     bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&ds).arg(&ls).arg(&delta).arg(&mut dq).arg(&nhi).arg(&kvhi).arg(&ti).arg(&sl2).arg(&scale);
     let cfg = LaunchConfig { grid_dim: (t.div_ceil(BR) as u32, nh as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: shm };

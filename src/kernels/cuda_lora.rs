@@ -88,7 +88,7 @@ fn project_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, wt: bool, dropou
     let mut u = unsafe { dev.alloc::<T>(n * r)? };
     // bf16 on tensor cores when rows are whole 16-byte chunks; W as [r, K] (B transposed, tiny).
     if x.dtype() == DType::BF16 && k % 8 == 0 {
-        let w = if wt { w.t()?.contiguous()? } else { w.contiguous()? };
+        let w = if wt { transpose_bf16(&w.contiguous()?)? } else { w.contiguous()? };
         let (xg, xl) = x.storage_and_layout();
         let (wg, wl) = w.storage_and_layout();
         let (xs, ws) = (slice::<T>(&xg, xl, "x")?, slice::<T>(&wg, wl, "w")?);
@@ -123,6 +123,26 @@ fn project_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, wt: bool, dropou
     Ok(wrap(u, &dev, (n, r)))
 }
 
+/// `[M, r]` → `[r, M]` (bf16, contiguous).
+fn transpose_bf16(w: &Tensor) -> Result<Tensor> {
+    let (m, r) = w.dims2()?;
+    let dev = cuda_dev(w)?;
+    let (wg, wl) = w.storage_and_layout();
+    let ws = slice::<bf16>(&wg, wl, "w")?;
+    // SAFETY: the kernel writes all m·r outputs.
+    let mut out = unsafe { dev.alloc::<bf16>(m * r)? };
+    let func = super::cuda::function(&dev, MODULE, PTX, "lora_transpose_bf16")?;
+    let (mi, ri) = (i32_of(m, "rows")?, r as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&ws).arg(&mut out).arg(&mi).arg(&ri);
+    let cfg = LaunchConfig { grid_dim: ((m * r).div_ceil(256).min(4096) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments as lora.cu's lora_transpose_bf16.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(wrap(out, &dev, (r, m)))
+}
+
 /// `Y + scale · mask ⊙ (U · V(j, r)ᵀ)` as a new tensor: `y` `[n, M]`, `u` `[n, r]`; `v` `[M, r]`,
 /// or with `vt` `[r, M]` (A used as Aᵀ). The mask (when given) is over `[n, M]`.
 pub fn expand(y: &Tensor, u: &Tensor, v: &Tensor, vt: bool, dropout: Option<&Dropout>, scale: f32) -> Result<Tensor> {
@@ -144,15 +164,23 @@ fn expand_t<T: CudaDType + DeviceRepr>(y: &Tensor, u: &Tensor, v: &Tensor, vt: b
     let (ug, ul) = u.storage_and_layout();
     let (vg, vl) = v.storage_and_layout();
     let (ys, us, vs) = (slice::<T>(&yg, yl, "y")?, slice::<T>(&ug, ul, "u")?, slice::<T>(&vg, vl, "v")?);
+    let stream = dev.cuda_stream();
     // SAFETY: the kernel writes all n·m outputs.
     let mut out = unsafe { dev.alloc::<T>(n * m)? };
-    let func = super::cuda::function(&dev, MODULE, PTX, &name("expand", y.dtype(), r)?)?;
     let (vt, mk, ni, mi, ri) = (i32::from(vt), MaskArg::of(dropout), i32_of(n, "rows")?, i32_of(m, "cols")?, r as i32);
-    let stream = dev.cuda_stream();
+    // bf16 with whole 16-byte rows: the rank-r product on tensor cores (rank padded to 16 or 32).
+    let tc = y.dtype() == DType::BF16 && m % 8 == 0 && ys.device_ptr(&stream).0 % 16 == 0;
+    let (func, cfg) = if tc {
+        let func = super::cuda::function(&dev, MODULE, PTX, &format!("lora_expand_tc_r{}", if r <= 16 { 16 } else { 32 }))?;
+        // 4 warps of 64 columns, 64 rows a block (lora.cu's ETW, ETR).
+        (func, LaunchConfig { grid_dim: (m.div_ceil(256) as u32, n.div_ceil(64) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 })
+    } else {
+        let func = super::cuda::function(&dev, MODULE, PTX, &name("expand", y.dtype(), r)?)?;
+        (func, LaunchConfig { grid_dim: (m.div_ceil(256) as u32, n.div_ceil(32) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+    };
     let mut b = stream.launch_builder(&func);
     b.arg(&ys).arg(&us).arg(&vs).arg(&vt).arg(&mk).arg(&scale).arg(&mut out).arg(&ni).arg(&mi).arg(&ri);
-    let cfg = LaunchConfig { grid_dim: (m.div_ceil(256) as u32, n.div_ceil(32) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: arguments as lora.cu's lora_expand.
+    // SAFETY: arguments as lora.cu's lora_expand / lora_expand_tc.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(wrap(out, &dev, (n, m)))

@@ -15,8 +15,10 @@
 // q/o/dO `[b, nh, t, D]`, k/v `[b, kvh, t, D]`, segments `[b, t]` u32, LSE and Δ `[b, nh, t]`.
 //
 // Each block has 4 warps of 16 rows; operands are staged in shared memory (rows padded by 16
-// bytes so that ldmatrix's eight row addresses fall in distinct banks) and fed to mma.sync
-// m16n8k16 through ldmatrix (.trans where the product needs the tile's transpose).
+// bytes so that ldmatrix's eight row addresses fall in distinct banks), the tiles a block loops
+// over double-buffered with cp.async, and fed to mma.sync m16n8k16 through ldmatrix (.trans
+// where the product needs the tile's transpose). Blocks below the diagonal whose tokens are
+// all of one example skip the mask.
 
 #include <cuda_bf16.h>
 
@@ -102,17 +104,36 @@ __device__ __forceinline__ void mma_pt(float (&acc)[DT][4], const float (&p)[NP]
     }
 }
 
-// Rows row0 .. row0+64 of a [t, D] matrix into a tile of stride S; zeros past t (a zero row
-// times a zero probability must stay zero, not NaN).
+// Rows row0 .. row0+64 of a [t, D] matrix into a tile of stride S, asynchronously (cp.async:
+// the next tile loads while this one is multiplied; cp_wait and a barrier make it visible).
+// Zeros past t: a zero row times a zero probability must stay zero, not NaN.
 template <int D, int S>
 __device__ __forceinline__ void stage(bf16* dst, const bf16* src, int row0, int t) {
     constexpr int C = D / 8;
     for (int i = threadIdx.x; i < BR * C; i += blockDim.x) {
         const int r = i / C, c = i % C;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < t) v = *(const uint4*)(src + (long long)(row0 + r) * D + c * 8);
-        *(uint4*)(dst + r * S + c * 8) = v;
+        const bool in = row0 + r < t;
+        const bf16* from = src + (long long)(in ? row0 + r : 0) * D + c * 8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem(dst + r * S + c * 8)), "l"(from), "r"(in ? 16 : 0));
     }
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Whether a query block and a key block strictly below its diagonal need no mask: all their
+// tokens of one example. Every thread checks a token straight from global memory (no barrier
+// needed before), the barrier combines them.
+__device__ __forceinline__ bool unmasked(const unsigned* seg, int q0, int k0, int t, bool below) {
+    const unsigned s0 = seg[q0];
+    const int i = threadIdx.x & (BR - 1);
+    const int pos = (threadIdx.x < BR ? q0 : k0) + i;
+    const bool ok = below && s0 != 0u && pos < t && seg[pos] == s0;
+    return __syncthreads_and(ok);
 }
 
 __device__ __forceinline__ void stage_seg(unsigned* dst, const unsigned* seg, int row0, int t) {
@@ -134,31 +155,42 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     constexpr int S = D + 8, DT = D / 8;
     extern __shared__ __align__(16) unsigned char sm[];
     bf16* Qs = (bf16*)sm;
-    bf16* Ks = Qs + BR * S;
-    bf16* Vs = Ks + BR * S;
-    unsigned* sq = (unsigned*)(Vs + BR * S);
-    unsigned* sk = sq + BR;
+    bf16* Ks = Qs + BR * S;  // two buffers each of K and V
+    bf16* Vs = Ks + 2 * BR * S;
+    unsigned* sq = (unsigned*)(Vs + 2 * BR * S);
+    unsigned* sk = sq + BR;  // two buffers
     const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (nh / kvh);
     const int l = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16, g = l >> 2, tq = l & 3;
     const long long qoff = ((long long)b * nh + h) * t, koff = ((long long)b * kvh + hk) * t;
     const unsigned* sb = seg + (long long)b * t;
     const int q0 = qb * BR;
     stage<D, S>(Qs, q + qoff * D, q0, t);
+    stage<D, S>(Ks, k + koff * D, 0, t);
+    stage<D, S>(Vs, v + koff * D, 0, t);
+    cp_commit();
     stage_seg(sq, sb, q0, t);
+    stage_seg(sk, sb, 0, t);
     const int row[2] = {q0 + r0 + g, q0 + r0 + g + 8};
     float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.0f, 0.0f};
     float acc[DT][4];
     zero(acc);
     for (int kb = 0; kb <= qb; kb++) {
-        const int k0 = kb * BR;
-        __syncthreads();
-        stage<D, S>(Ks, k + koff * D, k0, t);
-        stage<D, S>(Vs, v + koff * D, k0, t);
-        stage_seg(sk, sb, k0, t);
-        __syncthreads();
+        const int k0 = kb * BR, cur = kb & 1;
+        if (kb < qb) {
+            stage<D, S>(Ks + (cur ^ 1) * BR * S, k + koff * D, k0 + BR, t);
+            stage<D, S>(Vs + (cur ^ 1) * BR * S, v + koff * D, k0 + BR, t);
+            cp_commit();
+            stage_seg(sk + (cur ^ 1) * BR, sb, k0 + BR, t);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        const bool plain = unmasked(sb, q0, k0, t, kb < qb);  // also the barrier after the loads
+        const bf16* K = Ks + cur * BR * S;
+        const unsigned* skc = sk + cur * BR;
         float s[8][4];
         zero(s);
-        mma_abt<8, D, S>(s, Qs, r0, Ks, 0);
+        mma_abt<8, D, S>(s, Qs, r0, K, 0);
         const unsigned seg_r[2] = {sq[r0 + g], sq[r0 + g + 8]};
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -166,7 +198,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int jl = nt * 8 + 2 * tq + (e & 1);
-                const bool ok = sees(row[e >> 1], k0 + jl, seg_r[e >> 1], sk[jl], t);
+                const bool ok = plain || sees(row[e >> 1], k0 + jl, seg_r[e >> 1], skc[jl], t);
                 s[nt][e] = ok ? s[nt][e] * sl2 : -INFINITY;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
             }
@@ -193,7 +225,8 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                 s[nt][e] = ex2(s[nt][e] - use[e >> 1]);
                 sum[e >> 1] += s[nt][e];
             }
-        mma_pt<8, DT, S>(acc, s, Vs, 0);
+        mma_pt<8, DT, S>(acc, s, Vs + cur * BR * S, 0);
+        __syncthreads();  // this buffer is refilled next iteration
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -231,58 +264,73 @@ __device__ void flash_bwd_dkdv(const bf16* __restrict__ q, const bf16* __restric
     extern __shared__ __align__(16) unsigned char sm[];
     bf16* Ks = (bf16*)sm;
     bf16* Vs = Ks + BR * S;
-    bf16* Qs = Vs + BR * S;
-    bf16* Os = Qs + BR * S;
-    unsigned* sq = (unsigned*)(Os + BR * S);
-    unsigned* sk = sq + BR;
-    float* ls = (float*)(sk + BR);
-    float* dl = ls + BR;
+    bf16* Qs = Vs + BR * S;      // two buffers each of Q and dO
+    bf16* Os = Qs + 2 * BR * S;
+    unsigned* sk = (unsigned*)(Os + 2 * BR * S);
+    unsigned* sq = sk + BR;      // two buffers each of the segments, LSE and Δ of the queries
+    float* ls = (float*)(sq + 2 * BR);
+    float* dl = ls + 2 * BR;
     const int kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, rep = nh / kvh;
     const int l = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16, g = l >> 2, tq = l & 3;
     const long long koff = ((long long)b * kvh + hk) * t;
     const unsigned* sb = seg + (long long)b * t;
-    const int k0 = kb * BR, nqb = (t + BR - 1) / BR;
+    const int k0 = kb * BR, nqb = (t + BR - 1) / BR, per = nqb - kb, steps = rep * per;
+    // Step `it` is query head hk·rep + it / per, query block kb + it % per.
+    auto fetch = [&](int it, int buf) {
+        const long long qoff = ((long long)b * nh + hk * rep + it / per) * t;
+        const int q0 = (kb + it % per) * BR;
+        stage<D, S>(Qs + buf * BR * S, q + qoff * D, q0, t);
+        stage<D, S>(Os + buf * BR * S, d_o + qoff * D, q0, t);
+        cp_commit();
+        stage_seg(sq + buf * BR, sb, q0, t);
+        stage_f(ls + buf * BR, lse + qoff, q0, t);
+        stage_f(dl + buf * BR, delta + qoff, q0, t);
+    };
     stage<D, S>(Ks, k + koff * D, k0, t);
     stage<D, S>(Vs, v + koff * D, k0, t);
     stage_seg(sk, sb, k0, t);
+    fetch(0, 0);
     const int key[2] = {k0 + r0 + g, k0 + r0 + g + 8};
     float adk[DT][4], adv[DT][4];
     zero(adk);
     zero(adv);
-    for (int hr = 0; hr < rep; hr++) {
-        const long long qoff = ((long long)b * nh + hk * rep + hr) * t;
-        for (int qb = kb; qb < nqb; qb++) {
-            const int q0 = qb * BR;
-            __syncthreads();
-            stage<D, S>(Qs, q + qoff * D, q0, t);
-            stage<D, S>(Os, d_o + qoff * D, q0, t);
-            stage_seg(sq, sb, q0, t);
-            stage_f(ls, lse + qoff, q0, t);
-            stage_f(dl, delta + qoff, q0, t);
-            __syncthreads();
-            const unsigned seg_k[2] = {sk[r0 + g], sk[r0 + g + 8]};
-            // 32 queries at a time (registers): Pᵀ and dPᵀ are 16 keys × 32 queries.
-#pragma unroll 1
-            for (int c = 0; c < BR; c += 32) {
-                float p[4][4], dp[4][4];
-                zero(p);
-                zero(dp);
-                mma_abt<4, D, S>(p, Ks, r0, Qs, c);
-                mma_abt<4, D, S>(dp, Vs, r0, Os, c);
-#pragma unroll
-                for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int il = c + nt * 8 + 2 * tq + (e & 1);
-                        const bool ok = sees(q0 + il, key[e >> 1], sq[il], seg_k[e >> 1], t);
-                        const float pv = ok ? ex2(p[nt][e] * sl2 - ls[il]) : 0.0f;
-                        p[nt][e] = pv;
-                        dp[nt][e] = pv * (dp[nt][e] - dl[il]);
-                    }
-                mma_pt<4, DT, S>(adv, p, Os, c);
-                mma_pt<4, DT, S>(adk, dp, Qs, c);
-            }
+    for (int it = 0; it < steps; it++) {
+        const int cur = it & 1, q0 = (kb + it % per) * BR;
+        if (it + 1 < steps) {
+            fetch(it + 1, cur ^ 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
         }
+        const bool plain = unmasked(sb, q0, k0, t, q0 > k0);
+        const bf16* Q = Qs + cur * BR * S;
+        const bf16* O = Os + cur * BR * S;
+        const unsigned* sqc = sq + cur * BR;
+        const float* lsc = ls + cur * BR;
+        const float* dlc = dl + cur * BR;
+        const unsigned seg_k[2] = {sk[r0 + g], sk[r0 + g + 8]};
+        // 32 queries at a time (registers): Pᵀ and dPᵀ are 16 keys × 32 queries.
+#pragma unroll 1
+        for (int c = 0; c < BR; c += 32) {
+            float p[4][4], dp[4][4];
+            zero(p);
+            zero(dp);
+            mma_abt<4, D, S>(p, Ks, r0, Q, c);
+            mma_abt<4, D, S>(dp, Vs, r0, O, c);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int il = c + nt * 8 + 2 * tq + (e & 1);
+                    const bool ok = plain || sees(q0 + il, key[e >> 1], sqc[il], seg_k[e >> 1], t);
+                    const float pv = ok ? ex2(p[nt][e] * sl2 - lsc[il]) : 0.0f;
+                    p[nt][e] = pv;
+                    dp[nt][e] = pv * (dp[nt][e] - dlc[il]);
+                }
+            mma_pt<4, DT, S>(adv, p, O, c);
+            mma_pt<4, DT, S>(adk, dp, Q, c);
+        }
+        __syncthreads();  // this buffer is refilled next step
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -305,10 +353,10 @@ __device__ void flash_bwd_dq(const bf16* __restrict__ q, const bf16* __restrict_
     extern __shared__ __align__(16) unsigned char sm[];
     bf16* Qs = (bf16*)sm;
     bf16* Os = Qs + BR * S;
-    bf16* Ks = Os + BR * S;
-    bf16* Vs = Ks + BR * S;
-    unsigned* sq = (unsigned*)(Vs + BR * S);
-    unsigned* sk = sq + BR;
+    bf16* Ks = Os + BR * S;  // two buffers each of K and V
+    bf16* Vs = Ks + 2 * BR * S;
+    unsigned* sq = (unsigned*)(Vs + 2 * BR * S);
+    unsigned* sk = sq + BR;  // two buffers
     const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (nh / kvh);
     const int l = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16, g = l >> 2, tq = l & 3;
     const long long qoff = ((long long)b * nh + h) * t, koff = ((long long)b * kvh + hk) * t;
@@ -316,35 +364,47 @@ __device__ void flash_bwd_dq(const bf16* __restrict__ q, const bf16* __restrict_
     const int q0 = qb * BR;
     stage<D, S>(Qs, q + qoff * D, q0, t);
     stage<D, S>(Os, d_o + qoff * D, q0, t);
+    stage<D, S>(Ks, k + koff * D, 0, t);
+    stage<D, S>(Vs, v + koff * D, 0, t);
+    cp_commit();
     stage_seg(sq, sb, q0, t);
+    stage_seg(sk, sb, 0, t);
     const int row[2] = {q0 + r0 + g, q0 + r0 + g + 8};
     const float lr[2] = {row[0] < t ? lse[qoff + row[0]] : 0.0f, row[1] < t ? lse[qoff + row[1]] : 0.0f};
     const float dr[2] = {row[0] < t ? delta[qoff + row[0]] : 0.0f, row[1] < t ? delta[qoff + row[1]] : 0.0f};
     float acc[DT][4];
     zero(acc);
     for (int kb = 0; kb <= qb; kb++) {
-        const int k0 = kb * BR;
-        __syncthreads();
-        stage<D, S>(Ks, k + koff * D, k0, t);
-        stage<D, S>(Vs, v + koff * D, k0, t);
-        stage_seg(sk, sb, k0, t);
-        __syncthreads();
+        const int k0 = kb * BR, cur = kb & 1;
+        if (kb < qb) {
+            stage<D, S>(Ks + (cur ^ 1) * BR * S, k + koff * D, k0 + BR, t);
+            stage<D, S>(Vs + (cur ^ 1) * BR * S, v + koff * D, k0 + BR, t);
+            cp_commit();
+            stage_seg(sk + (cur ^ 1) * BR, sb, k0 + BR, t);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        const bool plain = unmasked(sb, q0, k0, t, kb < qb);
+        const bf16* K = Ks + cur * BR * S;
+        const unsigned* skc = sk + cur * BR;
         const unsigned seg_r[2] = {sq[r0 + g], sq[r0 + g + 8]};
         float s[8][4], dp[8][4];
         zero(s);
         zero(dp);
-        mma_abt<8, D, S>(s, Qs, r0, Ks, 0);
-        mma_abt<8, D, S>(dp, Os, r0, Vs, 0);
+        mma_abt<8, D, S>(s, Qs, r0, K, 0);
+        mma_abt<8, D, S>(dp, Os, r0, Vs + cur * BR * S, 0);
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int jl = nt * 8 + 2 * tq + (e & 1);
-                const bool ok = sees(row[e >> 1], k0 + jl, seg_r[e >> 1], sk[jl], t);
+                const bool ok = plain || sees(row[e >> 1], k0 + jl, seg_r[e >> 1], skc[jl], t);
                 const float pv = ok ? ex2(s[nt][e] * sl2 - lr[e >> 1]) : 0.0f;
                 s[nt][e] = pv * (dp[nt][e] - dr[e >> 1]);
             }
-        mma_pt<8, DT, S>(acc, s, Ks, 0);
+        mma_pt<8, DT, S>(acc, s, K, 0);
+        __syncthreads();  // this buffer is refilled next iteration
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

@@ -414,6 +414,70 @@ __device__ void grad_tc(const __nv_bfloat16* __restrict__ u, const __nv_bfloat16
         }
 }
 
+constexpr int ETW = 4;   // warps per block in `expand_tc`, 64 columns each
+constexpr int ETR = 64;  // rows per block in `expand_tc`
+
+// O = Y + scale · mask ⊙ (U Vᵀ) with the rank-R product on tensor cores (R = 16 or 32, rank
+// padded with zeros): a warp keeps its 64 columns of V as B fragments and walks 16-row tiles,
+// each a handful of MMAs between 4-byte loads of Y and stores of O in the accumulator layout.
+template <int R>
+__device__ void expand_tc(const __nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ u, const __nv_bfloat16* __restrict__ v, int vt, Mask m,
+                          float scale, __nv_bfloat16* __restrict__ out, int n, int M, int r) {
+    constexpr int KS = R / 16;
+    const unsigned short* ub = (const unsigned short*)u;
+    const unsigned short* vb = (const unsigned short*)v;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int j0 = (blockIdx.x * ETW + warp) * 64;
+    const int lo = blockIdx.y * ETR, hi = min(n, lo + ETR);
+    if (j0 >= M) return;
+    auto vat = [&](int j, int q) -> unsigned { return (j < M && q < r) ? vb[vt ? (long long)q * M + j : (long long)j * r + q] : 0u; };
+    auto uat = [&](int i, int q) -> unsigned { return (i < hi && q < r) ? ub[(long long)i * r + q] : 0u; };
+    unsigned bv[8][KS][2];
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            const int j = j0 + nt * 8 + g, q = ks * 16 + 2 * t;
+            bv[nt][ks][0] = vat(j, q) | vat(j, q + 1) << 16;
+            bv[nt][ks][1] = vat(j, q + 8) | vat(j, q + 9) << 16;
+        }
+    for (int i0 = lo; i0 < hi; i0 += 16) {
+        unsigned yv[8][2];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int row = i0 + g + 8 * h, col = j0 + nt * 8 + 2 * t;
+                yv[nt][h] = (row < hi && col < M) ? __ldg((const unsigned*)(y + (long long)row * M + col)) : 0u;
+            }
+        unsigned a[KS][4];
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            const int q = ks * 16 + 2 * t, ra = i0 + g, rb = ra + 8;
+            a[ks][0] = uat(ra, q) | uat(ra, q + 1) << 16;
+            a[ks][1] = uat(rb, q) | uat(rb, q + 1) << 16;
+            a[ks][2] = uat(ra, q + 8) | uat(ra, q + 9) << 16;
+            a[ks][3] = uat(rb, q + 8) | uat(rb, q + 9) << 16;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) mma_bf16(c, a[ks][0], a[ks][1], a[ks][2], a[ks][3], bv[nt][ks][0], bv[nt][ks][1]);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int row = i0 + g + 8 * h, col = j0 + nt * 8 + 2 * t;
+                if (row >= hi || col >= M) continue;
+                const long long e = (long long)row * M + col;
+                const float y0 = __uint_as_float(yv[nt][h] << 16), y1 = __uint_as_float(yv[nt][h] & 0xffff0000u);
+                const float o0 = y0 + scale * m.at(e) * c[2 * h], o1 = y1 + scale * m.at(e + 1) * c[2 * h + 1];
+                __nv_bfloat162 ov = __floats2bfloat162_rn(o0, o1);
+                *(__nv_bfloat162*)(out + e) = ov;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 #define LORA_KERNELS(TN, T, R)                                                                                                           \
@@ -429,6 +493,16 @@ __device__ void grad_tc(const __nv_bfloat16* __restrict__ u, const __nv_bfloat16
                                                                             int K, int r, int rows_per_split) {                          \
         grad<T, R>(u, x, m, scale, g, n, K, r, rows_per_split);                                                                          \
     }
+
+// B `[M, r]` as Bᵀ `[r, M]`, what `project_tc` takes for `du = s·dy B` (tiny; a kernel of its own
+// because candle's strided copy uploads the layout on every call).
+extern "C" __global__ void lora_transpose_bf16(const __nv_bfloat16* in, __nv_bfloat16* out, int M, int r) {
+    const long long n = (long long)M * r;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const long long q = e / M, j = e % M;
+        out[e] = in[j * r + q];
+    }
+}
 
 // Sums grad's per-split partials `[splits, r, K]` in split order, into `[r, K]` or, with `tr`,
 // `[K, r]` (dB is wanted as B's `[out, r]`).
@@ -457,6 +531,16 @@ extern "C" __global__ void lora_sum_splits(const float* p, float* out, int split
 LORA_TC_KERNELS(8)
 LORA_TC_KERNELS(16)
 LORA_TC_KERNELS(32)
+
+#define LORA_EXPAND_TC(R)                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ETW * 32) lora_expand_tc_r##R(const __nv_bfloat16* y, const __nv_bfloat16* u,      \
+                                                                                const __nv_bfloat16* v, int vt, Mask m, float scale, \
+                                                                                __nv_bfloat16* out, int n, int M, int r) {           \
+        expand_tc<R>(y, u, v, vt, m, scale, out, n, M, r);                                                                          \
+    }
+
+LORA_EXPAND_TC(16)
+LORA_EXPAND_TC(32)
 
 LORA_KERNELS(f32, float, 8)
 LORA_KERNELS(f32, float, 16)
