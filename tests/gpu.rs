@@ -519,6 +519,29 @@ fn flash_attention_matches_the_cpu() {
     }
 }
 
+/// The SwiGLU kernels (bf16 8 at a time, and the scalar fallback) against the CPU in f32.
+#[test]
+fn swiglu_kernels_match_the_cpu() {
+    use qscript::model::ops::swiglu;
+    let Some(dev) = gpu("swiglu_kernels_match_the_cpu") else { return };
+    for (rows, cols) in [(37, 64), (5, 7)] {
+        let (g, u, dh) = (values(rows * cols, 41), values(rows * cols, 42), values(rows * cols, 43));
+        let run = |d: &Device, dt: DType| {
+            let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), (rows, cols), d).unwrap().to_dtype(dt).unwrap();
+            let (h, s) = swiglu::forward(t(&g), t(&u)).unwrap();
+            let (dg, du) = swiglu::backward(&s, &t(&dh)).unwrap();
+            [h, dg, du]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            for (name, (g, w)) in ["h", "dg", "du"].iter().zip(run(dev, dt).iter().zip(&want)) {
+                let e = tensor_rel_err(g, w);
+                assert!(e <= tol, "{rows}x{cols} {dt:?}: {name} off by {e:e} of its max");
+            }
+        }
+    }
+}
+
 /// The fused cross-entropy kernel against the candle formulation on the CPU (f32 logits): the
 /// loss sum and the gradient `dh`, with untrained rows and several chunks.
 #[test]

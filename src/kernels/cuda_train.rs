@@ -3,7 +3,7 @@
 
 use super::lora_cpu::Dropout;
 use anyhow::{bail, Result};
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, DType, Storage, Tensor};
@@ -205,13 +205,22 @@ fn swiglu_fwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, name: &str) -
     let (gs, us) = (slice::<T>(&gg, gl, "g")?, slice::<T>(&ug, ul, "u")?);
     // SAFETY: the kernel writes all n elements.
     let mut h = unsafe { dev.alloc::<T>(n)? };
-    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let stream = dev.cuda_stream();
+    let x8 = by8::<T>(n, &[gs.device_ptr(&stream).0, us.device_ptr(&stream).0, h.device_ptr(&stream).0]);
+    let func = super::cuda::function(&dev, MODULE, PTX, if x8 { "swiglu_fwd_bf16x8" } else { name })?;
+    let n64 = if x8 { n64 / 8 } else { n64 };
     let mut b = stream.launch_builder(&func);
     b.arg(&gs).arg(&us).arg(&mut h).arg(&n64);
     // SAFETY: arguments as in train.cu.
-    unsafe { b.launch(grid(n)) }.w()?;
+    unsafe { b.launch(grid(n64 as usize)) }.w()?;
     drop(b);
     Ok(wrap(h, &dev, g.shape()))
+}
+
+/// Can an elementwise bf16 kernel take its `n` elements 8 at a time (16-byte accesses)? (The
+/// kernels here are f32 or bf16, so a 2-byte `T` is bf16.)
+fn by8<T>(n: usize, ptrs: &[u64]) -> bool {
+    std::mem::size_of::<T>() == 2 && n % 8 == 0 && ptrs.iter().all(|p| p % 16 == 0)
 }
 
 /// SwiGLU backward: `(dg, du)`.
@@ -233,11 +242,15 @@ fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, 
     let (gs, us, hs) = (slice::<T>(&gg, gl, "g")?, slice::<T>(&ug, ul, "u")?, slice::<T>(&hg, hl, "dh")?);
     // SAFETY: the kernel writes all n elements of both outputs.
     let (mut dg, mut du) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?) };
-    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, name)?, dev.cuda_stream());
+    let stream = dev.cuda_stream();
+    let ptrs = [gs.device_ptr(&stream).0, us.device_ptr(&stream).0, hs.device_ptr(&stream).0, dg.device_ptr(&stream).0, du.device_ptr(&stream).0];
+    let x8 = by8::<T>(n, &ptrs);
+    let func = super::cuda::function(&dev, MODULE, PTX, if x8 { "swiglu_bwd_bf16x8" } else { name })?;
+    let n64 = if x8 { n64 / 8 } else { n64 };
     let mut b = stream.launch_builder(&func);
     b.arg(&gs).arg(&us).arg(&hs).arg(&mut dg).arg(&mut du).arg(&n64);
     // SAFETY: arguments as in train.cu.
-    unsafe { b.launch(grid(n)) }.w()?;
+    unsafe { b.launch(grid(n64 as usize)) }.w()?;
     drop(b);
     Ok((wrap(dg, &dev, g.shape()), wrap(du, &dev, g.shape())))
 }

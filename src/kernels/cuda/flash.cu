@@ -159,7 +159,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     bf16* Vs = Ks + 2 * BR * S;
     unsigned* sq = (unsigned*)(Vs + 2 * BR * S);
     unsigned* sk = sq + BR;  // two buffers
-    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (nh / kvh);
+    const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (nh / kvh);  // longest first
     const int l = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16, g = l >> 2, tq = l & 3;
     const long long qoff = ((long long)b * nh + h) * t, koff = ((long long)b * kvh + hk) * t;
     const unsigned* sb = seg + (long long)b * t;
@@ -357,7 +357,7 @@ __device__ void flash_bwd_dq(const bf16* __restrict__ q, const bf16* __restrict_
     bf16* Vs = Ks + 2 * BR * S;
     unsigned* sq = (unsigned*)(Vs + 2 * BR * S);
     unsigned* sk = sq + BR;  // two buffers
-    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (nh / kvh);
+    const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / (nh / kvh);  // longest first
     const int l = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16, g = l >> 2, tq = l & 3;
     const long long qoff = ((long long)b * nh + h) * t, koff = ((long long)b * kvh + hk) * t;
     const unsigned* sb = seg + (long long)b * t;

@@ -441,15 +441,21 @@ __device__ void expand_tc(const __nv_bfloat16* __restrict__ y, const __nv_bfloat
             bv[nt][ks][0] = vat(j, q) | vat(j, q + 1) << 16;
             bv[nt][ks][1] = vat(j, q + 8) | vat(j, q + 9) << 16;
         }
-    for (int i0 = lo; i0 < hi; i0 += 16) {
-        unsigned yv[8][2];
+    // Y of the next 16-row tile loads while this one multiplies and stores.
+    auto fetch = [&](int i0, unsigned (&f)[8][2]) {
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int row = i0 + g + 8 * h, col = j0 + nt * 8 + 2 * t;
-                yv[nt][h] = (row < hi && col < M) ? __ldg((const unsigned*)(y + (long long)row * M + col)) : 0u;
+                f[nt][h] = (row < hi && col < M) ? __ldg((const unsigned*)(y + (long long)row * M + col)) : 0u;
             }
+    };
+    unsigned yv[8][2];
+    fetch(lo, yv);
+    for (int i0 = lo; i0 < hi; i0 += 16) {
+        unsigned yn[8][2];
+        fetch(i0 + 16, yn);
         unsigned a[KS][4];
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
@@ -475,6 +481,8 @@ __device__ void expand_tc(const __nv_bfloat16* __restrict__ y, const __nv_bfloat
                 *(__nv_bfloat162*)(out + e) = ov;
             }
         }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) yv[nt][0] = yn[nt][0], yv[nt][1] = yn[nt][1];
     }
 }
 
