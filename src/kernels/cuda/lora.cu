@@ -418,12 +418,14 @@ constexpr int ETW = 4;   // warps per block in `expand_tc`, 64 columns each
 constexpr int ETR = 64;  // rows per block in `expand_tc`
 
 // O = Y + scale · mask ⊙ (U Vᵀ) with the rank-R product on tensor cores (R = 16 or 32, rank
-// padded with zeros): a warp keeps its 64 columns of V as B fragments and walks 16-row tiles,
-// each a handful of MMAs between 4-byte loads of Y and stores of O in the accumulator layout.
+// padded with zeros): a warp keeps its 64 columns of V as B fragments and walks 16-row tiles.
+// Each tile's product goes through shared memory so that Y and O move as 16-byte accesses of
+// whole 128-byte rows (the accumulator layout would give 4-byte pieces of eight rows).
 template <int R>
 __device__ void expand_tc(const __nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ u, const __nv_bfloat16* __restrict__ v, int vt, Mask m,
                           float scale, __nv_bfloat16* __restrict__ out, int n, int M, int r) {
     constexpr int KS = R / 16;
+    __shared__ __align__(16) float cs[ETW][16][64 + 4];
     const unsigned short* ub = (const unsigned short*)u;
     const unsigned short* vb = (const unsigned short*)v;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -441,21 +443,22 @@ __device__ void expand_tc(const __nv_bfloat16* __restrict__ y, const __nv_bfloat
             bv[nt][ks][0] = vat(j, q) | vat(j, q + 1) << 16;
             bv[nt][ks][1] = vat(j, q + 8) | vat(j, q + 9) << 16;
         }
-    // Y of the next 16-row tile loads while this one multiplies and stores.
-    auto fetch = [&](int i0, unsigned (&f)[8][2]) {
+    // In the epilogue lane (rr, cc) = (lane / 8, lane % 8) owns columns 8·cc .. 8·cc + 7 of rows
+    // rr, rr + 4, rr + 8, rr + 12 of the tile.
+    const int rr = lane >> 3, col = j0 + (lane & 7) * 8;
+    const bool col_in = col < M;
+    auto fetch = [&](int i0, uint4 (&f)[4]) {
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int row = i0 + g + 8 * h, col = j0 + nt * 8 + 2 * t;
-                f[nt][h] = (row < hi && col < M) ? __ldg((const unsigned*)(y + (long long)row * M + col)) : 0u;
-            }
+        for (int k = 0; k < 4; k++) {
+            const int row = i0 + rr + 4 * k;
+            f[k] = (row < hi && col_in) ? __ldg((const uint4*)(y + (long long)row * M + col)) : make_uint4(0u, 0u, 0u, 0u);
+        }
     };
-    unsigned yv[8][2];
+    uint4 yv[4];
     fetch(lo, yv);
     for (int i0 = lo; i0 < hi; i0 += 16) {
-        unsigned yn[8][2];
-        fetch(i0 + 16, yn);
+        uint4 yn[4];
+        fetch(i0 + 16, yn);  // the next tile's Y loads while this one multiplies and stores
         unsigned a[KS][4];
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
@@ -470,22 +473,32 @@ __device__ void expand_tc(const __nv_bfloat16* __restrict__ y, const __nv_bfloat
             float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) mma_bf16(c, a[ks][0], a[ks][1], a[ks][2], a[ks][3], bv[nt][ks][0], bv[nt][ks][1]);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int row = i0 + g + 8 * h, col = j0 + nt * 8 + 2 * t;
-                if (row >= hi || col >= M) continue;
-                const long long e = (long long)row * M + col;
-                const float y0 = __uint_as_float(yv[nt][h] << 16), y1 = __uint_as_float(yv[nt][h] & 0xffff0000u);
-                const float o0 = y0 + scale * m.at(e) * c[2 * h], o1 = y1 + scale * m.at(e + 1) * c[2 * h + 1];
-                __nv_bfloat162 ov = __floats2bfloat162_rn(o0, o1);
-                *(__nv_bfloat162*)(out + e) = ov;
-            }
+            *(float2*)&cs[warp][g][nt * 8 + 2 * t] = make_float2(c[0], c[1]);
+            *(float2*)&cs[warp][g + 8][nt * 8 + 2 * t] = make_float2(c[2], c[3]);
         }
+        __syncwarp();
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) yv[nt][0] = yn[nt][0], yv[nt][1] = yn[nt][1];
+        for (int k = 0; k < 4; k++) {
+            const int rl = rr + 4 * k, row = i0 + rl;
+            if (row >= hi || !col_in) continue;
+            const float4 c0 = *(const float4*)&cs[warp][rl][(lane & 7) * 8], c1 = *(const float4*)&cs[warp][rl][(lane & 7) * 8 + 4];
+            const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+            const unsigned w[4] = {yv[k].x, yv[k].y, yv[k].z, yv[k].w};
+            const long long e = (long long)row * M + col;
+            unsigned o[4];
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                const float y0 = __uint_as_float(w[p] << 16), y1 = __uint_as_float(w[p] & 0xffff0000u);
+                __nv_bfloat162 b = __floats2bfloat162_rn(y0 + scale * m.at(e + 2 * p) * cv[2 * p], y1 + scale * m.at(e + 2 * p + 1) * cv[2 * p + 1]);
+                o[p] = *reinterpret_cast<unsigned*>(&b);
+            }
+            *(uint4*)(out + e) = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < 4; k++) yv[k] = yn[k];
     }
 }
-
 }  // namespace
 
 #define LORA_KERNELS(TN, T, R)                                                                                                           \
