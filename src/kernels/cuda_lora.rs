@@ -186,9 +186,9 @@ fn expand_t<T: CudaDType + DeviceRepr>(y: &Tensor, u: &Tensor, v: &Tensor, vt: b
     Ok(wrap(out, &dev, (n, m)))
 }
 
-/// Blocks `grad`'s tensor-core kernel aims for (about two per SM of an H100/H200): enough to
+/// Blocks `grad`'s tensor-core kernel aims for (about three per SM of an H100/H200): enough to
 /// keep memory busy, few per-split partials to add up.
-const GRAD_TC_BLOCKS: usize = 264;
+const GRAD_TC_BLOCKS: usize = 396;
 /// Rows each block of the f32 `grad` kernel sums.
 const GRAD_ROWS: usize = 128;
 

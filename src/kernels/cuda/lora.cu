@@ -325,6 +325,7 @@ constexpr int GTW = 4;    // warps per block in `grad_tc`, 64 columns each
 constexpr int GTR = 256;  // rows of U staged in shared memory at a time
 constexpr int GTD = 2;    // 16-row steps whose loads are in flight together
 
+
 // G[s, q, k] = scale · Σ_{i ∈ split s} U[i, q] · drop(X)[i, k] for 64 columns per warp. As an
 // MMA, M is k, N is q and the sum runs over rows i. Lane (g, t) loads 16 bytes, columns
 // c = 8g .. 8g + 7 of the warp's 64, from each of rows 4t .. 4t + 3 of a 16-row step; column
