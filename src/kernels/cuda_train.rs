@@ -329,3 +329,30 @@ fn heads_rope_t<T: CudaDType + DeviceRepr>(x: &Tensor, rope: Option<(&Tensor, &T
     drop(bl);
     Ok(if merge { wrap(y, &dev, (b * t, h * d)) } else { wrap(y, &dev, (b, h, t, d)) })
 }
+
+/// The AdamW update of flat f32 `w`, `m`, `v` with gradients `g` (all `[n]`, contiguous):
+/// `(w', m', v')`, bit for bit the host's update (`train::optim`). `c` = (decay, 1 − β1, β2,
+/// 1 − β2, eps, √(bias correction 2), step size), as f32.
+pub fn adamw(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: [f32; 7]) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = w.elem_count();
+    anyhow::ensure!([m, v, g].iter().all(|t| t.elem_count() == n && t.dtype() == DType::F32) && w.dtype() == DType::F32, "AdamW on CUDA: f32 vectors of one length");
+    let dev = cuda_dev(w)?;
+    let (wg, wl) = w.storage_and_layout();
+    let (mg, ml) = m.storage_and_layout();
+    let (vg, vl) = v.storage_and_layout();
+    let (gg, gl) = g.storage_and_layout();
+    let (ws, ms, vs, gs) = (slice::<f32>(&wg, wl, "w")?, slice::<f32>(&mg, ml, "m")?, slice::<f32>(&vg, vl, "v")?, slice::<f32>(&gg, gl, "g")?);
+    // SAFETY: the kernel writes all n elements of each output.
+    let (mut w2, mut m2, mut v2) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+    let (func, stream) = (super::cuda::function(&dev, MODULE, PTX, "adamw_f32")?, dev.cuda_stream());
+    let n64 = n as i64;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&ws).arg(&ms).arg(&vs).arg(&gs).arg(&mut w2).arg(&mut m2).arg(&mut v2).arg(&n64);
+    for x in &c {
+        b.arg(x);
+    }
+    // SAFETY: arguments as train.cu's adamw_f32.
+    unsafe { b.launch(grid(n)) }.w()?;
+    drop(b);
+    Ok((wrap(w2, &dev, n), wrap(m2, &dev, n), wrap(v2, &dev, n)))
+}

@@ -163,8 +163,8 @@ impl AdamW {
         self.write_flat(model, &all)
     }
 
-    /// The same update as [`AdamW::step_host`], as tensor ops over the flat device state (the
-    /// same f32 operations in the same order).
+    /// The same update as [`AdamW::step_host`] over the flat device state (the same f32
+    /// operations in the same order): on CUDA one fused kernel, elsewhere candle tensor ops.
     fn step_tensor(&mut self, model: &mut Llama, grads: &[LoraGrad], lr: f64, dev: &Device) -> Result<()> {
         if self.dev.as_ref().is_some_and(|d| !d.master.device().same_device(dev)) {
             self.sync_to_host()?;
@@ -184,6 +184,15 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
         let decay = (1.0 - lr * weight_decay) as f32;
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            let c = [decay, 1.0 - b1, b2, 1.0 - b2, eps, bc2_sqrt, step_size];
+            let (w, m, v) = crate::kernels::cuda_train::adamw(&state.master, &state.exp_avg, &state.exp_avg_sq, &g.contiguous()?, c)?;
+            self.write_flat(model, &w)?;
+            self.step = step;
+            self.dev = Some(DeviceState { master: w, exp_avg: m, exp_avg_sq: v, host_stale: true });
+            return Ok(());
+        }
         // f32 constants passed through f64 exactly (affine casts them back to f32).
         let w = if decay == 1.0 { state.master.clone() } else { state.master.affine(decay as f64, 0.0)? };
         // m += (g - m)(1 - β1)
