@@ -148,7 +148,7 @@ impl Dataset {
             serde_json::to_writer(&mut out, &r.to_json())?;
             out.push(b'\n');
         }
-        crate::util::write_atomic(path, &out)
+        crate::util::fs::write(path, &out)
     }
 
     /// How many records are conversations and how many plain text.

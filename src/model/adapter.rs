@@ -11,8 +11,9 @@ use super::engine::Proj;
 use super::llama::{Linear, Llama};
 use super::lora::{module_path, InitLoraWeights, LoraConfig, TargetModules};
 use super::ops::linear::Lora;
-use super::save::{install_dir, write_file, write_safetensors};
+use super::save::write_safetensors;
 use super::weights::WeightFiles;
+use crate::util::fs::{install_dir, write, Existing};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
@@ -274,9 +275,9 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
         tensors.push((format!("{KEY_PREFIX}{path}.lora_B.weight"), l.b.clone()));
     }
     let config = serde_json::to_string_pretty(&config_to_json(cfg, base_model_name_or_path))?;
-    install_dir(dir, |tmp| {
+    install_dir(dir, Existing::Merge, |tmp| {
         write_safetensors(&tmp.join(ADAPTER_WEIGHTS), &tensors)?;
-        write_file(&tmp.join(ADAPTER_CONFIG), config.as_bytes())
+        write(&tmp.join(ADAPTER_CONFIG), config.as_bytes())
     })
 }
 

@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A GGUF model read into memory under HF names (`model.layers.0.self_attn.q_proj.weight`, ...).
 pub struct GgufModel {
@@ -99,34 +99,21 @@ pub fn read_config_json(path: &Path) -> Result<Value> {
 /// Convert a GGUF file into an HF model directory (`model.safetensors` f32, `config.json`,
 /// `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`), atomically.
 pub fn convert_to_hf_dir(gguf: &Path, out: &Path) -> Result<()> {
+    use crate::util::fs::{self, Existing};
     let model = read_gguf(gguf)?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().with_context(|| format!("{}: output path has no file name", out.display()))?;
-    let name = name.to_string_lossy();
-    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create directory", parent.display()))?;
-    remove_stale_tmp_dirs(parent, &name);
-    let tmp = TmpDir::new(parent.join(format!(".{name}.tmp-{}", unique_suffix())))?;
-
-    write_safetensors(&model.tensors, &tmp.0.join("model.safetensors"))?;
+    // Left-overs of conversions that crashed (each holds a full f32 copy of a model).
+    fs::remove_stale_temps(out, std::time::Duration::from_secs(6 * 3600));
     let pretty = |v: &Value| serde_json::to_string_pretty(v).map(|s| s + "\n");
-    crate::util::write_atomic(&tmp.0.join("config.json"), pretty(&model.config_json)?.as_bytes())?;
-    crate::util::write_atomic(&tmp.0.join("generation_config.json"), pretty(&model.generation_config)?.as_bytes())?;
-    model.tokenizer.save(&tmp.0)?;
-    // Readable by everyone, whatever the umask or writer (candle's writer makes 0600 files).
-    #[cfg(unix)]
-    for entry in std::fs::read_dir(&tmp.0)? {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(entry?.path(), std::fs::Permissions::from_mode(0o644))?;
-    }
-    match std::fs::rename(&tmp.0, out) {
-        Ok(()) => {
-            std::mem::forget(tmp);
-            Ok(())
-        }
-        // A parallel process converted first: keep theirs.
-        Err(_) if out.join("config.json").is_file() => Ok(()),
-        Err(e) => bail!("{}: cannot move converted model into place: {e}", out.display()),
-    }
+    // A parallel process that converted first wins: keep theirs.
+    fs::install_dir(out, Existing::Keep, |tmp| {
+        let tensors: Vec<(String, Tensor)> = model.tensors.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        super::save::write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
+        fs::write(&tmp.join("config.json"), pretty(&model.config_json)?.as_bytes())?;
+        fs::write(&tmp.join("generation_config.json"), pretty(&model.generation_config)?.as_bytes())?;
+        model.tokenizer.save(tmp)
+    })?;
+    anyhow::ensure!(out.join("config.json").is_file(), "{}: cannot move converted model into place: the directory exists", out.display());
+    Ok(())
 }
 
 /// Undo llama.cpp's q/k row permutation (its RoPE layout → HF's rotate-half layout).
@@ -402,71 +389,4 @@ fn vocab(md: &Meta, model_max_length: Option<usize>) -> Result<GgufVocab> {
         chat_template: md.str("tokenizer.chat_template")?.map(String::from),
         model_max_length,
     })
-}
-
-/// f32 safetensors with `format: pt` (what transformers expects).
-fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    struct F32<'a>(&'a Tensor);
-    impl safetensors::View for F32<'_> {
-        fn dtype(&self) -> safetensors::Dtype {
-            safetensors::Dtype::F32
-        }
-        fn shape(&self) -> &[usize] {
-            self.0.dims()
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            // Invariant: every tensor here came from `dequantize` (f32, CPU).
-            let v = self.0.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 CPU tensor");
-            std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        }
-        fn data_len(&self) -> usize {
-            self.0.elem_count() * 4
-        }
-    }
-    for (name, t) in tensors {
-        if t.dtype() != candle_core::DType::F32 || !t.device().is_cpu() {
-            bail!("tensor `{name}`: expected f32 on the CPU, got {:?}", t.dtype());
-        }
-    }
-    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), F32(t))), Some(info), path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
-/// Process-unique suffix for temp names (threads of one process convert in parallel in tests).
-pub(crate) fn unique_suffix() -> String {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("{}-{nanos}-{n}", std::process::id())
-}
-
-/// Left-overs of conversions that crashed (each holds a full f32 copy of a model).
-fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
-    let prefix = format!(".{name}.tmp-");
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
-    for e in entries.flatten() {
-        let stale = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 6 * 3600);
-        if stale && e.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// A directory removed on drop (error paths); `mem::forget` it to keep it.
-pub(crate) struct TmpDir(pub PathBuf);
-
-impl TmpDir {
-    pub fn new(path: PathBuf) -> Result<Self> {
-        std::fs::create_dir(&path).with_context(|| format!("{}: cannot create directory", path.display()))?;
-        Ok(TmpDir(path))
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

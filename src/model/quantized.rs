@@ -5,6 +5,7 @@
 use super::engine::Proj;
 use super::llama::{Linear, Llama, Weight};
 use crate::quant::{QuantType, DEFAULT_BLOCKSIZE};
+use crate::util::fs::Existing;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -242,13 +243,11 @@ pub fn raw_tensor(name: &str, t: &Tensor) -> Result<RawTensor> {
 }
 
 /// Write `tensors` as one safetensors file with `{"format": "pt"}` metadata (what transformers
-/// expects), fsynced.
+/// expects); `util::fs` fsyncs it.
 pub fn write_raw_safetensors(path: &std::path::Path, tensors: &[(String, RawTensor)]) -> Result<()> {
     let info = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info), path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))
 }
 
 /// What `quantize_checkpoint` did.
@@ -298,49 +297,10 @@ fn has_bnb_tensors(w: &super::weights::WeightFiles) -> Option<String> {
     w.names().find(|n| n.contains(".quant_state.bitsandbytes__")).map(String::from)
 }
 
-/// A path next to `out` for temporary or displaced copies (same filesystem, so renames work).
-fn sibling(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
-    let name = out.file_name().with_context(|| format!("{}: output path has no name", out.display()))?.to_string_lossy().to_string();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    Ok(parent.join(format!(".{name}.{tag}-{}", super::gguf::unique_suffix())))
-}
-
-/// A temp file or directory removed on drop unless kept.
-struct Temp(std::path::PathBuf, bool);
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        if !self.1 {
-            let _ = if self.0.is_dir() { std::fs::remove_dir_all(&self.0) } else { std::fs::remove_file(&self.0) };
-        }
-    }
-}
-
-/// Move the finished `tmp` to `out`; an existing `out` (only with `force`) is moved aside first
-/// and removed after, so `out` is never half-written.
-fn install(tmp: &mut Temp, out: &std::path::Path, force: bool) -> Result<()> {
-    let old = if out.exists() || out.is_symlink() {
-        if !force {
-            bail!("{}: already exists; pass --force to overwrite it", out.display());
-        }
-        let old = sibling(out, "old")?;
-        std::fs::rename(out, &old).with_context(|| format!("{}: cannot move the old output aside", out.display()))?;
-        Some(Temp(old, false))
-    } else {
-        None
-    };
-    if let Err(e) = std::fs::rename(&tmp.0, out) {
-        if let Some(mut old) = old {
-            // Put the old output back rather than lose it.
-            if std::fs::rename(&old.0, out).is_ok() {
-                old.1 = true;
-            }
-        }
-        bail!("{}: cannot move the result into place: {e}", out.display());
-    }
-    tmp.1 = true;
-    drop(old);
-    Ok(())
+/// How `out` is put in place: an existing one (only with `force`) is replaced whole, so `out`
+/// is never half-written.
+fn existing(force: bool) -> Existing {
+    if force { Existing::Replace } else { Existing::Refuse }
 }
 
 /// `v` with object keys sorted at every level (transformers writes config.json that way).
@@ -399,9 +359,7 @@ fn quantize_file(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, 
         }
         progress(i + 1, names.len(), name);
     }
-    let mut tmp = Temp(sibling(out, "tmp")?, false);
-    write_raw_safetensors(&tmp.0, &tensors)?;
-    install(&mut tmp, out, force)?;
+    crate::util::fs::install_file(out, existing(force), |tmp| write_raw_safetensors(tmp, &tensors))?;
     Ok(report)
 }
 
@@ -446,26 +404,21 @@ fn quantize_dir(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, f
     }
     let mut config_json = config.raw.clone();
     config_json.insert("quantization_config".into(), cfg.to_transformers_json());
-    let mut tmp = Temp(sibling(out, "tmp")?, false);
-    std::fs::create_dir(&tmp.0).with_context(|| format!("{}: cannot create", tmp.0.display()))?;
-    write_raw_safetensors(&tmp.0.join("model.safetensors"), &tensors)?;
-    drop(tensors);
-    let text = serde_json::to_string_pretty(&sorted(&Value::Object(config_json)))? + "\n";
-    std::fs::write(tmp.0.join("config.json"), text).with_context(|| format!("{}: cannot write config.json", tmp.0.display()))?;
-    for entry in std::fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        // Tokenizer, generation config, chat template, README...: everything but weights.
-        if name == "config.json" || is_weight_file(&name) || !entry.path().is_file() {
-            continue;
+    crate::util::fs::install_dir(out, existing(force), move |tmp| {
+        write_raw_safetensors(&tmp.join("model.safetensors"), &tensors)?;
+        drop(tensors);
+        let text = serde_json::to_string_pretty(&sorted(&Value::Object(config_json)))? + "\n";
+        crate::util::fs::write(&tmp.join("config.json"), text.as_bytes())?;
+        for entry in std::fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            // Tokenizer, generation config, chat template, README...: everything but weights.
+            if name == "config.json" || is_weight_file(&name) || !entry.path().is_file() {
+                continue;
+            }
+            std::fs::copy(entry.path(), tmp.join(&name)).with_context(|| format!("{}: cannot copy", entry.path().display()))?;
         }
-        std::fs::copy(entry.path(), tmp.0.join(&name)).with_context(|| format!("{}: cannot copy", entry.path().display()))?;
-    }
-    #[cfg(unix)]
-    for entry in std::fs::read_dir(&tmp.0)? {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(entry?.path(), std::fs::Permissions::from_mode(0o644))?;
-    }
-    install(&mut tmp, out, force)?;
+        Ok(())
+    })?;
     Ok(report)
 }

@@ -1,12 +1,11 @@
 //! Writing an HF model directory (`save_pretrained` of a plain — merged or never-adapted —
-//! model) that qscript and transformers load, and the atomic directory install that adapter
-//! saving shares.
+//! model) that qscript and transformers load, and the safetensors writer adapter saving shares.
 //!
-//! Overwrite policy: a new `dir` appears in one rename of a fully written temp directory; an
-//! existing `dir` gets each file replaced by its own atomic rename and every other file in it
-//! is left alone (a single `model.safetensors` wins over stale shards in both loaders).
+//! Overwrite policy (`util::fs::Existing::Merge`): a new `dir` appears in one rename of a fully
+//! written temp directory; an existing `dir` gets each file replaced by its own atomic rename
+//! and every other file in it is left alone (a single `model.safetensors` wins over stale
+//! shards in both loaders).
 
-use super::gguf::{unique_suffix, TmpDir};
 use super::llama::Llama;
 use super::Model;
 use anyhow::{bail, Context, Result};
@@ -14,16 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-/// Write `bytes` to `path` and fsync it.
-pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("{}: write failed", path.display()))?;
-    f.sync_all().with_context(|| format!("{}: fsync failed", path.display()))?;
-    Ok(())
-}
+use std::path::Path;
 
 /// `v` with object keys sorted at every level (Python's `json.dumps(sort_keys=True)`).
 pub(crate) fn sorted_json(v: &Value) -> Value {
@@ -90,7 +80,7 @@ impl safetensors::View for Lazy<'_> {
 }
 
 /// Write `tensors` (f32 / bf16 / f16, any device) as one safetensors file with metadata
-/// `{"format": "pt"}` (transformers refuses files without it), fsynced.
+/// `{"format": "pt"}` (transformers refuses files without it); `util::fs` fsyncs it.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     for (name, t) in tensors {
         if st_dtype(t.dtype()).is_none() {
@@ -103,51 +93,6 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     safetensors::serialize_to_file(views, Some(info), path).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
     if let Some(e) = err.into_inner() {
         bail!("{}: {e}", path.display());
-    }
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
-/// Fill a fresh temp directory next to `dir` (same filesystem) with `write`, then move it into
-/// place: one rename when `dir` does not exist, else one rename per file (each atomic; data
-/// files first, `.json` last), other files in `dir` untouched. Files end up 0644.
-pub(crate) fn install_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if dir.exists() && !dir.is_dir() {
-        bail!("{}: exists and is not a directory", dir.display());
-    }
-    // Canonical form so `.` or `out/` still have a parent and a name.
-    let dir: PathBuf = if dir.exists() { dir.canonicalize().with_context(|| format!("{}: cannot resolve", dir.display()))? } else { dir.to_path_buf() };
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = dir.file_name().with_context(|| format!("{}: path has no directory name", dir.display()))?.to_string_lossy().to_string();
-    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create directory", parent.display()))?;
-    let tmp = TmpDir::new(parent.join(format!(".{name}.tmp-{}", unique_suffix())))?;
-    write(&tmp.0)?;
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(&tmp.0)? {
-        let entry = entry?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Readable by everyone whatever the umask (the safetensors writer makes 0600 files).
-            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
-        }
-        files.push(entry.file_name());
-    }
-    if !dir.exists() {
-        match std::fs::rename(&tmp.0, &dir) {
-            Ok(()) => {
-                std::mem::forget(tmp);
-                return Ok(());
-            }
-            Err(_) if dir.is_dir() => {} // created meanwhile: replace file by file below
-            Err(e) => bail!("{}: cannot move into place: {e}", dir.display()),
-        }
-    }
-    // Configs last: a reader that sees the new config also sees the new weights.
-    files.sort_by_key(|f| (f.to_string_lossy().ends_with(".json"), f.clone()));
-    for f in files {
-        let to = dir.join(&f);
-        std::fs::rename(tmp.0.join(&f), &to).with_context(|| format!("{}: cannot replace", to.display()))?;
     }
     Ok(())
 }
@@ -222,18 +167,18 @@ pub fn save_model_dir(model: &Model, dir: &Path) -> Result<()> {
     };
     let pretty = |v: &Value| -> Result<Vec<u8>> { Ok((serde_json::to_string_pretty(&sorted_json(v))? + "\n").into_bytes()) };
     let jinja_there = dir.join("chat_template.jinja").exists();
-    install_dir(dir, |tmp| {
+    crate::util::fs::install_dir(dir, crate::util::fs::Existing::Merge, |tmp| {
         write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
-        write_file(&tmp.join("config.json"), &pretty(&Value::Object(config))?)?;
+        crate::util::fs::write(&tmp.join("config.json"), &pretty(&Value::Object(config))?)?;
         if model.generation_config.as_object().is_some_and(|m| !m.is_empty()) {
-            write_file(&tmp.join("generation_config.json"), &pretty(&model.generation_config)?)?;
+            crate::util::fs::write(&tmp.join("generation_config.json"), &pretty(&model.generation_config)?)?;
         }
         if let Some(tok) = &model.tokenizer {
             tok.save(tmp)?;
             // transformers 5 prefers chat_template.jinja over tokenizer_config.json: replace a
             // stale one rather than let it win.
             if let (true, Some(t)) = (jinja_there, &tok.chat_template) {
-                write_file(&tmp.join("chat_template.jinja"), t.as_bytes())?;
+                crate::util::fs::write(&tmp.join("chat_template.jinja"), t.as_bytes())?;
             }
         }
         Ok(())

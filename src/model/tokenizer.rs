@@ -100,14 +100,14 @@ impl Tokenizer {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let json = self.inner.to_string(false).map_err(|e| anyhow::anyhow!("tokenizer: cannot serialize: {e}"))?;
-        crate::util::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        crate::util::fs::write(&dir.join("tokenizer.json"), json.as_bytes())?;
         let config = serde_json::to_string_pretty(&self.config_json()?)?;
-        crate::util::write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())?;
+        crate::util::fs::write(&dir.join("tokenizer_config.json"), config.as_bytes())?;
         // A stale chat_template.jinja would win over the config key in transformers 5.
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
             match &self.chat_template {
-                Some(t) => crate::util::write_atomic(&jinja, t.as_bytes())?,
+                Some(t) => crate::util::fs::write(&jinja, t.as_bytes())?,
                 None => std::fs::remove_file(&jinja).with_context(|| format!("{}: cannot remove", jinja.display()))?,
             }
         }

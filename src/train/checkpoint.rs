@@ -48,21 +48,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let p = dir.join(name);
-    let mut f = std::fs::File::create(&p).with_context(|| format!("{}: cannot create", p.display()))?;
-    f.write_all(bytes).with_context(|| format!("{}: write failed", p.display()))?;
-    f.sync_all()?;
-    Ok(())
-}
-
-fn fsync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-}
-
 /// Everything a checkpoint holds, to write or after reading.
 pub struct Checkpoint<'a> {
     pub state: &'a TrainerState,
@@ -73,14 +58,10 @@ pub struct Checkpoint<'a> {
 
 /// Write `output_dir/checkpoint-<step>` atomically; `write_adapter` adds the peft files.
 pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) -> Result<()>) -> Result<PathBuf> {
-    std::fs::create_dir_all(output_dir).with_context(|| format!("{}: cannot create output_dir", output_dir.display()))?;
-    let name = format!("checkpoint-{}", ck.state.global_step);
-    let final_dir = output_dir.join(&name);
-    let tmp = output_dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = (|| -> Result<()> {
-        write_adapter(&tmp)?;
+    let final_dir = output_dir.join(format!("checkpoint-{}", ck.state.global_step));
+    // Same step saved again (e.g. final save after a step save): replaced whole.
+    crate::util::fs::install_dir(&final_dir, crate::util::fs::Existing::Replace, |tmp| {
+        write_adapter(tmp)?;
         // Optimizer: master weights and moments per trainable tensor, f32, exact.
         anyhow::ensure!(!ck.optimizer.host_stale(), "optimizer state is on the device: call AdamW::sync_to_host before saving");
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -93,23 +74,11 @@ pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) ->
         let meta: HashMap<String, String> = [("step".to_string(), ck.optimizer.step.to_string())].into();
         let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)).collect::<Vec<_>>().iter().map(|(k, t)| (k.as_str(), *t)), Some(meta))
             .map_err(|e| anyhow::anyhow!("optimizer state: {e}"))?;
-        write_file(&tmp, OPTIMIZER_FILE, &bytes)?;
-        write_file(&tmp, SCHEDULER_FILE, serde_json::to_string_pretty(&ck.scheduler)?.as_bytes())?;
-        write_file(&tmp, MANIFEST_FILE, serde_json::to_string_pretty(ck.manifest)?.as_bytes())?;
-        write_file(&tmp, STATE_FILE, serde_json::to_string_pretty(ck.state)?.as_bytes())?;
-        fsync_dir(&tmp);
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if final_dir.exists() {
-        // Same step saved again (e.g. final save after a step save): replace it whole.
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("{}: cannot replace", final_dir.display()))?;
-    }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
-    fsync_dir(output_dir);
+        crate::util::fs::write(&tmp.join(OPTIMIZER_FILE), &bytes)?;
+        crate::util::fs::write(&tmp.join(SCHEDULER_FILE), serde_json::to_string_pretty(&ck.scheduler)?.as_bytes())?;
+        crate::util::fs::write(&tmp.join(MANIFEST_FILE), serde_json::to_string_pretty(ck.manifest)?.as_bytes())?;
+        crate::util::fs::write(&tmp.join(STATE_FILE), serde_json::to_string_pretty(ck.state)?.as_bytes())
+    })?;
     Ok(final_dir)
 }
 

@@ -1,7 +1,7 @@
 //! `loss.png`: train and eval loss against the step, drawn with plotters. Text uses the
 //! embedded DejaVu Sans Mono (assets/fonts, a permissive licence) so no system fonts are needed.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -36,10 +36,9 @@ pub fn loss_png(path: &Path, history: &[Value]) -> Result<()> {
     let y_max = all.iter().map(|p| p.1).fold(f64::MIN, f64::max);
     let y_min = all.iter().map(|p| p.1).fold(f64::MAX, f64::min);
     let pad = ((y_max - y_min) * 0.08).max(1e-3);
-    // The encoder picks the format from the extension, so the temp file ends in .png too.
-    let tmp = path.with_file_name(format!(".{}.tmp.png", path.file_stem().and_then(|s| s.to_str()).unwrap_or("loss")));
-    {
-        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
+    // The encoder picks the format from the extension, which the temp file keeps.
+    crate::util::fs::install_file(path, crate::util::fs::Existing::Replace, |tmp| {
+        let root = BitMapBackend::new(tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut chart = ChartBuilder::on(&root)
             .caption("loss", ("sans-serif", 24))
@@ -69,8 +68,6 @@ pub fn loss_png(path: &Path, history: &[Value]) -> Result<()> {
             .border_style(BLACK)
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))
+    })
 }

@@ -260,9 +260,9 @@ impl SftTrainer {
         std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
         if let Some((path, src)) = &self.recipe {
             let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "recipe.rhai".into());
-            crate::util::write_atomic(&out_dir.join(name), src.as_bytes())?;
+            crate::util::fs::write(&out_dir.join(name), src.as_bytes())?;
         }
-        crate::util::write_atomic(&out_dir.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        crate::util::fs::write(&out_dir.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
         // metrics.jsonl mirrors log_history (rewritten on resume, then appended).
         let metrics_path = out_dir.join("metrics.jsonl");
         let mut lines = String::new();
@@ -270,7 +270,7 @@ impl SftTrainer {
             lines.push_str(&e.to_string());
             lines.push('\n');
         }
-        crate::util::write_atomic(&metrics_path, lines.as_bytes())?;
+        crate::util::fs::write(&metrics_path, lines.as_bytes())?;
         let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
 
         let tty = std::io::stderr().is_terminal();
