@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use qscript::data::tokenize::ChatTokenizer;
 use qscript::data::*;
-use qscript::generate::template::ChatTemplate;
+use qscript::data::chat_template::ChatTemplate;
 use qscript::model::hub::{resolve, ModelSource, DEFAULT_MODEL};
 use qscript::model::Tokenizer;
 use rand::{Rng, SeedableRng};

@@ -5,7 +5,7 @@
 use qscript::data::load::Reason;
 use qscript::data::tokenize::{tokenize_example, ChatTokenizer};
 use qscript::data::*;
-use qscript::generate::template::ChatTemplate;
+use qscript::data::chat_template::ChatTemplate;
 use qscript::model::hub::{resolve, ModelSource, DEFAULT_MODEL};
 use qscript::model::Tokenizer;
 use serde_json::{json, Value};

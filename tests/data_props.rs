@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use qscript::data::tokenize::{tokenize_example, ChatTokenizer};
 use qscript::data::{Message, Row};
-use qscript::generate::template::ChatTemplate;
+use qscript::data::chat_template::ChatTemplate;
 use qscript::model::hub::{resolve, ModelSource, DEFAULT_MODEL};
 use qscript::model::Tokenizer;
 use std::ops::Range;

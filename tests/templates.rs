@@ -2,7 +2,7 @@
 //! trim_blocks / lstrip_blocks, its own tojson, raise_exception). Expected strings outside the
 //! golden file were checked against jinja2 configured like transformers.
 
-use qscript::generate::template::ChatTemplate;
+use qscript::data::chat_template::ChatTemplate;
 use serde_json::{json, Map, Value};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/templates/renders.json");

@@ -7,6 +7,7 @@
 //! [`tokenize_dataset`] → [`TokenizedDataset`] → [`BatchIterator`] → [`Batch`].
 
 pub mod batch;
+pub mod chat_template;
 pub mod dataset;
 pub mod load;
 pub mod preview;

@@ -21,7 +21,7 @@
 
 use super::dataset::{Dataset, Message, Record, Row};
 use super::IGNORE_INDEX;
-use crate::generate::template::ChatTemplate;
+use super::chat_template::ChatTemplate;
 use crate::model::{Model, Tokenizer};
 use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;

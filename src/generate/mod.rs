@@ -1,7 +1,7 @@
-//! Text generation: chat templates, sampling, the decode loop with a KV cache.
+//! Text generation: sampling and the decode loop with a KV cache (chat templates are in
+//! `data::chat_template`).
 
 pub mod sampling;
-pub mod template;
 
 use crate::model::Model;
 use anyhow::Result;

@@ -3,7 +3,7 @@
 
 use super::config::{self, Cfg};
 use super::{rt, Api, RhaiResult};
-use crate::generate::template::ChatTemplate;
+use crate::data::chat_template::ChatTemplate;
 use crate::model::{dtype_name, parse_dtype, LoadOptions, Model};
 use rhai::{Array, Dynamic, Map, INT};
 use std::cell::RefCell;
