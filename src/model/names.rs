@@ -535,18 +535,23 @@ mod tests {
     }
 
     /// The walk order is the order checkpoints were written in before names.rs existed (layer
-    /// major; q, k, v, o, gate, up, down; A then B): a resumed run must find its state.
+    /// major; q, k, v, o, gate, up, down; A then B): a resumed run must find its state. The
+    /// optimizer file's keys come back sorted by name (`layers.10` before `layers.2`);
+    /// `param_order` restores the walk order.
     #[test]
     fn walk_order_is_the_checkpoint_order() {
-        let ids: Vec<ModuleId> = LLAMA.module_ids(2).collect();
+        let ids: Vec<ModuleId> = LLAMA.module_ids(12).collect();
         let expect = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
-        let want: Vec<ModuleId> = (0..2).flat_map(|l| expect.map(|p| ModuleId::new(l, p))).collect();
+        let want: Vec<ModuleId> = (0..12).flat_map(|l| expect.map(|p| ModuleId::new(l, p))).collect();
         assert_eq!(ids, want);
-        let mut params: Vec<ParamId> = ids.iter().rev().flat_map(|&m| LoraHalf::BOTH.map(|half| ParamId { module: m, half })).collect();
-        params.sort_by_key(|&p| LLAMA.param_order(p));
-        let keys: Vec<String> = params.iter().map(|p| p.state_key()).collect();
-        assert_eq!(keys[..4], ["layers.0.q_proj.lora_A", "layers.0.q_proj.lora_B", "layers.0.k_proj.lora_A", "layers.0.k_proj.lora_B"]);
-        assert_eq!(keys.last().map(String::as_str), Some("layers.1.down_proj.lora_B"));
+        let walk: Vec<ParamId> = ids.iter().flat_map(|&m| LoraHalf::BOTH.map(|half| ParamId { module: m, half })).collect();
+        let mut keys: Vec<String> = walk.iter().map(|p| p.state_key()).collect();
+        keys.sort();
+        assert_eq!(keys[..3], ["layers.0.down_proj.lora_A", "layers.0.down_proj.lora_B", "layers.0.gate_proj.lora_A"]);
+        let mut back: Vec<ParamId> = keys.iter().map(|k| LLAMA.parse_state_key(k).unwrap()).collect();
+        back.sort_by_key(|&p| LLAMA.param_order(p));
+        assert_eq!(back, walk);
+        assert_eq!(walk[..3].iter().map(|p| p.state_key()).collect::<Vec<_>>(), ["layers.0.q_proj.lora_A", "layers.0.q_proj.lora_B", "layers.0.k_proj.lora_A"]);
     }
 
     fn tiny() -> Llama {

@@ -207,3 +207,62 @@ fn read_f32_2d(st: &safetensors::SafeTensors, name: &str, opt_path: &Path) -> Re
     let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok((data, (shape[0], shape[1])))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
+    use crate::model::names::{LoraHalf, ModuleId, LLAMA};
+    use crate::model::{LoadOptions, Model};
+
+    /// The optimizer state comes back exactly, in the walk order, for more than ten layers
+    /// (where the file's name order and the walk order differ).
+    #[test]
+    fn optimizer_state_round_trips_in_walk_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base");
+        let mut m = Model::load_hf_dir("tiny", &dir, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig { r: 2, target_modules: TargetModules::AllLinear, init_lora_weights: InitLoraWeights::Random, ..Default::default() };
+        lora::attach(&mut m.llama, &cfg, 0).unwrap();
+        let mut opt = AdamW::new(&m.llama, Default::default()).unwrap();
+        opt.step = 7;
+        opt.params = LLAMA
+            .module_ids(12)
+            .flat_map(|module| LoraHalf::BOTH.map(|half| ParamId { module, half }))
+            .enumerate()
+            .map(|(i, id)| {
+                let v = |k: f32| (0..6).map(|j| (i * 6 + j) as f32 * k).collect::<Vec<f32>>();
+                ParamState { exp_avg: v(0.5), exp_avg_sq: v(0.25), ..ParamState::new(id, (2, 3), v(1.0)) }
+            })
+            .collect();
+        let state = TrainerState {
+            global_step: 7,
+            max_steps: 10,
+            epoch: 0.5,
+            position: Default::default(),
+            train_tokens: 0,
+            skipped_steps: 0,
+            best_metric: None,
+            best_model_checkpoint: None,
+            log_history: vec![],
+        };
+        let manifest = Manifest {
+            qscript_version: "test".into(),
+            recipe_sha256: None,
+            dataset_sha256: String::new(),
+            base_model_config_sha256: String::new(),
+            base_model: String::new(),
+            seed: 0,
+        };
+        let out = tempfile::tempdir().unwrap();
+        let ck = Checkpoint { state: &state, optimizer: &opt, manifest: &manifest, scheduler: serde_json::json!({}) };
+        let path = save(out.path(), &ck, &|_| Ok(())).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!(back.optimizer_step, 7);
+        assert_eq!(back.params.len(), opt.params.len());
+        for (a, b) in back.params.iter().zip(&opt.params) {
+            assert_eq!((a.id(), a.shape), (b.id(), b.shape));
+            assert_eq!((&a.master, &a.exp_avg, &a.exp_avg_sq), (&b.master, &b.exp_avg, &b.exp_avg_sq), "{:?}", a.id());
+        }
+        assert_eq!(back.params[2].module(), ModuleId { layer: 0, proj: crate::model::names::Proj::K });
+    }
+}
