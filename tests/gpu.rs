@@ -402,7 +402,7 @@ fn training_on_cuda_matches_the_cpu() {
 #[test]
 fn adamw_kernel_matches_the_host_bit_for_bit() {
     use qscript::model::engine::LoraGrad;
-    use qscript::model::names::{Proj, LLAMA};
+    use qscript::model::names::LLAMA;
     let Some(dev) = gpu("adamw_kernel_matches_the_host_bit_for_bit") else { return };
     let (mut cpu, mut cuda) = (tiny_lora(&Device::Cpu, DType::F32), tiny_lora(dev, DType::F32));
     let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..Default::default() };

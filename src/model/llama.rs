@@ -687,6 +687,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             crate::check_cancel()?;
+            // This layer's module paths, by projection and by norm.
             let (p, n) = (|proj| ModuleId { layer: i, proj }.path(), |norm| NormId { layer: i, norm }.path());
             layers.push(Block {
                 input_layernorm: norm(&n(Norm::Input))?,

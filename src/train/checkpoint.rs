@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub qscript_version: String,
     pub recipe_sha256: Option<String>,
@@ -22,7 +22,7 @@ pub struct Manifest {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainerState {
     pub global_step: usize,
     pub max_steps: usize,
@@ -234,25 +234,8 @@ mod tests {
                 ParamState { exp_avg: v(0.5), exp_avg_sq: v(0.25), ..ParamState::new(id, (2, 3), v(1.0)) }
             })
             .collect();
-        let state = TrainerState {
-            global_step: 7,
-            max_steps: 10,
-            epoch: 0.5,
-            position: Default::default(),
-            train_tokens: 0,
-            skipped_steps: 0,
-            best_metric: None,
-            best_model_checkpoint: None,
-            log_history: vec![],
-        };
-        let manifest = Manifest {
-            qscript_version: "test".into(),
-            recipe_sha256: None,
-            dataset_sha256: String::new(),
-            base_model_config_sha256: String::new(),
-            base_model: String::new(),
-            seed: 0,
-        };
+        let state = TrainerState { global_step: 7, max_steps: 10, ..Default::default() };
+        let manifest = Manifest::default();
         let out = tempfile::tempdir().unwrap();
         let ck = Checkpoint { state: &state, optimizer: &opt, manifest: &manifest, scheduler: serde_json::json!({}) };
         let path = save(out.path(), &ck, &|_| Ok(())).unwrap();
