@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use qscript::model::adapter::{self, config_from_json, config_to_json, load_adapter, merge_and_unload, save_adapter};
-use qscript::model::engine::Proj;
+use qscript::model::names::{Proj, LLAMA};
 use qscript::model::lora::{self, LoraConfig, TargetModules};
 use qscript::model::save::{save_model_dir, write_safetensors};
 use qscript::model::{LoadOptions, Model};
@@ -92,7 +92,7 @@ fn golden_adapter_reproduces_peft_logits() {
     // Per layer: q/o 8·64 + 64·8, k/v 8·64 + 32·8, gate/up 8·64 + 128·8, down 8·128 + 64·8.
     assert_eq!(lora::parameter_counts(&m.llama).0, 2 * (2 * 1024 + 2 * 768 + 3 * 1536));
     for layer in &m.llama.layers {
-        for p in Proj::ALL {
+        for &p in LLAMA.projs {
             let l = layer.proj(p).lora.as_ref().expect("adapter on every projection");
             assert_eq!(l.scaling, 2.0);
         }

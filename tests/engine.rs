@@ -3,7 +3,8 @@
 //! autograd and central finite differences — with and without checkpointing, packing, padding.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use qscript::model::engine::{self, Proj, StepOptions, TrainBatch};
+use qscript::model::engine::{self, StepOptions, TrainBatch};
+use qscript::model::names::{Proj, LLAMA};
 use qscript::model::ops::{attention, cross_entropy, embedding, linear, rms_norm, rope, swiglu};
 use qscript::model::{LoadOptions, Model};
 use rand::{rngs::StdRng, SeedableRng};
@@ -166,7 +167,7 @@ fn tiny_model(dtype: DType, rank: usize) -> Model {
     let mut m = Model::load_hf_dir("tiny", &dir, &LoadOptions { dtype, ..Default::default() }).unwrap();
     let mut seed = 100;
     for layer in m.llama.layers.iter_mut() {
-        for p in Proj::ALL {
+        for &p in LLAMA.projs {
             let lin = layer.proj_mut(p);
             let (o, i) = lin.weight_shape().unwrap();
             seed += 2;
@@ -225,7 +226,7 @@ fn check_model_grads(case: &Case, checkpointing: bool) {
     assert!((loss - want).abs() / want < 1e-5, "loss {loss} vs {want}");
     assert_eq!(out.grads.len(), 14, "one gradient pair per adapter");
     for g in &out.grads {
-        let k = g.layer * 7 + Proj::ALL.iter().position(|&q| q == g.proj).unwrap();
+        let k = g.layer * 7 + LLAMA.projs.iter().position(|&q| q == g.proj).unwrap();
         let (a, b) = &vars[k];
         assert_close(&format!("layer {} {:?} dA", g.layer, g.proj), &g.da, grads_ref.get(a.as_tensor()).unwrap(), 1e-5);
         assert_close(&format!("layer {} {:?} dB", g.layer, g.proj), &g.db, grads_ref.get(b.as_tensor()).unwrap(), 1e-5);
@@ -305,7 +306,7 @@ fn packed_row_loss_equals_examples_run_alone() {
 fn checkpointing_recomputes_the_same_dropout_masks() {
     let mut m = tiny_model(DType::F32, 4);
     for layer in m.llama.layers.iter_mut() {
-        for p in Proj::ALL {
+        for &p in LLAMA.projs {
             layer.proj_mut(p).lora.as_mut().unwrap().dropout = 0.1;
         }
     }

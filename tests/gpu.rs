@@ -401,7 +401,8 @@ fn training_on_cuda_matches_the_cpu() {
 /// same gradients, every adapter weight compared exactly.
 #[test]
 fn adamw_kernel_matches_the_host_bit_for_bit() {
-    use qscript::model::engine::{LoraGrad, Proj};
+    use qscript::model::engine::LoraGrad;
+    use qscript::model::names::LLAMA;
     let Some(dev) = gpu("adamw_kernel_matches_the_host_bit_for_bit") else { return };
     let (mut cpu, mut cuda) = (tiny_lora(&Device::Cpu, DType::F32), tiny_lora(dev, DType::F32));
     let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..Default::default() };
@@ -409,7 +410,7 @@ fn adamw_kernel_matches_the_host_bit_for_bit() {
     let weights = |m: &Model| -> Vec<f32> {
         let mut all = Vec::new();
         for l in &m.llama.layers {
-            for p in Proj::ALL {
+            for &p in LLAMA.projs {
                 let lo = l.proj(p).lora.as_ref().unwrap();
                 for t in [&lo.a, &lo.b] {
                     all.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -423,7 +424,7 @@ fn adamw_kernel_matches_the_host_bit_for_bit() {
         let grads = |m: &Model, d: &Device| -> Vec<LoraGrad> {
             let mut out = Vec::new();
             for (li, l) in m.llama.layers.iter().enumerate() {
-                for (pi, p) in Proj::ALL.into_iter().enumerate() {
+                for (pi, p) in LLAMA.projs.iter().copied().enumerate() {
                     let lo = l.proj(p).lora.as_ref().unwrap();
                     let seed = step * 1000 + (li * 10 + pi) as u64 * 2;
                     let g = |t: &Tensor, s: u64| Tensor::from_vec(values(t.elem_count(), s), t.shape(), d).unwrap();

@@ -3,7 +3,8 @@
 //! checkpointing; a tiny 4-bit model with LoRA overfits fixed sequences.
 
 use candle_core::{DType, Device};
-use qscript::model::engine::{self, Proj, StepOptions, TrainBatch};
+use qscript::model::engine::{self, StepOptions, TrainBatch};
+use qscript::model::names::LLAMA;
 use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
 use qscript::model::ops::linear;
@@ -31,7 +32,7 @@ fn tiny_4bit() -> Model {
 fn with_adapters(mut m: Model) -> Model {
     let mut seed = 100;
     for layer in m.llama.layers.iter_mut() {
-        for p in Proj::ALL {
+        for &p in LLAMA.projs {
             let lin = layer.proj_mut(p);
             let (o, i) = lin.weight_shape().unwrap();
             seed += 2;
@@ -44,7 +45,7 @@ fn with_adapters(mut m: Model) -> Model {
 #[test]
 fn engine_gradients_with_4bit_base_match_autograd_on_dequantized_weights() {
     let m = with_adapters(tiny_4bit());
-    assert!(Proj::ALL.iter().all(|&p| m.llama.layers[1].proj(p).quantized().is_some()));
+    assert!(LLAMA.projs.iter().all(|&p| m.llama.layers[1].proj(p).quantized().is_some()));
     let (b, t) = (2, 8);
     let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 53 + 7) % 256).collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -57,7 +58,7 @@ fn engine_gradients_with_4bit_base_match_autograd_on_dequantized_weights() {
     // The same adapters on a dense copy of the dequantized weights: the engine must not care.
     let mut dense = with_adapters(tiny_4bit());
     for layer in dense.llama.layers.iter_mut() {
-        for p in Proj::ALL {
+        for &p in LLAMA.projs {
             let lin = layer.proj_mut(p);
             lin.weight = Weight::Dense(lin.dense_weight().unwrap());
         }
@@ -69,7 +70,7 @@ fn engine_gradients_with_4bit_base_match_autograd_on_dequantized_weights() {
         assert!((out.mean_loss() - want).abs() / want < 1e-5, "loss {} vs {want}", out.mean_loss());
         assert_eq!(out.grads.len(), 14);
         for g in &out.grads {
-            let k = g.layer * 7 + Proj::ALL.iter().position(|&q| q == g.proj).unwrap();
+            let k = g.layer * 7 + LLAMA.projs.iter().position(|&q| q == g.proj).unwrap();
             let (a, bv) = &vars[k];
             let (ea, eb) = (rel_err(&g.da, grads_ref.get(a.as_tensor()).unwrap()), rel_err(&g.db, grads_ref.get(bv.as_tensor()).unwrap()));
             assert!(ea < 1e-5 && eb < 1e-5, "layer {} {:?}: dA {ea:e}, dB {eb:e} (checkpointing {ckpt})", g.layer, g.proj);
@@ -124,5 +125,5 @@ fn lora_on_4bit_base_overfits_fixed_sequences() {
     let want = engine::loss(&m.llama, &one).unwrap().mean_loss();
     assert!((nll / (t - 1) as f64 - want).abs() < 1e-4 * want.max(1.0), "inference {} vs engine {want}", nll / (t - 1) as f64);
     // The base never changed: still 4-bit.
-    assert!(m.llama.layers.iter().all(|l| Proj::ALL.iter().all(|&p| l.proj(p).quantized().is_some())));
+    assert!(m.llama.layers.iter().all(|l| LLAMA.projs.iter().all(|&p| l.proj(p).quantized().is_some())));
 }

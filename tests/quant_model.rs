@@ -3,7 +3,7 @@
 //! bad input, `BitsAndBytesConfig` in recipes, memory figures.
 
 use candle_core::{DType, Device, Tensor};
-use qscript::model::engine::Proj;
+use qscript::model::names::{Proj, LLAMA};
 use qscript::model::quantized::{self, raw_tensor, write_raw_safetensors, BnbConfig};
 use qscript::model::{LoadOptions, Model};
 use qscript::quant::QuantType;
@@ -152,7 +152,7 @@ fn skip_modules_stay_dense() {
     let cfg = BnbConfig { skip_modules: Some(vec!["down_proj".into(), "model.layers.1.self_attn".into()]), ..nf4_dq() };
     let m = load(&golden("source"), DType::F32, Some(cfg));
     for (i, layer) in m.llama.layers.iter().enumerate() {
-        for p in Proj::ALL {
+        for &p in LLAMA.projs {
             let dense = p == Proj::Down || (i == 1 && p.path().starts_with("self_attn"));
             assert_eq!(layer.proj(p).quantized().is_none(), dense, "layer {i} {p:?}");
         }

@@ -1,7 +1,8 @@
 //! AdamW semantics, gradient clipping, and an overfitting run of the whole engine.
 
 use candle_core::{DType, Device, Tensor};
-use qscript::model::engine::{self, LoraGrad, Proj, StepOptions, TrainBatch};
+use qscript::model::engine::{self, LoraGrad, StepOptions, TrainBatch};
+use qscript::model::names::Proj;
 use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
 use qscript::model::{LoadOptions, Model};

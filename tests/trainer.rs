@@ -46,7 +46,7 @@ fn adapter_after_one_step(model_dir: &Path, data: &Path, out: &Path, batch: usiz
     let mut t = SftTrainer::new(model.clone(), &ds, None, args, None, Box::new(|_, _| Ok(()))).unwrap();
     t.train(&mut NoCallbacks).unwrap();
     let m = model.borrow();
-    m.llama.layers.iter().flat_map(|l| qscript::model::engine::Proj::ALL.map(|p| {
+    m.llama.layers.iter().flat_map(|l| qscript::model::names::LLAMA.projs.iter().map(move |&p| {
         let lo = l.proj(p).lora.as_ref().unwrap();
         let mut v = lo.a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         v.extend(lo.b.flatten_all().unwrap().to_vec1::<f32>().unwrap());

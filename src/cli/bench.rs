@@ -134,13 +134,8 @@ fn dense_weights(m: &Model) -> Vec<candle_core::Tensor> {
         _ => None,
     };
     let mut out = vec![l.embed_tokens.clone()];
-    for b in &l.layers {
-        let (a, p) = (&b.self_attn, &b.mlp);
-        out.push(b.input_layernorm.weight.clone());
-        out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].into_iter().filter_map(dense));
-        out.push(b.post_attention_layernorm.weight.clone());
-        out.extend([&p.gate_proj, &p.up_proj, &p.down_proj].into_iter().filter_map(dense));
-    }
+    out.extend(l.norms().map(|(_, n)| n.weight.clone()));
+    out.extend(l.linears().filter_map(|(_, lin)| dense(lin)));
     out.push(l.norm.weight.clone());
     out.extend(l.lm_head.as_ref().and_then(dense));
     out.retain(|t| t.device().is_cpu());

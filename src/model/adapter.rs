@@ -7,9 +7,9 @@
 //!   `lora_B.weight` `[out, r]`, metadata `{"format": "pt"}`.
 //! - `merge_and_unload`: `W += scaling · B·A`, adapters removed.
 
-use super::engine::Proj;
 use super::llama::{Linear, Llama};
-use super::lora::{module_path, InitLoraWeights, LoraConfig, TargetModules};
+use super::lora::{InitLoraWeights, LoraConfig, TargetModules};
+use super::names::{self, LoraHalf};
 use super::ops::linear::Lora;
 use super::save::write_safetensors;
 use super::weights::WeightFiles;
@@ -17,15 +17,13 @@ use crate::util::fs::{install_dir, write, Existing};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The peft release whose adapter_config.json layout is written.
 pub const PEFT_VERSION: &str = "0.21.0";
-
-const KEY_PREFIX: &str = "base_model.model.";
 
 /// peft 0.21's defaults for the fields `LoraConfig` does not model (its `save_pretrained`
 /// writes all of them).
@@ -155,7 +153,7 @@ pub fn config_from_json(v: &Value, origin: &str) -> Result<(LoraConfig, Vec<Stri
         cfg.use_rslora = v.as_bool().with_context(|| format!("{origin}: `use_rslora` must be true or false, got {v}"))?;
     }
     cfg.target_modules = match get("target_modules") {
-        None => TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]), // peft's Llama default
+        None => TargetModules::Names(names::LLAMA.default_target_names()), // peft's Llama default
         Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
         Some(Value::Array(a)) => TargetModules::Names(
@@ -234,19 +232,6 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     Ok(cfg)
 }
 
-/// Every projection of `model` that has an adapter: (layer, projection, module path).
-fn adapted(model: &Llama) -> Vec<(usize, Proj, String)> {
-    let mut out = Vec::new();
-    for (i, layer) in model.layers.iter().enumerate() {
-        for p in Proj::ALL {
-            if layer.proj(p).lora.is_some() {
-                out.push((i, p, module_path(i, p)));
-            }
-        }
-    }
-    out
-}
-
 /// `model.save_pretrained(dir)` for an adapted model: `adapter_config.json` (from `cfg`, peft
 /// 0.21's layout) and `adapter_model.safetensors` (the adapters in their own dtype), written
 /// atomically: a new `dir` appears in one rename; in an existing one the two files are
@@ -254,13 +239,9 @@ fn adapted(model: &Llama) -> Vec<(usize, Proj, String)> {
 /// adapters (targets, ranks, scalings), else peft would load something else: error.
 pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &str, dir: &Path) -> Result<()> {
     cfg.validate()?;
-    let mods = adapted(model);
-    if mods.is_empty() {
-        bail!("save_adapter: the model has no LoRA adapters (attach some with get_peft_model or load_adapter)");
-    }
-    let mut tensors = Vec::with_capacity(2 * mods.len());
-    for (i, p, path) in &mods {
-        let Some(l) = &model.layers[*i].proj(*p).lora else { continue };
+    let mut tensors = Vec::new();
+    for (id, l) in model.adapters() {
+        let path = &id.path();
         if !cfg.targets(path) {
             bail!("save_adapter: module `{path}` has an adapter but the config's target_modules {:?} does not select it (peft would drop it)", cfg.target_modules);
         }
@@ -271,8 +252,10 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
         if (l.scaling - scaling).abs() > 1e-9 * scaling.abs().max(1.0) {
             bail!("save_adapter: module `{path}` has scaling {} but the config gives {scaling} (lora_alpha / r{})", l.scaling, if cfg.use_rslora { ", rsLoRA" } else { "" });
         }
-        tensors.push((format!("{KEY_PREFIX}{path}.lora_A.weight"), l.a.clone()));
-        tensors.push((format!("{KEY_PREFIX}{path}.lora_B.weight"), l.b.clone()));
+        tensors.extend(LoraHalf::BOTH.map(|half| (names::peft_key(path, half), half.tensor(l).clone())));
+    }
+    if tensors.is_empty() {
+        bail!("save_adapter: the model has no LoRA adapters (attach some with get_peft_model or load_adapter)");
     }
     let config = serde_json::to_string_pretty(&config_to_json(cfg, base_model_name_or_path))?;
     install_dir(dir, Existing::Merge, |tmp| {
@@ -290,66 +273,22 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
 /// and tensor.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let cfg = read_config(dir)?;
-    let cfg_path = dir.join(ADAPTER_CONFIG);
     let wpath = dir.join(ADAPTER_WEIGHTS);
     if !wpath.is_file() {
         let hint = if dir.join("adapter_model.bin").is_file() { " (adapter_model.bin is a pickle; qscript reads safetensors only)" } else { "" };
         bail!("{}: not found{hint}", wpath.display());
     }
-    // The module paths of this model's linear layers.
-    let mut modules: HashMap<String, (usize, Proj)> = HashMap::new();
-    for i in 0..model.layers.len() {
-        for p in Proj::ALL {
-            modules.insert(module_path(i, p), (i, p));
-        }
-    }
-    let layers_desc = format!("{} layers of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj", model.layers.len());
-    match &cfg.target_modules {
-        TargetModules::Names(names) => {
-            for n in names {
-                let found = n == "lm_head" || modules.keys().any(|m| m == n || m.ends_with(&format!(".{n}")));
-                if !found {
-                    bail!("{}: target module `{n}` matches no module of this model ({layers_desc})", cfg_path.display());
-                }
-            }
-        }
-        TargetModules::Regex(r) => {
-            if !modules.keys().any(|m| cfg.targets(m)) {
-                bail!("{}: target_modules regex `{r}` matches no module of this model ({layers_desc})", cfg_path.display());
-            }
-        }
-        TargetModules::AllLinear => {}
-    }
-
+    check_targets(model, &cfg, &dir.join(ADAPTER_CONFIG))?;
     let files = WeightFiles::open(std::slice::from_ref(&wpath))?;
+    let pairs = pair_keys(model, &cfg, &files, &wpath)?;
     let wfile = wpath.display();
-    // module path → (A key, B key), checked and paired.
-    let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
-    for key in files.names() {
-        let half = if key.ends_with(".lora_A.weight") { 0 } else if key.ends_with(".lora_B.weight") { 1 } else { 2 };
-        let module = key.strip_prefix(KEY_PREFIX).and_then(|k| k.get(..k.len().saturating_sub(".lora_A.weight".len())));
-        let (Some(module), true) = (module, half < 2) else {
-            bail!("{wfile}: tensor `{key}` is not a LoRA weight qscript can load (expected {KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight)");
-        };
-        if !modules.contains_key(module) {
-            bail!("{wfile}: tensor `{key}`: this model has no module `{module}` ({layers_desc})");
-        }
-        if !cfg.targets(module) {
-            bail!("{wfile}: tensor `{key}`: module `{module}` is not selected by target_modules {:?} in {ADAPTER_CONFIG} (peft would ignore it)", cfg.target_modules);
-        }
-        pairs.entry(module.to_string()).or_default()[half] = Some(key.to_string());
-    }
-    if pairs.is_empty() {
-        bail!("{wfile}: no LoRA tensors");
-    }
     let mut loaded = Vec::with_capacity(pairs.len());
     for (module, [a_key, b_key]) in &pairs {
         let (Some(a_key), Some(b_key)) = (a_key, b_key) else {
-            let (has, lacks) = if a_key.is_some() { ("lora_A", "lora_B") } else { ("lora_B", "lora_A") };
-            bail!("{wfile}: module `{module}` has {has} but no `{KEY_PREFIX}{module}.{lacks}.weight`");
+            let (has, lacks) = if a_key.is_some() { (LoraHalf::A, LoraHalf::B) } else { (LoraHalf::B, LoraHalf::A) };
+            bail!("{wfile}: module `{module}` has {} but no `{}`", has.name(), names::peft_key(module, lacks));
         };
-        let Some(&(i, p)) = modules.get(module) else { continue };
-        let lin = model.layers[i].proj(p);
+        let Some((id, lin)) = model.module_at(module).and_then(|id| Some((id, model.linear(id)?))) else { continue };
         let (out, inp) = lin.weight_shape()?;
         let (r, scaling) = cfg.rank_and_scaling(module);
         for (key, want) in [(a_key, [r, inp]), (b_key, [out, r])] {
@@ -361,17 +300,69 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         let (dtype, dev) = (lin.compute_dtype(), lin.device().clone());
         let a = files.load(a_key, None, dtype, &dev)?;
         let b = files.load(b_key, None, dtype, &dev)?;
-        loaded.push((i, p, Lora { a, b, scaling, dropout: cfg.lora_dropout }));
+        loaded.push((id, Lora { a, b, scaling, dropout: cfg.lora_dropout }));
     }
-    for layer in &mut model.layers {
-        for p in Proj::ALL {
-            layer.proj_mut(p).lora = None;
+    for (_, lin) in model.linears_mut() {
+        lin.lora = None;
+    }
+    for (id, l) in loaded {
+        if let Some(lin) = model.linear_mut(id) {
+            lin.lora = Some(l);
         }
     }
-    for (i, p, l) in loaded {
-        model.layers[i].proj_mut(p).lora = Some(l);
-    }
     Ok(cfg)
+}
+
+/// "N layers of q_proj, k_proj, ...", what error messages say the model has.
+fn layers_desc(model: &Llama) -> String {
+    format!("{} layers of {}", model.layers.len(), model.family().proj_names())
+}
+
+/// Every target module `cfg` names must exist in `model` (peft refuses the adapter otherwise).
+fn check_targets(model: &Llama, cfg: &LoraConfig, cfg_path: &Path) -> Result<()> {
+    let modules: Vec<String> = model.linears().map(|(id, _)| id.path()).collect();
+    let layers_desc = layers_desc(model);
+    match &cfg.target_modules {
+        TargetModules::Names(list) => {
+            for n in list {
+                let found = n == names::LM_HEAD || modules.iter().any(|m| names::selects(m, n));
+                if !found {
+                    bail!("{}: target module `{n}` matches no module of this model ({layers_desc})", cfg_path.display());
+                }
+            }
+        }
+        TargetModules::Regex(r) => {
+            if !modules.iter().any(|m| cfg.targets(m)) {
+                bail!("{}: target_modules regex `{r}` matches no module of this model ({layers_desc})", cfg_path.display());
+            }
+        }
+        TargetModules::AllLinear => {}
+    }
+    Ok(())
+}
+
+/// The adapter file's keys by module path: `[A key, B key]`, each key checked to name a module
+/// of `model` that `cfg` targets.
+fn pair_keys(model: &Llama, cfg: &LoraConfig, files: &WeightFiles, wpath: &Path) -> Result<BTreeMap<String, [Option<String>; 2]>> {
+    let wfile = wpath.display();
+    let layers_desc = layers_desc(model);
+    let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    for key in files.names() {
+        let Some((module, half)) = names::parse_peft_key(key) else {
+            bail!("{wfile}: tensor `{key}` is not a LoRA weight qscript can load (expected {} / .lora_B.weight)", names::peft_key("<module>", LoraHalf::A));
+        };
+        if model.module_at(module).is_none() {
+            bail!("{wfile}: tensor `{key}`: this model has no module `{module}` ({layers_desc})");
+        }
+        if !cfg.targets(module) {
+            bail!("{wfile}: tensor `{key}`: module `{module}` is not selected by target_modules {:?} in {ADAPTER_CONFIG} (peft would ignore it)", cfg.target_modules);
+        }
+        pairs.entry(module.to_string()).or_default()[half as usize] = Some(key.to_string());
+    }
+    if pairs.is_empty() {
+        bail!("{wfile}: no LoRA tensors");
+    }
+    Ok(pairs)
 }
 
 /// `model.merge_and_unload()`: fold every adapter into its weight, `W += scaling · B·A`
@@ -380,17 +371,14 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
 /// (`Linear::dense_weight`), so the result is a plain 16/32-bit model — it is not re-quantized.
 pub fn merge_and_unload(model: &mut Llama) -> Result<usize> {
     let mut n = 0;
-    for layer in &mut model.layers {
-        for p in Proj::ALL {
-            let lin = layer.proj_mut(p);
-            let Some(l) = &lin.lora else { continue };
-            let w = lin.dense_weight()?.to_dtype(DType::F32)?;
-            let ba = l.b.to_dtype(DType::F32)?.matmul(&l.a.to_dtype(DType::F32)?)?;
-            let merged: Tensor = (w + (ba * l.scaling)?)?;
-            // A fresh dense layer: the weight (whatever its storage was) and no adapter.
-            *lin = Linear::new(merged.to_dtype(lin.compute_dtype())?, lin.bias.take());
-            n += 1;
-        }
+    for (_, lin) in model.linears_mut() {
+        let Some(l) = &lin.lora else { continue };
+        let w = lin.dense_weight()?.to_dtype(DType::F32)?;
+        let ba = l.b.to_dtype(DType::F32)?.matmul(&l.a.to_dtype(DType::F32)?)?;
+        let merged: Tensor = (w + (ba * l.scaling)?)?;
+        // A fresh dense layer: the weight (whatever its storage was) and no adapter.
+        *lin = Linear::new(merged.to_dtype(lin.compute_dtype())?, lin.bias.take());
+        n += 1;
     }
     Ok(n)
 }

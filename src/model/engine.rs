@@ -4,70 +4,11 @@
 //! kept and the layer is recomputed during backward.
 
 use super::llama::{Block, Linear, Llama};
+use super::names::{ModuleId, Proj};
 use super::ops::{attention, cross_entropy, linear, rms_norm, rope, swiglu};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-
-/// The seven projections of a decoder layer, in the order adapters and gradients are listed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
-
-    /// Module path inside a layer, as in transformers (`self_attn.q_proj`, `mlp.up_proj`, ...).
-    pub fn path(self) -> &'static str {
-        match self {
-            Proj::Q => "self_attn.q_proj",
-            Proj::K => "self_attn.k_proj",
-            Proj::V => "self_attn.v_proj",
-            Proj::O => "self_attn.o_proj",
-            Proj::Gate => "mlp.gate_proj",
-            Proj::Up => "mlp.up_proj",
-            Proj::Down => "mlp.down_proj",
-        }
-    }
-
-    /// Short name (`q_proj`, ...), what `target_modules` lists.
-    pub fn name(self) -> &'static str {
-        self.path().rsplit('.').next().unwrap_or("")
-    }
-}
-
-impl Block {
-    pub fn proj(&self, p: Proj) -> &Linear {
-        match p {
-            Proj::Q => &self.self_attn.q_proj,
-            Proj::K => &self.self_attn.k_proj,
-            Proj::V => &self.self_attn.v_proj,
-            Proj::O => &self.self_attn.o_proj,
-            Proj::Gate => &self.mlp.gate_proj,
-            Proj::Up => &self.mlp.up_proj,
-            Proj::Down => &self.mlp.down_proj,
-        }
-    }
-
-    pub fn proj_mut(&mut self, p: Proj) -> &mut Linear {
-        match p {
-            Proj::Q => &mut self.self_attn.q_proj,
-            Proj::K => &mut self.self_attn.k_proj,
-            Proj::V => &mut self.self_attn.v_proj,
-            Proj::O => &mut self.self_attn.o_proj,
-            Proj::Gate => &mut self.mlp.gate_proj,
-            Proj::Up => &mut self.mlp.up_proj,
-            Proj::Down => &mut self.mlp.down_proj,
-        }
-    }
-}
 
 /// One training batch, already on the model's device.
 pub struct TrainBatch {
@@ -170,6 +111,13 @@ pub struct LoraGrad {
     pub proj: Proj,
     pub da: Tensor,
     pub db: Tensor,
+}
+
+impl LoraGrad {
+    /// The adapter these are the gradients of.
+    pub fn id(&self) -> ModuleId {
+        ModuleId { layer: self.layer, proj: self.proj }
+    }
 }
 
 pub struct StepOutput {

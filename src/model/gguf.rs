@@ -2,6 +2,7 @@
 //! q/k row permutation undone, tokenizer rebuilt from the vocabulary and merges.
 
 use super::config::Config;
+use super::names::{self, Proj};
 use super::tokenizer::{GgufVocab, Tokenizer};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
@@ -46,22 +47,24 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         if name == "rope_freqs.weight" {
             continue; // llama3 RoPE scaling, already turned into `rope_scaling` by config_json.
         }
-        let hf = hf_name(name).with_context(|| format!("{}: unexpected tensor `{name}` for a llama GGUF", path.display()))?;
+        let hf = names::hf_key_from_gguf(name).with_context(|| format!("{}: unexpected tensor `{name}` for a llama GGUF", path.display()))?;
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {}", path.display(), ce(e)))?;
         let mut t = q
             .dequantize(&Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: cannot dequantize: {}", path.display(), ce(e)))?;
-        if hf.contains(".self_attn.q_proj.") {
+        // llama.cpp permutes the rows of q and k (weights and biases) for its RoPE layout.
+        let proj = hf.rsplit_once('.').and_then(|(module, _)| names::LLAMA.parse_path(module)).map(|id| id.proj);
+        if proj == Some(Proj::Q) {
             t = unpermute_qk(&t, config.num_attention_heads).map_err(|e| at(e.context(format!("tensor `{name}`"))))?;
-        } else if hf.contains(".self_attn.k_proj.") {
+        } else if proj == Some(Proj::K) {
             t = unpermute_qk(&t, config.num_key_value_heads).map_err(|e| at(e.context(format!("tensor `{name}`"))))?;
         }
         tensors.insert(hf, t);
     }
     let embed = tensors
-        .get("model.embed_tokens.weight")
+        .get(&names::weight_key(names::EMBED_TOKENS))
         .with_context(|| format!("{}: missing tensor `token_embd.weight`", path.display()))?;
     if embed.dims() != [config.vocab_size, config.hidden_size] {
         bail!(
@@ -144,38 +147,6 @@ fn rows(w: &Tensor, n_head: usize) -> Result<(usize, usize)> {
         bail!("{out} rows cannot be split into {n_head} heads of even size");
     }
     Ok((out, w.elem_count() / out))
-}
-
-/// GGUF tensor name → HF name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
-fn hf_name(name: &str) -> Option<String> {
-    let (base, kind) = name.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    let hf = match base {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let rest = base.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let module = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{module}")
-        }
-    };
-    Some(format!("{hf}.{kind}"))
 }
 
 /// Typed access to GGUF metadata, with errors that name the key.

@@ -3,6 +3,7 @@
 //! training engine extends these same layers with saved activations and backward.
 
 use super::config::Config;
+use super::names::{self, ModuleId, Norm, NormId, Proj};
 use super::weights::WeightFiles;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -569,7 +570,7 @@ pub struct Llama {
     pub dtype: DType,
     pub device: Device,
     /// How the 4-bit decoder linears were quantized (`None`: a dense model).
-    pub quantization: Option<super::quantized::BnbConfig>,
+    pub quantization: Option<super::bnb_config::BnbConfig>,
 }
 
 /// Where the tensors of a model come from (an HF checkpoint or an in-memory map).
@@ -619,7 +620,7 @@ impl TensorSource for std::collections::HashMap<String, Tensor> {
 /// A 4-bit weight saved by bitsandbytes under `name` (`...q_proj.weight`), if the checkpoint
 /// has one (its `quant_state` tensor marks it); shape checked against `[out, inp]`.
 fn load_bnb_weight(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Option<crate::quant::Quantized4bit>> {
-    if !["nf4", "fp4"].iter().any(|q| src.has(&format!("{name}.quant_state.bitsandbytes__{q}"))) {
+    if !["nf4", "fp4"].iter().any(|q| src.has(&names::bnb_quant_state_key(name, q))) {
         return Ok(None);
     }
     // `from_bnb_tensors` asks by name; keep the first read error to report it as such.
@@ -652,19 +653,19 @@ impl Llama {
     /// they are; with `quant`, the others (less `llm_int8_skip_modules`) are quantized as they
     /// load, one tensor at a time, so the dense copy of only one weight exists at once.
     /// Embeddings, norms and the LM head stay dense in `dtype`, as in transformers.
-    pub fn load_with(config: &Config, src: &dyn TensorSource, dtype: DType, device: &Device, quant: Option<&super::quantized::BnbConfig>) -> Result<Self> {
+    pub fn load_with(config: &Config, src: &dyn TensorSource, dtype: DType, device: &Device, quant: Option<&super::bnb_config::BnbConfig>) -> Result<Self> {
         let c = config;
         let (hd, h, kvh, d, inter) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
         let mut any_4bit = false;
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = format!("{name}.weight");
-            let bias = if bias { Some(src.tensor(&format!("{name}.bias"), &[out], dtype, device)?) } else { None };
+            let w = names::weight_key(name);
+            let bias = if bias { Some(src.tensor(&names::bias_key(name), &[out], dtype, device)?) } else { None };
             let compute = quant.map_or(dtype, |q| q.compute_dtype);
             if let Some(q) = load_bnb_weight(src, &w, out, inp)? {
                 any_4bit = true;
                 return Linear::new_4bit(q, compute, dtype, device, bias);
             }
-            if let Some(cfg) = quant.filter(|q| name != "lm_head" && q.quantizes(name)) {
+            if let Some(cfg) = quant.filter(|q| name != names::LM_HEAD && q.quantizes(name)) {
                 let at = src.location(&w).map(|l| format!("{l}: ")).unwrap_or_default();
                 // Rounded to `dtype` first, as transformers quantizes the weight it loaded.
                 let dense = match src.stored(&w)? {
@@ -681,45 +682,46 @@ impl Llama {
             Ok(Linear::new(src.tensor(&w, &[out, inp], dtype, device)?, bias))
         };
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: src.tensor(&format!("{name}.weight"), &[hd], dtype, device)?, eps: c.rms_norm_eps })
+            Ok(RmsNorm { weight: src.tensor(&names::weight_key(name), &[hd], dtype, device)?, eps: c.rms_norm_eps })
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             crate::check_cancel()?;
-            let p = format!("model.layers.{i}");
+            // This layer's module paths, by projection and by norm.
+            let (p, n) = (|proj| ModuleId { layer: i, proj }.path(), |norm| NormId { layer: i, norm }.path());
             layers.push(Block {
-                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                input_layernorm: norm(&n(Norm::Input))?,
                 self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), h * d, hd, c.attention_bias)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kvh * d, hd, c.attention_bias)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kvh * d, hd, c.attention_bias)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hd, h * d, c.attention_bias)?,
+                    q_proj: linear(&p(Proj::Q), h * d, hd, c.attention_bias)?,
+                    k_proj: linear(&p(Proj::K), kvh * d, hd, c.attention_bias)?,
+                    v_proj: linear(&p(Proj::V), kvh * d, hd, c.attention_bias)?,
+                    o_proj: linear(&p(Proj::O), hd, h * d, c.attention_bias)?,
                     n_heads: h,
                     n_kv_heads: kvh,
                     head_dim: d,
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                post_attention_layernorm: norm(&n(Norm::PostAttention))?,
                 mlp: Mlp {
-                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hd, c.mlp_bias)?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hd, c.mlp_bias)?,
-                    down_proj: linear(&format!("{p}.mlp.down_proj"), hd, inter, c.mlp_bias)?,
+                    gate_proj: linear(&p(Proj::Gate), inter, hd, c.mlp_bias)?,
+                    up_proj: linear(&p(Proj::Up), inter, hd, c.mlp_bias)?,
+                    down_proj: linear(&p(Proj::Down), hd, inter, c.mlp_bias)?,
                 },
             });
         }
-        let embed_tokens = src.tensor("model.embed_tokens.weight", &[c.vocab_size, hd], dtype, device)?;
+        let embed_tokens = src.tensor(&names::weight_key(names::EMBED_TOKENS), &[c.vocab_size, hd], dtype, device)?;
         // Some checkpoints mark tied embeddings only by omitting lm_head.
-        let lm_head = if c.tie_word_embeddings || !src.has("lm_head.weight") {
+        let lm_head = if c.tie_word_embeddings || !src.has(&names::weight_key(names::LM_HEAD)) {
             None
         } else {
-            Some(linear("lm_head", c.vocab_size, hd, false)?)
+            Some(linear(names::LM_HEAD, c.vocab_size, hd, false)?)
         };
         let quantization = match (any_4bit, quant) {
             (false, _) => None,
             (true, Some(q)) => Some(q.clone()),
             // 4-bit tensors without a quantization_config: describe what was found.
-            (true, None) => layers.iter().flat_map(|b: &Block| [&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj, &b.self_attn.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj])
-                .find_map(|l| l.quantized())
-                .map(|q| super::quantized::BnbConfig {
+            (true, None) => names::Family::of(c).linears(&layers)
+                .find_map(|(_, l)| l.quantized())
+                .map(|q| super::bnb_config::BnbConfig {
                     quant_type: q.state.quant_type,
                     double_quant: matches!(q.state.absmax, crate::quant::Absmax::Double { .. }),
                     compute_dtype: dtype,
@@ -730,7 +732,7 @@ impl Llama {
             config: c.clone(),
             embed_tokens,
             layers,
-            norm: norm("model.norm")?,
+            norm: norm(names::FINAL_NORM)?,
             lm_head,
             rope: Rope::new(c, c.max_position_embeddings.max(1), dtype, device)?,
             dtype,

@@ -2,8 +2,8 @@
 //! regex, or "all-linear"), their rank and scaling (`lora_alpha / r`, rsLoRA `/ √r`, per-module
 //! `rank_pattern` / `alpha_pattern`), their initialisation, and peft's parameter counts.
 
-use super::engine::Proj;
 use super::llama::Llama;
+use super::names;
 use super::ops::linear::Lora;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -47,13 +47,14 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     /// peft's `LoraConfig()` defaults (r 8, alpha 8, no dropout); target_modules must be given
-    /// (peft infers them per architecture: for Llama q_proj and v_proj).
+    /// (peft infers them per architecture: the family's `default_lora_targets`, for Llama
+    /// q_proj and v_proj).
     fn default() -> Self {
         Self {
             r: 8,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
-            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            target_modules: TargetModules::Names(names::LLAMA.default_target_names()),
             use_rslora: false,
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: BTreeMap::new(),
@@ -92,9 +93,9 @@ impl LoraConfig {
     /// Does the module at `path` (e.g. `model.layers.3.mlp.up_proj`) get an adapter?
     pub fn targets(&self, path: &str) -> bool {
         match &self.target_modules {
-            TargetModules::AllLinear => !path.ends_with("lm_head"),
+            TargetModules::AllLinear => !path.ends_with(names::LM_HEAD),
             TargetModules::Regex(r) => regex::Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(path)),
-            TargetModules::Names(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            TargetModules::Names(list) => list.iter().any(|n| names::selects(path, n)),
         }
     }
 
@@ -107,71 +108,56 @@ impl LoraConfig {
     }
 }
 
-/// Module path of projection `p` in layer `i`.
-pub fn module_path(layer: usize, p: Proj) -> String {
-    format!("model.layers.{layer}.{}", p.path())
-}
-
 /// Attach adapters to every targeted projection (replacing any already there). Returns how
 /// many were attached; none is an error naming what was asked for.
 pub fn attach(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<usize> {
     cfg.validate()?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut n = 0;
-    for (i, layer) in model.layers.iter_mut().enumerate() {
-        for p in Proj::ALL {
-            let path = module_path(i, p);
-            if !cfg.targets(&path) {
-                continue;
-            }
-            let lin = layer.proj_mut(p);
-            let (out, inp) = lin.weight_shape()?;
-            let (r, scaling) = cfg.rank_and_scaling(&path);
-            let dev = lin.device().clone();
-            // Kaiming-uniform with a = √5 (nn.Linear's default): bound = 1/√fan_in.
-            let uniform = |rng: &mut StdRng, rows: usize, cols: usize| -> Result<Tensor> {
-                let bound = 1.0 / (cols as f64).sqrt();
-                let v: Vec<f32> = (0..rows * cols).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
-                Ok(Tensor::from_vec(v, (rows, cols), &dev)?)
-            };
-            let a = match cfg.init_lora_weights {
-                InitLoraWeights::Gaussian => {
-                    let std = 1.0 / r as f64;
-                    let v: Vec<f32> = (0..r * inp)
-                        .map(|_| {
-                            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-                            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-                        })
-                        .collect();
-                    Tensor::from_vec(v, (r, inp), &dev)?
-                }
-                _ => uniform(&mut rng, r, inp)?,
-            };
-            let b = match cfg.init_lora_weights {
-                InitLoraWeights::Random => uniform(&mut rng, out, r)?,
-                _ => Tensor::zeros((out, r), DType::F32, &dev)?,
-            };
-            let dtype = lin.compute_dtype();
-            lin.lora = Some(Lora { a: a.to_dtype(dtype)?, b: b.to_dtype(dtype)?, scaling, dropout: cfg.lora_dropout });
-            n += 1;
+    for (id, lin) in model.linears_mut() {
+        let path = id.path();
+        if !cfg.targets(&path) {
+            continue;
         }
+        let (out, inp) = lin.weight_shape()?;
+        let (r, scaling) = cfg.rank_and_scaling(&path);
+        let dev = lin.device().clone();
+        // Kaiming-uniform with a = √5 (nn.Linear's default): bound = 1/√fan_in.
+        let uniform = |rng: &mut StdRng, rows: usize, cols: usize| -> Result<Tensor> {
+            let bound = 1.0 / (cols as f64).sqrt();
+            let v: Vec<f32> = (0..rows * cols).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+            Ok(Tensor::from_vec(v, (rows, cols), &dev)?)
+        };
+        let a = match cfg.init_lora_weights {
+            InitLoraWeights::Gaussian => {
+                let std = 1.0 / r as f64;
+                let v: Vec<f32> = (0..r * inp)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+                    })
+                    .collect();
+                Tensor::from_vec(v, (r, inp), &dev)?
+            }
+            _ => uniform(&mut rng, r, inp)?,
+        };
+        let b = match cfg.init_lora_weights {
+            InitLoraWeights::Random => uniform(&mut rng, out, r)?,
+            _ => Tensor::zeros((out, r), DType::F32, &dev)?,
+        };
+        let dtype = lin.compute_dtype();
+        lin.lora = Some(Lora { a: a.to_dtype(dtype)?, b: b.to_dtype(dtype)?, scaling, dropout: cfg.lora_dropout });
+        n += 1;
     }
     if n == 0 {
-        bail!("LoraConfig: `target_modules` {:?} matched no module of this model (its linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)", cfg.target_modules);
+        bail!("LoraConfig: `target_modules` {:?} matched no module of this model (its linear layers: {})", cfg.target_modules, model.family().proj_names());
     }
     Ok(n)
 }
 
 /// peft's counts: (trainable adapter parameters, all parameters including the adapters).
 pub fn parameter_counts(model: &Llama) -> (usize, usize) {
-    let mut trainable = 0;
-    for layer in &model.layers {
-        for p in Proj::ALL {
-            if let Some(l) = &layer.proj(p).lora {
-                trainable += l.a.elem_count() + l.b.elem_count();
-            }
-        }
-    }
+    let trainable: usize = model.adapters().map(|(_, l)| l.a.elem_count() + l.b.elem_count()).sum();
     (trainable, model.num_parameters() + trainable)
 }
 

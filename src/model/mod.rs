@@ -1,6 +1,7 @@
 //! Llama-family models: config, weights, the explicit forward, tokenizer, loading.
 
 pub mod adapter;
+pub mod bnb_config;
 pub mod config;
 pub mod engine;
 pub mod ops;
@@ -8,6 +9,7 @@ pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod lora;
+pub mod names;
 pub mod quantized;
 pub mod random;
 pub mod save;
@@ -30,7 +32,7 @@ pub struct LoadOptions {
     pub device: Device,
     pub revision: Option<String>,
     /// `quantization_config`: quantize the decoder linears to 4 bits while loading.
-    pub quantization: Option<quantized::BnbConfig>,
+    pub quantization: Option<bnb_config::BnbConfig>,
 }
 
 impl Default for LoadOptions {
@@ -121,11 +123,11 @@ impl Model {
     /// The 4-bit settings to load with: a checkpoint saved in 4 bits (config.json's
     /// `quantization_config`) keeps its own, except that a compute dtype the caller asked for
     /// wins; otherwise the caller's options (quantize while loading) or none.
-    fn checkpoint_quantization(config: &Config, cfg_path: &Path, opts: &LoadOptions) -> Result<Option<quantized::BnbConfig>> {
+    fn checkpoint_quantization(config: &Config, cfg_path: &Path, opts: &LoadOptions) -> Result<Option<bnb_config::BnbConfig>> {
         let Some(v) = config.raw.get("quantization_config").filter(|v| !v.is_null()) else {
             return Ok(opts.quantization.clone());
         };
-        let mut q = quantized::BnbConfig::from_transformers_json(v).map_err(|e| anyhow::anyhow!("{}: {e:#}", cfg_path.display()))?;
+        let mut q = bnb_config::BnbConfig::from_transformers_json(v).map_err(|e| anyhow::anyhow!("{}: {e:#}", cfg_path.display()))?;
         if let Some(user) = &opts.quantization {
             q.compute_dtype = user.compute_dtype;
         }
@@ -182,17 +184,13 @@ impl Model {
         let bytes = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let l = &self.llama;
         let (mut linear, mut packed, mut stats, mut adapters) = (0, 0, 0, 0);
-        let mut norm = bytes(&l.norm.weight);
-        for b in &l.layers {
-            let a = &b.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
-                let (d, p, s) = quantized::weight_bytes(lin);
-                linear += d + lin.bias.as_ref().map_or(0, bytes);
-                packed += p;
-                stats += s;
-                adapters += lin.lora.as_ref().map_or(0, |o| bytes(&o.a) + bytes(&o.b));
-            }
-            norm += bytes(&b.input_layernorm.weight) + bytes(&b.post_attention_layernorm.weight);
+        let norm = bytes(&l.norm.weight) + l.norms().map(|(_, n)| bytes(&n.weight)).sum::<usize>();
+        for (_, lin) in l.linears() {
+            let (d, p, s) = quantized::weight_bytes(lin);
+            linear += d + lin.bias.as_ref().map_or(0, bytes);
+            packed += p;
+            stats += s;
+            adapters += lin.lora.as_ref().map_or(0, |o| bytes(&o.a) + bytes(&o.b));
         }
         let head = l.lm_head.as_ref().map_or(0, |h| {
             let (d, p, s) = quantized::weight_bytes(h);

@@ -7,6 +7,7 @@
 //! shards in both loaders).
 
 use super::llama::Llama;
+use super::names;
 use super::Model;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -101,32 +102,26 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 /// linears are left out (`quantized::quantized_tensors` gives them in bnb's layout). Adapters
 /// must have been merged or removed first.
 fn hf_tensors(llama: &Llama) -> Result<Vec<(String, Tensor)>> {
-    use super::engine::Proj;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), llama.embed_tokens.clone())];
-    for (i, layer) in llama.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.clone()));
-        out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.weight.clone()));
-        for proj in Proj::ALL {
-            let lin = layer.proj(proj);
-            let path = format!("{p}.{}", proj.path());
-            if lin.lora.is_some() {
-                bail!("save_model_dir: module `{path}` still has a LoRA adapter; call merge_and_unload() first, or save the adapter with save_adapter");
-            }
-            if lin.quantized().is_none() {
-                out.push((format!("{path}.weight"), lin.dense_weight()?));
-            }
-            if let Some(b) = &lin.bias {
-                out.push((format!("{path}.bias"), b.clone()));
-            }
+    let mut out = vec![(names::weight_key(names::EMBED_TOKENS), llama.embed_tokens.clone())];
+    out.extend(llama.norms().map(|(id, n)| (names::weight_key(&id.path()), n.weight.clone())));
+    for (id, lin) in llama.linears() {
+        let path = id.path();
+        if lin.lora.is_some() {
+            bail!("save_model_dir: module `{path}` still has a LoRA adapter; call merge_and_unload() first, or save the adapter with save_adapter");
+        }
+        if lin.quantized().is_none() {
+            out.push((names::weight_key(&path), lin.dense_weight()?));
+        }
+        if let Some(b) = &lin.bias {
+            out.push((names::bias_key(&path), b.clone()));
         }
     }
-    out.push(("model.norm.weight".to_string(), llama.norm.weight.clone()));
+    out.push((names::weight_key(names::FINAL_NORM), llama.norm.weight.clone()));
     if let Some(head) = &llama.lm_head {
         if head.lora.is_some() {
-            bail!("save_model_dir: `lm_head` still has a LoRA adapter; call merge_and_unload() first");
+            bail!("save_model_dir: `{}` still has a LoRA adapter; call merge_and_unload() first", names::LM_HEAD);
         }
-        out.push(("lm_head.weight".to_string(), head.dense_weight()?));
+        out.push((names::weight_key(names::LM_HEAD), head.dense_weight()?));
     }
     Ok(out)
 }

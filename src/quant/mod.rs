@@ -35,6 +35,14 @@ pub use rcp::rcp_approx;
 /// Default quantization block size (bitsandbytes' `quantize_4bit` default).
 pub const DEFAULT_BLOCKSIZE: usize = 64;
 
+/// What follows a 4-bit weight's key in the key of its quant-state tensor (bnb's layout).
+pub const BNB_QUANT_STATE: &str = ".quant_state.bitsandbytes__";
+
+/// The quant-state key of the 4-bit weight `weight_key` (`....weight.quant_state.bitsandbytes__nf4`).
+pub fn bnb_quant_state_key(weight_key: &str, quant_type: &str) -> String {
+    format!("{weight_key}{BNB_QUANT_STATE}{quant_type}")
+}
+
 /// The 4-bit data type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantType {
@@ -342,7 +350,7 @@ impl Quantized4bit {
         out.push((format!("{prefix}.quant_map"), Tensor::from_slice(&s.code, 16, cpu)?));
         let json = s.to_bnb_json().into_bytes();
         out.push((
-            format!("{prefix}.quant_state.bitsandbytes__{}", s.quant_type),
+            bnb_quant_state_key(prefix, s.quant_type.as_str()),
             Tensor::from_vec(json.clone(), json.len(), cpu)?,
         ));
         Ok(out)
@@ -357,7 +365,7 @@ impl Quantized4bit {
             Ok((name, t))
         };
         let (qs_name, qs) = match ["nf4", "fp4"].iter().find_map(|q| {
-            let name = format!("{prefix}.quant_state.bitsandbytes__{q}");
+            let name = bnb_quant_state_key(prefix, q);
             get(&name).map(|t| (name, t))
         }) {
             Some(x) => x,

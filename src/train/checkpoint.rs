@@ -5,14 +5,14 @@
 //! into a temporary directory, fsynced and renamed: a crash never leaves one that looks valid.
 
 use super::optim::{AdamW, ParamState};
-use crate::model::engine::Proj;
+use crate::model::names::{self, ParamId};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub qscript_version: String,
     pub recipe_sha256: Option<String>,
@@ -22,7 +22,7 @@ pub struct Manifest {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainerState {
     pub global_step: usize,
     pub max_steps: usize,
@@ -66,7 +66,7 @@ pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) ->
         anyhow::ensure!(!ck.optimizer.host_stale(), "optimizer state is on the device: call AdamW::sync_to_host before saving");
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for p in &ck.optimizer.params {
-            let key = format!("layers.{}.{}.lora_{}", p.layer, p.proj.name(), if p.is_b { "B" } else { "A" });
+            let key = p.id().state_key();
             for (what, v) in [("master", &p.master), ("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
                 tensors.push((format!("{key}.{what}"), Tensor::from_slice(v, p.shape, &Device::Cpu)?));
             }
@@ -133,8 +133,14 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(STATE_FILE).display()))?;
     let manifest: Manifest = serde_json::from_value(read_json(MANIFEST_FILE)?)
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(MANIFEST_FILE).display()))?;
-    let opt_path = dir.join(OPTIMIZER_FILE);
-    let bytes = std::fs::read(&opt_path).with_context(|| format!("{}: missing (corrupt checkpoint?)", opt_path.display()))?;
+    let (optimizer_step, params) = read_optimizer(&dir.join(OPTIMIZER_FILE))?;
+    Ok(Loaded { dir: dir.to_path_buf(), state, manifest, optimizer_step, params })
+}
+
+/// The optimizer file: its step and every parameter's state, in the model's adapter order
+/// (Llama's, the one family so far).
+fn read_optimizer(opt_path: &Path) -> Result<(u64, Vec<ParamState>)> {
+    let bytes = std::fs::read(opt_path).with_context(|| format!("{}: missing (corrupt checkpoint?)", opt_path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", opt_path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", opt_path.display()))?;
     let optimizer_step = meta
@@ -143,33 +149,72 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         .and_then(|m| m.get("step"))
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{}: no `step` in metadata", opt_path.display()))?;
-    let mut params: Vec<ParamState> = Vec::new();
-    let mut names: Vec<&str> = st.names().into_iter().filter(|n| n.ends_with(".master")).collect();
-    names.sort_by_key(|n| {
-        let parts: Vec<&str> = n.split('.').collect();
-        let layer: usize = parts.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
-        let proj = Proj::ALL.iter().position(|p| Some(&p.name()) == parts.get(2)).unwrap_or(0);
-        (layer, proj, parts.get(3) == Some(&"lora_B"))
-    });
-    for n in names {
+    let family = &names::LLAMA;
+    let mut ids: Vec<(ParamId, String)> = Vec::new();
+    for n in st.names().into_iter().filter(|n| n.ends_with(".master")) {
         let key = n.trim_end_matches(".master");
-        let parts: Vec<&str> = key.split('.').collect();
-        let bad = || anyhow::anyhow!("{}: unexpected tensor `{n}`", opt_path.display());
-        let layer: usize = parts.get(1).and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-        let proj = *Proj::ALL.iter().find(|p| Some(&p.name()) == parts.get(2)).ok_or_else(bad)?;
-        let is_b = parts.get(3) == Some(&"lora_B");
-        let get = |what: &str| -> Result<(Vec<f32>, (usize, usize))> {
-            let name = format!("{key}.{what}");
-            let v = st.tensor(&name).map_err(|_| anyhow::anyhow!("{}: missing tensor `{name}`", opt_path.display()))?;
-            let shape = v.shape();
-            anyhow::ensure!(shape.len() == 2 && v.dtype() == safetensors::Dtype::F32, "{}: tensor `{name}` must be 2-D f32", opt_path.display());
-            let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            Ok((data, (shape[0], shape[1])))
-        };
+        let id = family.parse_state_key(key).ok_or_else(|| anyhow::anyhow!("{}: unexpected tensor `{n}`", opt_path.display()))?;
+        ids.push((id, key.to_string()));
+    }
+    ids.sort_by_key(|(id, _)| family.param_order(*id));
+    let mut params = Vec::with_capacity(ids.len());
+    for (id, key) in ids {
+        let get = |what: &str| read_f32_2d(&st, &format!("{key}.{what}"), opt_path);
         let (master, shape) = get("master")?;
         let (exp_avg, _) = get("exp_avg")?;
         let (exp_avg_sq, _) = get("exp_avg_sq")?;
-        params.push(ParamState { layer, proj, is_b, shape, master, exp_avg, exp_avg_sq });
+        params.push(ParamState { exp_avg, exp_avg_sq, ..ParamState::new(id, shape, master) });
     }
-    Ok(Loaded { dir: dir.to_path_buf(), state, manifest, optimizer_step, params })
+    Ok((optimizer_step, params))
+}
+
+/// A 2-D f32 tensor of the optimizer file and its shape; errors name the file and the tensor.
+fn read_f32_2d(st: &safetensors::SafeTensors, name: &str, opt_path: &Path) -> Result<(Vec<f32>, (usize, usize))> {
+    let v = st.tensor(name).map_err(|_| anyhow::anyhow!("{}: missing tensor `{name}`", opt_path.display()))?;
+    let shape = v.shape();
+    anyhow::ensure!(shape.len() == 2 && v.dtype() == safetensors::Dtype::F32, "{}: tensor `{name}` must be 2-D f32", opt_path.display());
+    let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok((data, (shape[0], shape[1])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
+    use crate::model::names::{LoraHalf, ModuleId, LLAMA};
+    use crate::model::{LoadOptions, Model};
+
+    /// The optimizer state comes back exactly, in the walk order, for more than ten layers
+    /// (where the file's name order and the walk order differ).
+    #[test]
+    fn optimizer_state_round_trips_in_walk_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base");
+        let mut m = Model::load_hf_dir("tiny", &dir, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig { r: 2, target_modules: TargetModules::AllLinear, init_lora_weights: InitLoraWeights::Random, ..Default::default() };
+        lora::attach(&mut m.llama, &cfg, 0).unwrap();
+        let mut opt = AdamW::new(&m.llama, Default::default()).unwrap();
+        opt.step = 7;
+        opt.params = LLAMA
+            .module_ids(12)
+            .flat_map(|module| LoraHalf::BOTH.map(|half| ParamId { module, half }))
+            .enumerate()
+            .map(|(i, id)| {
+                let v = |k: f32| (0..6).map(|j| (i * 6 + j) as f32 * k).collect::<Vec<f32>>();
+                ParamState { exp_avg: v(0.5), exp_avg_sq: v(0.25), ..ParamState::new(id, (2, 3), v(1.0)) }
+            })
+            .collect();
+        let state = TrainerState { global_step: 7, max_steps: 10, ..Default::default() };
+        let manifest = Manifest::default();
+        let out = tempfile::tempdir().unwrap();
+        let ck = Checkpoint { state: &state, optimizer: &opt, manifest: &manifest, scheduler: serde_json::json!({}) };
+        let path = save(out.path(), &ck, &|_| Ok(())).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!(back.optimizer_step, 7);
+        assert_eq!(back.params.len(), opt.params.len());
+        for (a, b) in back.params.iter().zip(&opt.params) {
+            assert_eq!((a.id(), a.shape), (b.id(), b.shape));
+            assert_eq!((&a.master, &a.exp_avg, &a.exp_avg_sq), (&b.master, &b.exp_avg, &b.exp_avg_sq), "{:?}", a.id());
+        }
+        assert_eq!(back.params[2].module(), ModuleId { layer: 0, proj: crate::model::names::Proj::K });
+    }
 }

@@ -2,8 +2,9 @@
 //! added outside the square root) over the LoRA adapters, with f32 master copies and moments,
 //! and global-norm gradient clipping (`torch.nn.utils.clip_grad_norm_`).
 
-use crate::model::engine::{LoraGrad, Proj};
+use crate::model::engine::LoraGrad;
 use crate::model::llama::Llama;
+use crate::model::names::{LoraHalf, ModuleId, ParamId, Proj};
 use rayon::prelude::*;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -37,6 +38,23 @@ pub struct ParamState {
     pub exp_avg_sq: Vec<f32>,
 }
 
+impl ParamState {
+    /// Fresh state (zero moments) for the tensor `id` holding `master`.
+    pub fn new(id: ParamId, shape: (usize, usize), master: Vec<f32>) -> Self {
+        let n = master.len();
+        Self { layer: id.module.layer, proj: id.module.proj, is_b: id.half == LoraHalf::B, shape, master, exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n] }
+    }
+
+    /// The adapter this tensor belongs to.
+    pub fn module(&self) -> ModuleId {
+        ModuleId { layer: self.layer, proj: self.proj }
+    }
+
+    pub fn id(&self) -> ParamId {
+        ParamId { module: self.module(), half: if self.is_b { LoraHalf::B } else { LoraHalf::A } }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub cfg: AdamWConfig,
@@ -67,24 +85,13 @@ fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl AdamW {
-    /// Track every adapter of `model` (layer-major, projections in `Proj::ALL` order, A then B).
+    /// Track every adapter of `model`, in [`Llama::adapters`] order, A then B.
     pub fn new(model: &Llama, cfg: AdamWConfig) -> Result<Self> {
         let mut params = Vec::new();
-        for (layer, block) in model.layers.iter().enumerate() {
-            for proj in Proj::ALL {
-                let Some(l) = &block.proj(proj).lora else { continue };
-                for (is_b, t) in [(false, &l.a), (true, &l.b)] {
-                    let master = to_f32(t)?;
-                    params.push(ParamState {
-                        layer,
-                        proj,
-                        is_b,
-                        shape: t.dims2()?,
-                        exp_avg: vec![0.0; master.len()],
-                        exp_avg_sq: vec![0.0; master.len()],
-                        master,
-                    });
-                }
+        for (module, l) in model.adapters() {
+            for half in LoraHalf::BOTH {
+                let t = half.tensor(l);
+                params.push(ParamState::new(ParamId { module, half }, t.dims2()?, to_f32(t)?));
             }
         }
         if params.is_empty() {
@@ -119,7 +126,7 @@ impl AdamW {
         for p in &self.params {
             let g = grads
                 .iter()
-                .find(|g| g.layer == p.layer && g.proj == p.proj)
+                .find(|g| g.id() == p.module())
                 .ok_or_else(|| anyhow::anyhow!("no gradient for layer {} {:?}", p.layer, p.proj))?;
             let g = if p.is_b { &g.db } else { &g.da };
             anyhow::ensure!(g.elem_count() == p.master.len(), "gradient size mismatch for layer {} {:?}", p.layer, p.proj);
@@ -263,9 +270,8 @@ impl AdamW {
     fn adapter_device(&self, model: &Llama) -> Device {
         self.params
             .first()
-            .and_then(|p| model.layers.get(p.layer))
-            .and_then(|l| l.proj(self.params[0].proj).lora.as_ref().map(|l| l.a.device().clone()))
-            .unwrap_or(Device::Cpu)
+            .and_then(|p| model.linear(p.module())?.lora.as_ref())
+            .map_or(Device::Cpu, |l| l.a.device().clone())
     }
 }
 
@@ -286,9 +292,9 @@ impl AdamW {
         let mut cast: Vec<Tensor> = Vec::new();
         let mut at = 0;
         for p in &self.params {
-            let lin = model.layers.get_mut(p.layer).ok_or_else(|| anyhow::anyhow!("no layer {}", p.layer))?.proj_mut(p.proj);
+            let lin = model.linear_mut(p.module()).ok_or_else(|| anyhow::anyhow!("no layer {}", p.layer))?;
             let lora = lin.lora.as_mut().ok_or_else(|| anyhow::anyhow!("layer {} {:?} has no adapter", p.layer, p.proj))?;
-            let target = if p.is_b { &mut lora.b } else { &mut lora.a };
+            let target = p.id().half.tensor_mut(lora);
             let src = match cast.iter().find(|c| c.dtype() == target.dtype()) {
                 Some(c) => c.clone(),
                 None => {
@@ -421,8 +427,8 @@ mod tests {
         opt.params
             .iter()
             .map(|p| {
-                let l = m.llama.layers[p.layer].proj(p.proj).lora.as_ref().unwrap();
-                let t = if p.is_b { &l.b } else { &l.a };
+                let l = m.llama.linear(p.module()).unwrap().lora.as_ref().unwrap();
+                let t = p.id().half.tensor(l);
                 t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             })
             .collect()

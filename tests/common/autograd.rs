@@ -2,7 +2,8 @@
 //! measures, and the whole model written with differentiable candle ops.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use qscript::model::engine::{Proj, TrainBatch};
+use qscript::model::engine::TrainBatch;
+use qscript::model::names::{Proj, LLAMA};
 use qscript::model::ops::{attention, rope};
 use qscript::model::Model;
 use rand::{rngs::StdRng, SeedableRng};
@@ -49,13 +50,13 @@ pub fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tenso
 }
 
 /// The whole model with differentiable candle ops; LoRA matrices as Vars.
-/// Every adapter's A and B as autograd Vars, layer-major in `Proj::ALL` order (the order
+/// Every adapter's A and B as autograd Vars, layer-major in `LLAMA.projs` order (the order
 /// `reference_loss` expects).
 pub fn adapter_vars(m: &Model) -> Vec<(Var, Var)> {
     m.llama
         .layers
         .iter()
-        .flat_map(|layer| Proj::ALL.map(|p| {
+        .flat_map(|layer| LLAMA.projs.iter().map(move |&p| {
             let lo = layer.proj(p).lora.as_ref().unwrap();
             (Var::from_tensor(&lo.a).unwrap(), Var::from_tensor(&lo.b).unwrap())
         }))
@@ -80,7 +81,7 @@ pub fn reference_loss(m: &Model, vars: &[(Var, Var)], ids: &[u32], labels: &[i64
         (x.broadcast_mul(&cos2).unwrap() + rh.broadcast_mul(&sin2).unwrap()).unwrap()
     };
     let lin = |li: usize, p: Proj, x: &Tensor| {
-        let k = li * 7 + Proj::ALL.iter().position(|&q| q == p).unwrap();
+        let k = li * 7 + LLAMA.projs.iter().position(|&q| q == p).unwrap();
         let lw = l.layers[li].proj(p);
         let (a, bb) = &vars[k];
         let s = lw.lora.as_ref().unwrap().scaling;
