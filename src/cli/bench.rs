@@ -8,7 +8,7 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// One QLoRA/LoRA training step (forward, backward, AdamW) on random token batches
+    /// The trainer's QLoRA/LoRA optimizer step (forward and backward over the accumulation micro-batches, clipping at 1.0, AdamW) on random token batches
     #[command(after_help = "Examples:\n  qscript bench train --quant nf4\n  qscript bench train --shape llama-3.2-3b --device cuda --batch 4 --seq 1024 --gradient-checkpointing")]
     Train {
         /// Hub id, HF directory or GGUF file
@@ -35,6 +35,9 @@ pub enum BenchCommand {
         quant: String,
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Micro-batches of --batch rows per optimizer step
+        #[arg(long, default_value_t = 1)]
+        gradient_accumulation_steps: usize,
         /// Timed steps (after one warm-up step)
         #[arg(long, default_value_t = 3)]
         steps: usize,
@@ -181,14 +184,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, steps } => {
+        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, gradient_accumulation_steps, steps } => {
             let device = crate::device::parse(&device)?;
             let dtype = match dtype {
                 Some(d) => parse_dtype(&d)?,
                 None if device.is_cpu() => candle_core::DType::F32,
                 None => candle_core::DType::BF16,
             };
-            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, quant, ckpt: gradient_checkpointing, steps };
+            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, quant, ckpt: gradient_checkpointing, accumulation: gradient_accumulation_steps, steps };
             bench_train(&case)
         }
         BenchCommand::Dequant { device, rows, cols, iters } => bench_dequant(&device, rows, cols, iters),
@@ -414,20 +417,18 @@ struct TrainCase {
     rank: usize,
     quant: String,
     ckpt: bool,
+    accumulation: usize,
     steps: usize,
 }
 
 /// H200 dense bf16 tensor-core peak (TFLOP/s), the denominator of MFU on CUDA.
 const GPU_PEAK_TFLOPS: f64 = 989.0;
 
-fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
-    use crate::model::engine::{self, StepOptions, TrainBatch};
+/// The case's model with LoRA adapters of rank r on all seven projections (alpha 2r, dropout
+/// 0.1), and its load time.
+fn bench_train_model(c: &TrainCase) -> anyhow::Result<(Model, f64)> {
     use crate::model::lora::{self, LoraConfig, TargetModules};
-    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-    use rand::{Rng, SeedableRng};
-    let (batch, seq, rank, steps) = (c.batch, c.seq, c.rank, c.steps);
     let opts = LoadOptions { dtype: c.dtype, device: c.device.clone(), quantization: qlora_quant(&c.quant, c.dtype)?, ..Default::default() };
-    let rss0 = peak_rss_bytes();
     let t_load = Instant::now();
     let mut m = match &c.shape {
         Some(shape) => Model::random(shape, &opts)?,
@@ -437,50 +438,74 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
         }
     };
     let load_secs = t_load.elapsed().as_secs_f64();
-    let model = c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}"));
-    let quant = c.quant.as_str();
-    let ckpt = c.ckpt;
-    let cfg = LoraConfig { r: rank, lora_alpha: 2.0 * rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
+    let cfg = LoraConfig { r: c.rank, lora_alpha: 2.0 * c.rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
     lora::attach(&mut m.llama, &cfg, 0)?;
-    let rss_loaded = current_rss_bytes();
+    Ok((m, load_secs))
+}
+
+/// One step's micro-batches of random token ids (every token trained), and the trainer's step
+/// state: AdamW at a constant 2e-4, clipping at TrainingArguments' 1.0, the case's accumulation
+/// and checkpointing.
+fn bench_train_step(m: &Model, c: &TrainCase) -> anyhow::Result<(Vec<crate::train::MicroBatch>, crate::train::StepState)> {
+    use crate::model::engine::TrainBatch;
+    use crate::train::{args::Schedule, MicroBatch, StepState, TrainingArguments};
+    use rand::{Rng, SeedableRng};
+    // The step never writes to output_dir.
+    let mut args = TrainingArguments::new("");
+    args.learning_rate = 2e-4;
+    args.lr_scheduler_type = Schedule::Constant;
+    args.gradient_accumulation_steps = c.accumulation;
+    args.gradient_checkpointing = c.ckpt;
+    args.validate()?;
     let vocab = m.config().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let tb = TrainBatch::new(batch, seq, &ids, &labels, None, None, &m.llama.device)?;
-    let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() })?;
-    let so = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+    let mut micro = Vec::new();
+    for _ in 0..c.accumulation {
+        let ids: Vec<u32> = (0..c.batch * c.seq).map(|_| rng.random_range(0..vocab)).collect();
+        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let batch = TrainBatch::new(c.batch, c.seq, &ids, &labels, None, None, &m.llama.device)?;
+        micro.push(MicroBatch { batch, tokens: ids.len() });
+    }
+    // The total only shapes a schedule; this one is constant.
+    Ok((micro, StepState::new(m, args, c.steps + 2)?))
+}
+
+/// Seconds and mean loss of `steps` timed trainer steps, after the warm-up steps. GPU work is
+/// queued: every step ends with a synchronisation. Two warm-up steps on a GPU (the first loads
+/// kernels and grows the memory pool).
+fn time_train_steps(m: &mut Model, st: &mut crate::train::StepState, micro: &[crate::train::MicroBatch], steps: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let dev = &m.llama.device.clone();
     // QSCRIPT_PROFILE=host: the host's time per op (what launching costs), not the GPU's.
     if crate::profile::enabled() && std::env::var("QSCRIPT_PROFILE").is_ok_and(|v| v != "host") {
         crate::profile::gpu(Some(dev.clone()));
     }
-    let mut times = Vec::new();
-    let mut losses = Vec::new();
-    // GPU work is queued: every timed step ends with a synchronisation. Two warm-up steps
-    // (the first loads kernels and grows the memory pool).
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
     let warmup = if dev.is_cpu() { 1 } else { 2 };
     for i in 0..steps + warmup {
         if i == warmup {
             crate::device::reset_peak_memory(dev)?;
         }
         let t = Instant::now();
-        let mut out = engine::forward_backward(&m.llama, &tb, &so, &mut rng)?;
-        clip_grad_norm(&mut out.grads, 1.0)?;
-        {
-            let _p = crate::profile::scope("adamw");
-            opt.step(&mut m.llama, &out.grads, 2e-4)?;
-        }
+        let s = st.train_step(m, micro)?;
         dev.synchronize()?;
-        losses.push(out.mean_loss());
+        losses.push(s.loss);
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         } else if crate::profile::enabled() {
             let _ = crate::profile::report(); // drop the warm-up steps from the profile
         }
     }
+    Ok((times, losses))
+}
+
+fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
+    let rss0 = peak_rss_bytes();
+    let (mut m, load_secs) = bench_train_model(c)?;
+    let rss_loaded = current_rss_bytes();
+    let (micro, mut st) = bench_train_step(&m, c)?;
+    let (times, losses) = time_train_steps(&mut m, &mut st, &micro, c.steps)?;
     let step = median(times.clone());
-    let tokens_per_sec = (batch * seq) as f64 / step;
+    let tokens_per_sec = (c.batch * c.seq * c.accumulation) as f64 / step;
     // Matmul FLOPs per token of a frozen-base LoRA step: forward 2·P, input gradients 2·P
     // (no weight gradients), P = the linear and LM-head weights; attention not counted.
     let cfgm = m.config();
@@ -488,12 +513,13 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
         + cfgm.num_attention_heads * cfgm.head_dim * cfgm.hidden_size + 3 * cfgm.hidden_size * cfgm.intermediate_size)
         + cfgm.vocab_size * cfgm.hidden_size;
     let tflops = 4.0 * p_lin as f64 * tokens_per_sec / 1e12;
-    let peak_gpu = crate::device::peak_memory(dev)?;
+    let peak_gpu = crate::device::peak_memory(&m.llama.device)?;
     let line = serde_json::json!({
-        "bench": "train", "model": model, "device": crate::device::name(dev), "dtype": crate::model::dtype_name(m.llama.dtype),
-        "quant": quant, "batch": batch, "seq": seq, "rank": rank,
-        "gradient_checkpointing": ckpt, "threads": candle_core::utils::get_num_threads(),
-        "trainable_params": lora::parameter_counts(&m.llama).0,
+        "bench": "train", "model": c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}")),
+        "device": crate::device::name(&m.llama.device), "dtype": crate::model::dtype_name(m.llama.dtype),
+        "quant": c.quant, "batch": c.batch, "seq": c.seq, "rank": c.rank, "gradient_accumulation_steps": c.accumulation,
+        "gradient_checkpointing": c.ckpt, "threads": candle_core::utils::get_num_threads(),
+        "trainable_params": crate::model::lora::parameter_counts(&m.llama).0,
         "load_secs": load_secs,
         "step_secs_median": step, "step_secs_best": times.iter().cloned().fold(f64::INFINITY, f64::min),
         "tokens_per_sec": tokens_per_sec,
