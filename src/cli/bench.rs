@@ -198,118 +198,128 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Generate { shape: Some(shape), device, quant, prompt_tokens, new_tokens, dtype, repeat, .. } => {
             bench_decode_random(&shape, &device, &quant, &dtype, prompt_tokens, new_tokens, repeat)
         }
-        BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat, .. } => {
-            let opts = LoadOptions { dtype: parse_dtype(&dtype)?, ..Default::default() };
-            // Resolve first (a first run may download/convert), so load time is the cached load.
-            hub::resolve(&model, None)?;
-            let t = Instant::now();
-            let m = Model::load(&model, &opts)?;
-            let load_secs = t.elapsed().as_secs_f64();
-            let tok = m.tokenizer()?;
-            let text = "The quick brown fox jumps over the lazy dog while the model reads a long prompt. ".repeat(prompt_tokens / 8 + 8);
-            let mut ids = tok.encode(&text, false)?;
-            ids.truncate(prompt_tokens);
-            let gen_opts = GenerateOptions {
-                max_new_tokens: 1,
-                sampling: SamplingParams { temperature: 0.0, top_k: None, top_p: None, min_p: None, repetition_penalty: None, seed: 0 },
-                stop: vec![],
-                eos_token_ids: vec![],
-            };
-            let mut prefill = Vec::new();
-            let mut decode = Vec::new();
-            let mut read = Vec::new();
-            let weights = dense_weights(&m);
-            let weight_bytes: usize = weights.iter().filter_map(|t| with_bytes(t, <[u8]>::len)).sum();
-            let load_before = loadavg();
-            for _ in 0..repeat.max(1) {
-                let g = generate(&m, &ids, &gen_opts, &mut |_| {})?;
-                prefill.push(g.prefill_secs);
-                let short = &ids[..16.min(ids.len())];
-                let g = generate(&m, short, &GenerateOptions { max_new_tokens: new_tokens, ..gen_opts.clone() }, &mut |_| {})?;
-                decode.push(g.tokens_per_sec());
-                // The decode ceiling, measured between decode runs: read every weight once.
-                for _ in 0..5 {
-                    read.push(read_weights(&weights));
-                }
-            }
-            let read_med = median(read.clone());
-            let read_best = read.iter().cloned().fold(f64::INFINITY, f64::min);
-            let line = serde_json::json!({
-                "bench": "generate",
-                "model": model,
-                "dtype": dtype,
-                "threads": candle_core::utils::get_num_threads(),
-                "load_secs": load_secs,
-                "prompt_tokens": ids.len(),
-                "prefill_secs_median": median(prefill.clone()),
-                "prefill_secs_best": prefill.iter().cloned().fold(f64::INFINITY, f64::min),
-                "decode_tokens": new_tokens,
-                "decode_tok_per_s_median": median(decode.clone()),
-                "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
-                // Batch-1 decoding reads every weight byte per token: the time to stream them
-                // once (same threads, same row-block tasks as the GEMV) bounds tokens/s.
-                "weights_mib": weight_bytes as f64 / (1024.0 * 1024.0),
-                "weights_read_secs_median": read_med,
-                "read_gb_per_s_median": weight_bytes as f64 / read_med / 1e9,
-                "decode_ceiling_tok_per_s_median": 1.0 / read_med,
-                "decode_ceiling_tok_per_s_best": 1.0 / read_best,
-                "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
-                "loadavg_1min": [load_before, loadavg()],
-            });
-            println!("{line}");
-            Ok(())
-        }
+        BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat, .. } => bench_generate(&model, prompt_tokens, new_tokens, &dtype, repeat),
         BenchCommand::Forward { model, dtype, load_in_4bit, quant_type, double_quant, compute_dtype, tokens, repeat } => {
-            use crate::model::quantized::{parse_bnb_dtype, BnbConfig};
-            let quantization = if load_in_4bit {
-                Some(BnbConfig {
-                    quant_type: crate::quant::QuantType::parse(&quant_type)?,
-                    double_quant,
-                    compute_dtype: parse_bnb_dtype("--compute-dtype", &compute_dtype)?,
-                    ..Default::default()
-                })
-            } else {
-                None
-            };
-            let opts = LoadOptions { dtype: parse_dtype(&dtype)?, quantization, ..Default::default() };
-            hub::resolve(&model, None)?;
-            let rss_before = peak_rss_bytes();
-            let t = Instant::now();
-            let m = Model::load(&model, &opts)?;
-            let load_secs = t.elapsed().as_secs_f64();
-            let rss_load = peak_rss_bytes();
-            let vocab = m.config().vocab_size as u32;
-            let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-            m.forward_ids(&ids)?; // warm-up
-            let mut secs = Vec::new();
-            for _ in 0..repeat.max(1) {
-                let t = Instant::now();
-                m.forward_ids(&ids)?;
-                secs.push(t.elapsed().as_secs_f64());
-            }
-            let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
-            let line = serde_json::json!({
-                "bench": "forward",
-                "model": model,
-                "dtype": dtype,
-                "load_in_4bit": load_in_4bit,
-                "quant_type": load_in_4bit.then_some(quant_type),
-                "double_quant": load_in_4bit.then_some(double_quant),
-                "compute_dtype": load_in_4bit.then_some(compute_dtype),
-                "threads": candle_core::utils::get_num_threads(),
-                "load_secs": load_secs,
-                "weights_mib": m.memory_by_kind().iter().map(|(_, b)| b).sum::<usize>() as f64 / (1024.0 * 1024.0),
-                "peak_rss_before_load_mib": mib(rss_before),
-                "peak_rss_after_load_mib": mib(rss_load),
-                "tokens": tokens,
-                "forward_secs_median": median(secs.clone()),
-                "forward_secs_best": secs.iter().cloned().fold(f64::INFINITY, f64::min),
-                "peak_rss_mib": mib(peak_rss_bytes()),
-            });
-            println!("{line}");
-            Ok(())
+            bench_forward(&model, &dtype, load_in_4bit, quant_type, double_quant, compute_dtype, tokens, repeat)
         }
     }
+}
+
+/// Load time, prefill time and greedy decode speed of a model from the hub or a file, with the
+/// speed of reading every weight once (the batch-1 decode ceiling).
+fn bench_generate(model: &str, prompt_tokens: usize, new_tokens: usize, dtype: &str, repeat: usize) -> anyhow::Result<()> {
+    let opts = LoadOptions { dtype: parse_dtype(dtype)?, ..Default::default() };
+    // Resolve first (a first run may download/convert), so load time is the cached load.
+    hub::resolve(model, None)?;
+    let t = Instant::now();
+    let m = Model::load(model, &opts)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let tok = m.tokenizer()?;
+    let text = "The quick brown fox jumps over the lazy dog while the model reads a long prompt. ".repeat(prompt_tokens / 8 + 8);
+    let mut ids = tok.encode(&text, false)?;
+    ids.truncate(prompt_tokens);
+    let gen_opts = GenerateOptions {
+        max_new_tokens: 1,
+        sampling: SamplingParams { temperature: 0.0, top_k: None, top_p: None, min_p: None, repetition_penalty: None, seed: 0 },
+        stop: vec![],
+        eos_token_ids: vec![],
+    };
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    let mut read = Vec::new();
+    let weights = dense_weights(&m);
+    let weight_bytes: usize = weights.iter().filter_map(|t| with_bytes(t, <[u8]>::len)).sum();
+    let load_before = loadavg();
+    for _ in 0..repeat.max(1) {
+        let g = generate(&m, &ids, &gen_opts, &mut |_| {})?;
+        prefill.push(g.prefill_secs);
+        let short = &ids[..16.min(ids.len())];
+        let g = generate(&m, short, &GenerateOptions { max_new_tokens: new_tokens, ..gen_opts.clone() }, &mut |_| {})?;
+        decode.push(g.tokens_per_sec());
+        // The decode ceiling, measured between decode runs: read every weight once.
+        for _ in 0..5 {
+            read.push(read_weights(&weights));
+        }
+    }
+    let read_med = median(read.clone());
+    let read_best = read.iter().cloned().fold(f64::INFINITY, f64::min);
+    let line = serde_json::json!({
+        "bench": "generate",
+        "model": model,
+        "dtype": dtype,
+        "threads": candle_core::utils::get_num_threads(),
+        "load_secs": load_secs,
+        "prompt_tokens": ids.len(),
+        "prefill_secs_median": median(prefill.clone()),
+        "prefill_secs_best": prefill.iter().cloned().fold(f64::INFINITY, f64::min),
+        "decode_tokens": new_tokens,
+        "decode_tok_per_s_median": median(decode.clone()),
+        "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
+        // Batch-1 decoding reads every weight byte per token: the time to stream them
+        // once (same threads, same row-block tasks as the GEMV) bounds tokens/s.
+        "weights_mib": weight_bytes as f64 / (1024.0 * 1024.0),
+        "weights_read_secs_median": read_med,
+        "read_gb_per_s_median": weight_bytes as f64 / read_med / 1e9,
+        "decode_ceiling_tok_per_s_median": 1.0 / read_med,
+        "decode_ceiling_tok_per_s_best": 1.0 / read_best,
+        "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        "loadavg_1min": [load_before, loadavg()],
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Load time, peak memory and the time of one forward over `tokens` tokens, dense or 4-bit.
+#[allow(clippy::too_many_arguments)]
+fn bench_forward(model: &str, dtype: &str, load_in_4bit: bool, quant_type: String, double_quant: bool, compute_dtype: String, tokens: usize, repeat: usize) -> anyhow::Result<()> {
+    use crate::model::quantized::{parse_bnb_dtype, BnbConfig};
+    let quantization = if load_in_4bit {
+        Some(BnbConfig {
+            quant_type: crate::quant::QuantType::parse(&quant_type)?,
+            double_quant,
+            compute_dtype: parse_bnb_dtype("--compute-dtype", &compute_dtype)?,
+            ..Default::default()
+        })
+    } else {
+        None
+    };
+    let opts = LoadOptions { dtype: parse_dtype(dtype)?, quantization, ..Default::default() };
+    hub::resolve(model, None)?;
+    let rss_before = peak_rss_bytes();
+    let t = Instant::now();
+    let m = Model::load(model, &opts)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let rss_load = peak_rss_bytes();
+    let vocab = m.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    m.forward_ids(&ids)?; // warm-up
+    let mut secs = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        m.forward_ids(&ids)?;
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
+    let line = serde_json::json!({
+        "bench": "forward",
+        "model": model,
+        "dtype": dtype,
+        "load_in_4bit": load_in_4bit,
+        "quant_type": load_in_4bit.then_some(quant_type),
+        "double_quant": load_in_4bit.then_some(double_quant),
+        "compute_dtype": load_in_4bit.then_some(compute_dtype),
+        "threads": candle_core::utils::get_num_threads(),
+        "load_secs": load_secs,
+        "weights_mib": m.memory_by_kind().iter().map(|(_, b)| b).sum::<usize>() as f64 / (1024.0 * 1024.0),
+        "peak_rss_before_load_mib": mib(rss_before),
+        "peak_rss_after_load_mib": mib(rss_load),
+        "tokens": tokens,
+        "forward_secs_median": median(secs.clone()),
+        "forward_secs_best": secs.iter().cloned().fold(f64::INFINITY, f64::min),
+        "peak_rss_mib": mib(peak_rss_bytes()),
+    });
+    println!("{line}");
+    Ok(())
 }
 
 /// `--quant`: nf4 = QLoRA's choice (nf4 + double quant, computing in the load dtype), or none.

@@ -114,3 +114,54 @@ impl StepState {
         Ok(StepStats { step: self.step, loss, grad_norm: norm, lr, tokens, n_targets, non_finite })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::{self, LoraConfig, TargetModules};
+    use crate::model::LoadOptions;
+    use crate::train::args::Schedule;
+
+    fn tiny_peft() -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base");
+        let mut m = Model::load_hf_dir("tiny", &dir, &LoadOptions::default()).unwrap();
+        let cfg = LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
+        lora::attach(&mut m.llama, &cfg, 0).unwrap();
+        m
+    }
+
+    /// 2 rows × 8 tokens, every token trained.
+    fn micro_batch(m: &Model, salt: u32) -> MicroBatch {
+        let vocab = m.config().vocab_size as u32;
+        let ids: Vec<u32> = (0..16u32).map(|i| (i * 7919 + salt * 13) % vocab).collect();
+        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        MicroBatch { batch: TrainBatch::new(2, 8, &ids, &labels, None, None, &m.llama.device).unwrap(), tokens: ids.len() }
+    }
+
+    fn master_bits(s: &StepState) -> Vec<Vec<u32>> {
+        s.opt.params.iter().map(|p| p.master.iter().map(|x| x.to_bits()).collect()).collect()
+    }
+
+    #[test]
+    fn a_step_needs_no_dataset_or_output_dir_and_never_applies_a_non_finite_update() {
+        let mut m = tiny_peft();
+        let out = std::env::temp_dir().join("qscript-step-test-never-written");
+        let mut args = TrainingArguments::new(&out);
+        // So large that the first update makes the adapters (hence the next loss) infinite.
+        args.learning_rate = 1e38;
+        args.lr_scheduler_type = Schedule::Constant;
+        args.max_grad_norm = 0.0;
+        let mut st = StepState::new(&m, args, 3).unwrap();
+        let micro = [micro_batch(&m, 1), micro_batch(&m, 2)];
+        let s1 = st.train_step(&mut m, &micro).unwrap();
+        assert_eq!((s1.step, st.step, st.opt.step), (1, 1, 1));
+        assert_eq!((s1.tokens, s1.n_targets, s1.lr), (32, 2 * 2 * 7, 1e38));
+        assert!(!s1.non_finite && s1.loss.is_finite() && s1.grad_norm > 0.0);
+        let before = master_bits(&st);
+        let s2 = st.train_step(&mut m, &micro).unwrap();
+        assert!(s2.non_finite, "{s2:?}");
+        assert_eq!((s2.step, st.step, st.opt.step), (2, 2, 1), "the step counts, the update is not applied");
+        assert!(master_bits(&st) == before);
+        assert!(!out.exists());
+    }
+}

@@ -45,9 +45,11 @@ pub struct SftTrainer {
     pub args: TrainingArguments,
     /// Source of the recipe that built this trainer (copied into output_dir, hashed).
     pub recipe: Option<(PathBuf, String)>,
-    /// Writes the peft adapter files of the current model into a directory.
-    pub save_adapter: Box<dyn Fn(&Model, &Path) -> Result<()>>,
+    pub save_adapter: SaveAdapter,
 }
+
+/// Writes the peft adapter files of the current model into a directory.
+pub type SaveAdapter = Box<dyn Fn(&Model, &Path) -> Result<()>>;
 
 /// One `train()` call: the state its parts share.
 struct Run {
@@ -91,7 +93,7 @@ impl Run {
     fn due(&self, strategy: Strategy, every: usize) -> bool {
         match strategy {
             Strategy::No => false,
-            Strategy::Steps => self.state.global_step % every == 0 || self.is_last(),
+            Strategy::Steps => self.state.global_step.is_multiple_of(every) || self.is_last(),
             Strategy::Epoch => self.epoch_crossed() || self.is_last(),
         }
     }
@@ -162,7 +164,7 @@ impl SftTrainer {
         eval: Option<&Dataset>,
         args: TrainingArguments,
         recipe: Option<(PathBuf, String)>,
-        save_adapter: Box<dyn Fn(&Model, &Path) -> Result<()>>,
+        save_adapter: SaveAdapter,
     ) -> Result<Self> {
         args.validate()?;
         if model.lora_config.is_none() {
@@ -398,7 +400,7 @@ impl SftTrainer {
     /// Every `logging_steps` (and at the last step): a metrics entry (mean loss since the last
     /// one), its line, and `on_log`.
     fn log_step(&self, run: &mut Run, log: &mut RunLog, s: &StepStats, tps: f64, callbacks: &mut dyn Callbacks) -> Result<Control> {
-        if !(run.state.global_step % self.args.logging_steps == 0 || run.is_last()) {
+        if !run.due(Strategy::Steps, self.args.logging_steps) {
             return Ok(Control::Continue);
         }
         let entry = json!({
