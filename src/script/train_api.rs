@@ -193,7 +193,7 @@ pub fn register(api: &mut Api) {
         "trl's SFTTrainer: tokenizes the dataset with the model's chat template (assistant-only labels) and trains the LoRA adapters.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle| rt(sft_trainer(&ctx, &m, &d, &a, &Map::new())));
     api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args, #{eval_dataset, callbacks: #{on_log, on_evaluate, on_save, on_step_end}}) -> SFTTrainer",
-        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly.",
+        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly. The model is the trainer's until train() returns: a callback cannot use it.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle, o: Map| rt(sft_trainer(&ctx, &m, &d, &a, &o)));
     api.func("train", "trainer.train() -> map", "Run training; returns #{global_step, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early}.", train);
     api.func("evaluate", "trainer.evaluate() -> map", "Eval loss and perplexity on the eval dataset: #{eval_loss, eval_perplexity, eval_tokens}.",
