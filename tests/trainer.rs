@@ -7,11 +7,9 @@ use qscript::data::{load_dataset, LoadOptions as DataLoadOptions};
 use qscript::model::lora::{self, LoraConfig, TargetModules};
 use qscript::model::{LoadOptions, Model};
 use qscript::train::{NoCallbacks, SftTrainer, TrainingArguments};
-use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::rc::Rc;
 
 fn qscript() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qscript"));
@@ -42,10 +40,8 @@ fn adapter_after_one_step(model_dir: &Path, data: &Path, out: &Path, batch: usiz
     args.max_steps = Some(1);
     args.learning_rate = 1e-3;
     args.save_strategy = qscript::train::args::Strategy::No;
-    let model = Rc::new(RefCell::new(m));
-    let mut t = SftTrainer::new(model.clone(), &ds, None, args, None, Box::new(|_, _| Ok(()))).unwrap();
-    t.train(&mut NoCallbacks).unwrap();
-    let m = model.borrow();
+    let mut t = SftTrainer::new(&m, &ds, None, args, None, Box::new(|_, _| Ok(()))).unwrap();
+    t.train(&mut m, &mut NoCallbacks).unwrap();
     m.llama.layers.iter().flat_map(|l| qscript::model::names::LLAMA.projs.iter().map(move |&p| {
         let lo = l.proj(p).lora.as_ref().unwrap();
         let mut v = lo.a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -168,6 +164,18 @@ fn callback_error_points_at_the_recipe_line() {
     let (code, _, err) = run(&r, &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("train.rhai:10:") && err.contains("callback exploded"), "{err}");
+}
+
+#[test]
+fn callback_using_the_model_is_a_clear_error() {
+    // train() holds the model: a callback that reads or changes it gets an error, not a panic.
+    let (tmp, model, data) = fixture();
+    for cb in [r#"on_log: |m| model.tokenize("hi")"#, r#"on_step_end: |s| model.merge_and_unload()"#] {
+        let r = recipe(tmp.path(), &model, &data, "", cb);
+        let (code, _, err) = run(&r, &[]);
+        assert_eq!(code, 1, "{cb}: {err}");
+        assert!(err.contains("the model is being trained") && err.contains("train.rhai:10:"), "{cb}: {err}");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// One QLoRA/LoRA training step (forward, backward, AdamW) on random token batches
+    /// The trainer's QLoRA/LoRA optimizer step (forward and backward over the accumulation micro-batches, clipping at 1.0, AdamW) on random token batches
     #[command(after_help = "Examples:\n  qscript bench train --quant nf4\n  qscript bench train --shape llama-3.2-3b --device cuda --batch 4 --seq 1024 --gradient-checkpointing")]
     Train {
         /// Hub id, HF directory or GGUF file
@@ -35,6 +35,9 @@ pub enum BenchCommand {
         quant: String,
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Micro-batches of --batch rows per optimizer step
+        #[arg(long, default_value_t = 1)]
+        gradient_accumulation_steps: usize,
         /// Timed steps (after one warm-up step)
         #[arg(long, default_value_t = 3)]
         steps: usize,
@@ -176,132 +179,142 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, steps } => {
+        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, gradient_accumulation_steps, steps } => {
             let device = crate::device::parse(&device)?;
             let dtype = match dtype {
                 Some(d) => parse_dtype(&d)?,
                 None if device.is_cpu() => candle_core::DType::F32,
                 None => candle_core::DType::BF16,
             };
-            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, quant, ckpt: gradient_checkpointing, steps };
+            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, quant, ckpt: gradient_checkpointing, accumulation: gradient_accumulation_steps, steps };
             bench_train(&case)
         }
         BenchCommand::Dequant { device, rows, cols, iters } => bench_dequant(&device, rows, cols, iters),
         BenchCommand::Generate { shape: Some(shape), device, quant, prompt_tokens, new_tokens, dtype, repeat, .. } => {
             bench_decode_random(&shape, &device, &quant, &dtype, prompt_tokens, new_tokens, repeat)
         }
-        BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat, .. } => {
-            let opts = LoadOptions { dtype: parse_dtype(&dtype)?, ..Default::default() };
-            // Resolve first (a first run may download/convert), so load time is the cached load.
-            hub::resolve(&model, None)?;
-            let t = Instant::now();
-            let m = Model::load(&model, &opts)?;
-            let load_secs = t.elapsed().as_secs_f64();
-            let tok = m.tokenizer()?;
-            let text = "The quick brown fox jumps over the lazy dog while the model reads a long prompt. ".repeat(prompt_tokens / 8 + 8);
-            let mut ids = tok.encode(&text, false)?;
-            ids.truncate(prompt_tokens);
-            let gen_opts = GenerateOptions {
-                max_new_tokens: 1,
-                sampling: SamplingParams { temperature: 0.0, top_k: None, top_p: None, min_p: None, repetition_penalty: None, seed: 0 },
-                stop: vec![],
-                eos_token_ids: vec![],
-            };
-            let mut prefill = Vec::new();
-            let mut decode = Vec::new();
-            let mut read = Vec::new();
-            let weights = dense_weights(&m);
-            let weight_bytes: usize = weights.iter().filter_map(|t| with_bytes(t, <[u8]>::len)).sum();
-            let load_before = loadavg();
-            for _ in 0..repeat.max(1) {
-                let g = generate(&m, &ids, &gen_opts, &mut |_| {})?;
-                prefill.push(g.prefill_secs);
-                let short = &ids[..16.min(ids.len())];
-                let g = generate(&m, short, &GenerateOptions { max_new_tokens: new_tokens, ..gen_opts.clone() }, &mut |_| {})?;
-                decode.push(g.tokens_per_sec());
-                // The decode ceiling, measured between decode runs: read every weight once.
-                for _ in 0..5 {
-                    read.push(read_weights(&weights));
-                }
-            }
-            let read_med = median(read.clone());
-            let read_best = read.iter().cloned().fold(f64::INFINITY, f64::min);
-            let line = serde_json::json!({
-                "bench": "generate",
-                "model": model,
-                "dtype": dtype,
-                "threads": candle_core::utils::get_num_threads(),
-                "load_secs": load_secs,
-                "prompt_tokens": ids.len(),
-                "prefill_secs_median": median(prefill.clone()),
-                "prefill_secs_best": prefill.iter().cloned().fold(f64::INFINITY, f64::min),
-                "decode_tokens": new_tokens,
-                "decode_tok_per_s_median": median(decode.clone()),
-                "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
-                // Batch-1 decoding reads every weight byte per token: the time to stream them
-                // once (same threads, same row-block tasks as the GEMV) bounds tokens/s.
-                "weights_mib": weight_bytes as f64 / (1024.0 * 1024.0),
-                "weights_read_secs_median": read_med,
-                "read_gb_per_s_median": weight_bytes as f64 / read_med / 1e9,
-                "decode_ceiling_tok_per_s_median": 1.0 / read_med,
-                "decode_ceiling_tok_per_s_best": 1.0 / read_best,
-                "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
-                "loadavg_1min": [load_before, loadavg()],
-            });
-            println!("{line}");
-            Ok(())
-        }
+        BenchCommand::Generate { model, prompt_tokens, new_tokens, dtype, repeat, .. } => bench_generate(&model, prompt_tokens, new_tokens, &dtype, repeat),
         BenchCommand::Forward { model, dtype, load_in_4bit, quant_type, double_quant, compute_dtype, tokens, repeat } => {
-            use crate::model::quantized::{parse_bnb_dtype, BnbConfig};
-            let quantization = if load_in_4bit {
-                Some(BnbConfig {
-                    quant_type: crate::quant::QuantType::parse(&quant_type)?,
-                    double_quant,
-                    compute_dtype: parse_bnb_dtype("--compute-dtype", &compute_dtype)?,
-                    ..Default::default()
-                })
-            } else {
-                None
-            };
-            let opts = LoadOptions { dtype: parse_dtype(&dtype)?, quantization, ..Default::default() };
-            hub::resolve(&model, None)?;
-            let rss_before = peak_rss_bytes();
-            let t = Instant::now();
-            let m = Model::load(&model, &opts)?;
-            let load_secs = t.elapsed().as_secs_f64();
-            let rss_load = peak_rss_bytes();
-            let vocab = m.config().vocab_size as u32;
-            let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-            m.forward_ids(&ids)?; // warm-up
-            let mut secs = Vec::new();
-            for _ in 0..repeat.max(1) {
-                let t = Instant::now();
-                m.forward_ids(&ids)?;
-                secs.push(t.elapsed().as_secs_f64());
-            }
-            let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
-            let line = serde_json::json!({
-                "bench": "forward",
-                "model": model,
-                "dtype": dtype,
-                "load_in_4bit": load_in_4bit,
-                "quant_type": load_in_4bit.then_some(quant_type),
-                "double_quant": load_in_4bit.then_some(double_quant),
-                "compute_dtype": load_in_4bit.then_some(compute_dtype),
-                "threads": candle_core::utils::get_num_threads(),
-                "load_secs": load_secs,
-                "weights_mib": m.memory_by_kind().iter().map(|(_, b)| b).sum::<usize>() as f64 / (1024.0 * 1024.0),
-                "peak_rss_before_load_mib": mib(rss_before),
-                "peak_rss_after_load_mib": mib(rss_load),
-                "tokens": tokens,
-                "forward_secs_median": median(secs.clone()),
-                "forward_secs_best": secs.iter().cloned().fold(f64::INFINITY, f64::min),
-                "peak_rss_mib": mib(peak_rss_bytes()),
-            });
-            println!("{line}");
-            Ok(())
+            bench_forward(&model, &dtype, load_in_4bit, quant_type, double_quant, compute_dtype, tokens, repeat)
         }
     }
+}
+
+/// Load time, prefill time and greedy decode speed of a model from the hub or a file, with the
+/// speed of reading every weight once (the batch-1 decode ceiling).
+fn bench_generate(model: &str, prompt_tokens: usize, new_tokens: usize, dtype: &str, repeat: usize) -> anyhow::Result<()> {
+    let opts = LoadOptions { dtype: parse_dtype(dtype)?, ..Default::default() };
+    // Resolve first (a first run may download/convert), so load time is the cached load.
+    hub::resolve(model, None)?;
+    let t = Instant::now();
+    let m = Model::load(model, &opts)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let tok = m.tokenizer()?;
+    let text = "The quick brown fox jumps over the lazy dog while the model reads a long prompt. ".repeat(prompt_tokens / 8 + 8);
+    let mut ids = tok.encode(&text, false)?;
+    ids.truncate(prompt_tokens);
+    let gen_opts = GenerateOptions {
+        max_new_tokens: 1,
+        sampling: SamplingParams { temperature: 0.0, top_k: None, top_p: None, min_p: None, repetition_penalty: None, seed: 0 },
+        stop: vec![],
+        eos_token_ids: vec![],
+    };
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    let mut read = Vec::new();
+    let weights = dense_weights(&m);
+    let weight_bytes: usize = weights.iter().filter_map(|t| with_bytes(t, <[u8]>::len)).sum();
+    let load_before = loadavg();
+    for _ in 0..repeat.max(1) {
+        let g = generate(&m, &ids, &gen_opts, &mut |_| {})?;
+        prefill.push(g.prefill_secs);
+        let short = &ids[..16.min(ids.len())];
+        let g = generate(&m, short, &GenerateOptions { max_new_tokens: new_tokens, ..gen_opts.clone() }, &mut |_| {})?;
+        decode.push(g.tokens_per_sec());
+        // The decode ceiling, measured between decode runs: read every weight once.
+        for _ in 0..5 {
+            read.push(read_weights(&weights));
+        }
+    }
+    let read_med = median(read.clone());
+    let read_best = read.iter().cloned().fold(f64::INFINITY, f64::min);
+    let line = serde_json::json!({
+        "bench": "generate",
+        "model": model,
+        "dtype": dtype,
+        "threads": candle_core::utils::get_num_threads(),
+        "load_secs": load_secs,
+        "prompt_tokens": ids.len(),
+        "prefill_secs_median": median(prefill.clone()),
+        "prefill_secs_best": prefill.iter().cloned().fold(f64::INFINITY, f64::min),
+        "decode_tokens": new_tokens,
+        "decode_tok_per_s_median": median(decode.clone()),
+        "decode_tok_per_s_best": decode.iter().cloned().fold(0.0, f64::max),
+        // Batch-1 decoding reads every weight byte per token: the time to stream them
+        // once (same threads, same row-block tasks as the GEMV) bounds tokens/s.
+        "weights_mib": weight_bytes as f64 / (1024.0 * 1024.0),
+        "weights_read_secs_median": read_med,
+        "read_gb_per_s_median": weight_bytes as f64 / read_med / 1e9,
+        "decode_ceiling_tok_per_s_median": 1.0 / read_med,
+        "decode_ceiling_tok_per_s_best": 1.0 / read_best,
+        "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        "loadavg_1min": [load_before, loadavg()],
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Load time, peak memory and the time of one forward over `tokens` tokens, dense or 4-bit.
+#[allow(clippy::too_many_arguments)]
+fn bench_forward(model: &str, dtype: &str, load_in_4bit: bool, quant_type: String, double_quant: bool, compute_dtype: String, tokens: usize, repeat: usize) -> anyhow::Result<()> {
+    use crate::model::quantized::{parse_bnb_dtype, BnbConfig};
+    let quantization = if load_in_4bit {
+        Some(BnbConfig {
+            quant_type: crate::quant::QuantType::parse(&quant_type)?,
+            double_quant,
+            compute_dtype: parse_bnb_dtype("--compute-dtype", &compute_dtype)?,
+            ..Default::default()
+        })
+    } else {
+        None
+    };
+    let opts = LoadOptions { dtype: parse_dtype(dtype)?, quantization, ..Default::default() };
+    hub::resolve(model, None)?;
+    let rss_before = peak_rss_bytes();
+    let t = Instant::now();
+    let m = Model::load(model, &opts)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let rss_load = peak_rss_bytes();
+    let vocab = m.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    m.forward_ids(&ids)?; // warm-up
+    let mut secs = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        m.forward_ids(&ids)?;
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
+    let line = serde_json::json!({
+        "bench": "forward",
+        "model": model,
+        "dtype": dtype,
+        "load_in_4bit": load_in_4bit,
+        "quant_type": load_in_4bit.then_some(quant_type),
+        "double_quant": load_in_4bit.then_some(double_quant),
+        "compute_dtype": load_in_4bit.then_some(compute_dtype),
+        "threads": candle_core::utils::get_num_threads(),
+        "load_secs": load_secs,
+        "weights_mib": m.memory_by_kind().iter().map(|(_, b)| b).sum::<usize>() as f64 / (1024.0 * 1024.0),
+        "peak_rss_before_load_mib": mib(rss_before),
+        "peak_rss_after_load_mib": mib(rss_load),
+        "tokens": tokens,
+        "forward_secs_median": median(secs.clone()),
+        "forward_secs_best": secs.iter().cloned().fold(f64::INFINITY, f64::min),
+        "peak_rss_mib": mib(peak_rss_bytes()),
+    });
+    println!("{line}");
+    Ok(())
 }
 
 /// `--quant`: nf4 = QLoRA's choice (nf4 + double quant, computing in the load dtype), or none.
@@ -409,20 +422,18 @@ struct TrainCase {
     rank: usize,
     quant: String,
     ckpt: bool,
+    accumulation: usize,
     steps: usize,
 }
 
 /// H200 dense bf16 tensor-core peak (TFLOP/s), the denominator of MFU on CUDA.
 const GPU_PEAK_TFLOPS: f64 = 989.0;
 
-fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
-    use crate::model::engine::{self, StepOptions, TrainBatch};
+/// The case's model with LoRA adapters of rank r on all seven projections (alpha 2r, dropout
+/// 0.1), and its load time.
+fn bench_train_model(c: &TrainCase) -> anyhow::Result<(Model, f64)> {
     use crate::model::lora::{self, LoraConfig, TargetModules};
-    use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-    use rand::{Rng, SeedableRng};
-    let (batch, seq, rank, steps) = (c.batch, c.seq, c.rank, c.steps);
     let opts = LoadOptions { dtype: c.dtype, device: c.device.clone(), quantization: qlora_quant(&c.quant, c.dtype)?, ..Default::default() };
-    let rss0 = peak_rss_bytes();
     let t_load = Instant::now();
     let mut m = match &c.shape {
         Some(shape) => Model::random(shape, &opts)?,
@@ -432,50 +443,74 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
         }
     };
     let load_secs = t_load.elapsed().as_secs_f64();
-    let model = c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}"));
-    let quant = c.quant.as_str();
-    let ckpt = c.ckpt;
-    let cfg = LoraConfig { r: rank, lora_alpha: 2.0 * rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
+    let cfg = LoraConfig { r: c.rank, lora_alpha: 2.0 * c.rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
     lora::attach(&mut m.llama, &cfg, 0)?;
-    let rss_loaded = current_rss_bytes();
+    Ok((m, load_secs))
+}
+
+/// One step's micro-batches of random token ids (every token trained), and the trainer's step
+/// state: AdamW at a constant 2e-4, clipping at TrainingArguments' 1.0, the case's accumulation
+/// and checkpointing.
+fn bench_train_step(m: &Model, c: &TrainCase) -> anyhow::Result<(Vec<crate::train::MicroBatch>, crate::train::StepState)> {
+    use crate::model::engine::TrainBatch;
+    use crate::train::{args::Schedule, MicroBatch, StepState, TrainingArguments};
+    use rand::{Rng, SeedableRng};
+    // The step never writes to output_dir.
+    let mut args = TrainingArguments::new("");
+    args.learning_rate = 2e-4;
+    args.lr_scheduler_type = Schedule::Constant;
+    args.gradient_accumulation_steps = c.accumulation;
+    args.gradient_checkpointing = c.ckpt;
+    args.validate()?;
     let vocab = m.config().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let tb = TrainBatch::new(batch, seq, &ids, &labels, None, None, &m.llama.device)?;
-    let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() })?;
-    let so = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+    let mut micro = Vec::new();
+    for _ in 0..c.accumulation {
+        let ids: Vec<u32> = (0..c.batch * c.seq).map(|_| rng.random_range(0..vocab)).collect();
+        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let batch = TrainBatch::new(c.batch, c.seq, &ids, &labels, None, None, &m.llama.device)?;
+        micro.push(MicroBatch { batch, tokens: ids.len() });
+    }
+    // The total only shapes a schedule; this one is constant.
+    Ok((micro, StepState::new(m, args, c.steps + 2)?))
+}
+
+/// Seconds and mean loss of `steps` timed trainer steps, after the warm-up steps. GPU work is
+/// queued: every step ends with a synchronisation. Two warm-up steps on a GPU (the first loads
+/// kernels and grows the memory pool).
+fn time_train_steps(m: &mut Model, st: &mut crate::train::StepState, micro: &[crate::train::MicroBatch], steps: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let dev = &m.llama.device.clone();
     // QSCRIPT_PROFILE=host: the host's time per op (what launching costs), not the GPU's.
     if crate::profile::enabled() && std::env::var("QSCRIPT_PROFILE").is_ok_and(|v| v != "host") {
         crate::profile::gpu(Some(dev.clone()));
     }
-    let mut times = Vec::new();
-    let mut losses = Vec::new();
-    // GPU work is queued: every timed step ends with a synchronisation. Two warm-up steps
-    // (the first loads kernels and grows the memory pool).
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
     let warmup = if dev.is_cpu() { 1 } else { 2 };
     for i in 0..steps + warmup {
         if i == warmup {
             crate::device::reset_peak_memory(dev)?;
         }
         let t = Instant::now();
-        let mut out = engine::forward_backward(&m.llama, &tb, &so, &mut rng)?;
-        clip_grad_norm(&mut out.grads, 1.0)?;
-        {
-            let _p = crate::profile::scope("adamw");
-            opt.step(&mut m.llama, &out.grads, 2e-4)?;
-        }
+        let s = st.train_step(m, micro)?;
         dev.synchronize()?;
-        losses.push(out.mean_loss());
+        losses.push(s.loss);
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         } else if crate::profile::enabled() {
             let _ = crate::profile::report(); // drop the warm-up steps from the profile
         }
     }
+    Ok((times, losses))
+}
+
+fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
+    let rss0 = peak_rss_bytes();
+    let (mut m, load_secs) = bench_train_model(c)?;
+    let rss_loaded = current_rss_bytes();
+    let (micro, mut st) = bench_train_step(&m, c)?;
+    let (times, losses) = time_train_steps(&mut m, &mut st, &micro, c.steps)?;
     let step = median(times.clone());
-    let tokens_per_sec = (batch * seq) as f64 / step;
+    let tokens_per_sec = (c.batch * c.seq * c.accumulation) as f64 / step;
     // Matmul FLOPs per token of a frozen-base LoRA step: forward 2·P, input gradients 2·P
     // (no weight gradients), P = the linear and LM-head weights; attention not counted.
     let cfgm = m.config();
@@ -483,12 +518,13 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
         + cfgm.num_attention_heads * cfgm.head_dim * cfgm.hidden_size + 3 * cfgm.hidden_size * cfgm.intermediate_size)
         + cfgm.vocab_size * cfgm.hidden_size;
     let tflops = 4.0 * p_lin as f64 * tokens_per_sec / 1e12;
-    let peak_gpu = crate::device::peak_memory(dev)?;
+    let peak_gpu = crate::device::peak_memory(&m.llama.device)?;
     let line = serde_json::json!({
-        "bench": "train", "model": model, "device": crate::device::name(dev), "dtype": crate::model::dtype_name(m.llama.dtype),
-        "quant": quant, "batch": batch, "seq": seq, "rank": rank,
-        "gradient_checkpointing": ckpt, "threads": candle_core::utils::get_num_threads(),
-        "trainable_params": lora::parameter_counts(&m.llama).0,
+        "bench": "train", "model": c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}")),
+        "device": crate::device::name(&m.llama.device), "dtype": crate::model::dtype_name(m.llama.dtype),
+        "quant": c.quant, "batch": c.batch, "seq": c.seq, "rank": c.rank, "gradient_accumulation_steps": c.accumulation,
+        "gradient_checkpointing": c.ckpt, "threads": candle_core::utils::get_num_threads(),
+        "trainable_params": crate::model::lora::parameter_counts(&m.llama).0,
         "load_secs": load_secs,
         "step_secs_median": step, "step_secs_best": times.iter().cloned().fold(f64::INFINITY, f64::min),
         "tokens_per_sec": tokens_per_sec,

@@ -153,7 +153,7 @@ fn tokenized(ds: &DatasetHandle, model: &ModelHandle, opts: &Map) -> Result<Toke
         train_on_inputs: cfg.bool("train_on_inputs").unwrap_or(false),
         truncation: if cfg.str("truncation").as_deref() == Some("drop") { Truncation::Drop } else { Truncation::Truncate },
     };
-    let m = model.0.borrow();
+    let m = model.get()?;
     let ct = ChatTokenizer::for_model(&m)?;
     let t = crate::data::tokenize_dataset(&ds.0, &ct, &to)?;
     if !quiet() {
@@ -168,7 +168,7 @@ fn tokenized(ds: &DatasetHandle, model: &ModelHandle, opts: &Map) -> Result<Toke
 fn stats(ds: &DatasetHandle, model: &ModelHandle, opts: &Map) -> Result<Map> {
     let cfg = config::DATA_STATS.check(opts).map_err(msg)?;
     let max = max_len(&cfg, TokenizeOptions::default().max_seq_length)?;
-    let m = model.0.borrow();
+    let m = model.get()?;
     let ct = ChatTokenizer::for_model(&m)?;
     let s = crate::data::stats(&ds.0, &ct, max, cfg.bool("train_on_inputs").unwrap_or(false))?;
     let mut out = Map::new();
@@ -196,7 +196,7 @@ fn stats(ds: &DatasetHandle, model: &ModelHandle, opts: &Map) -> Result<Map> {
 fn preview(ds: &DatasetHandle, model: &ModelHandle, i: INT, opts: &Map) -> Result<String> {
     let cfg = config::DATA_PREVIEW.check(opts).map_err(msg)?;
     let i = index(ds.0.len(), i).map_err(|e| anyhow!("preview: {e}"))?;
-    let m = model.0.borrow();
+    let m = model.get()?;
     let ct = ChatTokenizer::for_model(&m)?;
     let mut ex = tokenize_example(&ds.0.rows[i], &ct, cfg.bool("train_on_inputs").unwrap_or(false))
         .map_err(|e| anyhow!("example {i}: {e:#}"))?;

@@ -11,7 +11,7 @@ use std::io::Write;
 /// Defaults follow transformers: greedy unless `do_sample`/`temperature` (or the model's
 /// generation_config.json) ask for sampling; when sampling, top_k defaults to 50.
 fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
-    let model = m.0.borrow();
+    let model = m.get()?;
     let gc = &model.generation_config;
     let gc_f = |k: &str| gc.get(k).and_then(|v| v.as_f64());
     let gc_sample = gc.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
@@ -64,7 +64,7 @@ fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
 fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg) -> anyhow::Result<String> {
     let opts = options(m, cfg)?;
     let stream = cfg.bool("stream").unwrap_or(false);
-    let model = m.0.borrow();
+    let model = m.get()?;
     let mut out = std::io::stdout();
     let mut on_text = |piece: &str| {
         if stream {
@@ -82,7 +82,7 @@ fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg) -> anyhow::Result<String>
 pub fn generate_text(m: &ModelHandle, prompt: &str, opts: &Map) -> anyhow::Result<String> {
     let cfg = config::GENERATE.check(opts).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(!cfg.has("system"), "generation options: `system` applies to chat(), not generate()");
-    let ids = m.0.borrow().tokenizer()?.encode(prompt, cfg.bool("add_special_tokens").unwrap_or(true))?;
+    let ids = m.get()?.tokenizer()?.encode(prompt, cfg.bool("add_special_tokens").unwrap_or(true))?;
     run(m, &ids, &cfg)
 }
 
@@ -94,7 +94,7 @@ pub fn chat(m: &ModelHandle, messages: &Dynamic, opts: &Map) -> anyhow::Result<S
     }
     let text = m.render_chat(&msgs, true, &serde_json::Map::new())?;
     // The template wrote every special token itself.
-    let ids = m.0.borrow().tokenizer()?.encode(&text, false)?;
+    let ids = m.get()?.tokenizer()?.encode(&text, false)?;
     run(m, &ids, &cfg)
 }
 

@@ -69,7 +69,7 @@ pub fn lora_config(map: &Map) -> anyhow::Result<LoraConfig> {
 }
 
 pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<ModelHandle> {
-    let mut model = m.0.borrow_mut();
+    let mut model = m.get_mut()?;
     lora::attach(&mut model.llama, cfg, SEED.load(Ordering::Relaxed))?;
     model.lora_config = Some(cfg.clone());
     drop(model);
@@ -79,7 +79,7 @@ pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<Model
 /// `model.save_pretrained(dir)`: the adapter (peft layout) when adapters are attached, as
 /// `PeftModel.save_pretrained`; otherwise the whole model as an HF directory.
 pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
-    let model = m.0.borrow();
+    let model = m.get()?;
     let dir = std::path::Path::new(dir);
     match &model.lora_config {
         Some(cfg) if lora::parameter_counts(&model.llama).0 > 0 => {
@@ -90,7 +90,7 @@ pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
 }
 
 pub fn load_adapter(m: &ModelHandle, dir: &str) -> anyhow::Result<ModelHandle> {
-    let mut model = m.0.borrow_mut();
+    let mut model = m.get_mut()?;
     let cfg = crate::model::adapter::load_adapter(&mut model.llama, std::path::Path::new(dir))?;
     model.lora_config = Some(cfg);
     drop(model);
@@ -109,7 +109,7 @@ pub fn register(api: &mut Api) {
         |m: ModelHandle, c: LoraConfigHandle| rt(get_peft_model(&m, &c.0)));
     api.func("print_trainable_parameters", "model.print_trainable_parameters()",
         "Print peft's line: trainable params || all params || trainable%.",
-        |m: &mut ModelHandle| println!("{}", lora::trainable_parameters_line(&m.0.borrow().llama)));
+        |m: &mut ModelHandle| rt(m.get().map(|m| println!("{}", lora::trainable_parameters_line(&m.llama)))));
     api.func("set_seed", "set_seed(seed)", "Seed adapter initialisation and training randomness (transformers' set_seed).",
         |s: rhai::INT| SEED.store(s as u64, Ordering::Relaxed));
     api.func("save_pretrained", "model.save_pretrained(dir)",
@@ -121,7 +121,7 @@ pub fn register(api: &mut Api) {
     api.func("merge_and_unload", "model.merge_and_unload() -> Model",
         "Fold the adapters into the base weights (W += scaling·B·A) and remove them. A 4-bit base is merged on its dequantized weights: the result is a 16/32-bit model.",
         |m: &mut ModelHandle| -> RhaiResult<ModelHandle> {
-            let mut model = m.0.borrow_mut();
+            let mut model = rt(m.get_mut())?;
             rt(crate::model::adapter::merge_and_unload(&mut model.llama))?;
             model.lora_config = None;
             drop(model);

@@ -6,12 +6,15 @@ use super::{rt, Api, RhaiResult};
 use crate::data::chat_template::ChatTemplate;
 use crate::model::{dtype_name, parse_dtype, LoadOptions, Model};
 use rhai::{Array, Dynamic, Map, INT};
-use std::cell::RefCell;
+use std::cell::{Ref, RefCell, RefMut};
 use std::rc::Rc;
 
 /// A model shared between script variables (like a Python object reference).
 #[derive(Clone)]
 pub struct ModelHandle(pub Rc<RefCell<Model>>);
+
+/// The one way the model is busy: `trainer.train()` holds it, and a callback tried to use it.
+const IN_TRAINING: &str = "the model is being trained: a training callback cannot use it (use it after trainer.train() returns)";
 
 /// `model.tokenizer`: a view of the model's tokenizer.
 #[derive(Clone)]
@@ -91,14 +94,24 @@ pub fn messages_from_dynamic(v: &Dynamic) -> anyhow::Result<Vec<serde_json::Valu
 }
 
 impl ModelHandle {
+    /// The model, to read; an error while training holds it.
+    pub fn get(&self) -> anyhow::Result<Ref<'_, Model>> {
+        self.0.try_borrow().map_err(|_| anyhow::anyhow!(IN_TRAINING))
+    }
+
+    /// The model, to change (or to train); an error while training holds it.
+    pub fn get_mut(&self) -> anyhow::Result<RefMut<'_, Model>> {
+        self.0.try_borrow_mut().map_err(|_| anyhow::anyhow!(IN_TRAINING))
+    }
+
     pub fn tokenize(&self, text: &str, cfg: &Cfg) -> anyhow::Result<Vec<u32>> {
-        let m = self.0.borrow();
+        let m = self.get()?;
         m.tokenizer()?.encode(text, cfg.bool("add_special_tokens").unwrap_or(true))
     }
 
     /// The model's chat template (with its bos/eos strings), or a clear error.
     pub fn chat_template(&self) -> anyhow::Result<ChatTemplate> {
-        let m = self.0.borrow();
+        let m = self.get()?;
         let tok = m.tokenizer()?;
         let src = tok.chat_template.as_deref().ok_or_else(|| {
             anyhow::anyhow!("model `{}` has no chat template; set one with model.set_chat_template(template)", m.name_or_path)
@@ -111,8 +124,8 @@ impl ModelHandle {
         self.chat_template()?.render(messages, add_generation_prompt, extra)
     }
 
-    pub fn summary(&self) -> String {
-        let m = self.0.borrow();
+    pub fn summary(&self) -> anyhow::Result<String> {
+        let m = self.get()?;
         let c = m.config();
         let mut s = format!(
             "{} ({})\n  parameters: {} ({:.1}M)\n  layers: {}, hidden: {}, heads: {} (kv {}), head_dim: {}, vocab: {}\n  dtype: {}, device: {}\n  weights:\n",
@@ -144,7 +157,7 @@ impl ModelHandle {
         }
         s.push_str(&format!("    {:<16} {}\n", "total", human_bytes(total)));
         s.push_str(&format!("  memory footprint: {} (transformers' get_memory_footprint)", human_bytes(m.memory_footprint())));
-        s
+        Ok(s)
     }
 }
 
@@ -187,30 +200,30 @@ pub fn register(api: &mut Api) {
             rt(m.tokenize(text, &cfg).map(|v| ids_to_array(&v)))
         });
     api.func("decode", "model.decode(ids) -> string", "Text of token ids (special tokens kept).",
-        |m: &mut ModelHandle, ids: Array| rt(ids_from_array(&ids).and_then(|ids| m.0.borrow().tokenizer()?.decode(&ids, false))));
+        |m: &mut ModelHandle, ids: Array| rt(ids_from_array(&ids).and_then(|ids| m.get()?.tokenizer()?.decode(&ids, false))));
     api.func("decode", "model.decode(ids, #{skip_special_tokens}) -> string", "Text of token ids.",
         |m: &mut ModelHandle, ids: Array, opts: Map| {
             let cfg = rt(config::DECODE.check(&opts).map_err(anyhow::Error::msg))?;
             let skip = cfg.bool("skip_special_tokens").unwrap_or(false);
-            rt(ids_from_array(&ids).and_then(|ids| m.0.borrow().tokenizer()?.decode(&ids, skip)))
+            rt(ids_from_array(&ids).and_then(|ids| m.get()?.tokenizer()?.decode(&ids, skip)))
         });
     api.func("forward", "model.forward(ids) -> array of arrays [seq][vocab]",
         "Logits (f32) of one sequence of token ids, without cache.",
         |m: &mut ModelHandle, ids: Array| -> RhaiResult<Array> {
             let ids = rt(ids_from_array(&ids))?;
-            let rows = rt(m.0.borrow().forward_ids(&ids))?;
+            let rows = rt(m.get().and_then(|m| m.forward_ids(&ids)))?;
             Ok(rows.into_iter().map(|r| Dynamic::from(r.into_iter().map(|x| Dynamic::from(x as rhai::FLOAT)).collect::<Array>())).collect::<Array>())
         });
     api.func("config", "model.config() -> map", "The model's config.json as a map.",
-        |m: &mut ModelHandle| json_to_dynamic(&serde_json::Value::Object(m.0.borrow().config().raw.clone())));
+        |m: &mut ModelHandle| rt(m.get().map(|m| json_to_dynamic(&serde_json::Value::Object(m.config().raw.clone())))));
     api.func("summary", "model.summary() -> string", "Parameters, shapes, dtype and weight memory by kind.",
-        |m: &mut ModelHandle| m.summary());
+        |m: &mut ModelHandle| rt(m.summary()));
     api.func("to_string", "to_string(model) -> string", "One line naming the model.",
-        |m: &mut ModelHandle| format!("Model({})", m.0.borrow().name_or_path));
+        |m: &mut ModelHandle| rt(m.get().map(|m| format!("Model({})", m.name_or_path))));
     api.func("to_debug", "to_debug(model) -> string", "One line naming the model.",
-        |m: &mut ModelHandle| format!("Model({})", m.0.borrow().name_or_path));
+        |m: &mut ModelHandle| rt(m.get().map(|m| format!("Model({})", m.name_or_path))));
     api.getter("name_or_path", "model.name_or_path -> string", "What load_model was given.",
-        |m: &mut ModelHandle| Ok(m.0.borrow().name_or_path.clone()));
+        |m: &mut ModelHandle| rt(m.get().map(|m| m.name_or_path.clone())));
     api.getter("tokenizer", "model.tokenizer -> Tokenizer", "The model's tokenizer (encode, decode, eos_token, ...).",
         |m: &mut ModelHandle| Ok(TokenizerHandle(m.clone())));
 
@@ -236,20 +249,20 @@ pub fn register(api: &mut Api) {
             rt(t.0.tokenize(text, &cfg).map(|v| ids_to_array(&v)))
         });
     api.func("decode", "tokenizer.decode(ids) -> string", "Same as model.decode(ids).",
-        |t: &mut TokenizerHandle, ids: Array| rt(ids_from_array(&ids).and_then(|ids| t.0 .0.borrow().tokenizer()?.decode(&ids, false))));
+        |t: &mut TokenizerHandle, ids: Array| rt(ids_from_array(&ids).and_then(|ids| t.0.get()?.tokenizer()?.decode(&ids, false))));
     api.getter("vocab_size", "tokenizer.vocab_size -> int", "Vocabulary size including added tokens.",
-        |t: &mut TokenizerHandle| rt(t.0 .0.borrow().tokenizer().map(|t| t.vocab_size() as INT)));
+        |t: &mut TokenizerHandle| rt(t.0.get().and_then(|m| m.tokenizer().map(|t| t.vocab_size() as INT))));
     for (name, pick) in [("bos_token", 0usize), ("eos_token", 1), ("pad_token", 2)] {
         api.getter(name, &format!("tokenizer.{name} -> string or ()"), "A special token string from tokenizer_config.json.",
             move |t: &mut TokenizerHandle| -> Result<Dynamic, Box<rhai::EvalAltResult>> {
-                let m = t.0 .0.borrow();
+                let m = rt(t.0.get())?;
                 let tok = rt(m.tokenizer())?;
                 let v = [&tok.bos_token, &tok.eos_token, &tok.pad_token][pick].clone();
                 Ok(v.map(Dynamic::from).unwrap_or(Dynamic::UNIT))
             });
     }
     api.func("to_string", "to_string(tokenizer) -> string", "One line naming the tokenizer.",
-        |t: &mut TokenizerHandle| format!("Tokenizer({})", t.0 .0.borrow().name_or_path));
+        |t: &mut TokenizerHandle| rt(t.0.get().map(|m| format!("Tokenizer({})", m.name_or_path))));
 }
 
 fn apply_chat_template(m: &ModelHandle, msgs: Dynamic, opts: Map) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
@@ -264,7 +277,7 @@ fn apply_chat_template(m: &ModelHandle, msgs: Dynamic, opts: Map) -> Result<Dyna
     let text = rt(m.render_chat(&messages, cfg.bool("add_generation_prompt").unwrap_or(false), &extra))?;
     if cfg.bool("tokenize").unwrap_or(true) {
         // The template already wrote the special tokens: do not add them again.
-        let ids = rt(m.0.borrow().tokenizer().and_then(|t| t.encode(&text, false)))?;
+        let ids = rt(m.get().and_then(|m| m.tokenizer().and_then(|t| t.encode(&text, false))))?;
         Ok(Dynamic::from(ids_to_array(&ids)))
     } else {
         Ok(Dynamic::from(text))
@@ -273,7 +286,7 @@ fn apply_chat_template(m: &ModelHandle, msgs: Dynamic, opts: Map) -> Result<Dyna
 
 fn set_chat_template(m: &ModelHandle, tpl: &str, opts: &Map) -> anyhow::Result<()> {
     let cfg = config::SET_CHAT_TEMPLATE.check(opts).map_err(anyhow::Error::msg)?;
-    let mut model = m.0.borrow_mut();
+    let mut model = m.get_mut()?;
     let name = model.name_or_path.clone();
     let tok = model.tokenizer.as_mut().ok_or_else(|| anyhow::anyhow!("model `{name}` has no tokenizer"))?;
     let bos = cfg.str("bos_token").or_else(|| tok.bos_token.clone());

@@ -64,8 +64,8 @@ pub fn register(api: &mut Api) {
     api.func("to_debug", "to_debug(bnb_config) -> string", "The config, as transformers prints it.",
         |c: &mut BnbConfigHandle| format!("BitsAndBytesConfig {}", c.0.to_transformers_json()));
     api.getter("is_loaded_in_4bit", "model.is_loaded_in_4bit -> bool", "Whether the decoder linears are held in 4 bits.",
-        |m: &mut ModelHandle| Ok(crate::model::quantized::is_quantized(&m.0.borrow().llama)));
+        |m: &mut ModelHandle| rt(m.get().map(|m| crate::model::quantized::is_quantized(&m.llama))));
     api.func("get_memory_footprint", "model.get_memory_footprint() -> int",
         "Bytes of all parameters and buffers, as transformers counts them (a 4-bit weight: its packed bytes).",
-        |m: &mut ModelHandle| m.0.borrow().memory_footprint() as rhai::INT);
+        |m: &mut ModelHandle| rt(m.get().map(|m| m.memory_footprint() as rhai::INT)));
 }

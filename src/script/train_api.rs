@@ -1,6 +1,7 @@
 //! `TrainingArguments(#{...})`, `SFTTrainer(model, train, args, #{eval_dataset, callbacks})`,
 //! `trainer.train()`, `trainer.evaluate()`. Callbacks are Rhai closures; one returning "stop"
-//! ends training cleanly.
+//! ends training cleanly. The script keeps the model handle; the trainer gets the model itself
+//! for the length of `train()` (a callback that uses the model meanwhile gets a clear error).
 
 use super::config::{self, Cfg};
 use super::data_api::DatasetHandle;
@@ -21,7 +22,14 @@ pub struct TrainerHandle(pub Rc<RefCell<TrainerInner>>);
 
 pub struct TrainerInner {
     pub trainer: SftTrainer,
+    /// The model it trains.
+    model: ModelHandle,
     callbacks: Vec<(String, FnPtr)>,
+}
+
+/// The trainer, unless a callback of its own `train()` asks for it.
+fn inner(t: &TrainerHandle) -> anyhow::Result<std::cell::RefMut<'_, TrainerInner>> {
+    t.0.try_borrow_mut().map_err(|_| anyhow::anyhow!("the trainer is training: a training callback cannot call train() or evaluate() on it"))
 }
 
 pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
@@ -140,7 +148,7 @@ fn sft_trainer(ctx: &NativeCallContext, model: &ModelHandle, train: &DatasetHand
     // The recipe that builds the trainer is copied into output_dir and hashed into the manifest.
     let recipe = ctx.call_source().map(PathBuf::from).filter(|p| p.is_file()).and_then(|p| std::fs::read_to_string(&p).ok().map(|s| (p, s)));
     let trainer = SftTrainer::new(
-        model.0.clone(),
+        &*model.get()?,
         &train.0,
         eval.as_ref().map(|e| e.0.as_ref()),
         args.0.clone(),
@@ -150,14 +158,15 @@ fn sft_trainer(ctx: &NativeCallContext, model: &ModelHandle, train: &DatasetHand
             crate::model::adapter::save_adapter(&m.llama, cfg, &m.name_or_path, dir)
         }),
     )?;
-    Ok(TrainerHandle(Rc::new(RefCell::new(TrainerInner { trainer, callbacks }))))
+    Ok(TrainerHandle(Rc::new(RefCell::new(TrainerInner { trainer, model: model.clone(), callbacks }))))
 }
 
 fn train(ctx: NativeCallContext, t: &mut TrainerHandle) -> RhaiResult<Map> {
-    let mut inner = t.0.borrow_mut();
-    let TrainerInner { trainer, callbacks } = &mut *inner;
+    let mut inner = rt(inner(t))?;
+    let TrainerInner { trainer, model, callbacks } = &mut *inner;
+    let mut model = rt(model.get_mut())?;
     let mut cb = RhaiCallbacks { ctx: &ctx, fns: callbacks, error: None };
-    let result = trainer.train(&mut cb);
+    let result = trainer.train(&mut model, &mut cb);
     if let Some(e) = cb.error.take() {
         return Err(e);
     }
@@ -184,12 +193,13 @@ pub fn register(api: &mut Api) {
         "trl's SFTTrainer: tokenizes the dataset with the model's chat template (assistant-only labels) and trains the LoRA adapters.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle| rt(sft_trainer(&ctx, &m, &d, &a, &Map::new())));
     api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args, #{eval_dataset, callbacks: #{on_log, on_evaluate, on_save, on_step_end}}) -> SFTTrainer",
-        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly.",
+        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly. The model is the trainer's until train() returns: a callback cannot use it.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle, o: Map| rt(sft_trainer(&ctx, &m, &d, &a, &o)));
     api.func("train", "trainer.train() -> map", "Run training; returns #{global_step, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early}.", train);
     api.func("evaluate", "trainer.evaluate() -> map", "Eval loss and perplexity on the eval dataset: #{eval_loss, eval_perplexity, eval_tokens}.",
         |t: &mut TrainerHandle| -> RhaiResult<Map> {
-            let m = rt(t.0.borrow().trainer.evaluate())?;
+            let inner = rt(inner(t))?;
+            let m = rt(inner.model.get().and_then(|model| inner.trainer.evaluate(&model)))?;
             let mut out = Map::new();
             out.insert("eval_loss".into(), Dynamic::from(m.loss));
             out.insert("eval_perplexity".into(), Dynamic::from(m.perplexity));

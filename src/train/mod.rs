@@ -1,11 +1,17 @@
-//! Training workflows: arguments, the SFT loop, optimizer, schedules, checkpoints, plots.
+//! Training workflows: arguments, the SFT trainer and its step, optimizer, schedules,
+//! checkpoints, run logging, plots.
 
 pub mod args;
+pub mod callbacks;
 pub mod checkpoint;
+pub mod logging;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod step;
 pub mod trainer;
 
 pub use args::TrainingArguments;
-pub use trainer::{Callbacks, Control, EvalMetrics, NoCallbacks, SftTrainer, TrainSummary};
+pub use callbacks::{Callbacks, Control, NoCallbacks};
+pub use step::{MicroBatch, StepState, StepStats};
+pub use trainer::{EvalMetrics, SftTrainer, TrainSummary};
