@@ -493,7 +493,7 @@ fn peft_golden_logits_on_cuda() {
 
 // ------------------------------------------------- LoRA linear and cross-entropy kernels
 
-use qscript::model::ops::{cross_entropy, linear};
+use qscript::model::layers::{linear, lm_head as cross_entropy};
 
 fn tensor_rel_err(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims());
@@ -539,7 +539,7 @@ fn lora_linear_kernels_match_the_cpu() {
 /// 64-row blocks, packed examples and padding.
 #[test]
 fn flash_attention_matches_the_cpu() {
-    use qscript::model::ops::attention;
+    use qscript::model::layers::attention;
     let Some(dev) = gpu("flash_attention_matches_the_cpu") else { return };
     for (b, nh, kvh, t, d) in [(2, 4, 2, 150, 64), (1, 6, 2, 200, 128), (2, 3, 3, 64, 128)] {
         // Row 0: two packed examples and trailing padding; row 1 (if any): one example.
@@ -567,7 +567,7 @@ fn flash_attention_matches_the_cpu() {
 /// The SwiGLU kernels (bf16 8 at a time, and the scalar fallback) against the CPU in f32.
 #[test]
 fn swiglu_kernels_match_the_cpu() {
-    use qscript::model::ops::swiglu;
+    use qscript::model::layers::mlp::swiglu;
     let Some(dev) = gpu("swiglu_kernels_match_the_cpu") else { return };
     for (rows, cols) in [(37, 64), (5, 7)] {
         let (g, u, dh) = (values(rows * cols, 41), values(rows * cols, 42), values(rows * cols, 43));
@@ -949,7 +949,7 @@ fn training_steps_are_finite_and_repeatable() {
 /// value, with per-token positions as packing gives them; merge(split(x)) = x.
 #[test]
 fn heads_rope_kernel_matches_the_cpu() {
-    use qscript::model::ops::rope;
+    use qscript::model::layers::rope;
     let Some(dev) = gpu("heads_rope_kernel_matches_the_cpu") else { return };
     let (b, t, h, d, half) = (2, 7, 3, 8, 4);
     let x = values(b * t * h * d, 41);

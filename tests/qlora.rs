@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use qscript::model::engine::{self, Proj, StepOptions, TrainBatch};
 use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
-use qscript::model::ops::linear;
+use qscript::model::layers::linear;
 use qscript::model::quantized::BnbConfig;
 use qscript::model::{LoadOptions, Model};
 use qscript::quant::QuantType;

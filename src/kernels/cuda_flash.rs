@@ -1,6 +1,6 @@
 //! Flash attention for training on CUDA (feature `cuda`), from `src/kernels/cuda/flash.cu`:
 //! bf16, head size 64 or 128, causal with segment (packing/padding) masks, grouped-query.
-//! The tiled candle formulation in `model::ops::attention` is the reference the GPU tests
+//! The tiled candle formulation in `model::layers::attention` is the reference the GPU tests
 //! compare with.
 
 use super::cuda_train::{cuda_dev, slice, wrap};

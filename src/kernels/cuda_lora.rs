@@ -1,6 +1,6 @@
 //! The LoRA side products on CUDA (feature `cuda`), from `src/kernels/cuda/lora.cu`: the
 //! forward and backward of a LoRA linear around cuBLAS's two big matmuls. The portable candle
-//! formulation in `model::ops::linear` is the reference the GPU tests compare with.
+//! formulation in `model::layers::linear` is the reference the GPU tests compare with.
 
 use super::cuda_train::{cuda_dev, slice, wrap};
 use super::lora_cpu::Dropout;

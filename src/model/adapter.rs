@@ -10,7 +10,7 @@
 use super::engine::Proj;
 use super::llama::{Linear, Llama};
 use super::lora::{module_path, InitLoraWeights, LoraConfig, TargetModules};
-use super::ops::linear::Lora;
+use super::layers::linear::Lora;
 use super::save::{install_dir, write_file, write_safetensors};
 use super::weights::WeightFiles;
 use anyhow::{bail, Context, Result};

@@ -4,7 +4,7 @@
 
 use super::engine::Proj;
 use super::llama::Llama;
-use super::ops::linear::Lora;
+use super::layers::linear::Lora;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};

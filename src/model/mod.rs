@@ -3,9 +3,9 @@
 pub mod adapter;
 pub mod config;
 pub mod engine;
-pub mod ops;
 pub mod gguf;
 pub mod hub;
+pub mod layers;
 pub mod llama;
 pub mod lora;
 pub mod quantized;

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use qscript::model::engine::{Proj, TrainBatch};
-use qscript::model::ops::{attention, rope};
+use qscript::model::layers::{attention, rope};
 use qscript::model::Model;
 use rand::{rngs::StdRng, SeedableRng};
 

@@ -1,9 +1,18 @@
-//! LM head + cross-entropy, fused and chunked: only rows with a target are projected, a chunk
-//! at a time, and each chunk's gradient is formed at once — the `[tokens, vocab]` probability
-//! matrix never exists in full. Loss is summed; the caller picks the normalisation.
+//! The LM head: the final projection to f32 logits (inference, and the training forward's
+//! logits), and for training that projection fused with cross-entropy, chunked: only rows with
+//! a target are projected, a chunk at a time, and each chunk's gradient is formed at once — the
+//! `[tokens, vocab]` probability matrix never exists in full. Loss is summed; the caller picks
+//! the normalisation.
 
+use super::linear::Linear;
+use crate::profile;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
+
+/// f32 logits `[..., vocab]` of the final-normed hidden states `h` `[..., hidden]`.
+pub fn logits(head: &Linear, h: &Tensor) -> Result<Tensor> {
+    Ok(head.forward(h)?.to_dtype(DType::F32)?)
+}
 
 /// Rows projected per chunk (chunk × vocab f32 logits live at once: 256 × 49152 × 4 B = 48 MiB).
 pub const CHUNK_ROWS: usize = 256;
@@ -46,16 +55,12 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         let tgt: Vec<u32> = chunk.iter().map(|&i| targets[i as usize] as u32).collect();
         let tgt = Tensor::new(tgt.as_slice(), dev)?;
         let hc = h.index_select(&idx, 0)?;
-        let pr = crate::profile::scope("·ce logits matmul");
-        let logits = hc.matmul(&head.t()?)?; // [c, vocab]
-        drop(pr);
-        let pr = crate::profile::scope("·ce softmax+loss");
-        let (loss, dlogits) = chunk_loss(&logits, &tgt, grad_scale)?;
-        drop(pr);
+        let logits = profile::time("·ce logits matmul", || hc.matmul(&head.t()?))?; // [c, vocab]
+        let (loss, dlogits) = profile::time("·ce softmax+loss", || chunk_loss(&logits, &tgt, grad_scale))?;
         losses.push(loss);
         if let Some(dl) = dlogits {
-            let _pr = crate::profile::scope("·ce dh matmul");
-            dh_rows.push((idx, dl.matmul(head)?));
+            let rows = profile::time("·ce dh matmul", || dl.matmul(head))?;
+            dh_rows.push((idx, rows));
         }
     }
     // One read-back for the whole batch.

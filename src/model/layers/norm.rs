@@ -1,9 +1,30 @@
 //! RMSNorm: `y = x · rstd · w`, `rstd = 1/sqrt(mean(x²) + eps)` over the last dim. Statistics in
-//! f32 (as transformers). The norm weight is frozen, so backward returns only `dx`.
+//! f32 (as transformers). The norm weight is frozen, so backward returns only `dx`. Inference
+//! is the training forward with nothing kept.
 
 use anyhow::Result;
 use crate::kernels::{f32_view, train_cpu};
 use candle_core::{Tensor, D};
+
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Inference: the training forward, its saved activations dropped.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train(x)?.0)
+    }
+
+    pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+        forward(x, &self.weight, self.eps)
+    }
+
+    pub fn backward(&self, s: &Saved, dy: &Tensor) -> Result<Tensor> {
+        backward(s, &self.weight, dy)
+    }
+}
 
 /// What backward needs: the input and the per-row reciprocal RMS.
 pub struct Saved {

@@ -1,7 +1,8 @@
 //! Batch-1 decoding on CUDA with 4-bit weights: one new token through a layer in five fused
-//! launches (src/kernels/cuda_decode.rs) against a preallocated KV cache, where the generic
-//! forward runs ~30 candle ops per layer and concatenates the whole cache every step (a small
-//! model is launch-bound: SmolLM2-135M reads ~130 MB of weights per token, ~40 µs on an H200).
+//! launches (src/kernels/cuda_decode.rs) against a preallocated KV cache (`GpuKv` in
+//! layers/kv_cache.rs), where the generic forward runs ~30 candle ops per layer and
+//! concatenates the whole cache every step (a small model is launch-bound: SmolLM2-135M reads
+//! ~130 MB of weights per token, ~40 µs on an H200).
 //!
 //! [`forward`] takes over `Llama::forward` for one token with a cache when every decoder linear
 //! is a 4-bit weight on the GPU with compute dtype = activations dtype (f32 or bf16), no LoRA
@@ -12,56 +13,9 @@
 use super::{KvCache, LayerKv, Linear, Llama, Weight};
 use crate::kernels::cuda::Quant4Gpu;
 use crate::kernels::cuda_decode as k;
+use crate::model::layers::kv_cache::{GpuKv, MIN_CAP};
 use anyhow::Result;
-use candle_core::{DType, Module, Tensor};
-
-/// Capacity (positions) of a new buffer at least.
-const MIN_CAP: usize = 64;
-
-/// One layer's keys and values in buffers `[kv_heads, cap, d]` (positions `0..len` in use) that
-/// decoding appends to in place, doubled (one copy) when full.
-pub struct GpuKv {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-/// `t` `[kvh, len, d]` followed by zeros up to `cap` positions, in a new tensor.
-fn with_room(t: &Tensor, cap: usize) -> Result<Tensor> {
-    let (kvh, len, d) = t.dims3()?;
-    let zeros = Tensor::zeros((kvh, cap - len, d), t.dtype(), t.device())?;
-    Ok(if len == 0 { zeros } else { Tensor::cat(&[t, &zeros], 1)? })
-}
-
-impl GpuKv {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// From the generic path's cache tensors `[1, kvh, s, d]` (after prefill).
-    fn from_tensors(k: &Tensor, v: &Tensor) -> Result<Self> {
-        let len = k.dim(2)?;
-        let cap = (len + 1).next_power_of_two().max(MIN_CAP);
-        Ok(Self { k: with_room(&k.squeeze(0)?, cap)?, v: with_room(&v.squeeze(0)?, cap)?, len })
-    }
-
-    /// Room for position `len`.
-    fn reserve_one(&mut self) -> Result<()> {
-        let cap = self.k.dim(1)?;
-        if self.len == cap {
-            self.k = with_room(&self.k, 2 * cap)?;
-            self.v = with_room(&self.v, 2 * cap)?;
-        }
-        Ok(())
-    }
-
-    /// The cached positions as the generic path keeps them, `[1, kvh, len, d]` (a copy, except
-    /// with one KV head: then a view, read once before this buffer is dropped).
-    pub(super) fn tensors(&self) -> Result<(Tensor, Tensor)> {
-        let take = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, self.len)?.contiguous()?.unsqueeze(0)?) };
-        Ok((take(&self.k)?, take(&self.v)?))
-    }
-}
+use candle_core::{DType, Tensor};
 
 /// Scratch vectors of a step, allocated at the first one: the rotated query, the attention
 /// output, the SwiGLU output.
@@ -141,7 +95,7 @@ pub(super) fn forward(m: &Llama, ids: &Tensor, cache: &mut KvCache) -> Result<Op
     }
     let Some(s) = &cache.decode else { unreachable!("made above") };
     // The residual stream, updated in place: a new tensor (index_select's output).
-    let x = candle_nn::Embedding::new(m.embed_tokens.clone(), c.hidden_size).forward(ids)?;
+    let x = m.embed(ids)?;
     for ((b, w), slot) in m.layers.iter().zip(&weights).zip(cache.layers.iter_mut()) {
         let LayerKv::Gpu(kv) = slot else { unreachable!("converted above") };
         let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
