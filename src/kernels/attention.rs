@@ -282,14 +282,14 @@ pub fn rope_row_inplace(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
 }
 
 /// Split heads and rotate in one pass: `x` `[b, t, heads·d]` (a projection's output) →
-/// `[b, heads, t, d]`, row `i` rotated (HF rotate-half, the arithmetic of [`rope_row_inplace`])
-/// by the cos/sin rows `pos + i` of `[·, d/2]` tables when `rope` is given, else only moved.
-/// Parallel over (batch, head) blocks.
-pub fn split_heads_rope(x: &[f32], b: usize, t: usize, heads: usize, d: usize, rope: Option<(&[f32], &[f32], usize)>) -> Vec<f32> {
+/// `[b, heads, t, d]`, token `(bi, i)` rotated (HF rotate-half, the arithmetic of
+/// [`rope_row_inplace`] and of candle's `rope`) by its cos/sin row `bi·t + i` of per-token
+/// `[b·t, d/2]` tables when `rope` is given, else only moved. Parallel over (batch, head) blocks.
+pub fn split_heads_rope(x: &[f32], b: usize, t: usize, heads: usize, d: usize, rope: Option<(&[f32], &[f32])>) -> Vec<f32> {
     assert_eq!(x.len(), b * t * heads * d, "split heads: {} elements for [{b}, {t}, {heads}·{d}]", x.len());
     let half = d / 2;
-    if let Some((cos, sin, pos)) = rope {
-        assert!(d % 2 == 0 && cos.len() >= (pos + t) * half && sin.len() >= (pos + t) * half, "split heads: rope tables too short");
+    if let Some((cos, sin)) = rope {
+        assert!(d % 2 == 0 && cos.len() == b * t * half && sin.len() == b * t * half, "split heads: rope tables of {} for {b}×{t} tokens", cos.len());
     }
     let mut out = vec![0f32; x.len()];
     if t * d == 0 {
@@ -301,8 +301,8 @@ pub fn split_heads_rope(x: &[f32], b: usize, t: usize, heads: usize, d: usize, r
             let src = &x[((bi * t + i) * heads + h) * d..][..d];
             match rope {
                 None => orow.copy_from_slice(src),
-                Some((cos, sin, pos)) => {
-                    let (c, s) = (&cos[(pos + i) * half..][..half], &sin[(pos + i) * half..][..half]);
+                Some((cos, sin)) => {
+                    let (c, s) = (&cos[(bi * t + i) * half..][..half], &sin[(bi * t + i) * half..][..half]);
                     let (o1, o2) = orow.split_at_mut(half);
                     let (x1, x2) = src.split_at(half);
                     for j in 0..half {
@@ -421,16 +421,16 @@ mod tests {
 
     #[test]
     fn split_heads_rope_matches_candle_transpose_and_rope() {
-        let (b, t, h, d, pos) = (2, 5, 3, 8, 4);
+        let (b, t, h, d) = (2, 5, 3, 8);
         let x = pseudo(b * t * h * d, 8);
-        let cos = pseudo((pos + t) * d / 2, 9);
-        let sin = pseudo((pos + t) * d / 2, 10);
+        let cos = pseudo(b * t * d / 2, 9);
+        let sin = pseudo(b * t * d / 2, 10);
         let xt = Tensor::from_vec(x.clone(), (b, t, h, d), &Device::Cpu).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
         assert_close(&split_heads_rope(&x, b, t, h, d, None), &xt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 0.0);
-        let c = Tensor::from_vec(cos.clone(), (pos + t, d / 2), &Device::Cpu).unwrap().narrow(0, pos, t).unwrap();
-        let s = Tensor::from_vec(sin.clone(), (pos + t, d / 2), &Device::Cpu).unwrap().narrow(0, pos, t).unwrap();
+        let c = Tensor::from_vec(cos.clone(), (b, t, d / 2), &Device::Cpu).unwrap();
+        let s = Tensor::from_vec(sin.clone(), (b, t, d / 2), &Device::Cpu).unwrap();
         let want = candle_nn::rotary_emb::rope(&xt, &c, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_close(&split_heads_rope(&x, b, t, h, d, Some((&cos, &sin, pos))), &want, 0.0);
+        assert_close(&split_heads_rope(&x, b, t, h, d, Some((&cos, &sin))), &want, 0.0);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Grouped-query attention for the training engine on the CPU, forward and backward: one
-//! parallel task per (batch row, key/value head) owns that group's scores, probabilities and
-//! its `dK`/`dV` (summed over the group's query heads), with single-threaded `gemm` products
-//! inside. Replaces a dozen candle ops, most of them single-threaded passes, per layer.
+//! Grouped-query attention on the CPU (training, and inference's prefill), forward and
+//! backward: in backward one parallel task per (batch row, key/value head) owns that group's
+//! `dK`/`dV` (summed over the group's query heads), in forward a task per block of a group's
+//! query rows, with single-threaded `gemm` products inside. Replaces a dozen candle ops, most of
+//! them single-threaded passes, per layer.
 
 use super::matmul::{mm1, rm, tr};
 use super::vecmath;
@@ -24,32 +25,58 @@ impl Dims {
     }
 }
 
+/// Query rows (of one KV group's `rep·t`) per forward task at least: over gemm's small-matrix
+/// limit (64), so a block's products equal the whole group's bit for bit (gemm's blocking of
+/// the summed axis depends on its length only).
+const ROWS: usize = 128;
+
 /// Returns `(o [b, nh, t, d], p [b, nh, t, t])`: `p = softmax(scale·q kᵀ + mask)`, `o = p v`.
+/// The mask is causal (and may hide more): key `j > i` is never seen by query `i`, so each
+/// row's softmax runs over its prefix `0..=i` and the rest is 0. A task per KV group, or per
+/// block of a group's query rows when there are fewer groups than threads (prefill: batch 1).
 pub fn forward(s: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], scale: f32) -> (Vec<f32>, Vec<f32>) {
     let (t, d, rep) = (s.t, s.d, s.rep());
     assert!(q.len() == s.b * s.nh * t * d && k.len() == s.b * s.kvh * t * d && v.len() == k.len() && mask.len() == s.b * t * t, "attention: shapes {s:?}");
     let mut o = vec![0f32; q.len()];
     let mut p = vec![0f32; s.b * s.nh * t * t];
-    // One task per (batch row, kv head): its `rep` query heads are contiguous in q, o and p.
-    o.par_chunks_mut(rep * t * d).zip(p.par_chunks_mut(rep * t * t)).enumerate().for_each(|(g, (og, pg))| {
+    // A group (batch row, kv head) has its `rep` query heads' rows contiguous in q, o and p.
+    let rows = rep * t;
+    let groups = s.b * s.kvh;
+    let blocks = (2 * rayon::current_num_threads()).div_ceil(groups).min(rows / ROWS).max(1);
+    let mut tasks = Vec::with_capacity(groups * blocks);
+    let (mut o_rest, mut p_rest) = (&mut o[..], &mut p[..]);
+    for g in 0..groups {
+        for j in 0..blocks {
+            let r0 = j * (rows / blocks);
+            let n = if j + 1 == blocks { rows - r0 } else { rows / blocks };
+            let (ob, orest) = std::mem::take(&mut o_rest).split_at_mut(n * d);
+            let (pb, prest) = std::mem::take(&mut p_rest).split_at_mut(n * t);
+            (o_rest, p_rest) = (orest, prest);
+            tasks.push((g, r0, ob, pb));
+        }
+    }
+    tasks.into_par_iter().for_each(|(g, r0, ob, pb)| {
         let (bi, kv) = (g / s.kvh, g % s.kvh);
         let kg = &k[(bi * s.kvh + kv) * t * d..][..t * d];
         let vg = &v[(bi * s.kvh + kv) * t * d..][..t * d];
-        let qg = &q[g * rep * t * d..][..rep * t * d];
+        let n = ob.len() / d;
+        let qb = &q[(g * rows + r0) * d..][..n * d];
         let mb = &mask[bi * t * t..][..t * t];
-        // Scores of all rep heads at once: [rep·t, d] · kᵀ.
-        mm1(rep * t, t, d, pg, false, rm(qg, d), tr(kg, d), scale);
-        for (i, row) in pg.chunks_exact_mut(t).enumerate() {
-            let mrow = &mb[(i % t) * t..][..t];
-            for (x, m) in row.iter_mut().zip(mrow) {
+        // Scores of the block's rows: [n, d] · kᵀ.
+        mm1(n, t, d, pb, false, rm(qb, d), tr(kg, d), scale);
+        for (r, row) in pb.chunks_exact_mut(t).enumerate() {
+            let i = (r0 + r) % t;
+            let (live, dead) = row.split_at_mut(i + 1);
+            for (x, m) in live.iter_mut().zip(&mb[i * t..][..=i]) {
                 *x += m;
             }
-            let max = vecmath::max(row);
-            let sum = vecmath::exp_shift_sum_inplace(row, max);
+            let max = vecmath::max(live);
+            let sum = vecmath::exp_shift_sum_inplace(live, max);
             let inv = (1.0 / sum) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
+            live.iter_mut().for_each(|x| *x *= inv);
+            dead.fill(0.0);
         }
-        mm1(rep * t, d, t, og, false, rm(pg, t), rm(vg, d), 1.0);
+        mm1(n, d, t, ob, false, rm(pb, t), rm(vg, d), 1.0);
     });
     (o, p)
 }

@@ -165,17 +165,35 @@ pub fn backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// A projection's rows `[b·t, heads·d]` → `[b, heads, t, d]`, rotated when `rope` (the gathered
-/// cos/sin) is given: one fused kernel on CUDA, the copy and then [`forward`] elsewhere.
+/// cos/sin `[b, t, d/2]`) is given: one fused kernel on CUDA and for f32 on the CPU, the copy
+/// and then [`forward`] elsewhere.
 pub fn split_heads(x: &Tensor, b: usize, t: usize, heads: usize, d: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda_fused(x, rope) {
         return crate::kernels::cuda_train::heads_rope(&x.contiguous()?, rope, b, t, heads, d, false);
+    }
+    if let Some(y) = cpu_split_heads(x, b, t, heads, d, rope)? {
+        return Ok(y);
     }
     let y = x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
     match rope {
         Some((cos, sin)) => forward(&y, cos, sin),
         None => Ok(y),
     }
+}
+
+/// [`split_heads`] by the CPU kernel, when `x` and the tables are contiguous f32.
+fn cpu_split_heads(x: &Tensor, b: usize, t: usize, heads: usize, d: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Option<Tensor>> {
+    use crate::kernels::{attention::split_heads_rope, f32_view};
+    let Some(xv) = f32_view(x) else { return Ok(None) };
+    let y = match rope {
+        None => split_heads_rope(xv.slice(), b, t, heads, d, None),
+        Some((cos, sin)) => match (f32_view(cos), f32_view(sin)) {
+            (Some(c), Some(s)) => split_heads_rope(xv.slice(), b, t, heads, d, Some((c.slice(), s.slice()))),
+            _ => return Ok(None),
+        },
+    };
+    Ok(Some(Tensor::from_vec(y, (b, heads, t, d), x.device())?))
 }
 
 /// The transpose of [`split_heads`] (for its gradient): `[b, heads, t, d]` → `[b·t, heads·d]`,
