@@ -7,13 +7,12 @@ use super::weights::WeightFiles;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 
-#[cfg(feature = "cuda")]
 mod decode_cuda;
 
 /// The frozen weight of a [`Linear`]: dense, or bitsandbytes 4-bit (packed codes + statistics).
 /// A 4-bit weight is dequantized on every use and never cached, so memory stays at 4 bits.
 // With `cuda`, `Device::Cuda` alone is large; a Weight exists once per layer.
-#[cfg_attr(feature = "cuda", allow(clippy::large_enum_variant))]
+#[allow(clippy::large_enum_variant)]
 pub enum Weight {
     Dense(Tensor),
     Quant4 {
@@ -27,8 +26,7 @@ pub enum Weight {
         device: Device,
         /// With `device` a GPU: the codes and statistics uploaded once (by [`Linear::new_4bit`]),
         /// so dequantization and the batch-1 GEMV run there without a host round trip.
-        #[cfg(feature = "cuda")]
-        gpu: Option<Box<crate::kernels::cuda::Quant4Gpu>>,
+        gpu: crate::kernels::quant4::DeviceCopy,
     },
 }
 
@@ -36,12 +34,8 @@ impl Weight {
     /// A 4-bit weight dequantized to bnb's compute dtype on its device (`None` if dense): on the
     /// GPU from its device copy, else on the CPU and then moved.
     fn dequantize4(&self) -> Result<Option<Tensor>> {
-        let Weight::Quant4 { q, bnb_compute_dtype, device, .. } = self else { return Ok(None) };
-        #[cfg(feature = "cuda")]
-        if let Weight::Quant4 { gpu: Some(g), .. } = self {
-            return Ok(Some(g.dequantize(*bnb_compute_dtype)?));
-        }
-        Ok(Some(crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_device(device)?))
+        let Weight::Quant4 { q, bnb_compute_dtype, device, gpu, .. } = self else { return Ok(None) };
+        Ok(Some(crate::kernels::quant4::dequantize(q, gpu, *bnb_compute_dtype, device)?))
     }
 }
 
@@ -61,19 +55,8 @@ impl Linear {
     /// A 4-bit layer; `q` must hold a 2-D `[out, in]` weight.
     pub fn new_4bit(q: crate::quant::Quantized4bit, bnb_compute_dtype: DType, dtype: DType, device: &Device, bias: Option<Tensor>) -> Result<Self> {
         anyhow::ensure!(q.state.shape.len() == 2, "4-bit linear weight has shape {:?}, expected [out, in]", q.state.shape);
-        #[cfg(feature = "cuda")]
-        let gpu = match device {
-            Device::Cuda(d) => Some(Box::new(crate::kernels::cuda::Quant4Gpu::upload(&q, d)?)),
-            _ => None,
-        };
-        let weight = Weight::Quant4 {
-            q,
-            bnb_compute_dtype,
-            dtype,
-            device: device.clone(),
-            #[cfg(feature = "cuda")]
-            gpu,
-        };
+        let gpu = crate::kernels::quant4::upload(&q, device)?;
+        let weight = Weight::Quant4 { q, bnb_compute_dtype, dtype, device: device.clone(), gpu };
         Ok(Self { weight, bias, lora: None })
     }
 
@@ -159,37 +142,10 @@ impl Linear {
     /// weight with f32 compute is dequantized into a scratch vector first. A 4-bit weight on the
     /// GPU uses the fused dequantize-GEMV kernel (the weight is never materialised).
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if let Weight::Quant4 { gpu: Some(g), bnb_compute_dtype, .. } = &self.weight {
-            // As bnb: x in the compute dtype, y back in x's dtype.
-            return Ok(Some(g.gemv(&x.to_dtype(*bnb_compute_dtype)?)?.to_dtype(x.dtype())?));
+        match &self.weight {
+            Weight::Dense(w) => crate::kernels::gemv::dense(x, w),
+            Weight::Quant4 { q, bnb_compute_dtype, device, gpu, .. } => crate::kernels::gemv::quant4(x, q, gpu, *bnb_compute_dtype, device),
         }
-        if !x.device().is_cpu() || x.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let w = match &self.weight {
-            Weight::Dense(w) => w,
-            Weight::Quant4 { q, bnb_compute_dtype: DType::F32, device, .. } if device.is_cpu() => {
-                let mut w = vec![0f32; q.numel()];
-                crate::quant::dequantize_4bit_f32(q, &mut w)?;
-                let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; q.state.shape[0]];
-                crate::kernels::gemv::gemv_f32(&w, &xv, &mut y);
-                return Ok(Some(Tensor::from_vec(y, (1, q.state.shape[0]), x.device())?));
-            }
-            Weight::Quant4 { .. } => return Ok(None),
-        };
-        if !w.device().is_cpu() || w.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let (storage, layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-        let ws = &cpu.as_slice::<f32>()?[start..end];
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; w.dim(0)?];
-        crate::kernels::gemv::gemv_f32(ws, &xv, &mut y);
-        Ok(Some(Tensor::from_vec(y, (1, w.dim(0)?), x.device())?))
     }
 }
 
@@ -231,10 +187,7 @@ impl Rope {
 
     /// Rotate `x` `[b, heads, t, d]` for positions `pos..pos+t` (HF's rotate_half layout).
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        crate::kernels::rope::rotate_at(x, &self.cos, &self.sin, pos)
     }
 
     /// cos/sin at one position as f32 slices (CPU f32 tables only), for the decode path.
@@ -244,21 +197,6 @@ impl Rope {
             crate::kernels::with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
         };
         Some((row(&self.cos)?, row(&self.sin)?))
-    }
-
-    /// A projection's output `y` `[b, t, heads·d]` → `[b, heads, t, d]` in one pass, rotated for
-    /// positions `pos..pos+t` when `rotate` (CPU f32 only; `None` otherwise).
-    fn split_heads(&self, y: &Tensor, heads: usize, d: usize, pos: usize, rotate: bool) -> Result<Option<Tensor>> {
-        let (b, t, _) = y.dims3()?;
-        let out = crate::kernels::with_f32(y, |ys| {
-            crate::kernels::with_f32(&self.cos, |cos| {
-                crate::kernels::with_f32(&self.sin, |sin| crate::kernels::attention::split_heads_rope(ys, b, t, heads, d, rotate.then_some((cos, sin, pos))))
-            })
-        });
-        match out.flatten().flatten() {
-            Some(v) => Ok(Some(Tensor::from_vec(v, (b, heads, t, d), y.device())?)),
-            None => Ok(None),
-        }
     }
 }
 
@@ -282,12 +220,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() && u.is_contiguous() {
-            // silu(g)·u in one parallel pass, in place on g (a fresh matmul output).
-            g.inplace_op2(&u, &crate::kernels::vecmath::SiluMul)?;
-            return self.down_proj.forward(&g);
-        }
-        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
+        self.down_proj.forward(&crate::kernels::swiglu::silu_mul(g, &u)?)
     }
 }
 
@@ -303,10 +236,8 @@ pub struct Block {
 pub struct KvCache {
     layers: Vec<LayerKv>,
     /// CUDA: the fused decode path's scratch vectors (made at its first step).
-    #[cfg(feature = "cuda")]
-    decode: Option<decode_cuda::Scratch>,
+    decode: Option<crate::kernels::decode::Scratch>,
     /// CUDA: keep to the generic path (what the fused one is tested against).
-    #[cfg(feature = "cuda")]
     unfused: bool,
 }
 
@@ -320,8 +251,7 @@ pub enum LayerKv {
     Empty,
     Tensors(Tensor, Tensor),
     Buf(KvBuf),
-    #[cfg(feature = "cuda")]
-    Gpu(decode_cuda::GpuKv),
+    Gpu(crate::kernels::decode::GpuKv),
 }
 
 /// Keys and values as `[kvh, cap, d]` f32 buffers (per head: positions `0..len` in use).
@@ -384,7 +314,6 @@ impl LayerKv {
             LayerKv::Empty => 0,
             LayerKv::Tensors(k, _) => k.dim(2).unwrap_or(0),
             LayerKv::Buf(b) => b.len,
-            #[cfg(feature = "cuda")]
             LayerKv::Gpu(g) => g.len(),
         }
     }
@@ -398,22 +327,18 @@ impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: (0..n_layers).map(|_| LayerKv::Empty).collect(),
-            #[cfg(feature = "cuda")]
             decode: None,
-            #[cfg(feature = "cuda")]
             unfused: false,
         }
     }
 
     /// This cache never takes the fused CUDA decode path (the reference in tests).
-    #[cfg(feature = "cuda")]
     pub fn unfused(mut self) -> Self {
         self.unfused = true;
         self
     }
 
     /// Whether the fused CUDA decode path holds this cache (it has run a step).
-    #[cfg(feature = "cuda")]
     pub fn is_fused(&self) -> bool {
         matches!(self.layers.first(), Some(LayerKv::Gpu(_)))
     }
@@ -459,7 +384,6 @@ impl Attention {
             let (q, k, v) = self.qkv(x, rope, pos)?;
             let (k, v) = match std::mem::take(slot) {
                 LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                #[cfg(feature = "cuda")]
                 LayerKv::Gpu(g) => {
                     let (pk, pv) = g.tensors()?;
                     (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
@@ -475,17 +399,10 @@ impl Attention {
 
     /// Rotated queries `[b, h, t, d]`, rotated keys and values `[b, kvh, t, d]`, contiguous.
     fn qkv(&self, x: &Tensor, rope: &Rope, pos: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
-        // CPU f32: split heads and rotate in one parallel pass per projection.
-        if let (Some(qh), Some(kh), Some(vh)) = (rope.split_heads(&q, h, d, pos, true)?, rope.split_heads(&k, kvh, d, pos, true)?, rope.split_heads(&v, kvh, d, pos, false)?) {
-            return Ok((qh, kh, vh));
-        }
-        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?;
-        let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
-        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        Ok((rope.apply(&q, pos)?, rope.apply(&k, pos)?, v))
+        let heads = |y: &Tensor, n: usize, rotate: bool| crate::kernels::rope::split_heads_at(y, n, d, &rope.cos, &rope.sin, pos, rotate);
+        Ok((heads(&q, h, true)?, heads(&k, kvh, true)?, heads(&v, kvh, false)?))
     }
 
     /// Queries `[b, h, t, d]` against all `s` keys/values `[b, kvh, s, d]`, the `t` queries being
@@ -493,30 +410,13 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, h, t, d) = q.dims4()?;
         let kvh = self.n_kv_heads;
-        let s = k.dim(2)?;
         // Grouped-query attention without copying K/V: fold the query heads that share a KV
         // head into the time axis, [b, kvh, rep*t, d].
         let rep = h / kvh;
         let q = q.reshape((b, kvh, rep * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = q.matmul(&k.t()?)?; // [b, kvh, rep*t, s]
-        let probs = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-            // Scale, causal mask and softmax in one pass over the scores, in place.
-            scores.reshape((b, kvh, rep, t, s))?.inplace_op1(&crate::kernels::attention::CausalSoftmax { scale: scale as f32, offset: s - t })?;
-            scores
-        } else {
-            let scores = (scores * scale)?;
-            let scores = if t > 1 {
-                let mask = causal_mask(t, s, q.device())?; // [t, s], 0 or -inf
-                scores
-                    .reshape((b, kvh, rep, t, s))?
-                    .broadcast_add(&mask.to_dtype(scores.dtype())?)?
-                    .reshape((b, kvh, rep * t, s))?
-            } else {
-                scores
-            };
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
-        };
+        let probs = crate::kernels::attention::causal_softmax(scores, t, scale, v.dtype())?;
         let out = probs.matmul(v)?; // [b, kvh, rep*t, d]
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
@@ -531,24 +431,15 @@ impl Attention {
         let mut q = f32_vec(&self.q_proj.forward(x)?)?;
         let mut k = f32_vec(&self.k_proj.forward(x)?)?;
         let v = f32_vec(&self.v_proj.forward(x)?)?;
-        crate::kernels::attention::rope_row_inplace(&mut q, d, &cos, &sin);
-        crate::kernels::attention::rope_row_inplace(&mut k, d, &cos, &sin);
+        crate::kernels::rope::cpu::rope_row_inplace(&mut q, d, &cos, &sin);
+        crate::kernels::rope::cpu::rope_row_inplace(&mut k, d, &cos, &sin);
         buf.append(&k, &v, 1);
         let mut out = vec![0f32; h * d];
         let scale = 1.0 / (d as f32).sqrt();
-        crate::kernels::attention::decode_attention(&q, &buf.k, &buf.v, buf.cap * d, buf.len, h, kvh, d, scale, &mut out);
+        crate::kernels::attention::cpu::decode_attention(&q, &buf.k, &buf.v, buf.cap * d, buf.len, h, kvh, d, scale, &mut out);
         let out = Tensor::from_vec(out, (1, 1, h * d), x.device())?;
         Ok(Some(self.o_proj.forward(&out)?))
     }
-}
-
-/// Additive causal mask for `t` queries that come after `s - t` cached positions.
-fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
-    let offset = s - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, s), device)?)
 }
 
 impl Block {
@@ -763,7 +654,6 @@ impl Llama {
             pos + t,
             self.rope.cos.dim(0)?
         );
-        #[cfg(feature = "cuda")]
         if let Some(c) = cache.as_deref_mut() {
             if let Some(logits) = decode_cuda::forward(self, ids, c)? {
                 return Ok(logits);
