@@ -13,7 +13,7 @@ const MODULE: Module = ptx_module!("softmax");
 /// `softmax(scale · s + mask)` over the last axis of scores `s` `[b, nh, c, t]` (contiguous, f32
 /// or bf16) with the f32 mask `[b, 1, c, t]`; the result in `s`'s dtype.
 pub fn forward(s: (&CudaStorage, &Layout), mask: (&CudaStorage, &Layout), scale: f32) -> Result<CudaStorage> {
-    let (b, nh, c, t) = s.1.shape().dims4()?;
+    let (b, _, c, t) = s.1.shape().dims4()?;
     ensure!(mask.1.shape().dims4()? == (b, 1, c, t) && mask.0.dtype() == DType::F32, "attention softmax: scores {:?}, mask {:?}", s.1.dims(), mask.1.dims());
     with_float!(s.0.dtype(), "attention softmax", T, n => forward_t::<T>(s, mask, scale, &format!("attn_softmax_fwd_{n}")))
 }

@@ -4,7 +4,7 @@
 //! reference the GPU tests compare with.
 
 use super::{Adapter, Dropout};
-use crate::kernels::launch::{self, aligned16, config, device_of, grid_stride, ptx_module, view, with_float, wrap, Module};
+use crate::kernels::launch::{self, aligned16, config, device_of, grid_stride, ptx_module, view, wrap, Module};
 use anyhow::{bail, Result};
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
