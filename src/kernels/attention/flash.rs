@@ -14,11 +14,6 @@ const MODULE: Module = ptx_module!("flash");
 /// Query or key rows per block (flash.cu's BR), 4 warps of 16.
 const BR: usize = 64;
 
-/// Can the kernels run this attention: CUDA, bf16, head size 64 or 128?
-pub fn supported(q: &Tensor) -> bool {
-    q.device().is_cuda() && q.dtype() == DType::BF16 && matches!(q.dims().last(), Some(64 | 128))
-}
-
 /// The kernel `name`_d`d` with room for `tiles` staged 64-row tiles and `extra` bytes.
 fn kernel(q: &Tensor, name: &str, d: usize, tiles: usize, extra: usize) -> Result<(CudaFunction, u32)> {
     let func = MODULE.function(&device_of(q)?, &format!("{name}_d{d}"))?;
@@ -33,7 +28,7 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(usize, usiz
     let kvh = k.dim(1)?;
     ensure!(k.dims() == [b, kvh, t, d] && v.dims() == k.dims() && kvh > 0 && nh % kvh == 0, "flash attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     ensure!(seg.dims() == [b, t] && seg.dtype() == DType::U32, "flash attention: segment ids {:?} {:?} for b {b}, t {t}", seg.dims(), seg.dtype());
-    ensure!(supported(q) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64 or 128 only");
+    ensure!(super::flash_fits(q) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64 or 128 only");
     ensure!(i32::try_from(t).is_ok() && (b * nh * t * d) < (1 << 40), "flash attention: too long");
     Ok((b, nh, kvh, t, d))
 }

@@ -116,7 +116,7 @@ pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: 
     let (lanes, cfg) = gemv_launch(w[0], (rq + rk + rv) / 4, cols, true)?;
     let args = w.map(Quant4Gpu::decode_arg);
     let (pos, d, cap) = (pos as i32, d as i32, cap as i32);
-    let (func, stream) = (kernel(&dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let (func, stream) = (kernel(dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&x_p).arg(&n_p).arg(&eps).arg(&cos_p).arg(&sin_p);
     b.arg(&pos).arg(&d).arg(&cap).arg(&q_p).arg(&k_p).arg(&v_p);
@@ -163,7 +163,7 @@ pub fn residual(w: &Quant4Gpu, h: &Tensor, x: &Tensor) -> Result<()> {
     let x_p = tensor_addr(x, dt, rows, dev, "residual")?;
     let (lanes, cfg) = gemv_launch(w, rows.div_ceil(4), cols, false)?;
     let arg = w.decode_arg();
-    let (func, stream) = (kernel(&dev, &format!("dec_residual_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let (func, stream) = (kernel(dev, &format!("dec_residual_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&arg).arg(&h_p).arg(&x_p);
     // SAFETY: arguments as decode.cu's dec_residual_*; sizes checked above.
@@ -184,7 +184,7 @@ pub fn gate_up(x: &Tensor, norm_w: &Tensor, eps: f32, gate: &Quant4Gpu, up: &Qua
     let h_p = tensor_addr(h, dt, rows, dev, "SwiGLU output")?;
     let (lanes, cfg) = gemv_launch(gate, rows.div_ceil(2), cols, true)?;
     let (ga, ua) = (gate.decode_arg(), up.decode_arg());
-    let (func, stream) = (kernel(&dev, &format!("dec_gate_up_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let (func, stream) = (kernel(dev, &format!("dec_gate_up_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&ga).arg(&ua).arg(&x_p).arg(&n_p).arg(&eps).arg(&h_p);
     // SAFETY: arguments as decode.cu's dec_gate_up_*; sizes checked above.
