@@ -192,11 +192,7 @@ impl Rope {
 
     /// cos/sin at one position as f32 slices (CPU f32 tables only), for the decode path.
     fn row_f32(&self, pos: usize) -> Option<(Vec<f32>, Vec<f32>)> {
-        let row = |t: &Tensor| -> Option<Vec<f32>> {
-            let half = t.dim(1).ok()?;
-            crate::kernels::with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
-        };
-        Some((row(&self.cos)?, row(&self.sin)?))
+        crate::kernels::rope::row_f32(&self.cos, &self.sin, pos)
     }
 }
 

@@ -120,6 +120,16 @@ pub fn split_heads_at(y: &Tensor, heads: usize, d: usize, cos: &Tensor, sin: &Te
     rotate_at(&y, cos, sin, pos)
 }
 
+/// The CPU decode step's rotation at position `pos`: the tables' (`[max_pos, d/2]`) rows as f32
+/// vectors when the CPU kernel takes them (CPU f32 tables), else `None`.
+pub fn row_f32(cos: &Tensor, sin: &Tensor, pos: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+    let row = |t: &Tensor| -> Option<Vec<f32>> {
+        let half = t.dim(1).ok()?;
+        super::with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
+    };
+    Some((row(cos)?, row(sin)?))
+}
+
 /// Rotate `x` `[b, heads, t, d]` for positions `pos..pos+t` of the tables `[max_pos, d/2]`.
 pub fn rotate_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: usize) -> Result<Tensor> {
     let t = x.dim(2)?;
