@@ -1,4 +1,4 @@
-//! CUDA 4-bit kernels (src/kernels/cuda.rs, quant4.cu) against their CPU twins: dequantization
+//! CUDA 4-bit kernels (src/kernels/quant4/: cuda.rs, quant4.cu) against their CPU twins: dequantization
 //! bit for bit (NF4/FP4, plain and double-quantized scales, odd sizes, every golden tensor), the
 //! fused GEMV within f32 accuracy, and `Linear` on a GPU. Every test prints a skip line and
 //! passes when CUDA device 0 cannot be opened.
@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
-use qscript::kernels::cuda::Quant4Gpu;
+use qscript::kernels::quant4::Quant4Gpu;
 use qscript::model::llama::Linear;
 use qscript::quant::{self, QuantType, Quantized4bit};
 use sha2::{Digest, Sha256};
@@ -330,10 +330,10 @@ fn linear_4bit_on_gpu_matches_cpu() {
 #[test]
 fn benches_run() {
     let Some(_) = gpu("benches_run") else { return };
-    let (gbs, ms) = qscript::kernels::cuda::bench_dequant(1024, 3072, 5).unwrap();
+    let (gbs, ms) = qscript::kernels::quant4::bench_dequant(1024, 3072, 5).unwrap();
     eprintln!("dequant 1024x3072 -> bf16: {gbs:.0} GB/s, {ms:.4} ms");
     assert!(gbs > 0.0 && ms > 0.0);
-    let (gbs, ms) = qscript::kernels::cuda::bench_gemv(1024, 3072, 5).unwrap();
+    let (gbs, ms) = qscript::kernels::quant4::bench_gemv(1024, 3072, 5).unwrap();
     eprintln!("gemv 1024x3072 bf16: {gbs:.0} GB/s, {ms:.4} ms");
     assert!(gbs > 0.0 && ms > 0.0);
 }
@@ -613,9 +613,9 @@ fn cross_entropy_kernel_matches_the_cpu() {
     }
 }
 
-// ------------------------------------------------------- fused batch-1 decoding (cuda_decode)
+// ------------------------------------------------------- fused batch-1 decoding (kernels::decode)
 
-use qscript::kernels::cuda_decode as dec;
+use qscript::kernels::decode::cuda as dec;
 use qscript::model::llama::{KvCache, Llama};
 
 /// An NF4 weight `[rows, cols]` of values in ±`scale` on `dev` (double-quantized scales or not)

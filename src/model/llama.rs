@@ -23,8 +23,7 @@ pub use super::layers::mlp::Mlp;
 pub use super::layers::norm::RmsNorm;
 pub use super::layers::rope::Rope;
 
-#[cfg(feature = "cuda")]
-pub(crate) mod decode_cuda;
+mod decode_cuda;
 
 pub struct Llama {
     pub config: Config,
@@ -227,7 +226,6 @@ impl Llama {
         let pos = cache.as_ref().map_or(0, |c| c.len());
         let max_pos = self.rope.max_positions()?;
         anyhow::ensure!(pos + t <= max_pos, "sequence of {} tokens exceeds max_position_embeddings ({max_pos})", pos + t);
-        #[cfg(feature = "cuda")]
         if let Some(c) = cache.as_deref_mut() {
             if let Some(logits) = decode_cuda::forward(self, ids, c)? {
                 return Ok(logits);

@@ -17,11 +17,10 @@
 use super::kv_cache::{f32_vec, KvBuf, LayerKv};
 use super::linear::{self, Linear};
 use super::rope::{merge_heads, split_heads, Rope, RopeAt};
-use crate::kernels::{attention_train, f32_view};
 use crate::model::engine::{Proj, TrainBatch};
 use crate::profile;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 
 pub struct Attention {
@@ -119,7 +118,7 @@ impl Attention {
         buf.append(&k, &v, 1);
         let mut out = vec![0f32; h * d];
         let scale = 1.0 / (d as f32).sqrt();
-        crate::kernels::attention::decode_attention(&q, &buf.k, &buf.v, buf.cap * d, buf.len, h, kvh, d, scale, &mut out);
+        crate::kernels::attention::cpu::decode_attention(&q, &buf.k, &buf.v, buf.cap * d, buf.len, h, kvh, d, scale, &mut out);
         let out = Tensor::from_vec(out, (1, 1, h * d), x.device())?;
         Ok(Some(self.o_proj.forward(&out)?))
     }
@@ -234,13 +233,10 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Ten
 /// [`forward`] given also the segment ids `[b, t]` (u32) the mask was built from: on CUDA in
 /// bf16 with head size 64 or 128 the flash kernels run, from those instead of the mask.
 pub fn forward_segments(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, segments: &Tensor) -> Result<(Tensor, Saved)> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::cuda_flash::supported(q) {
-        let (o, lse) = crate::kernels::cuda_flash::forward(q, k, v, segments)?;
+    if let Some((o, lse)) = crate::kernels::attention::flash_forward(q, k, v, segments)? {
         let flash = Some(Flash { o: o.clone(), lse, segments: segments.clone() });
         return Ok((o, Saved { q: q.clone(), k: k.clone(), v: v.clone(), mask: mask.clone(), p: None, tile: TILE, flash }));
     }
-    let _ = segments;
     forward(q, k, v, mask)
 }
 
@@ -249,18 +245,8 @@ pub fn forward_tiled(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, tile: us
     let (b, nh, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let rep = nh / kvh;
-    let square = k.dim(2)? == t;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let fused = match (f32_view(&q), f32_view(&k), f32_view(&v), f32_view(mask)) {
-        (Some(qv), Some(kv), Some(vv), Some(mv)) if square => {
-            let dims = attention_train::Dims { b, nh, kvh, t, d };
-            Some(attention_train::forward(dims, qv.slice(), kv.slice(), vv.slice(), mv.slice(), scale_of(d) as f32))
-        }
-        _ => None,
-    };
-    if let Some((o, p)) = fused {
-        let dev = q.device();
-        let (o, p) = (Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?);
+    if let Some((o, p)) = crate::kernels::attention::fused_forward(&q, &k, &v, mask, scale_of(d) as f32)? {
         return Ok((o, Saved { q, k, v, mask: mask.clone(), p: Some(p), tile, flash: None }));
     }
     let s = Saved { q, k, v, mask: mask.clone(), p: None, tile, flash: None };
@@ -302,38 +288,15 @@ impl Tile {
         let (k, v) = if whole { (s.k.clone(), s.v.clone()) } else { (s.k.narrow(2, 0, end)?.contiguous()?, s.v.narrow(2, 0, end)?.contiguous()?) };
         let mask = if whole { s.mask.clone() } else { s.mask.narrow(2, q0, c)?.narrow(3, 0, end)?.contiguous()? };
         let scores = profile::time("·attn QK matmul", || q.matmul(&k.t()?)?.reshape((b, nh, c, end)))?;
-        let p = profile::time("·attn softmax", || softmax_fwd(&scores, &mask, scale_of(d)))?;
+        let p = profile::time("·attn softmax", || crate::kernels::attention::masked_softmax(&scores, &mask, scale_of(d)))?;
         Ok(Self { q, k, v, p })
     }
 }
 
-/// `softmax(scale · scores + mask)` over the last axis, scores `[b, nh, c, s]` with the mask
-/// `[b, 1, c, s]`, in the scores' dtype with f32 statistics; one fused kernel on CUDA.
-fn softmax_fwd(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if scores.device().is_cuda() && matches!(scores.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
-        return crate::kernels::cuda_train::attn_softmax_fwd(&scores.contiguous()?, &mask.contiguous()?, scale as f32);
-    }
-    let sd = super::stat_dtype(scores.dtype());
-    let x = (scores.to_dtype(sd)? * scale)?.broadcast_add(&mask.to_dtype(sd)?)?;
-    Ok(candle_nn::ops::softmax_last_dim(&x)?.to_dtype(scores.dtype())?)
-}
-
-/// Softmax backward: `dS = P ⊙ (dP − Σ_j dP·P)`; one fused kernel on CUDA.
-fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if p.device().is_cuda() && matches!(p.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) {
-        return crate::kernels::cuda_train::attn_softmax_bwd(&p.contiguous()?, &dp.contiguous()?);
-    }
-    let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
-    Ok((p * dp.broadcast_sub(&dot)?)?)
-}
-
 /// Returns `(dq, dk, dv)` in the shapes of the forward's inputs.
 pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
     if let Some(f) = &s.flash {
-        return crate::kernels::cuda_flash::backward(&s.q, &s.k, &s.v, &f.segments, &f.o, &f.lse, &d_o.to_dtype(s.q.dtype())?);
+        return crate::kernels::attention::flash_backward(&s.q, &s.k, &s.v, &f.segments, &f.o, &f.lse, &d_o.to_dtype(s.q.dtype())?);
     }
     let (b, nh, t, d) = s.q.dims4()?;
     anyhow::ensure!(s.k.dim(2)? == t, "attention backward: queries after cached positions (inference only)");
@@ -341,11 +304,8 @@ pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let rep = nh / kvh;
     let scale = scale_of(d);
     let d_o = d_o.contiguous()?;
-    if let (Some(qv), Some(kv), Some(vv), Some(pv), Some(dov)) = (f32_view(&s.q), f32_view(&s.k), f32_view(&s.v), s.p.as_ref().and_then(f32_view), f32_view(&d_o)) {
-        let dims = attention_train::Dims { b, nh, kvh, t, d };
-        let (dq, dk, dv) = attention_train::backward(dims, qv.slice(), kv.slice(), vv.slice(), pv.slice(), dov.slice(), scale as f32);
-        let dev = d_o.device();
-        return Ok((Tensor::from_vec(dq, s.q.shape(), dev)?, Tensor::from_vec(dk, s.k.shape(), dev)?, Tensor::from_vec(dv, s.v.shape(), dev)?));
+    if let Some(grads) = crate::kernels::attention::fused_backward(&s.q, &s.k, &s.v, s.p.as_ref(), &d_o, scale as f32)? {
+        return Ok(grads);
     }
     // Per tile: dV += Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − Σ_j dP·P), dQ = s·dS K, dK += s·dSᵀ Q.
     // dK and dV add up over tiles in f32 (each tile covers a prefix of the keys).
@@ -359,7 +319,7 @@ pub fn backward(s: &Saved, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let p = tile.p.reshape((b, kvh, rep * c, end))?;
         // dV_c [b, kvh, end, d], dP [b, kvh, rep·c, end].
         let (dv_c, dp) = profile::time("·attn bwd dV dP matmuls", || -> Result<_> { Ok((p.t()?.matmul(&do_c)?, do_c.matmul(&tile.v.t()?)?)) })?;
-        let ds = profile::time("·attn bwd softmax", || softmax_bwd(&p, &dp))?;
+        let ds = profile::time("·attn bwd softmax", || crate::kernels::attention::softmax_backward(&p, &dp))?;
         let _pr = profile::scope("·attn bwd dQ dK matmuls");
         dqs.push((ds.matmul(&tile.k)? * scale)?.reshape((b, nh, c, d))?);
         let dk_c = (ds.t()?.matmul(&tile.q)? * scale)?;

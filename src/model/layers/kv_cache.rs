@@ -9,25 +9,22 @@ use candle_core::{Device, Tensor};
 pub struct KvCache {
     pub(crate) layers: Vec<LayerKv>,
     /// CUDA: the fused decode path's scratch vectors (made at its first step).
-    #[cfg(feature = "cuda")]
-    pub(crate) decode: Option<crate::model::llama::decode_cuda::Scratch>,
+    pub(crate) decode: Option<crate::kernels::decode::Scratch>,
     /// CUDA: keep to the generic path (what the fused one is tested against).
-    #[cfg(feature = "cuda")]
     pub(crate) unfused: bool,
 }
 
 /// One layer's cached keys and values. With batch 1 in f32 on the CPU (generation) they live
 /// in preallocated buffers that decoding appends to in place, and likewise in GPU buffers when
-/// CUDA decodes through the fused path; otherwise they are tensors `[b, kvh, s, d]` grown by
-/// concatenation.
+/// CUDA decodes through the fused path (`kernels::decode::GpuKv`); otherwise they are tensors
+/// `[b, kvh, s, d]` grown by concatenation.
 #[derive(Default)]
 pub enum LayerKv {
     #[default]
     Empty,
     Tensors(Tensor, Tensor),
     Buf(KvBuf),
-    #[cfg(feature = "cuda")]
-    Gpu(GpuKv),
+    Gpu(crate::kernels::decode::GpuKv),
 }
 
 /// Keys and values as `[kvh, cap, d]` f32 buffers (per head: positions `0..len` in use).
@@ -95,7 +92,6 @@ impl LayerKv {
             LayerKv::Empty => 0,
             LayerKv::Tensors(k, _) => k.dim(2).unwrap_or(0),
             LayerKv::Buf(b) => b.len,
-            #[cfg(feature = "cuda")]
             LayerKv::Gpu(g) => g.len(),
         }
     }
@@ -113,7 +109,6 @@ impl LayerKv {
         }
         let (k, v) = match std::mem::take(self) {
             LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            #[cfg(feature = "cuda")]
             LayerKv::Gpu(g) => {
                 let (pk, pv) = g.tensors()?;
                 (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
@@ -129,22 +124,18 @@ impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: (0..n_layers).map(|_| LayerKv::Empty).collect(),
-            #[cfg(feature = "cuda")]
             decode: None,
-            #[cfg(feature = "cuda")]
             unfused: false,
         }
     }
 
     /// This cache never takes the fused CUDA decode path (the reference in tests).
-    #[cfg(feature = "cuda")]
     pub fn unfused(mut self) -> Self {
         self.unfused = true;
         self
     }
 
     /// Whether the fused CUDA decode path holds this cache (it has run a step).
-    #[cfg(feature = "cuda")]
     pub fn is_fused(&self) -> bool {
         matches!(self.layers.first(), Some(LayerKv::Gpu(_)))
     }
@@ -156,57 +147,5 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Capacity (positions) of a new GPU buffer at least.
-#[cfg(feature = "cuda")]
-pub(crate) const MIN_CAP: usize = 64;
-
-/// CUDA's fused decoding: one layer's keys and values in buffers `[kv_heads, cap, d]`
-/// (positions `0..len` in use) that decoding appends to in place, doubled (one copy) when full.
-#[cfg(feature = "cuda")]
-pub struct GpuKv {
-    pub(crate) k: Tensor,
-    pub(crate) v: Tensor,
-    pub(crate) len: usize,
-}
-
-/// `t` `[kvh, len, d]` followed by zeros up to `cap` positions, in a new tensor.
-#[cfg(feature = "cuda")]
-fn with_room(t: &Tensor, cap: usize) -> Result<Tensor> {
-    let (kvh, len, d) = t.dims3()?;
-    let zeros = Tensor::zeros((kvh, cap - len, d), t.dtype(), t.device())?;
-    Ok(if len == 0 { zeros } else { Tensor::cat(&[t, &zeros], 1)? })
-}
-
-#[cfg(feature = "cuda")]
-impl GpuKv {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// From the generic path's cache tensors `[1, kvh, s, d]` (after prefill).
-    pub(crate) fn from_tensors(k: &Tensor, v: &Tensor) -> Result<Self> {
-        let len = k.dim(2)?;
-        let cap = (len + 1).next_power_of_two().max(MIN_CAP);
-        Ok(Self { k: with_room(&k.squeeze(0)?, cap)?, v: with_room(&v.squeeze(0)?, cap)?, len })
-    }
-
-    /// Room for position `len`.
-    pub(crate) fn reserve_one(&mut self) -> Result<()> {
-        let cap = self.k.dim(1)?;
-        if self.len == cap {
-            self.k = with_room(&self.k, 2 * cap)?;
-            self.v = with_room(&self.v, 2 * cap)?;
-        }
-        Ok(())
-    }
-
-    /// The cached positions as the generic path keeps them, `[1, kvh, len, d]` (a copy, except
-    /// with one KV head: then a view, read once before this buffer is dropped).
-    pub(crate) fn tensors(&self) -> Result<(Tensor, Tensor)> {
-        let take = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, self.len)?.contiguous()?.unsqueeze(0)?) };
-        Ok((take(&self.k)?, take(&self.v)?))
     }
 }

@@ -7,21 +7,14 @@
 use super::linear::Linear;
 use crate::profile;
 use anyhow::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 /// f32 logits `[..., vocab]` of the final-normed hidden states `h` `[..., hidden]`.
 pub fn logits(head: &Linear, h: &Tensor) -> Result<Tensor> {
     Ok(head.forward(h)?.to_dtype(DType::F32)?)
 }
 
-/// Rows projected per chunk (chunk × vocab f32 logits live at once: 256 × 49152 × 4 B = 48 MiB).
-pub const CHUNK_ROWS: usize = 256;
-
-/// Rows per chunk on `device`: on a GPU larger chunks keep the matmuls large and the per-chunk
-/// launches and loss read-backs few (1024 × 128256 × 4 B = 0.5 GiB of logits at once).
-pub fn chunk_rows(device: &candle_core::Device) -> usize {
-    if device.is_cpu() { CHUNK_ROWS } else { 1024 }
-}
+pub use crate::kernels::cross_entropy::{chunk_rows, CHUNK_ROWS};
 
 pub struct Output {
     /// Σ over trained tokens of −log p(target).
@@ -41,22 +34,19 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
     if let Some(bad) = rows.iter().map(|&i| targets[i as usize]).find(|&t| t as usize >= vocab) {
         anyhow::bail!("label {bad} is out of range for vocab_size {vocab}");
     }
-    if let (Some(hv), Some(wv)) = (crate::kernels::f32_view(h), crate::kernels::f32_view(head)) {
-        let tg: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
-        let (loss_sum, dh) = crate::kernels::train_cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, &rows, &tg, grad_scale.map(|s| s as f32), chunk_rows);
-        let dh = dh.map(|d| Tensor::from_vec(d, (n, hidden), h.device())).transpose()?;
+    let tg: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
+    if let Some((loss_sum, dh)) = crate::kernels::cross_entropy::lm_head_xent(h, head, &rows, &tg, grad_scale, chunk_rows)? {
         return Ok(Output { loss_sum, n_tokens: rows.len(), dh });
     }
     let dev = h.device();
     let mut losses = Vec::new();
     let mut dh_rows = Vec::new();
-    for chunk in rows.chunks(chunk_rows.max(1)) {
+    for (chunk, tgt) in rows.chunks(chunk_rows.max(1)).zip(tg.chunks(chunk_rows.max(1))) {
         let idx = Tensor::new(chunk, dev)?;
-        let tgt: Vec<u32> = chunk.iter().map(|&i| targets[i as usize] as u32).collect();
-        let tgt = Tensor::new(tgt.as_slice(), dev)?;
+        let tgt = Tensor::new(tgt, dev)?;
         let hc = h.index_select(&idx, 0)?;
         let logits = profile::time("·ce logits matmul", || hc.matmul(&head.t()?))?; // [c, vocab]
-        let (loss, dlogits) = profile::time("·ce softmax+loss", || chunk_loss(&logits, &tgt, grad_scale))?;
+        let (loss, dlogits) = profile::time("·ce softmax+loss", || crate::kernels::cross_entropy::xent_rows(&logits, &tgt, grad_scale))?;
         losses.push(loss);
         if let Some(dl) = dlogits {
             let rows = profile::time("·ce dh matmul", || dl.matmul(head))?;
@@ -79,28 +69,4 @@ pub fn forward_backward(h: &Tensor, head: &Tensor, targets: &[i64], grad_scale: 
         }
     };
     Ok(Output { loss_sum, n_tokens: rows.len(), dh })
-}
-
-/// Per-row losses `[c]` (stat dtype) of logits `[c, vocab]` against `tgt` `[c]` (u32), and with
-/// `grad_scale` the logits' gradient `scale · (softmax − onehot)` in the logits' dtype. One
-/// kernel on CUDA; candle ops elsewhere.
-fn chunk_loss(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
-    #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
-        return crate::kernels::cuda_train::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32));
-    }
-    let sd = super::stat_dtype(logits.dtype());
-    let dtype = logits.dtype();
-    let logits = logits.to_dtype(sd)?;
-    let tgt = tgt.unsqueeze(1)?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    let lse = (max + sum.log()?)?;
-    let loss = (lse - logits.gather(&tgt, 1)?)?.squeeze(1)?;
-    let Some(scale) = grad_scale else { return Ok((loss, None)) };
-    // d loss / d logits = softmax − onehot(target).
-    let p = e.broadcast_div(&sum)?;
-    let minus_one = Tensor::full(-1f32, (tgt.dim(0)?, 1), logits.device())?.to_dtype(sd)?;
-    Ok((loss, Some((p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(dtype)?)))
 }

@@ -21,10 +21,4 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 
-use candle_core::DType;
-
-/// Precision for reductions (norm statistics, softmax, loss): f32, or f64 when the model runs
-/// in f64 (the finite-difference gradient checks).
-pub fn stat_dtype(d: DType) -> DType {
-    if d == DType::F64 { DType::F64 } else { DType::F32 }
-}
+pub use crate::kernels::stat_dtype;

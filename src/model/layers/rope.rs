@@ -122,11 +122,8 @@ impl Rope {
 
     /// cos/sin at one position as f32 vectors (CPU f32 tables only): decoding's rotation.
     pub fn row_f32(&self, pos: usize) -> Option<RopeRow> {
-        let row = |t: &Tensor| -> Option<Vec<f32>> {
-            let half = t.dim(1).ok()?;
-            crate::kernels::with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
-        };
-        Some(RopeRow { cos: row(&self.cos)?, sin: row(&self.sin)? })
+        let (cos, sin) = crate::kernels::rope::row_f32(&self.cos, &self.sin, pos)?;
+        Some(RopeRow { cos, sin })
     }
 }
 
@@ -139,7 +136,7 @@ pub struct RopeRow {
 impl RopeRow {
     /// Rotates `x` `[heads·d]` in place.
     pub fn rotate(&self, x: &mut [f32], d: usize) {
-        crate::kernels::attention::rope_row_inplace(x, d, &self.cos, &self.sin);
+        crate::kernels::rope::cpu::rope_row_inplace(x, d, &self.cos, &self.sin);
     }
 }
 
@@ -156,62 +153,22 @@ pub fn gather(cos: &Tensor, sin: &Tensor, positions: &Tensor) -> Result<(Tensor,
 
 /// Rotate `x` `[b, heads, t, d]`; nothing needs saving beyond the tables.
 pub fn forward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+    crate::kernels::rope::rotate(x, cos, sin)
 }
 
 /// The rotation is orthogonal: its transpose rotates by the opposite angle.
 pub fn backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope(&dy.contiguous()?, cos, &sin.neg()?)?)
+    crate::kernels::rope::rotate_back(dy, cos, sin)
 }
 
 /// A projection's rows `[b·t, heads·d]` → `[b, heads, t, d]`, rotated when `rope` (the gathered
-/// cos/sin `[b, t, d/2]`) is given: one fused kernel on CUDA and for f32 on the CPU, the copy
-/// and then [`forward`] elsewhere.
+/// cos/sin `[b, t, d/2]`) is given.
 pub fn split_heads(x: &Tensor, b: usize, t: usize, heads: usize, d: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if cuda_fused(x, rope) {
-        return crate::kernels::cuda_train::heads_rope(&x.contiguous()?, rope, b, t, heads, d, false);
-    }
-    if let Some(y) = cpu_split_heads(x, b, t, heads, d, rope)? {
-        return Ok(y);
-    }
-    let y = x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
-    match rope {
-        Some((cos, sin)) => forward(&y, cos, sin),
-        None => Ok(y),
-    }
-}
-
-/// [`split_heads`] by the CPU kernel, when `x` and the tables are contiguous f32.
-fn cpu_split_heads(x: &Tensor, b: usize, t: usize, heads: usize, d: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Option<Tensor>> {
-    use crate::kernels::{attention::split_heads_rope, f32_view};
-    let Some(xv) = f32_view(x) else { return Ok(None) };
-    let y = match rope {
-        None => split_heads_rope(xv.slice(), b, t, heads, d, None),
-        Some((cos, sin)) => match (f32_view(cos), f32_view(sin)) {
-            (Some(c), Some(s)) => split_heads_rope(xv.slice(), b, t, heads, d, Some((c.slice(), s.slice()))),
-            _ => return Ok(None),
-        },
-    };
-    Ok(Some(Tensor::from_vec(y, (b, heads, t, d), x.device())?))
+    crate::kernels::rope::split_heads(x, b, t, heads, d, rope)
 }
 
 /// The transpose of [`split_heads`] (for its gradient): `[b, heads, t, d]` → `[b·t, heads·d]`,
 /// rotated back when `rope` is given.
 pub fn merge_heads(y: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-    let (b, heads, t, d) = y.dims4()?;
-    #[cfg(feature = "cuda")]
-    if cuda_fused(y, rope) {
-        return crate::kernels::cuda_train::heads_rope(&y.contiguous()?, rope, b, t, heads, d, true);
-    }
-    let y = match rope {
-        Some((cos, sin)) => backward(y, cos, sin)?,
-        None => y.clone(),
-    };
-    Ok(y.transpose(1, 2)?.contiguous()?.reshape((b * t, heads * d))?)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_fused(x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> bool {
-    x.device().is_cuda() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::BF16) && rope.is_none_or(|(c, s)| c.dtype() == x.dtype() && s.dtype() == x.dtype())
+    crate::kernels::rope::merge_heads(y, rope)
 }

@@ -1,4 +1,4 @@
-//! CUDA kernels (feature `cuda`): bitsandbytes 4-bit weights resident on the GPU.
+//! bitsandbytes 4-bit weights resident on a CUDA device (feature `cuda`), from `quant4.cu`.
 //!
 //! [`Quant4Gpu`] is the device copy of a [`Quantized4bit`]: the packed codes, the per-block
 //! scales as the checkpoint stores them (f32, or under double quantization u8 codes plus the
@@ -6,23 +6,19 @@
 //! in the GEMV's memory traffic, not 4), and the 16-entry dequantization table. Its
 //! [`dequantize`](Quant4Gpu::dequantize) is bit-identical with the CPU's
 //! [`crate::quant::dequantize_4bit`]; [`gemv`](Quant4Gpu::gemv) is the fused batch-1 product that
-//! never materialises the weight. The kernels are in `src/kernels/cuda/quant4.cu` (PTX built by
-//! build.rs); their argument order is mirrored here.
+//! never materialises the weight. The kernels' argument order is mirrored here.
 
+use crate::kernels::launch::{self, addr, aligned16, blocks, Module, ptx_module};
 use crate::quant::codebook::dequant_table;
 use crate::quant::{Absmax, Quantized4bit, QuantType};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant4.ptx"));
-/// The PTX module's name in candle's per-device cache of custom modules.
-const MODULE: &str = "qscript_quant4";
+const MODULE: Module = ptx_module!("quant4");
 /// Threads per block of the dequantization kernel (each thread does 32 elements).
 const DEQUANT_THREADS: usize = 256;
 /// Threads per block of the GEMV kernels (at most; see [`gemv_blocks`]).
@@ -47,46 +43,6 @@ pub struct Quant4Gpu {
     scales: Scales,
     /// Multiprocessors of the device (sizes the GEMV's blocks).
     sms: usize,
-}
-
-/// Whether a device buffer starts on a 16-byte boundary (what the vector loads need).
-/// The kernel `name` of the PTX module `module` on `dev`, looked up once per thread, device and
-/// module (candle's lookup takes locks, a string copy and a driver call on every launch).
-pub(crate) fn function(dev: &CudaDevice, module: &'static str, ptx: &'static str, name: &str) -> Result<CudaFunction> {
-    type Cache = HashMap<(DeviceId, &'static str), HashMap<String, CudaFunction>>;
-    thread_local! {
-        static FUNCTIONS: RefCell<Cache> = RefCell::new(HashMap::new());
-    }
-    let key = (dev.id(), module);
-    if let Some(f) = FUNCTIONS.with_borrow(|c| c.get(&key).and_then(|m| m.get(name)).cloned()) {
-        return Ok(f);
-    }
-    let f = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
-    FUNCTIONS.with_borrow_mut(|c| c.entry(key).or_default().insert(name.to_string(), f.clone()));
-    Ok(f)
-}
-
-fn aligned16<T, S: DevicePtr<T>>(s: &S, stream: &CudaStream) -> bool {
-    let (ptr, _record) = s.device_ptr(stream);
-    ptr % 16 == 0
-}
-
-/// Launch; with `timed`, the kernel's own time in ms from CUDA events around it (this waits).
-fn launch(b: &mut LaunchArgs, cfg: LaunchConfig, timed: bool) -> Result<Option<f32>> {
-    if timed {
-        b.record_kernel_launch(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    }
-    // SAFETY: every launch site pushes exactly the arguments of its kernel in quant4.cu, with
-    // buffer lengths checked against the shape (`upload` validates the weight).
-    let events = unsafe { b.launch(cfg) }.w()?;
-    Ok(match events {
-        Some((start, end)) => Some(start.elapsed_ms(&end).w()?),
-        None => None,
-    })
-}
-
-fn blocks(n: usize, threads: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n.div_ceil(threads) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// The GEMV's launch over `threads` threads: blocks of 128, halved (down to one warp) while
@@ -169,7 +125,7 @@ impl Quant4Gpu {
         };
     }
 
-    /// Whether the fused decode kernels (src/kernels/cuda_decode.rs) take this weight: a 2-D
+    /// Whether the fused decode kernels (`kernels::decode`) take this weight: a 2-D
     /// `[out, in]` weight with whole 32-element chunks per row (what their GEMV reads).
     pub fn fused_ok(&self) -> bool {
         matches!(self.shape[..], [rows, cols] if cols % 32 == 0 && rows <= i32::MAX as usize && cols <= i32::MAX as usize)
@@ -186,18 +142,15 @@ impl Quant4Gpu {
 
     /// The weight as the fused decode kernels take it (device addresses of its buffers, valid
     /// while `self` lives; the statistics slots as in [`Self::push_stats`]). Needs [`Self::fused_ok`].
-    pub(crate) fn decode_arg(&self) -> super::cuda_decode::W4Arg {
+    pub(crate) fn decode_arg(&self) -> crate::kernels::decode::W4Arg {
         let stream = self.dev.cuda_stream();
-        fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-            s.device_ptr(stream).0
-        }
         let (absmax, absmax_q, nested_absmax, nested_code, offset, log2_nested) = match &self.scales {
             Scales::Plain(a) => (addr(a, &stream), addr(a, &stream), addr(a, &stream), addr(a, &stream), 0.0, 0),
             Scales::Double { q, nested, code, offset, log2_nested } => {
                 (addr(nested, &stream), addr(q, &stream), addr(nested, &stream), addr(code, &stream), *offset, *log2_nested)
             }
         };
-        super::cuda_decode::W4Arg {
+        crate::kernels::decode::W4Arg {
             packed: addr(&self.packed, &stream),
             lut: addr(&self.lut, &stream),
             absmax,
@@ -236,12 +189,13 @@ impl Quant4Gpu {
         let mut out = unsafe { self.dev.alloc::<T>(self.numel)? };
         let vec = i32::from(aligned16(&self.packed, &stream) && aligned16(&out, &stream));
         let n = self.numel as i64;
-        let func = function(&self.dev, MODULE, PTX, kernel)?;
+        let func = MODULE.function(&self.dev, kernel)?;
         let mut b = stream.launch_builder(&func);
         b.arg(&self.packed).arg(&self.lut);
         self.push_stats(&mut b);
         b.arg(&self.log2_bs).arg(&n).arg(&mut out).arg(&vec);
-        let ms = launch(&mut b, blocks(self.numel.div_ceil(32), DEQUANT_THREADS), timed)?;
+        // SAFETY: the arguments of quant4.cu's dequant4 kernels; `upload` validated the weight.
+        let ms = unsafe { launch::launch_timed(&mut b, blocks(self.numel.div_ceil(32), DEQUANT_THREADS), timed) }?;
         drop(b);
         Ok((T::wrap_cuda_slice(out, self.dev.clone()), ms))
     }
@@ -276,9 +230,7 @@ impl Quant4Gpu {
     fn launch_gemv<T: CudaDType + DeviceRepr>(&self, x: &Tensor, xname: &str, timed: bool) -> Result<(CudaStorage, Option<f32>)> {
         let (rows, cols) = (self.shape[0], self.shape[1]);
         let (guard, layout) = x.storage_and_layout();
-        let Storage::Cuda(cs) = &*guard else { bail!("GEMV: x is not on a CUDA device") };
-        let (start, end) = layout.contiguous_offsets().context("GEMV: x must be contiguous")?;
-        let xs = cs.as_cuda_slice::<T>()?.slice(start..end);
+        let xs = launch::view::<T>(&guard, layout, "GEMV: x")?;
         let stream = self.dev.cuda_stream();
         // SAFETY: the kernel writes all `rows` outputs.
         let mut y = unsafe { self.dev.alloc::<T>(rows)? };
@@ -290,12 +242,13 @@ impl Quant4Gpu {
             (format!("gemv4_generic_{xname}_{}", self.kind()), gemv_blocks(rows * 32, self.sms))
         };
         let (rows_i, cols_i) = (rows as i32, cols as i32);
-        let func = function(&self.dev, MODULE, PTX, &kernel)?;
+        let func = MODULE.function(&self.dev, &kernel)?;
         let mut b = stream.launch_builder(&func);
         b.arg(&self.packed).arg(&self.lut);
         self.push_stats(&mut b);
         b.arg(&self.log2_bs).arg(&rows_i).arg(&cols_i).arg(&xs).arg(&mut y);
-        let ms = launch(&mut b, cfg, timed)?;
+        // SAFETY: the arguments of quant4.cu's gemv4 kernels, x's length checked against the shape.
+        let ms = unsafe { launch::launch_timed(&mut b, cfg, timed) }?;
         drop(b);
         Ok((T::wrap_cuda_slice(y, self.dev.clone()), ms))
     }

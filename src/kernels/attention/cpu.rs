@@ -1,5 +1,6 @@
-//! Attention kernels for the CPU: a fused scaled causal softmax (prefill and training shapes)
-//! and a fused single-query attention over a key/value cache (decoding).
+//! Attention kernels of inference on the CPU: a fused single-query attention over a key/value
+//! cache (decoding), and a fused scaled causal softmax (no model path runs it since prefill
+//! runs the training op, `cpu_train.rs`; kept with its tests).
 //!
 //! Masking semantics, shared by both: query row `i` of a block of `t` queries that follows
 //! `offset` cached positions sits at absolute position `offset + i` and attends to key
@@ -8,7 +9,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
-use super::vecmath::exp512;
+use crate::kernels::vecmath::exp512;
 use rayon::prelude::*;
 
 /// Rows of at least this many elements in total per parallel task.
@@ -266,70 +267,11 @@ unsafe fn weighted_rows_avx512(p: &[f32], v: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Rotate one head-major row `x` `[heads·d]` in place with HF's rotate-half layout, given the
-/// position's `cos`/`sin` `[d/2]`: the same arithmetic as candle's `rope` kernel.
-pub fn rope_row_inplace(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
-    let half = d / 2;
-    assert!(cos.len() == half && sin.len() == half && x.len() % d == 0);
-    for hx in x.chunks_exact_mut(d) {
-        let (x1, x2) = hx.split_at_mut(half);
-        for i in 0..half {
-            let (a, b) = (x1[i], x2[i]);
-            x1[i] = a * cos[i] - b * sin[i];
-            x2[i] = a * sin[i] + b * cos[i];
-        }
-    }
-}
-
-/// Split heads and rotate in one pass: `x` `[b, t, heads·d]` (a projection's output) →
-/// `[b, heads, t, d]`, token `(bi, i)` rotated (HF rotate-half, the arithmetic of
-/// [`rope_row_inplace`] and of candle's `rope`) by its cos/sin row `bi·t + i` of per-token
-/// `[b·t, d/2]` tables when `rope` is given, else only moved. Parallel over (batch, head) blocks.
-pub fn split_heads_rope(x: &[f32], b: usize, t: usize, heads: usize, d: usize, rope: Option<(&[f32], &[f32])>) -> Vec<f32> {
-    assert_eq!(x.len(), b * t * heads * d, "split heads: {} elements for [{b}, {t}, {heads}·{d}]", x.len());
-    let half = d / 2;
-    if let Some((cos, sin)) = rope {
-        assert!(d % 2 == 0 && cos.len() == b * t * half && sin.len() == b * t * half, "split heads: rope tables of {} for {b}×{t} tokens", cos.len());
-    }
-    let mut out = vec![0f32; x.len()];
-    if t * d == 0 {
-        return out;
-    }
-    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
-        let (bi, h) = (bh / heads, bh % heads);
-        for (i, orow) in o.chunks_exact_mut(d).enumerate() {
-            let src = &x[((bi * t + i) * heads + h) * d..][..d];
-            match rope {
-                None => orow.copy_from_slice(src),
-                Some((cos, sin)) => {
-                    let (c, s) = (&cos[(bi * t + i) * half..][..half], &sin[(bi * t + i) * half..][..half]);
-                    let (o1, o2) = orow.split_at_mut(half);
-                    let (x1, x2) = src.split_at(half);
-                    for j in 0..half {
-                        o1[j] = x1[j] * c[j] - x2[j] * s[j];
-                        o2[j] = x1[j] * s[j] + x2[j] * c[j];
-                    }
-                }
-            }
-        }
-    });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::{assert_close, pseudo};
     use candle_core::{Device, Tensor};
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut z = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((z >> 33) as f32 / (1u64 << 31) as f32) * 8.0 - 4.0
-            })
-            .collect()
-    }
 
     /// Plain reference: additive -inf mask then softmax in f64.
     fn reference(x: &[f32], s: usize, t: usize, offset: usize, scale: f32) -> Vec<f32> {
@@ -344,13 +286,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn assert_close(a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol, "element {i}: {x} vs {y}");
-        }
     }
 
     #[test]
@@ -417,34 +352,5 @@ mod tests {
             decode_attention(&q, &k, &v, stride, s, nh, kvh, d, scale, &mut out);
             assert_close(&out, &decode_reference(&q, &k, &v, stride, s, nh, kvh, d, scale), 2e-5);
         }
-    }
-
-    #[test]
-    fn split_heads_rope_matches_candle_transpose_and_rope() {
-        let (b, t, h, d) = (2, 5, 3, 8);
-        let x = pseudo(b * t * h * d, 8);
-        let cos = pseudo(b * t * d / 2, 9);
-        let sin = pseudo(b * t * d / 2, 10);
-        let xt = Tensor::from_vec(x.clone(), (b, t, h, d), &Device::Cpu).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-        assert_close(&split_heads_rope(&x, b, t, h, d, None), &xt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 0.0);
-        let c = Tensor::from_vec(cos.clone(), (b, t, d / 2), &Device::Cpu).unwrap();
-        let s = Tensor::from_vec(sin.clone(), (b, t, d / 2), &Device::Cpu).unwrap();
-        let want = candle_nn::rotary_emb::rope(&xt, &c, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_close(&split_heads_rope(&x, b, t, h, d, Some((&cos, &sin))), &want, 0.0);
-    }
-
-    #[test]
-    fn rope_row_matches_candle() {
-        let (h, d) = (3, 8);
-        let x = pseudo(h * d, 5);
-        let cos = pseudo(d / 2, 6);
-        let sin = pseudo(d / 2, 7);
-        let mut got = x.clone();
-        rope_row_inplace(&mut got, d, &cos, &sin);
-        let xt = Tensor::from_vec(x, (1, h, 1, d), &Device::Cpu).unwrap();
-        let c = Tensor::from_vec(cos, (1, d / 2), &Device::Cpu).unwrap();
-        let s = Tensor::from_vec(sin, (1, d / 2), &Device::Cpu).unwrap();
-        let want = candle_nn::rotary_emb::rope(&xt, &c, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_close(&got, &want, 0.0);
     }
 }

@@ -1,21 +1,20 @@
-//! Fused kernels of batch-1 decoding with 4-bit weights (feature `cuda`), from
-//! `src/kernels/cuda/decode.cu`: per layer RMSNorm + q/k/v + RoPE + KV append, attention,
-//! o_proj + residual, RMSNorm + gate/up + SwiGLU, down_proj + residual: five launches
-//! (`model::llama::decode_cuda` chains them). Activations f32 or bf16, statistics and sums f32.
+//! Fused kernels of batch-1 decoding with 4-bit weights (feature `cuda`), from `decode.cu`:
+//! per layer RMSNorm + q/k/v + RoPE + KV append, attention, o_proj + residual, RMSNorm +
+//! gate/up + SwiGLU, down_proj + residual: five launches (`decode::layer` chains them).
+//! Activations f32 or bf16, statistics and sums f32.
 //!
 //! The launchers write in place into tensors the caller owns (the residual stream, the KV cache,
 //! scratch vectors): those must not share their storage with any other tensor. They only enqueue
 //! work on the device's stream (no host synchronisation).
 
-use super::cuda::{gemv_blocks, gemv_lanes, Quant4Gpu};
+use crate::kernels::launch::{self, addr, config, float_name, ptx_module, Module};
+use crate::kernels::quant4::{gemv_blocks, gemv_lanes, Quant4Gpu};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{CudaDevice, DType, Storage, Tensor};
 use half::bf16;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
-const MODULE: &str = "qscript_decode";
+const MODULE: Module = ptx_module!("decode");
 /// Dynamic shared memory the norm-fused kernels may use without opting in (the normed row, f32).
 const MAX_SHARED: usize = 48 * 1024;
 /// Threads per block of the attention kernel (`ATT_WARPS` warps in decode.cu).
@@ -46,20 +45,16 @@ unsafe impl DeviceRepr for W4Arg {}
 
 /// The kernel `name` of decode.ptx on `dev` (cached per thread).
 fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    super::cuda::function(dev, MODULE, PTX, name)
+    MODULE.function(dev, name)
 }
 
 /// "f32" or "bf16": the kernel name part of the activations' dtype.
 fn act_name(dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        other => bail!("fused decode on CUDA: activations in {other:?} (f32 or bf16)"),
-    }
+    float_name(dtype, "fused decode activations")
 }
 
 /// The device address of a contiguous tensor on `dev` with `n` elements of `dtype`.
-fn addr(t: &Tensor, dtype: DType, n: usize, dev: &CudaDevice, what: &str) -> Result<u64> {
+fn tensor_addr(t: &Tensor, dtype: DType, n: usize, dev: &CudaDevice, what: &str) -> Result<u64> {
     ensure!(t.dtype() == dtype, "{what}: {:?}, expected {dtype:?}", t.dtype());
     ensure!(t.elem_count() == n, "{what}: shape {:?}, expected {n} elements", t.dims());
     let (g, l) = t.storage_and_layout();
@@ -68,8 +63,8 @@ fn addr(t: &Tensor, dtype: DType, n: usize, dev: &CudaDevice, what: &str) -> Res
     let (a, b) = l.contiguous_offsets().with_context(|| format!("{what}: not contiguous"))?;
     let stream = dev.cuda_stream();
     Ok(match dtype {
-        DType::F32 => cs.as_cuda_slice::<f32>()?.slice(a..b).device_ptr(&stream).0,
-        DType::BF16 => cs.as_cuda_slice::<bf16>()?.slice(a..b).device_ptr(&stream).0,
+        DType::F32 => addr(&cs.as_cuda_slice::<f32>()?.slice(a..b), &stream),
+        DType::BF16 => addr(&cs.as_cuda_slice::<bf16>()?.slice(a..b), &stream),
         other => bail!("{what}: {other:?}"),
     })
 }
@@ -111,22 +106,22 @@ pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: 
     ensure!(d2 == d && kvh * d == rk && v_cache.dims() == k_cache.dims() && pos < cap, "qkv: cache {:?} for position {pos}", k_cache.dims());
     let (positions, half) = cos.dims2()?;
     ensure!(half * 2 == d && pos < positions && sin.dims() == cos.dims(), "qkv: rope tables {:?} for position {pos}", cos.dims());
-    let x_p = addr(x, dt, cols, dev, "x")?;
-    let n_p = addr(norm_w, dt, cols, dev, "norm weight")?;
-    let cos_p = addr(cos, dt, positions * half, dev, "cos")?;
-    let sin_p = addr(sin, dt, positions * half, dev, "sin")?;
-    let q_p = addr(q_out, dt, rq, dev, "q")?;
-    let k_p = addr(k_cache, dt, kvh * cap * d, dev, "k cache")?;
-    let v_p = addr(v_cache, dt, kvh * cap * d, dev, "v cache")?;
+    let x_p = tensor_addr(x, dt, cols, dev, "x")?;
+    let n_p = tensor_addr(norm_w, dt, cols, dev, "norm weight")?;
+    let cos_p = tensor_addr(cos, dt, positions * half, dev, "cos")?;
+    let sin_p = tensor_addr(sin, dt, positions * half, dev, "sin")?;
+    let q_p = tensor_addr(q_out, dt, rq, dev, "q")?;
+    let k_p = tensor_addr(k_cache, dt, kvh * cap * d, dev, "k cache")?;
+    let v_p = tensor_addr(v_cache, dt, kvh * cap * d, dev, "v cache")?;
     let (lanes, cfg) = gemv_launch(w[0], (rq + rk + rv) / 4, cols, true)?;
     let args = w.map(Quant4Gpu::decode_arg);
     let (pos, d, cap) = (pos as i32, d as i32, cap as i32);
-    let (func, stream) = (kernel(&dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let (func, stream) = (kernel(dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&x_p).arg(&n_p).arg(&eps).arg(&cos_p).arg(&sin_p);
     b.arg(&pos).arg(&d).arg(&cap).arg(&q_p).arg(&k_p).arg(&v_p);
     // SAFETY: arguments as decode.cu's dec_qkv_*; every buffer's size checked above.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch::launch(&mut b, cfg) }?;
     Ok(())
 }
 
@@ -143,18 +138,18 @@ pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, out
     ensure!(matches!(d, 32 | 64 | 128 | 256), "attention: head_dim {d} (32, 64, 128 or 256)");
     ensure!(h * d == q.elem_count() && kvh > 0 && h % kvh == 0, "attention: q {:?} for {kvh} KV heads of {d}", q.dims());
     ensure!(v_cache.dims() == k_cache.dims() && (1..=cap).contains(&len), "attention: {len} positions in a cache {:?}", k_cache.dims());
-    let q_p = addr(q, dt, h * d, &dev, "q")?;
-    let k_p = addr(k_cache, dt, kvh * cap * d, &dev, "k cache")?;
-    let v_p = addr(v_cache, dt, kvh * cap * d, &dev, "v cache")?;
-    let o_p = addr(out, dt, h * d, &dev, "attention output")?;
+    let q_p = tensor_addr(q, dt, h * d, &dev, "q")?;
+    let k_p = tensor_addr(k_cache, dt, kvh * cap * d, &dev, "k cache")?;
+    let v_p = tensor_addr(v_cache, dt, kvh * cap * d, &dev, "v cache")?;
+    let o_p = tensor_addr(out, dt, h * d, &dev, "attention output")?;
     let (cap, len, rep) = (cap as i32, len as i32, (h / kvh) as i32);
     let scale = 1.0 / (d as f32).sqrt();
-    let cfg = LaunchConfig { grid_dim: (h as u32, 1, 1), block_dim: (ATT_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = config((h as u32, 1, 1), ATT_THREADS, 0);
     let (func, stream) = (kernel(&dev, &format!("dec_attn_{t}_d{d}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&q_p).arg(&k_p).arg(&v_p).arg(&o_p).arg(&cap).arg(&len).arg(&rep).arg(&scale);
     // SAFETY: arguments as decode.cu's dec_attn_*; sizes checked above.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch::launch(&mut b, cfg) }?;
     Ok(())
 }
 
@@ -164,15 +159,15 @@ pub fn residual(w: &Quant4Gpu, h: &Tensor, x: &Tensor) -> Result<()> {
     let kind = check_weights(&[w])?;
     let dev = w.cuda_device();
     let &[rows, cols] = w.shape() else { unreachable!("fused_ok: 2-D") };
-    let h_p = addr(h, dt, cols, dev, "GEMV input")?;
-    let x_p = addr(x, dt, rows, dev, "residual")?;
+    let h_p = tensor_addr(h, dt, cols, dev, "GEMV input")?;
+    let x_p = tensor_addr(x, dt, rows, dev, "residual")?;
     let (lanes, cfg) = gemv_launch(w, rows.div_ceil(4), cols, false)?;
     let arg = w.decode_arg();
-    let (func, stream) = (kernel(&dev, &format!("dec_residual_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let (func, stream) = (kernel(dev, &format!("dec_residual_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&arg).arg(&h_p).arg(&x_p);
     // SAFETY: arguments as decode.cu's dec_residual_*; sizes checked above.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch::launch(&mut b, cfg) }?;
     Ok(())
 }
 
@@ -184,15 +179,15 @@ pub fn gate_up(x: &Tensor, norm_w: &Tensor, eps: f32, gate: &Quant4Gpu, up: &Qua
     let dev = gate.cuda_device();
     let &[rows, cols] = gate.shape() else { unreachable!("fused_ok: 2-D") };
     ensure!(up.shape() == gate.shape(), "gate/up: weights {:?} and {:?}", gate.shape(), up.shape());
-    let x_p = addr(x, dt, cols, dev, "x")?;
-    let n_p = addr(norm_w, dt, cols, dev, "norm weight")?;
-    let h_p = addr(h, dt, rows, dev, "SwiGLU output")?;
+    let x_p = tensor_addr(x, dt, cols, dev, "x")?;
+    let n_p = tensor_addr(norm_w, dt, cols, dev, "norm weight")?;
+    let h_p = tensor_addr(h, dt, rows, dev, "SwiGLU output")?;
     let (lanes, cfg) = gemv_launch(gate, rows.div_ceil(2), cols, true)?;
     let (ga, ua) = (gate.decode_arg(), up.decode_arg());
-    let (func, stream) = (kernel(&dev, &format!("dec_gate_up_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let (func, stream) = (kernel(dev, &format!("dec_gate_up_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&ga).arg(&ua).arg(&x_p).arg(&n_p).arg(&eps).arg(&h_p);
     // SAFETY: arguments as decode.cu's dec_gate_up_*; sizes checked above.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch::launch(&mut b, cfg) }?;
     Ok(())
 }

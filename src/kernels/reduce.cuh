@@ -1,4 +1,4 @@
-// Block-wide reductions shared by train.cu and decode.cu.
+// Block-wide reductions shared by the row kernels (norm, softmax, cross-entropy) and decode.cu.
 
 #pragma once
 

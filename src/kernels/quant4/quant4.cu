@@ -1,6 +1,6 @@
 // bitsandbytes 4-bit (NF4 / FP4) weights on the GPU: blockwise dequantization, and a fused
 // dequantize-GEMV for batch-1 decoding. build.rs compiles this file to PTX; the launches and
-// their argument order live in src/kernels/cuda.rs.
+// their argument order live in src/kernels/quant4/cuda.rs.
 //
 // Layout (bnb's): element e of the row-major weight is nibble e of `packed`, the even element in
 // the HIGH nibble of byte e/2, and its scale is absmax[e >> log2_bs] (blocksize: a power of two

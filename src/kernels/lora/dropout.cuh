@@ -1,9 +1,9 @@
-// The LoRA dropout mask as a keyed hash of the element index, shared by train.cu and lora.cu.
-// Its CPU twin is src/kernels/lora_cpu.rs (dropout_bits): the same bits on every device, and
+// The LoRA dropout mask as a keyed hash of the element index, shared by dropout.cu and lora.cu.
+// Its CPU twin is src/kernels/lora/cpu.rs (dropout_bits): the same bits on every device, and
 // the same again when a checkpointed layer is recomputed.
 #pragma once
 
-// Wellons' lowbias32, as in src/kernels/lora_cpu.rs (dropout_bits).
+// Wellons' lowbias32, as in src/kernels/lora/cpu.rs (dropout_bits).
 __device__ __forceinline__ unsigned lowbias32(unsigned x) {
     x ^= x >> 16;
     x *= 0x7feb352dU;

@@ -4,8 +4,8 @@
 //! query rows, with single-threaded `gemm` products inside. Replaces a dozen candle ops, most of
 //! them single-threaded passes, per layer.
 
-use super::matmul::{mm1, rm, tr};
-use super::vecmath;
+use crate::kernels::matmul::{mm1, rm, tr};
+use crate::kernels::vecmath;
 use rayon::prelude::*;
 
 /// Shapes: `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, scores and probabilities

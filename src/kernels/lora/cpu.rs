@@ -3,7 +3,7 @@
 //! regenerated from its seed in the same pass that applies it, and no `[n, in]` mask, scaled
 //! mask or dropped-input tensor is kept between forward and backward.
 
-use super::matmul::{mm, mm_new, rm, tr};
+use crate::kernels::matmul::{mm, mm_new, rm, tr};
 use rayon::prelude::*;
 
 /// Inverted dropout's keep test, the same on every device: element `e` (row-major index into

@@ -1,6 +1,6 @@
 // Batch-1 greedy decoding with 4-bit weights in a few fused kernels per layer (launches and
-// argument order in src/kernels/cuda_decode.rs; the step that chains them in
-// src/model/decode_cuda.rs). Per layer:
+// argument order in src/kernels/decode/cuda.rs; the step that chains them in
+// src/model/llama/decode_cuda.rs). Per layer:
 //   qkv:      RMSNorm(x) -> q, k, v projections -> RoPE on q, k -> q out, k, v into the cache at pos
 //   attn:     softmax(q k^T / sqrt(d)) v over the len cached positions, grouped-query
 //   residual: x += W_o attn
@@ -12,12 +12,12 @@
 // The 4-bit GEMV is quant4.cuh's gemv4_rows; the norms are computed by every block into shared
 // memory (one launch fewer per norm; x is a few KB).
 
-#include "quant4.cuh"
-#include "reduce.cuh"
+#include "../quant4/quant4.cuh"
+#include "../reduce.cuh"
 
 namespace {
 
-// A 4-bit weight [rows, cols] as passed from Rust (cuda_decode.rs::W4Arg, same layout).
+// A 4-bit weight [rows, cols] as passed from Rust (decode/cuda.rs::W4Arg, same layout).
 struct W4 {
     Q4 q;
     int rows;
@@ -25,7 +25,7 @@ struct W4 {
 };
 static_assert(sizeof(W4) == 72 && offsetof(W4, q.st.offset) == 48 && offsetof(W4, q.log2_bs) == 56 &&
                   offsetof(W4, rows) == 64,
-              "W4 mirrors cuda_decode.rs::W4Arg");
+              "W4 mirrors decode/cuda.rs::W4Arg");
 
 template <bool BF>
 DEVI float ld(const void* p, i64 i) {
