@@ -7,6 +7,11 @@ pub mod gguf;
 pub mod hub;
 pub mod layers;
 pub mod llama;
+/// The ops' paths before they moved into `layers` (for branches written against them; remove
+/// once none is left).
+pub mod ops {
+    pub use super::layers::{attention, embedding, linear, lm_head as cross_entropy, mlp::swiglu, norm as rms_norm, rope, stat_dtype};
+}
 pub mod lora;
 pub mod quantized;
 pub mod random;

@@ -50,9 +50,7 @@ pub fn supported(x: &Tensor, l: &Adapter) -> bool {
 /// The LoRA linear's forward: cuBLAS for `x Wᵀ`, then one kernel for `u = drop(x) Aᵀ` and one
 /// adding `s·u Bᵀ`: `(y, u)`.
 pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, l: &Adapter, dropout: Option<&Dropout>) -> Result<(Tensor, Tensor)> {
-    let p = crate::profile::scope("·lin fwd base matmul");
-    let y = x.matmul(&w.t()?)?;
-    drop(p);
+    let y = crate::profile::time("·lin fwd base matmul", || x.matmul(&w.t()?))?;
     let _p = crate::profile::scope("·lin fwd lora");
     let u = project(x, l.a, false, dropout, 1.0)?;
     let mut y = expand(&y, &u, l.b, false, None, l.scaling as f32)?;
@@ -65,9 +63,7 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, l: &Adapter
 /// The LoRA linear's backward: cuBLAS for `dy W`; kernels for `du = s·dy B`, `dx += mask ⊙ (du
 /// A)`, `dA = duᵀ drop(x)` and `dB = s·dyᵀ u`: `(dx, (dA, dB))`.
 pub fn linear_backward(dropout: Option<&Dropout>, x: &Tensor, u: &Tensor, w: &Tensor, l: &Adapter, dy: &Tensor) -> Result<(Tensor, (Tensor, Tensor))> {
-    let p = crate::profile::scope("·lin bwd base matmul");
-    let dx = dy.matmul(w)?;
-    drop(p);
+    let dx = crate::profile::time("·lin bwd base matmul", || dy.matmul(w))?;
     let _p = crate::profile::scope("·lin bwd lora");
     let s = l.scaling as f32;
     let du = project(dy, l.b, true, None, s)?;
