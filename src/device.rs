@@ -89,6 +89,109 @@ pub fn reset_peak_memory(d: &Device) -> Result<()> {
     Ok(())
 }
 
+/// GPU time for `profile`'s scopes: CUDA events recorded on the timed device's stream, read
+/// back when the counters are folded in. Without the `cuda` feature no GPU is ever timed.
+pub mod timer {
+    use candle_core::Device;
+
+    /// An event recorded on the timed stream (none without the `cuda` feature).
+    #[cfg(feature = "cuda")]
+    pub use candle_core::cuda_backend::cudarc::driver::CudaEvent as Event;
+    #[cfg(not(feature = "cuda"))]
+    pub enum Event {}
+
+    /// Where the closed scopes' seconds go.
+    pub type Add = fn(&'static str, f64);
+
+    #[cfg(feature = "cuda")]
+    mod events {
+        use super::{Add, Event};
+        use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaStream};
+        use std::sync::{Arc, Mutex, MutexGuard};
+
+        pub struct Gpu {
+            pub stream: Arc<CudaStream>,
+            /// Closed scopes whose events are not read yet.
+            pub pending: Vec<(&'static str, Event, Event)>,
+        }
+
+        static GPU: Mutex<Option<Gpu>> = Mutex::new(None);
+
+        pub fn lock() -> MutexGuard<'static, Option<Gpu>> {
+            GPU.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        pub fn record(g: &Gpu) -> Option<Event> {
+            g.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()
+        }
+
+        /// Wait for the queue, fold the pending scopes into `add`.
+        pub fn drain(g: &mut Gpu, add: Add) {
+            let _ = g.stream.synchronize();
+            for (name, a, b) in g.pending.drain(..) {
+                if let Ok(ms) = a.elapsed_ms(&b) {
+                    add(name, ms as f64 / 1e3);
+                }
+            }
+        }
+    }
+
+    /// Time on `d`'s stream from now on when it is a CUDA device, else no GPU; the previous
+    /// GPU's closed scopes are folded into `add` first.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn set(d: Option<Device>, add: Add) {
+        #[cfg(feature = "cuda")]
+        {
+            let mut g = events::lock();
+            if let Some(g) = g.as_mut() {
+                events::drain(g, add);
+            }
+            *g = match d {
+                Some(Device::Cuda(c)) => Some(events::Gpu { stream: c.cuda_stream(), pending: Vec::new() }),
+                _ => None,
+            };
+        }
+    }
+
+    /// `None` when no GPU is timed; else an event recorded now (`None` if recording failed).
+    pub fn mark() -> Option<Option<Event>> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = events::lock().as_ref() {
+            return Some(events::record(g));
+        }
+        None
+    }
+
+    /// The scope `name` that began at `start` ends now (its time is read at [`drain`]).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn close(name: &'static str, start: Event, add: Add) {
+        #[cfg(feature = "cuda")]
+        {
+            let mut g = events::lock();
+            if let Some(g) = g.as_mut() {
+                if let Some(end) = events::record(g) {
+                    g.pending.push((name, start, end));
+                }
+                // Bound the events alive at once.
+                if g.pending.len() >= 100_000 {
+                    events::drain(g, add);
+                }
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        match start {}
+    }
+
+    /// Wait for the timed GPU and fold its closed scopes into `add`.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn drain(add: Add) {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = events::lock().as_mut() {
+            events::drain(g, add);
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda_pool {
     use anyhow::{ensure, Result};

@@ -7,6 +7,7 @@
 //! (host launch gaps included). Names starting with '·' are sub-steps inside another scope:
 //! listed, not added to the total.
 
+use crate::device::timer;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -34,60 +35,15 @@ fn add(name: &'static str, secs: f64) {
     e.1 += 1;
 }
 
-#[cfg(feature = "cuda")]
-mod gpu_events {
-    use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaStream};
-    use std::sync::{Arc, Mutex};
-
-    pub struct Gpu {
-        pub stream: Arc<CudaStream>,
-        /// Closed scopes whose events are not read yet.
-        pub pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
-    }
-
-    pub static GPU: Mutex<Option<Gpu>> = Mutex::new(None);
-
-    pub fn lock() -> std::sync::MutexGuard<'static, Option<Gpu>> {
-        GPU.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn record(g: &Gpu) -> Option<CudaEvent> {
-        g.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()
-    }
-
-    /// Wait for the queue, fold the pending scopes into the counters.
-    pub fn drain(g: &mut Gpu) {
-        let _ = g.stream.synchronize();
-        for (name, a, b) in g.pending.drain(..) {
-            if let Ok(ms) = a.elapsed_ms(&b) {
-                super::add(name, ms as f64 / 1e3);
-            }
-        }
-    }
-}
-
 /// Time scopes on this GPU's stream (the benchmarks set it when profiling on CUDA); `None` or a
 /// CPU device: wall time.
 pub fn gpu(d: Option<candle_core::Device>) {
-    #[cfg(feature = "cuda")]
-    {
-        let mut g = gpu_events::lock();
-        if let Some(g) = g.as_mut() {
-            gpu_events::drain(g);
-        }
-        *g = match d {
-            Some(candle_core::Device::Cuda(c)) => Some(gpu_events::Gpu { stream: c.cuda_stream(), pending: Vec::new() }),
-            _ => None,
-        };
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = d;
+    timer::set(d, add);
 }
 
 enum Start {
     Wall(Instant),
-    #[cfg(feature = "cuda")]
-    Event(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+    Event(timer::Event),
 }
 
 /// Adds the time until it is dropped to `name`.
@@ -97,11 +53,16 @@ pub fn scope(name: &'static str) -> Scope {
     if !enabled() {
         return Scope(None);
     }
-    #[cfg(feature = "cuda")]
-    if let Some(g) = gpu_events::lock().as_ref() {
-        return Scope(gpu_events::record(g).map(|e| (name, Start::Event(e))));
+    if let Some(event) = timer::mark() {
+        return Scope(event.map(|e| (name, Start::Event(e))));
     }
     Scope(Some((name, Start::Wall(Instant::now()))))
+}
+
+/// `f()`, its time added to `name`: one line where a scope and its `drop` would take three.
+pub fn time<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+    let _s = scope(name);
+    f()
 }
 
 impl Drop for Scope {
@@ -109,29 +70,14 @@ impl Drop for Scope {
         match self.0.take() {
             None => {}
             Some((name, Start::Wall(t))) => add(name, t.elapsed().as_secs_f64()),
-            #[cfg(feature = "cuda")]
-            Some((name, Start::Event(a))) => {
-                let mut g = gpu_events::lock();
-                if let Some(g) = g.as_mut() {
-                    if let Some(b) = gpu_events::record(g) {
-                        g.pending.push((name, a, b));
-                    }
-                    // Bound the events alive at once.
-                    if g.pending.len() >= 100_000 {
-                        gpu_events::drain(g);
-                    }
-                }
-            }
+            Some((name, Start::Event(a))) => timer::close(name, a, add),
         }
     }
 }
 
 /// The table so far (op, seconds, calls, share), slowest first; clears the counters.
 pub fn report() -> String {
-    #[cfg(feature = "cuda")]
-    if let Some(g) = gpu_events::lock().as_mut() {
-        gpu_events::drain(g);
-    }
+    timer::drain(add);
     let mut m = TIMES.lock().unwrap_or_else(|e| e.into_inner());
     let total: f64 = m.iter().filter(|(k, _)| !k.starts_with('·')).map(|(_, v)| v.0).sum();
     let mut rows: Vec<_> = m.iter().map(|(k, v)| (*k, v.0, v.1)).collect();

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use qscript::model::engine::{self, StepOptions, TrainBatch};
+use qscript::model::layers::{attention, embedding, linear, lm_head as cross_entropy, mlp::swiglu, norm as rms_norm, rope};
 use qscript::model::names::{Proj, LLAMA};
-use qscript::model::ops::{attention, cross_entropy, embedding, linear, rms_norm, rope, swiglu};
 use qscript::model::{LoadOptions, Model};
 use rand::{rngs::StdRng, SeedableRng};
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! CUDA 4-bit kernels (src/kernels/cuda.rs, quant4.cu) against their CPU twins: dequantization
+//! CUDA 4-bit kernels (src/kernels/quant4/: cuda.rs, quant4.cu) against their CPU twins: dequantization
 //! bit for bit (NF4/FP4, plain and double-quantized scales, odd sizes, every golden tensor), the
 //! fused GEMV within f32 accuracy, and `Linear` on a GPU. Every test prints a skip line and
 //! passes when CUDA device 0 cannot be opened.
@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
-use qscript::kernels::cuda::Quant4Gpu;
+use qscript::kernels::quant4::Quant4Gpu;
 use qscript::model::llama::Linear;
 use qscript::quant::{self, QuantType, Quantized4bit};
 use sha2::{Digest, Sha256};
@@ -330,10 +330,10 @@ fn linear_4bit_on_gpu_matches_cpu() {
 #[test]
 fn benches_run() {
     let Some(_) = gpu("benches_run") else { return };
-    let (gbs, ms) = qscript::kernels::cuda::bench_dequant(1024, 3072, 5).unwrap();
+    let (gbs, ms) = qscript::kernels::quant4::bench_dequant(1024, 3072, 5).unwrap();
     eprintln!("dequant 1024x3072 -> bf16: {gbs:.0} GB/s, {ms:.4} ms");
     assert!(gbs > 0.0 && ms > 0.0);
-    let (gbs, ms) = qscript::kernels::cuda::bench_gemv(1024, 3072, 5).unwrap();
+    let (gbs, ms) = qscript::kernels::quant4::bench_gemv(1024, 3072, 5).unwrap();
     eprintln!("gemv 1024x3072 bf16: {gbs:.0} GB/s, {ms:.4} ms");
     assert!(gbs > 0.0 && ms > 0.0);
 }
@@ -494,7 +494,7 @@ fn peft_golden_logits_on_cuda() {
 
 // ------------------------------------------------- LoRA linear and cross-entropy kernels
 
-use qscript::model::ops::{cross_entropy, linear};
+use qscript::model::layers::{linear, lm_head as cross_entropy};
 
 fn tensor_rel_err(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims());
@@ -540,7 +540,7 @@ fn lora_linear_kernels_match_the_cpu() {
 /// 64-row blocks, packed examples and padding.
 #[test]
 fn flash_attention_matches_the_cpu() {
-    use qscript::model::ops::attention;
+    use qscript::model::layers::attention;
     let Some(dev) = gpu("flash_attention_matches_the_cpu") else { return };
     for (b, nh, kvh, t, d) in [(2, 4, 2, 150, 64), (1, 6, 2, 200, 128), (2, 3, 3, 64, 128)] {
         // Row 0: two packed examples and trailing padding; row 1 (if any): one example.
@@ -568,7 +568,7 @@ fn flash_attention_matches_the_cpu() {
 /// The SwiGLU kernels (bf16 8 at a time, and the scalar fallback) against the CPU in f32.
 #[test]
 fn swiglu_kernels_match_the_cpu() {
-    use qscript::model::ops::swiglu;
+    use qscript::model::layers::mlp::swiglu;
     let Some(dev) = gpu("swiglu_kernels_match_the_cpu") else { return };
     for (rows, cols) in [(37, 64), (5, 7)] {
         let (g, u, dh) = (values(rows * cols, 41), values(rows * cols, 42), values(rows * cols, 43));
@@ -614,9 +614,9 @@ fn cross_entropy_kernel_matches_the_cpu() {
     }
 }
 
-// ------------------------------------------------------- fused batch-1 decoding (cuda_decode)
+// ------------------------------------------------------- fused batch-1 decoding (kernels::decode)
 
-use qscript::kernels::cuda_decode as dec;
+use qscript::kernels::decode::cuda as dec;
 use qscript::model::llama::{KvCache, Llama};
 
 /// An NF4 weight `[rows, cols]` of values in ±`scale` on `dev` (double-quantized scales or not)
@@ -950,7 +950,7 @@ fn training_steps_are_finite_and_repeatable() {
 /// value, with per-token positions as packing gives them; merge(split(x)) = x.
 #[test]
 fn heads_rope_kernel_matches_the_cpu() {
-    use qscript::model::ops::rope;
+    use qscript::model::layers::rope;
     let Some(dev) = gpu("heads_rope_kernel_matches_the_cpu") else { return };
     let (b, t, h, d, half) = (2, 7, 3, 8, 4);
     let x = values(b * t * h * d, 41);

@@ -7,7 +7,7 @@ use qscript::model::engine::{self, StepOptions, TrainBatch};
 use qscript::model::names::LLAMA;
 use qscript::model::llama::Weight;
 use qscript::model::lora::{self, InitLoraWeights, LoraConfig, TargetModules};
-use qscript::model::ops::linear;
+use qscript::model::layers::linear;
 use qscript::model::quantized::BnbConfig;
 use qscript::model::{LoadOptions, Model};
 use qscript::quant::QuantType;

@@ -167,7 +167,7 @@ fn with_bytes<R>(t: &candle_core::Tensor, f: impl FnOnce(&[u8]) -> R) -> Option<
 /// Seconds to read every byte of `weights` once, on the rayon pool as the forward does.
 fn read_weights(weights: &[candle_core::Tensor]) -> f64 {
     let t = Instant::now();
-    let h = rayon::scope(|_| weights.iter().filter_map(|w| with_bytes(w, crate::kernels::gemv::stream_read)).fold(0, |a, b| a ^ b));
+    let h = rayon::scope(|_| weights.iter().filter_map(|w| with_bytes(w, crate::kernels::gemv::cpu::stream_read)).fold(0, |a, b| a ^ b));
     std::hint::black_box(h);
     t.elapsed().as_secs_f64()
 }
@@ -381,7 +381,7 @@ fn bench_decode_random(shape: &str, device: &str, quant: &str, dtype: &str, prom
 fn bench_dequant(device: &str, rows: usize, cols: usize, iters: usize) -> anyhow::Result<()> {
     let dev = crate::device::parse(device)?;
     let line = if dev.is_cpu() {
-        let data: Vec<f32> = (0..rows * cols).map(|i| crate::kernels::lora_cpu::dropout_bits(7, i) as f32 / 65536.0 - 0.5).collect();
+        let data: Vec<f32> = (0..rows * cols).map(|i| crate::kernels::lora::dropout_bits(7, i) as f32 / 65536.0 - 0.5).collect();
         let q = crate::quant::quantize_4bit(&data, &[rows, cols], crate::quant::QuantType::Nf4, 64, true)?;
         crate::quant::dequantize_4bit(&q, candle_core::DType::BF16)?;
         let t = Instant::now();
@@ -398,17 +398,11 @@ fn bench_dequant(device: &str, rows: usize, cols: usize, iters: usize) -> anyhow
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
 fn cuda_dequant_line(rows: usize, cols: usize, iters: usize) -> anyhow::Result<serde_json::Value> {
-    let (gbs, ms) = crate::kernels::cuda::bench_dequant(rows, cols, iters)?;
-    let (gemv_gbs, gemv_ms) = crate::kernels::cuda::bench_gemv(rows, cols, iters)?;
+    let (gbs, ms) = crate::kernels::quant4::bench_dequant(rows, cols, iters)?;
+    let (gemv_gbs, gemv_ms) = crate::kernels::quant4::bench_gemv(rows, cols, iters)?;
     Ok(serde_json::json!({"bench": "dequant", "device": "cuda:0", "rows": rows, "cols": cols, "out": "bfloat16",
         "ms": ms, "gb_per_s": gbs, "gemv_ms": gemv_ms, "gemv_gb_per_s": gemv_gbs}))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_dequant_line(_rows: usize, _cols: usize, _iters: usize) -> anyhow::Result<serde_json::Value> {
-    anyhow::bail!("this qscript was built without CUDA")
 }
 
 /// One `bench train` case.

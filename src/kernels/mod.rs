@@ -1,25 +1,31 @@
-//! Hand-written kernels where candle's generic path is the bottleneck. Each has a portable
-//! CPU version; CUDA versions come behind the `cuda` feature.
+//! The compute kernels behind the model's ops, one folder per op family: `norm` (RMSNorm),
+//! `rope` (heads split/merge + rotation), `attention`, `swiglu`, `cross_entropy` (LM head +
+//! loss), `lora` (the LoRA linear, dropout), `quant4` (bitsandbytes 4-bit weights), `adamw`,
+//! `gemv` (batch-1 products) and `decode` (fused batch-1 CUDA decoding).
+//!
+//! Each folder's `mod.rs` holds the op's dispatch functions: they take and return candle
+//! tensors, pick the implementation in one order — the CUDA kernel (`cuda.rs` and its `.cu`
+//! files, feature `cuda`), the CPU kernel (`cpu.rs`), candle's ops as the reference — and are
+//! the only code outside `src/device.rs` that names the `cuda` feature. Single-output ops are
+//! candle custom ops where that fits (the op picks the device's kernel). The CUDA launchers
+//! share [`launch`] (PTX modules, function cache, device views, launch shapes).
 
+pub mod adamw;
 pub mod attention;
-pub mod attention_train;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cuda")]
-pub mod cuda_decode;
-#[cfg(feature = "cuda")]
-pub mod cuda_flash;
-#[cfg(feature = "cuda")]
-pub mod cuda_lora;
-#[cfg(feature = "cuda")]
-pub mod cuda_train;
+pub mod cross_entropy;
+pub mod decode;
 pub mod gemv;
-pub mod lora_cpu;
+#[cfg(feature = "cuda")]
+pub mod launch;
+pub mod lora;
 pub mod matmul;
-pub mod train_cpu;
+pub mod norm;
+pub mod quant4;
+pub mod rope;
+pub mod swiglu;
 pub mod vecmath;
 
-use candle_core::{Storage, StorageRef, Tensor};
+use candle_core::{DType, Storage, StorageRef, Tensor};
 
 /// A contiguous CPU f32 tensor's elements, borrowed in place (the storage's read lock is held
 /// while the view lives).
@@ -71,4 +77,36 @@ pub unsafe fn assume_init(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: MaybeUninit<f32> has f32's layout; the caller guarantees initialisation.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
+}
+
+/// Precision for reductions (norm statistics, softmax, loss): f32, or f64 when the model runs
+/// in f64 (the finite-difference gradient checks).
+pub fn stat_dtype(d: DType) -> DType {
+    if d == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
+/// Whether `t` is on a CUDA device in a dtype the CUDA kernels take (f32 or bf16).
+pub fn cuda_float(t: &Tensor) -> bool {
+    t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16)
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Deterministic values in [-4, 4).
+    pub fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut z = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((z >> 33) as f32 / (1u64 << 31) as f32) * 8.0 - 4.0
+            })
+            .collect()
+    }
+
+    pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol, "element {i}: {x} vs {y}");
+        }
+    }
 }

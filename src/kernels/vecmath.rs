@@ -1,8 +1,5 @@
-//! Vectorized elementwise math shared by the kernels: `exp` for AVX-512 lanes, and the SwiGLU
-//! product `silu(g)·u` (parallel, in place).
-
-use candle_core::{CpuStorage, InplaceOp2, Layout};
-use rayon::prelude::*;
+//! Vectorized elementwise math shared by the CPU kernels: `exp` for AVX-512 lanes, row max,
+//! and `exp(x − shift)` with its sum.
 
 /// `exp(x)` for 16 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6
 /// polynomial, scale by 2ⁿ with `vscalefps`, which also underflows to 0 gracefully); within
@@ -28,50 +25,6 @@ pub unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     let r2 = _mm512_mul_ps(r, r);
     p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
     _mm512_scalef_ps(p, n)
-}
-
-/// Elements per parallel task of the elementwise kernels.
-const TASK_ELEMS: usize = 32 * 1024;
-
-/// `g ← silu(g) · u = g / (1 + e^(−g)) · u`, parallel over chunks.
-pub fn silu_mul_inplace(g: &mut [f32], u: &[f32]) {
-    assert_eq!(g.len(), u.len(), "silu·mul: {} gate vs {} up elements", g.len(), u.len());
-    if g.len() <= TASK_ELEMS {
-        return silu_mul_serial(g, u);
-    }
-    g.par_chunks_mut(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)).for_each(|(g, u)| silu_mul_serial(g, u));
-}
-
-fn silu_mul_serial(g: &mut [f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { silu_mul_avx512(g, u) };
-        }
-    }
-    for (gv, uv) in g.iter_mut().zip(u) {
-        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = g.len().min(u.len());
-    let (pg, pu) = (g.as_mut_ptr(), u.as_ptr());
-    let one = _mm512_set1_ps(1.0);
-    let mut i = 0;
-    while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        let gv = _mm512_maskz_loadu_ps(m, pg.add(i));
-        let uv = _mm512_maskz_loadu_ps(m, pu.add(i));
-        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        let y = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv);
-        _mm512_mask_storeu_ps(pg.add(i), m, y);
-        i += 16;
-    }
 }
 
 /// Largest element (−∞ for an empty row).
@@ -127,27 +80,6 @@ unsafe fn exp_shift_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
     total
 }
 
-/// `silu(g)·u` in place on `g` as a candle op (f32, both contiguous, same shape). Forward only.
-pub struct SiluMul;
-
-impl InplaceOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "silu-mul"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else { candle_core::bail!("silu·mul: f32 only") };
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("silu·mul: inputs must be contiguous")
-        };
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("silu·mul: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
-        }
-        silu_mul_inplace(&mut g[a1..b1], &u[a2..b2]);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,27 +102,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn silu_mul_matches_reference() {
-        // Long enough for several parallel tasks, with a vector tail; large |g| for the limits.
-        let n = 3 * TASK_ELEMS + 7;
-        let g: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 40.0).chain([-120.0, 95.0]).collect();
-        let u: Vec<f32> = (0..g.len()).map(|i| ((i * 104729 % 997) as f32 - 498.0) / 100.0).collect();
-        let mut got = g.clone();
-        silu_mul_inplace(&mut got, &u);
-        for i in 0..g.len() {
-            let (gv, uv) = (g[i] as f64, u[i] as f64);
-            let want = gv / (1.0 + (-gv).exp()) * uv;
-            assert!((got[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30) + 1e-30, "{i}: silu({gv})·{uv} = {}, want {want}", got[i]);
-        }
-        // The candle op against candle's silu and mul.
-        let gt = candle_core::Tensor::from_vec(g.clone(), g.len(), &candle_core::Device::Cpu).unwrap();
-        let ut = candle_core::Tensor::from_vec(u.clone(), u.len(), &candle_core::Device::Cpu).unwrap();
-        let want = (candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap();
-        gt.inplace_op2(&ut, &SiluMul).unwrap();
-        let d = (gt - want).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(d < 1e-5, "{d}");
     }
 }

@@ -8,9 +8,9 @@
 //! - `merge_and_unload`: `W += scaling · B·A`, adapters removed.
 
 use super::llama::{Linear, Llama};
+use super::layers::linear::Lora;
 use super::lora::{InitLoraWeights, LoraConfig, TargetModules};
 use super::names::{self, LoraHalf};
-use super::ops::linear::Lora;
 use super::save::write_safetensors;
 use super::weights::WeightFiles;
 use crate::util::fs::{install_dir, write, Existing};

@@ -5,14 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
 
-/// RoPE frequency scaling (`rope_scaling` / `rope_parameters` with `rope_type: "llama3"`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Llama3Scaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: usize,
-}
+pub use super::layers::rope::Llama3Scaling;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -119,27 +112,7 @@ impl Config {
         let scaling = rope_params
             .filter(|p| p.get("rope_type").and_then(Value::as_str).is_some_and(|t| t != "default"))
             .or_else(|| raw.get("rope_scaling").and_then(Value::as_object));
-        let rope_scaling = match scaling {
-            None => None,
-            Some(s) => {
-                let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-                match ty {
-                    "default" => None,
-                    "llama3" => {
-                        let g = |k: &str| -> Result<f64> {
-                            s.get(k).and_then(Value::as_f64).with_context(|| format!("rope scaling `llama3` needs `{k}`"))
-                        };
-                        Some(Llama3Scaling {
-                            factor: g("factor")?,
-                            low_freq_factor: g("low_freq_factor")?,
-                            high_freq_factor: g("high_freq_factor")?,
-                            original_max_position_embeddings: g("original_max_position_embeddings")? as usize,
-                        })
-                    }
-                    other => bail!("unsupported rope scaling type `{other}` (supported: default, llama3)"),
-                }
-            }
-        };
+        let rope_scaling = scaling.map(super::layers::rope::parse_scaling).transpose()?.flatten();
         let ids = |k: &str| -> Vec<u32> {
             match raw.get(k) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
@@ -188,29 +161,5 @@ impl Config {
         let per_layer = attn + mlp + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
-    }
-
-    /// Inverse frequencies of rotary embedding, with llama3 scaling applied (as transformers does).
-    pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        // f32 like transformers' `_compute_default_rope_parameters`, so positions far out agree.
-        let mut inv: Vec<f64> = (0..d / 2)
-            .map(|i| (1.0f32 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)) as f64)
-            .collect();
-        if let Some(s) = &self.rope_scaling {
-            let old = s.original_max_position_embeddings as f64;
-            let low_wavelen = old / s.low_freq_factor;
-            let high_wavelen = old / s.high_freq_factor;
-            for f in inv.iter_mut() {
-                let wavelen = 2.0 * std::f64::consts::PI / *f;
-                if wavelen > low_wavelen {
-                    *f /= s.factor;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
-                }
-            }
-        }
-        inv.into_iter().map(|x| x as f32).collect()
     }
 }

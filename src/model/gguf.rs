@@ -305,16 +305,10 @@ fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_
     let factor = factors.iter().copied().fold(1.0f32, f32::max).to_string().parse::<f64>()?;
     // Llama 3.1/3.2 values; transformers computes the same factors from them.
     let (low, high, old) = (1.0, 4.0, 8192.0);
+    let s = crate::model::config::Llama3Scaling { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: old as usize };
     let expected = (0..head_dim / 2).map(|i| {
-        let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
-        if wavelen < old / high {
-            1.0
-        } else if wavelen > old / low {
-            factor
-        } else {
-            let smooth = (old / wavelen - low) / (high - low);
-            1.0 / ((1.0 - smooth) / factor + smooth)
-        }
+        let f = theta.powf(-((2 * i) as f64) / head_dim as f64);
+        f / s.apply(f)
     });
     let same = factors.len() == head_dim / 2
         && expected.zip(&factors).all(|(e, &f)| (e - f as f64).abs() <= 1e-3 * e);

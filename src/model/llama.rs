@@ -1,563 +1,30 @@
-//! The Llama-family decoder with explicit layers: embedding, RMSNorm, RoPE, grouped-query
-//! causal attention, SwiGLU MLP, LM head (tied or not). Inference forward with a KV cache; the
-//! training engine extends these same layers with saved activations and backward.
+//! The Llama-family decoder as a stack of the layers in `model/layers/` (embedding, decoder
+//! blocks of RMSNorm, RoPE, grouped-query causal attention and SwiGLU MLP, final norm, LM head
+//! tied or not): loading, the inference forward with a KV cache, and the training forward and
+//! backward (loss, the adapters' gradients; with gradient checkpointing each layer is recomputed
+//! during backward from its input). Gradients flow only into LoRA adapters; the base is frozen.
 
 use super::config::Config;
+use super::engine::{LoraGrad, StepOptions, StepOutput, TrainBatch};
+use super::layers::attention::Step;
+use super::layers::rope::RopeAt;
+use super::layers::{embedding, lm_head};
 use super::names::{self, ModuleId, Norm, NormId, Proj};
 use super::weights::WeightFiles;
+use crate::profile;
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
 
-#[cfg(feature = "cuda")]
+pub use super::layers::attention::Attention;
+pub use super::layers::block::Block;
+pub use super::layers::kv_cache::{KvBuf, KvCache, LayerKv};
+pub use super::layers::linear::{Linear, Weight};
+pub use super::layers::mlp::Mlp;
+pub use super::layers::norm::RmsNorm;
+pub use super::layers::rope::Rope;
+
 mod decode_cuda;
-
-/// The frozen weight of a [`Linear`]: dense, or bitsandbytes 4-bit (packed codes + statistics).
-/// A 4-bit weight is dequantized on every use and never cached, so memory stays at 4 bits.
-// With `cuda`, `Device::Cuda` alone is large; a Weight exists once per layer.
-#[cfg_attr(feature = "cuda", allow(clippy::large_enum_variant))]
-pub enum Weight {
-    Dense(Tensor),
-    Quant4 {
-        /// The host copy (what checkpoints save; the CPU path dequantizes from it).
-        q: crate::quant::Quantized4bit,
-        /// bnb's `bnb_4bit_compute_dtype`: the dtype the weight is dequantized to and the
-        /// inference matmul runs in.
-        bnb_compute_dtype: DType,
-        /// The dtype of the activations around the layer (and of its adapters).
-        dtype: DType,
-        device: Device,
-        /// With `device` a GPU: the codes and statistics uploaded once (by [`Linear::new_4bit`]),
-        /// so dequantization and the batch-1 GEMV run there without a host round trip.
-        #[cfg(feature = "cuda")]
-        gpu: Option<Box<crate::kernels::cuda::Quant4Gpu>>,
-    },
-}
-
-impl Weight {
-    /// A 4-bit weight dequantized to bnb's compute dtype on its device (`None` if dense): on the
-    /// GPU from its device copy, else on the CPU and then moved.
-    fn dequantize4(&self) -> Result<Option<Tensor>> {
-        let Weight::Quant4 { q, bnb_compute_dtype, device, .. } = self else { return Ok(None) };
-        #[cfg(feature = "cuda")]
-        if let Weight::Quant4 { gpu: Some(g), .. } = self {
-            return Ok(Some(g.dequantize(*bnb_compute_dtype)?));
-        }
-        Ok(Some(crate::quant::dequantize_4bit(q, *bnb_compute_dtype)?.to_device(device)?))
-    }
-}
-
-/// A linear layer `y = x Wᵀ + b` (`W` is `[out, in]` as in PyTorch), plus an optional LoRA
-/// adapter whose term is added at inference (no dropout).
-pub struct Linear {
-    pub weight: Weight,
-    pub bias: Option<Tensor>,
-    pub lora: Option<super::ops::linear::Lora>,
-}
-
-impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: Weight::Dense(weight), bias, lora: None }
-    }
-
-    /// A 4-bit layer; `q` must hold a 2-D `[out, in]` weight.
-    pub fn new_4bit(q: crate::quant::Quantized4bit, bnb_compute_dtype: DType, dtype: DType, device: &Device, bias: Option<Tensor>) -> Result<Self> {
-        anyhow::ensure!(q.state.shape.len() == 2, "4-bit linear weight has shape {:?}, expected [out, in]", q.state.shape);
-        #[cfg(feature = "cuda")]
-        let gpu = match device {
-            Device::Cuda(d) => Some(Box::new(crate::kernels::cuda::Quant4Gpu::upload(&q, d)?)),
-            _ => None,
-        };
-        let weight = Weight::Quant4 {
-            q,
-            bnb_compute_dtype,
-            dtype,
-            device: device.clone(),
-            #[cfg(feature = "cuda")]
-            gpu,
-        };
-        Ok(Self { weight, bias, lora: None })
-    }
-
-    /// The frozen weight as a dense tensor in the compute dtype (what matmuls and backward use).
-    /// 4-bit: dequantized now (bnb's compute dtype, then the activations' dtype), every call.
-    pub fn dense_weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) => Ok(w.clone()),
-            Weight::Quant4 { dtype, .. } => Ok(self.weight.dequantize4()?.expect("4-bit").to_dtype(*dtype)?),
-        }
-    }
-
-    /// The 4-bit weight, if this layer is quantized.
-    pub fn quantized(&self) -> Option<&crate::quant::Quantized4bit> {
-        match &self.weight {
-            Weight::Quant4 { q, .. } => Some(q),
-            Weight::Dense(_) => None,
-        }
-    }
-
-    /// `(out, in)` of the weight.
-    pub fn weight_shape(&self) -> Result<(usize, usize)> {
-        match &self.weight {
-            Weight::Dense(w) => Ok(w.dims2()?),
-            Weight::Quant4 { q, .. } => Ok((q.state.shape[0], q.state.shape[1])),
-        }
-    }
-
-    pub fn device(&self) -> &Device {
-        match &self.weight {
-            Weight::Dense(w) => w.device(),
-            Weight::Quant4 { device, .. } => device,
-        }
-    }
-
-    /// The dtype activations and adapters use with this layer.
-    pub fn compute_dtype(&self) -> DType {
-        match &self.weight {
-            Weight::Dense(w) => w.dtype(),
-            Weight::Quant4 { dtype, .. } => *dtype,
-        }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.forward_base(x)?;
-        let Some(l) = &self.lora else { return Ok(y) };
-        let u = x.to_dtype(l.a.dtype())?.broadcast_matmul(&l.a.t()?)?;
-        Ok((y + (u.broadcast_matmul(&l.b.t()?)? * l.scaling)?.to_dtype(x.dtype())?)?)
-    }
-
-    fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, inner) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
-        let mut out_shape = x.dims().to_vec();
-        *out_shape.last_mut().unwrap() = self.weight_shape()?.0;
-        let x2 = x.reshape((rows, inner))?;
-        let y = if rows == 1 { self.gemv(&x2)? } else { None };
-        let y = match (y, &self.weight) {
-            (Some(y), _) => y,
-            (None, Weight::Dense(w)) => x2.matmul(&w.t()?)?,
-            // bnb: the input goes to the compute dtype, the output back to the input's dtype.
-            (None, Weight::Quant4 { bnb_compute_dtype, .. }) => {
-                let w = self.weight.dequantize4()?.expect("4-bit");
-                x2.to_dtype(*bnb_compute_dtype)?.matmul(&w.t()?)?.to_dtype(x.dtype())?
-            }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-            None => y,
-        };
-        Ok(y.reshape(out_shape)?)
-    }
-
-    /// Number of weights (a 4-bit weight counts its logical elements, as transformers does).
-    pub fn num_parameters(&self) -> usize {
-        let w = match &self.weight {
-            Weight::Dense(w) => w.elem_count(),
-            Weight::Quant4 { q, .. } => q.numel(),
-        };
-        w + self.bias.as_ref().map_or(0, |b| b.elem_count())
-    }
-
-    /// Batch-1 fast path (decoding): f32 weights on the CPU go through our GEMV kernel; a 4-bit
-    /// weight with f32 compute is dequantized into a scratch vector first. A 4-bit weight on the
-    /// GPU uses the fused dequantize-GEMV kernel (the weight is never materialised).
-    fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if let Weight::Quant4 { gpu: Some(g), bnb_compute_dtype, .. } = &self.weight {
-            // As bnb: x in the compute dtype, y back in x's dtype.
-            return Ok(Some(g.gemv(&x.to_dtype(*bnb_compute_dtype)?)?.to_dtype(x.dtype())?));
-        }
-        if !x.device().is_cpu() || x.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let w = match &self.weight {
-            Weight::Dense(w) => w,
-            Weight::Quant4 { q, bnb_compute_dtype: DType::F32, device, .. } if device.is_cpu() => {
-                let mut w = vec![0f32; q.numel()];
-                crate::quant::dequantize_4bit_f32(q, &mut w)?;
-                let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; q.state.shape[0]];
-                crate::kernels::gemv::gemv_f32(&w, &xv, &mut y);
-                return Ok(Some(Tensor::from_vec(y, (1, q.state.shape[0]), x.device())?));
-            }
-            Weight::Quant4 { .. } => return Ok(None),
-        };
-        if !w.device().is_cpu() || w.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let (storage, layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-        let ws = &cpu.as_slice::<f32>()?[start..end];
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; w.dim(0)?];
-        crate::kernels::gemv::gemv_f32(ws, &xv, &mut y);
-        Ok(Some(Tensor::from_vec(y, (1, w.dim(0)?), x.device())?))
-    }
-}
-
-pub struct RmsNorm {
-    pub weight: Tensor,
-    pub eps: f64,
-}
-
-impl RmsNorm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Statistics in f32 (as transformers' LlamaRMSNorm), result in the input dtype.
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let w = self.weight.to_dtype(DType::F32)?;
-        let y = candle_nn::ops::rms_norm(&xf.contiguous()?, &w, self.eps as f32)?;
-        Ok(y.to_dtype(dtype)?)
-    }
-}
-
-/// cos/sin tables for rotary embeddings, `[max_pos, head_dim/2]` in the compute dtype.
-pub struct Rope {
-    pub cos: Tensor,
-    pub sin: Tensor,
-}
-
-impl Rope {
-    pub fn new(cfg: &Config, max_pos: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let inv = cfg.rope_inv_freq();
-        let half = inv.len();
-        let mut freqs = Vec::with_capacity(max_pos * half);
-        for p in 0..max_pos {
-            for f in &inv {
-                freqs.push(p as f32 * f);
-            }
-        }
-        let freqs = Tensor::from_vec(freqs, (max_pos, half), device)?;
-        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
-    }
-
-    /// Rotate `x` `[b, heads, t, d]` for positions `pos..pos+t` (HF's rotate_half layout).
-    pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
-    }
-
-    /// cos/sin at one position as f32 slices (CPU f32 tables only), for the decode path.
-    fn row_f32(&self, pos: usize) -> Option<(Vec<f32>, Vec<f32>)> {
-        let row = |t: &Tensor| -> Option<Vec<f32>> {
-            let half = t.dim(1).ok()?;
-            crate::kernels::with_f32(t, |all| all.get(pos * half..(pos + 1) * half).map(<[f32]>::to_vec)).flatten()
-        };
-        Some((row(&self.cos)?, row(&self.sin)?))
-    }
-
-    /// A projection's output `y` `[b, t, heads·d]` → `[b, heads, t, d]` in one pass, rotated for
-    /// positions `pos..pos+t` when `rotate` (CPU f32 only; `None` otherwise).
-    fn split_heads(&self, y: &Tensor, heads: usize, d: usize, pos: usize, rotate: bool) -> Result<Option<Tensor>> {
-        let (b, t, _) = y.dims3()?;
-        let out = crate::kernels::with_f32(y, |ys| {
-            crate::kernels::with_f32(&self.cos, |cos| {
-                crate::kernels::with_f32(&self.sin, |sin| crate::kernels::attention::split_heads_rope(ys, b, t, heads, d, rotate.then_some((cos, sin, pos))))
-            })
-        });
-        match out.flatten().flatten() {
-            Some(v) => Ok(Some(Tensor::from_vec(v, (b, heads, t, d), y.device())?)),
-            None => Ok(None),
-        }
-    }
-}
-
-pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-}
-
-impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?;
-        let u = self.up_proj.forward(x)?;
-        if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() && u.is_contiguous() {
-            // silu(g)·u in one parallel pass, in place on g (a fresh matmul output).
-            g.inplace_op2(&u, &crate::kernels::vecmath::SiluMul)?;
-            return self.down_proj.forward(&g);
-        }
-        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
-    }
-}
-
-pub struct Block {
-    pub input_layernorm: RmsNorm,
-    pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
-    pub mlp: Mlp,
-}
-
-/// Key/value cache for generation, one entry per layer.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    /// CUDA: the fused decode path's scratch vectors (made at its first step).
-    #[cfg(feature = "cuda")]
-    decode: Option<decode_cuda::Scratch>,
-    /// CUDA: keep to the generic path (what the fused one is tested against).
-    #[cfg(feature = "cuda")]
-    unfused: bool,
-}
-
-/// One layer's cached keys and values. With batch 1 in f32 on the CPU (generation) they live
-/// in preallocated buffers that decoding appends to in place, and likewise in GPU buffers when
-/// CUDA decodes through the fused path; otherwise they are tensors `[b, kvh, s, d]` grown by
-/// concatenation.
-#[derive(Default)]
-pub enum LayerKv {
-    #[default]
-    Empty,
-    Tensors(Tensor, Tensor),
-    Buf(KvBuf),
-    #[cfg(feature = "cuda")]
-    Gpu(decode_cuda::GpuKv),
-}
-
-/// Keys and values as `[kvh, cap, d]` f32 buffers (per head: positions `0..len` in use).
-pub struct KvBuf {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    kvh: usize,
-    d: usize,
-    len: usize,
-    cap: usize,
-}
-
-impl KvBuf {
-    fn new(kvh: usize, d: usize) -> Self {
-        Self { k: Vec::new(), v: Vec::new(), kvh, d, len: 0, cap: 0 }
-    }
-
-    /// Append `t` positions from `k`/`v` laid out `[kvh, t, d]`.
-    fn append(&mut self, k: &[f32], v: &[f32], t: usize) {
-        let (kvh, d) = (self.kvh, self.d);
-        assert!(k.len() == kvh * t * d && v.len() == kvh * t * d);
-        if self.len + t > self.cap {
-            let cap = (self.len + t).max(2 * self.cap).max(64);
-            let relayout = |old: &[f32]| {
-                let mut new = vec![0f32; kvh * cap * d];
-                for h in 0..kvh {
-                    new[h * cap * d..(h * cap + self.len) * d].copy_from_slice(&old[h * self.cap * d..(h * self.cap + self.len) * d]);
-                }
-                new
-            };
-            self.k = relayout(&self.k);
-            self.v = relayout(&self.v);
-            self.cap = cap;
-        }
-        for h in 0..kvh {
-            let dst = (h * self.cap + self.len) * d..(h * self.cap + self.len + t) * d;
-            self.k[dst.clone()].copy_from_slice(&k[h * t * d..(h + 1) * t * d]);
-            self.v[dst].copy_from_slice(&v[h * t * d..(h + 1) * t * d]);
-        }
-        self.len += t;
-    }
-
-    /// All cached positions as tensors `[1, kvh, len, d]`.
-    fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
-        let (kvh, d, len) = (self.kvh, self.d, self.len);
-        let gather = |buf: &[f32]| -> Result<Tensor> {
-            let mut out = Vec::with_capacity(kvh * len * d);
-            for h in 0..kvh {
-                out.extend_from_slice(&buf[h * self.cap * d..(h * self.cap + len) * d]);
-            }
-            Ok(Tensor::from_vec(out, (1, kvh, len, d), device)?)
-        };
-        Ok((gather(&self.k)?, gather(&self.v)?))
-    }
-}
-
-impl LayerKv {
-    pub fn len(&self) -> usize {
-        match self {
-            LayerKv::Empty => 0,
-            LayerKv::Tensors(k, _) => k.dim(2).unwrap_or(0),
-            LayerKv::Buf(b) => b.len,
-            #[cfg(feature = "cuda")]
-            LayerKv::Gpu(g) => g.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: (0..n_layers).map(|_| LayerKv::Empty).collect(),
-            #[cfg(feature = "cuda")]
-            decode: None,
-            #[cfg(feature = "cuda")]
-            unfused: false,
-        }
-    }
-
-    /// This cache never takes the fused CUDA decode path (the reference in tests).
-    #[cfg(feature = "cuda")]
-    pub fn unfused(mut self) -> Self {
-        self.unfused = true;
-        self
-    }
-
-    /// Whether the fused CUDA decode path holds this cache (it has run a step).
-    #[cfg(feature = "cuda")]
-    pub fn is_fused(&self) -> bool {
-        matches!(self.layers.first(), Some(LayerKv::Gpu(_)))
-    }
-
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, LayerKv::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// An f32 CPU tensor's elements, contiguous (a copy).
-fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
-
-impl Attention {
-    /// `x` `[b, t, hidden]`; queries at positions `pos..pos+t` attend causally to the cache plus
-    /// themselves.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut LayerKv>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (kvh, d) = (self.n_kv_heads, self.head_dim);
-        // Generation on the CPU in f32: the cache is a preallocated buffer.
-        let buffered = b == 1 && x.device().is_cpu() && x.dtype() == DType::F32;
-        if let Some(slot) = cache {
-            if buffered && matches!(slot, LayerKv::Empty) {
-                *slot = LayerKv::Buf(KvBuf::new(kvh, d));
-            }
-            if let LayerKv::Buf(buf) = slot {
-                if t == 1 {
-                    if let Some(y) = self.decode_step(x, rope, pos, buf)? {
-                        return Ok(y);
-                    }
-                }
-                let (q, k, v) = self.qkv(x, rope, pos)?;
-                buf.append(&f32_vec(&k)?, &f32_vec(&v)?, t);
-                let (k, v) = if buf.len == t { (k, v) } else { buf.tensors(x.device())? };
-                return self.attend(&q, &k, &v);
-            }
-            let (q, k, v) = self.qkv(x, rope, pos)?;
-            let (k, v) = match std::mem::take(slot) {
-                LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                #[cfg(feature = "cuda")]
-                LayerKv::Gpu(g) => {
-                    let (pk, pv) = g.tensors()?;
-                    (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
-                }
-                _ => (k, v),
-            };
-            *slot = LayerKv::Tensors(k.clone(), v.clone());
-            return self.attend(&q, &k, &v);
-        }
-        let (q, k, v) = self.qkv(x, rope, pos)?;
-        self.attend(&q, &k, &v)
-    }
-
-    /// Rotated queries `[b, h, t, d]`, rotated keys and values `[b, kvh, t, d]`, contiguous.
-    fn qkv(&self, x: &Tensor, rope: &Rope, pos: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
-        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
-        // CPU f32: split heads and rotate in one parallel pass per projection.
-        if let (Some(qh), Some(kh), Some(vh)) = (rope.split_heads(&q, h, d, pos, true)?, rope.split_heads(&k, kvh, d, pos, true)?, rope.split_heads(&v, kvh, d, pos, false)?) {
-            return Ok((qh, kh, vh));
-        }
-        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?;
-        let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
-        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        Ok((rope.apply(&q, pos)?, rope.apply(&k, pos)?, v))
-    }
-
-    /// Queries `[b, h, t, d]` against all `s` keys/values `[b, kvh, s, d]`, the `t` queries being
-    /// the last `t` positions; then the output projection.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, h, t, d) = q.dims4()?;
-        let kvh = self.n_kv_heads;
-        let s = k.dim(2)?;
-        // Grouped-query attention without copying K/V: fold the query heads that share a KV
-        // head into the time axis, [b, kvh, rep*t, d].
-        let rep = h / kvh;
-        let q = q.reshape((b, kvh, rep * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?; // [b, kvh, rep*t, s]
-        let probs = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-            // Scale, causal mask and softmax in one pass over the scores, in place.
-            scores.reshape((b, kvh, rep, t, s))?.inplace_op1(&crate::kernels::attention::CausalSoftmax { scale: scale as f32, offset: s - t })?;
-            scores
-        } else {
-            let scores = (scores * scale)?;
-            let scores = if t > 1 {
-                let mask = causal_mask(t, s, q.device())?; // [t, s], 0 or -inf
-                scores
-                    .reshape((b, kvh, rep, t, s))?
-                    .broadcast_add(&mask.to_dtype(scores.dtype())?)?
-                    .reshape((b, kvh, rep * t, s))?
-            } else {
-                scores
-            };
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
-        };
-        let out = probs.matmul(v)?; // [b, kvh, rep*t, d]
-        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
-    }
-
-    /// One new position (decoding) against a buffered cache, on plain slices: rope on the q/k
-    /// rows, append k/v in place, fused scores/softmax/weighted sum per head. `None` when the
-    /// rope tables are not CPU f32 (the caller takes the tensor path).
-    fn decode_step(&self, x: &Tensor, rope: &Rope, pos: usize, buf: &mut KvBuf) -> Result<Option<Tensor>> {
-        let Some((cos, sin)) = rope.row_f32(pos) else { return Ok(None) };
-        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let mut q = f32_vec(&self.q_proj.forward(x)?)?;
-        let mut k = f32_vec(&self.k_proj.forward(x)?)?;
-        let v = f32_vec(&self.v_proj.forward(x)?)?;
-        crate::kernels::attention::rope_row_inplace(&mut q, d, &cos, &sin);
-        crate::kernels::attention::rope_row_inplace(&mut k, d, &cos, &sin);
-        buf.append(&k, &v, 1);
-        let mut out = vec![0f32; h * d];
-        let scale = 1.0 / (d as f32).sqrt();
-        crate::kernels::attention::decode_attention(&q, &buf.k, &buf.v, buf.cap * d, buf.len, h, kvh, d, scale, &mut out);
-        let out = Tensor::from_vec(out, (1, 1, h * d), x.device())?;
-        Ok(Some(self.o_proj.forward(&out)?))
-    }
-}
-
-/// Additive causal mask for `t` queries that come after `s - t` cached positions.
-fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
-    let offset = s - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, s), device)?)
-}
-
-impl Block {
-    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut LayerKv>) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?)?;
-        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
-    }
-}
 
 pub struct Llama {
     pub config: Config,
@@ -749,9 +216,9 @@ impl Llama {
     /// last position's logits `[b, 1, vocab]` are computed (generation), else `[b, t, vocab]`.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, last_only: bool) -> Result<Tensor> {
         if self.device.is_cpu() && rayon::current_num_threads() > 1 {
-            // Run on a rayon worker, so the many short parallel kernels of a forward (GEMVs while
-            // decoding) are joined by this thread instead of each waking a blocked caller.
-            return rayon::scope(|_| self.forward_inner(ids, cache, last_only));
+            // The many short parallel kernels of a forward (GEMVs while decoding) are joined by
+            // a worker instead of each waking a blocked caller.
+            return on_pool(|| self.forward_inner(ids, cache, last_only));
         }
         self.forward_inner(ids, cache, last_only)
     }
@@ -759,39 +226,139 @@ impl Llama {
     fn forward_inner(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, last_only: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let pos = cache.as_ref().map_or(0, |c| c.len());
-        anyhow::ensure!(
-            pos + t <= self.rope.cos.dim(0)?,
-            "sequence of {} tokens exceeds max_position_embeddings ({})",
-            pos + t,
-            self.rope.cos.dim(0)?
-        );
-        #[cfg(feature = "cuda")]
+        let max_pos = self.rope.max_positions()?;
+        anyhow::ensure!(pos + t <= max_pos, "sequence of {} tokens exceeds max_position_embeddings ({max_pos})", pos + t);
         if let Some(c) = cache.as_deref_mut() {
             if let Some(logits) = decode_cuda::forward(self, ids, c)? {
                 return Ok(logits);
             }
         }
-        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        let step = Step::new(&self.rope, b, t, pos, &self.device)?;
+        let mut x = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &self.rope, pos, slot)?;
+            x = layer.forward(&x, &self.rope, &step, slot)?;
         }
         let x = if last_only && t > 1 { x.narrow(1, t - 1, 1)? } else { x };
-        let _ = b;
         self.logits(&x)
     }
 
-    /// Final norm and LM head: f32 logits for the hidden states `x` `[b, t, hidden]`.
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+    /// The embeddings of `ids` `[b, t]`: `[b, t, hidden]`.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        embedding::lookup(&self.embed_tokens, ids)
+    }
+
+    /// Final norm and LM head: f32 logits for the hidden states `x` `[..., hidden]`.
+    pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.norm.forward(x)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x)?,
-            None => Linear::new(self.embed_tokens.clone(), None).forward(&x)?,
-        };
-        Ok(logits.to_dtype(DType::F32)?)
+        match &self.lm_head {
+            Some(head) => lm_head::logits(head, &x),
+            None => lm_head::logits(&Linear::new(self.embed_tokens.clone(), None), &x),
+        }
     }
 
     pub fn num_parameters(&self) -> usize {
         self.config.num_parameters()
     }
+
+    /// Forward and backward of one batch: the summed loss, the number of trained tokens and the
+    /// adapters' gradients (of `grad_scale · loss_sum`).
+    pub fn forward_backward(&self, batch: &TrainBatch, opts: &StepOptions, rng: &mut StdRng) -> Result<StepOutput> {
+        let keep = if opts.gradient_checkpointing { Keep::Inputs } else { Keep::All };
+        on_pool(|| self.train_step(batch, opts, rng, keep))
+    }
+
+    /// Loss only (evaluation): no activations are kept.
+    pub fn loss(&self, batch: &TrainBatch) -> Result<StepOutput> {
+        let opts = StepOptions { train: false, gradient_checkpointing: false, grad_scale: None };
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        on_pool(|| self.train_step(batch, &opts, &mut rng, Keep::Nothing))
+    }
+
+    /// Logits `[b, t, vocab]` (f32) of a batch through the training forward — positions and
+    /// segment masks as in training, so a packed row can be compared with its examples alone.
+    pub fn train_logits(&self, batch: &TrainBatch) -> Result<Tensor> {
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let (x, _, _) = self.train_layers(batch, false, &mut rng, Keep::Nothing)?;
+        Ok(self.logits(&x)?.reshape((batch.b, batch.t, ()))?)
+    }
+
+    /// The embedding and the decoder layers' training forward: the last hidden rows `[b·t,
+    /// hidden]`, the RoPE tables at the batch's positions and what each layer keeps.
+    fn train_layers(&self, batch: &TrainBatch, train: bool, rng: &mut StdRng, keep: Keep) -> Result<(Tensor, RopeAt, Vec<Kept>)> {
+        let tables = || -> Result<_> { Ok((self.rope.gather(&batch.positions)?, embedding::forward(&self.embed_tokens, &batch.input_ids.flatten_all()?)?)) };
+        let (rope, mut x) = profile::time("embedding+rope tables", tables)?; // x [n, h]
+        let mut kept = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            crate::check_cancel()?;
+            let state = matches!(keep, Keep::Inputs).then(|| rng.clone());
+            let (y, acts) = layer.forward_train(&x, batch, &rope, train, rng)?;
+            match (keep, state) {
+                (Keep::Nothing, _) => {}
+                (_, Some(state)) => kept.push(Kept::Input(x, state)),
+                (_, None) => kept.push(Kept::All(acts)),
+            }
+            x = y;
+        }
+        Ok((x, rope, kept))
+    }
+
+    /// The loss and, unless `keep` is `Nothing`, the backward of one batch.
+    fn train_step(&self, batch: &TrainBatch, opts: &StepOptions, rng: &mut StdRng, keep: Keep) -> Result<StepOutput> {
+        let (x, rope, kept) = self.train_layers(batch, opts.train, rng, keep)?;
+        let (hn, final_norm) = self.norm.forward_train(&x)?;
+        let head = match &self.lm_head {
+            Some(h) => h.dense_weight()?,
+            None => self.embed_tokens.clone(),
+        };
+        let n_targets = batch.n_targets();
+        let grad_scale = match keep {
+            Keep::Nothing => None,
+            _ => Some(opts.grad_scale.unwrap_or(1.0 / n_targets.max(1) as f64)),
+        };
+        let chunk = lm_head::chunk_rows(hn.device());
+        let ce = profile::time("lm_head+cross_entropy", || lm_head::forward_backward(&hn, &head, &batch.targets, grad_scale, chunk))?;
+        let mut out = StepOutput { loss_sum: ce.loss_sum, n_tokens: ce.n_tokens, grads: Vec::new() };
+        let Some(dh) = ce.dh else { return Ok(out) };
+        let dx = self.norm.backward(&final_norm, &dh)?;
+        self.backward_layers(batch, &rope, kept, dx, opts.train, &mut out.grads)?;
+        Ok(out)
+    }
+
+    /// The decoder layers' backward, last first, each recomputed first if only its input was kept.
+    fn backward_layers(&self, batch: &TrainBatch, rope: &RopeAt, kept: Vec<Kept>, mut dx: Tensor, train: bool, grads: &mut Vec<LoraGrad>) -> Result<()> {
+        for (li, (layer, k)) in self.layers.iter().zip(kept).enumerate().rev() {
+            crate::check_cancel()?;
+            let acts = match k {
+                Kept::All(a) => a,
+                Kept::Input(xin, mut state) => layer.forward_train(&xin, batch, rope, train, &mut state)?.1,
+            };
+            dx = layer.backward(&acts, batch, rope, &dx, li, grads)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the training forward keeps of each layer for a backward.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// Nothing: no backward follows (loss, logits).
+    Nothing,
+    All,
+    /// Gradient checkpointing: only each layer's input.
+    Inputs,
+}
+
+/// What one layer kept between forward and backward.
+enum Kept {
+    All(super::layers::block::LayerActs),
+    /// Gradient checkpointing: the layer input and the RNG as it was, to recompute identically.
+    Input(Tensor, StdRng),
+}
+
+/// Runs `f` on one of rayon's worker threads: a forward's serial parts then run where its
+/// parallel kernels fork, instead of the caller's thread handing every kernel over to the pool
+/// and sleeping (two context switches per kernel, ~9k a second).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::join(f, || ()).0
 }

@@ -3,8 +3,8 @@
 //! `rank_pattern` / `alpha_pattern`), their initialisation, and peft's parameter counts.
 
 use super::llama::Llama;
+use super::layers::linear::Lora;
 use super::names;
-use super::ops::linear::Lora;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};

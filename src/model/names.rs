@@ -11,7 +11,7 @@
 //! the family, they never list projections themselves.
 
 use crate::model::llama::{Block, Linear, Llama, RmsNorm};
-use crate::model::ops::linear::Lora;
+use crate::model::layers::linear::Lora;
 use candle_core::Tensor;
 
 // ---------------------------------------------------------------- module ids

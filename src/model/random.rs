@@ -48,7 +48,7 @@ impl RandomSource {
         let mut v = vec![0f32; n];
         v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
             for (i, x) in chunk.iter_mut().enumerate() {
-                let bits = crate::kernels::lora_cpu::dropout_bits(key, c * (1 << 16) + i);
+                let bits = crate::kernels::lora::dropout_bits(key, c * (1 << 16) + i);
                 *x = (bits as f32 / 32768.0 - 1.0) * a;
             }
         });

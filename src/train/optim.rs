@@ -137,12 +137,7 @@ impl AdamW {
 
     fn step_host(&mut self, model: &mut Llama, grads: &[LoraGrad], lr: f64) -> Result<()> {
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
-        let decay = (1.0 - lr * weight_decay) as f32;
+        let c = self.coeffs(lr, self.step);
         // All gradients in one host copy and all updated weights in one upload.
         let all = self.flat_grads(grads)?.to_vec1::<f32>()?;
         let mut offsets = Vec::with_capacity(self.params.len());
@@ -153,16 +148,7 @@ impl AdamW {
         }
         self.params.par_iter_mut().zip(offsets.par_iter()).for_each(|(p, &off)| {
             let g = &all[off..off + p.master.len()];
-            for i in 0..g.len() {
-                let w = &mut p.master[i];
-                *w *= decay;
-                let m = &mut p.exp_avg[i];
-                *m += (g[i] - *m) * (1.0 - b1); // torch: exp_avg.lerp_(grad, 1 - beta1)
-                let v = &mut p.exp_avg_sq[i];
-                *v = *v * b2 + (1.0 - b2) * g[i] * g[i];
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *w -= step_size * *m / denom;
-            }
+            crate::kernels::adamw::cpu::update(&mut p.master, &mut p.exp_avg, &mut p.exp_avg_sq, g, &c);
         });
         let dev = self.adapter_device(model);
         let all: Vec<f32> = self.params.iter().flat_map(|p| p.master.iter().copied()).collect();
@@ -185,35 +171,17 @@ impl AdamW {
         let n = self.num_parameters();
         anyhow::ensure!(g.elem_count() == n && state.master.elem_count() == n, "optimizer state size mismatch");
         let step = self.step + 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(step as i32);
-        let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let (b1, b2, eps, bc2_sqrt) = (beta1 as f32, beta2 as f32, eps as f32, bc2_sqrt as f32);
-        let decay = (1.0 - lr * weight_decay) as f32;
-        #[cfg(feature = "cuda")]
-        if dev.is_cuda() {
-            let c = [decay, 1.0 - b1, b2, 1.0 - b2, eps, bc2_sqrt, step_size];
-            let (w, m, v) = crate::kernels::cuda_train::adamw(&state.master, &state.exp_avg, &state.exp_avg_sq, &g.contiguous()?, c)?;
-            self.write_flat(model, &w)?;
-            self.step = step;
-            self.dev = Some(DeviceState { master: w, exp_avg: m, exp_avg_sq: v, host_stale: true });
-            return Ok(());
-        }
-        // f32 constants passed through f64 exactly (affine casts them back to f32).
-        let w = if decay == 1.0 { state.master.clone() } else { state.master.affine(decay as f64, 0.0)? };
-        // m += (g - m)(1 - β1)
-        let m = (&state.exp_avg + (&g - &state.exp_avg)?.affine((1.0 - b1) as f64, 0.0)?)?;
-        // v = v·β2 + ((1 - β2)·g)·g
-        let v = (state.exp_avg_sq.affine(b2 as f64, 0.0)? + (g.affine((1.0 - b2) as f64, 0.0)? * &g)?)?;
-        // denom = sqrt(v) / bc2_sqrt + eps (a true division, as on the host)
-        let denom = v.sqrt()?.broadcast_div(&Tensor::new(bc2_sqrt, dev)?)?.affine(1.0, eps as f64)?;
-        // w -= (step_size·m) / denom
-        let w = (w - (m.affine(step_size as f64, 0.0)? / denom)?)?;
+        let (w, m, v) = crate::kernels::adamw::step(&state.master, &state.exp_avg, &state.exp_avg_sq, &g, &self.coeffs(lr, step))?;
         self.write_flat(model, &w)?;
         self.step = step;
         self.dev = Some(DeviceState { master: w, exp_avg: m, exp_avg_sq: v, host_stale: true });
         Ok(())
+    }
+
+    /// The update's constants for (1-based) step `step` at learning rate `lr`.
+    fn coeffs(&self, lr: f64, step: u64) -> crate::kernels::adamw::Coeffs {
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
+        crate::kernels::adamw::Coeffs::new(lr, beta1, beta2, eps, weight_decay, step)
     }
 
     fn upload_state(&self, dev: &Device) -> Result<DeviceState> {

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use qscript::model::engine::TrainBatch;
+use qscript::model::layers::{attention, rope};
 use qscript::model::names::{Proj, LLAMA};
-use qscript::model::ops::{attention, rope};
 use qscript::model::Model;
 use rand::{rngs::StdRng, SeedableRng};
 

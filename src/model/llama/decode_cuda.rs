@@ -1,7 +1,7 @@
 //! Batch-1 decoding on CUDA with 4-bit weights: one new token through a layer in five fused
-//! launches (src/kernels/cuda_decode.rs) against a preallocated KV cache, where the generic
-//! forward runs ~30 candle ops per layer and concatenates the whole cache every step (a small
-//! model is launch-bound: SmolLM2-135M reads ~130 MB of weights per token, ~40 µs on an H200).
+//! launches (`kernels::decode`) against a preallocated KV cache, where the generic forward
+//! runs ~30 candle ops per layer and concatenates the whole cache every step (a small model is
+//! launch-bound: SmolLM2-135M reads ~130 MB of weights per token, ~40 µs on an H200).
 //!
 //! [`forward`] takes over `Llama::forward` for one token with a cache when every decoder linear
 //! is a 4-bit weight on the GPU with compute dtype = activations dtype (f32 or bf16), no LoRA
@@ -10,74 +10,16 @@
 //! buffers back if it runs again later.
 
 use super::{KvCache, LayerKv, Linear, Llama, Weight};
-use crate::kernels::cuda::Quant4Gpu;
-use crate::kernels::cuda_decode as k;
+use crate::kernels::decode::{self as k, GpuKv, LayerWeights, Scratch};
+use crate::kernels::quant4::Quant4Gpu;
 use anyhow::Result;
-use candle_core::{DType, Module, Tensor};
-
-/// Capacity (positions) of a new buffer at least.
-const MIN_CAP: usize = 64;
-
-/// One layer's keys and values in buffers `[kv_heads, cap, d]` (positions `0..len` in use) that
-/// decoding appends to in place, doubled (one copy) when full.
-pub struct GpuKv {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-/// `t` `[kvh, len, d]` followed by zeros up to `cap` positions, in a new tensor.
-fn with_room(t: &Tensor, cap: usize) -> Result<Tensor> {
-    let (kvh, len, d) = t.dims3()?;
-    let zeros = Tensor::zeros((kvh, cap - len, d), t.dtype(), t.device())?;
-    Ok(if len == 0 { zeros } else { Tensor::cat(&[t, &zeros], 1)? })
-}
-
-impl GpuKv {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// From the generic path's cache tensors `[1, kvh, s, d]` (after prefill).
-    fn from_tensors(k: &Tensor, v: &Tensor) -> Result<Self> {
-        let len = k.dim(2)?;
-        let cap = (len + 1).next_power_of_two().max(MIN_CAP);
-        Ok(Self { k: with_room(&k.squeeze(0)?, cap)?, v: with_room(&v.squeeze(0)?, cap)?, len })
-    }
-
-    /// Room for position `len`.
-    fn reserve_one(&mut self) -> Result<()> {
-        let cap = self.k.dim(1)?;
-        if self.len == cap {
-            self.k = with_room(&self.k, 2 * cap)?;
-            self.v = with_room(&self.v, 2 * cap)?;
-        }
-        Ok(())
-    }
-
-    /// The cached positions as the generic path keeps them, `[1, kvh, len, d]` (a copy, except
-    /// with one KV head: then a view, read once before this buffer is dropped).
-    pub(super) fn tensors(&self) -> Result<(Tensor, Tensor)> {
-        let take = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, self.len)?.contiguous()?.unsqueeze(0)?) };
-        Ok((take(&self.k)?, take(&self.v)?))
-    }
-}
-
-/// Scratch vectors of a step, allocated at the first one: the rotated query, the attention
-/// output, the SwiGLU output.
-pub struct Scratch {
-    q: Tensor,
-    att: Tensor,
-    mlp: Tensor,
-}
+use candle_core::{DType, Tensor};
 
 /// The 4-bit GPU weight of `l` if the fused kernels can run it with activations in `dtype`.
 fn fused_weight(l: &Linear, dtype: DType) -> Option<&Quant4Gpu> {
     match &l.weight {
-        Weight::Quant4 { gpu: Some(g), bnb_compute_dtype, dtype: act, .. }
-            if *bnb_compute_dtype == dtype && *act == dtype && l.lora.is_none() && l.bias.is_none() && g.fused_ok() =>
-        {
-            Some(g)
+        Weight::Quant4 { gpu, bnb_compute_dtype, dtype: act, .. } if *bnb_compute_dtype == dtype && *act == dtype && l.lora.is_none() && l.bias.is_none() => {
+            k::fused_weight(gpu)
         }
         _ => None,
     }
@@ -88,7 +30,7 @@ fn fused_weight(l: &Linear, dtype: DType) -> Option<&Quant4Gpu> {
 fn fused_weights(m: &Llama) -> Option<Vec<[&Quant4Gpu; 7]>> {
     let c = &m.config;
     let (h, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    if !m.device.is_cuda() || !matches!(m.dtype, DType::F32 | DType::BF16) || !matches!(d, 32 | 64 | 128 | 256) || kvh == 0 || h % kvh != 0 {
+    if !k::applies(&m.device, m.dtype, h, kvh, d) {
         return None;
     }
     let layers: Vec<[&Quant4Gpu; 7]> = m
@@ -101,8 +43,7 @@ fn fused_weights(m: &Llama) -> Option<Vec<[&Quant4Gpu; 7]>> {
             ws.try_into().ok()
         })
         .collect::<Option<_>>()?;
-    let kind = layers.first()?[0].kind();
-    layers.iter().flatten().all(|w| w.kind() == kind).then_some(layers)
+    k::one_layout(&layers).then_some(layers)
 }
 
 /// `Llama::forward` for `ids` `[1, 1]` with `cache`: f32 logits `[1, 1, vocab]` through the
@@ -127,30 +68,22 @@ pub(super) fn forward(m: &Llama, ids: &Tensor, cache: &mut KvCache) -> Result<Op
         let mut kv = match std::mem::take(slot) {
             LayerKv::Tensors(k, v) => GpuKv::from_tensors(&k, &v)?,
             LayerKv::Gpu(kv) => kv,
-            _ => {
-                let z = || Tensor::zeros((kvh, MIN_CAP, d), m.dtype, &m.device);
-                GpuKv { k: z()?, v: z()?, len: 0 }
-            }
+            _ => GpuKv::new(kvh, d, m.dtype, &m.device)?,
         };
         kv.reserve_one()?;
         *slot = LayerKv::Gpu(kv);
     }
     if cache.decode.is_none() {
-        let z = |n: usize| Tensor::zeros(n, m.dtype, &m.device);
-        cache.decode = Some(Scratch { q: z(h * d)?, att: z(h * d)?, mlp: z(c.intermediate_size)? });
+        cache.decode = Some(Scratch::new(h * d, c.intermediate_size, m.dtype, &m.device)?);
     }
     let Some(s) = &cache.decode else { unreachable!("made above") };
     // The residual stream, updated in place: a new tensor (index_select's output).
-    let x = candle_nn::Embedding::new(m.embed_tokens.clone(), c.hidden_size).forward(ids)?;
+    let x = m.embed(ids)?;
     for ((b, w), slot) in m.layers.iter().zip(&weights).zip(cache.layers.iter_mut()) {
         let LayerKv::Gpu(kv) = slot else { unreachable!("converted above") };
         let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
-        k::qkv_rope(&x, &n1.weight, n1.eps as f32, [w[0], w[1], w[2]], &m.rope.cos, &m.rope.sin, pos, d, &s.q, &kv.k, &kv.v)?;
-        kv.len += 1;
-        k::attention(&s.q, &kv.k, &kv.v, kv.len, &s.att)?;
-        k::residual(w[3], &s.att, &x)?;
-        k::gate_up(&x, &n2.weight, n2.eps as f32, w[4], w[5], &s.mlp)?;
-        k::residual(w[6], &s.mlp, &x)?;
+        let lw = LayerWeights { attn_norm: (&n1.weight, n1.eps as f32), mlp_norm: (&n2.weight, n2.eps as f32), proj: *w };
+        k::layer(&x, &lw, &m.rope.cos, &m.rope.sin, pos, d, kv, s)?;
     }
     Ok(Some(m.logits(&x)?))
 }

@@ -1,0 +1,132 @@
+//! Grouped-query causal attention's kernels, for training and inference alike
+//! (`model::layers::attention` runs the tiles): the CUDA flash kernels (bf16, head size 64 or
+//! 128) take the whole forward and backward; else the fused CPU kernel (f32, as many keys as
+//! queries) that keeps the probabilities; else query tiles of candle matmuls around
+//! [`masked_softmax`] / [`softmax_backward`] (a CUDA kernel for f32 and bf16, candle's ops as
+//! the reference). Decoding on the CPU: the single-query attention over the cache buffer
+//! ([`cpu::decode_attention`]).
+
+pub mod cpu;
+pub mod cpu_train;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod flash;
+
+use super::{cuda_float, f32_view, stat_dtype};
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+
+/// Whether the flash kernels take this attention: CUDA, bf16, head size 64 or 128.
+pub fn flash_fits(q: &Tensor) -> bool {
+    q.device().is_cuda() && q.dtype() == DType::BF16 && matches!(q.dims().last(), Some(64 | 128))
+}
+
+/// Flash attention forward when [`flash_fits`]: `(o, lse)`, `o = softmax(QKᵀ/√d + mask) V` with
+/// the mask given by the segment ids `[b, t]` (u32), and its log-sum-exp (f32 `[b, nh, t]`,
+/// base 2, for [`flash_backward`]). `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if flash_fits(q) {
+        return Ok(Some(flash::forward(q, k, v, segments)?));
+    }
+    Ok(None)
+}
+
+/// `(dq, dk, dv)` of [`flash_forward`] from its inputs, output `o`, log-sum-exp `lse` and the
+/// output's gradient `d_o` (bf16).
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    return flash::backward(q, k, v, segments, o, lse, d_o);
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("flash attention backward: this qscript was built without CUDA")
+}
+
+/// The fused forward that keeps the probabilities, when a kernel takes these tensors (the CPU
+/// kernel: all contiguous f32, as many keys as queries): `(o [b, nh, t, d], p [b, nh, t, t])`.
+/// `mask` `[b, 1, t, t]`, causal.
+pub fn fused_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f32) -> Result<Option<(Tensor, Tensor)>> {
+    let (b, nh, t, d) = q.dims4()?;
+    if k.dim(2)? != t {
+        return Ok(None);
+    }
+    let (Some(qv), Some(kv), Some(vv), Some(mv)) = (f32_view(q), f32_view(k), f32_view(v), f32_view(mask)) else { return Ok(None) };
+    let dims = cpu_train::Dims { b, nh, kvh: k.dim(1)?, t, d };
+    let (o, p) = cpu_train::forward(dims, qv.slice(), kv.slice(), vv.slice(), mv.slice(), scale);
+    let dev = q.device();
+    Ok(Some((Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?)))
+}
+
+/// The backward of [`fused_forward`] from its probabilities `p`, when a kernel takes these
+/// tensors: `(dq, dk, dv)`.
+pub fn fused_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: Option<&Tensor>, d_o: &Tensor, scale: f32) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (Some(qv), Some(kv), Some(vv), Some(pv), Some(dov)) = (f32_view(q), f32_view(k), f32_view(v), p.and_then(f32_view), f32_view(d_o)) else {
+        return Ok(None);
+    };
+    let dims = cpu_train::Dims { b, nh, kvh: k.dim(1)?, t, d };
+    let (dq, dk, dv) = cpu_train::backward(dims, qv.slice(), kv.slice(), vv.slice(), pv.slice(), dov.slice(), scale);
+    let dev = d_o.device();
+    Ok(Some((Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)))
+}
+
+/// `softmax(scale · scores + mask)` over the last axis as a candle op: the CUDA kernel only.
+pub struct MaskedSoftmax {
+    pub scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("masked softmax: no CPU kernel (masked_softmax runs candle's ops there)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, sl: &Layout, m: &candle_core::CudaStorage, ml: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::forward((s, sl), (m, ml), self.scale).map_err(super::launch::candle_err)?, sl.shape().clone()))
+    }
+}
+
+/// The tiled path's `softmax(scale · scores + mask)` over the last axis, scores `[b, nh, c, s]`
+/// with the mask `[b, 1, c, s]`, in the scores' dtype with f32 statistics.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if cuda_float(scores) {
+        return Ok(scores.contiguous()?.apply_op2_no_bwd(&mask.contiguous()?, &MaskedSoftmax { scale: scale as f32 })?);
+    }
+    let sd = stat_dtype(scores.dtype());
+    let x = (scores.to_dtype(sd)? * scale)?.broadcast_add(&mask.to_dtype(sd)?)?;
+    Ok(candle_nn::ops::softmax_last_dim(&x)?.to_dtype(scores.dtype())?)
+}
+
+/// Softmax backward `dS = P ⊙ (dP − Σ_j dP·P)` as a candle op: the CUDA kernel only.
+pub struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("softmax backward: no CPU kernel (softmax_backward runs candle's ops there)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, p: &candle_core::CudaStorage, pl: &Layout, dp: &candle_core::CudaStorage, dl: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::backward((p, pl), (dp, dl)).map_err(super::launch::candle_err)?, pl.shape().clone()))
+    }
+}
+
+/// The tiled path's softmax backward: `dS = P ⊙ (dP − Σ_j dP·P)` over the last axis.
+pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    if cuda_float(p) {
+        return Ok(p.contiguous()?.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBackward)?);
+    }
+    let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
+    Ok((p * dp.broadcast_sub(&dot)?)?)
+}

@@ -1,0 +1,56 @@
+//! The LM head and softmax cross-entropy. Dispatch order: the fused CPU kernel takes the whole
+//! LM head + loss for f32 ([`lm_head_xent`]); elsewhere the caller projects chunks of rows
+//! (cuBLAS on a GPU) and [`xent_rows`] takes each chunk: the CUDA kernel (f32, bf16), else
+//! candle's ops in the statistics dtype.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use super::{f32_view, stat_dtype};
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+
+/// Rows projected per chunk on the CPU (chunk × vocab f32 logits live at once: 256 × 49152 ×
+/// 4 B = 48 MiB).
+pub const CHUNK_ROWS: usize = 256;
+
+/// Rows per chunk on `device`: on a GPU larger chunks keep the matmuls large and the per-chunk
+/// launches and loss read-backs few (1024 × 128256 × 4 B = 0.5 GiB of logits at once).
+pub fn chunk_rows(device: &Device) -> usize {
+    if device.is_cpu() { CHUNK_ROWS } else { 1024 }
+}
+
+/// The whole LM head + loss over the `rows` of `h` `[n, hidden]` (their `targets`) with `head`
+/// `[vocab, hidden]`, when a fused kernel takes them (the CPU kernel: contiguous f32), `chunk`
+/// rows at a time: `(Σ −log p(target), d(grad_scale · loss)/dh [n, hidden] with grad_scale)`.
+pub fn lm_head_xent(h: &Tensor, head: &Tensor, rows: &[u32], targets: &[u32], grad_scale: Option<f64>, chunk: usize) -> Result<Option<(f64, Option<Tensor>)>> {
+    let (Some(hv), Some(wv)) = (f32_view(h), f32_view(head)) else { return Ok(None) };
+    let (n, hidden) = h.dims2()?;
+    let (loss_sum, dh) = cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, rows, targets, grad_scale.map(|s| s as f32), chunk);
+    let dh = dh.map(|d| Tensor::from_vec(d, (n, hidden), h.device())).transpose()?;
+    Ok(Some((loss_sum, dh)))
+}
+
+/// Per-row losses `[c]` (statistics dtype) of logits `[c, vocab]` against `tgt` `[c]` (u32),
+/// and with `grad_scale` the logits' gradient `scale · (softmax − onehot)` in their dtype.
+pub fn xent_rows(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if super::cuda_float(logits) {
+        return cuda::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32));
+    }
+    let sd = stat_dtype(logits.dtype());
+    let dtype = logits.dtype();
+    let logits = logits.to_dtype(sd)?;
+    let tgt = tgt.unsqueeze(1)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let e = logits.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let lse = (max + sum.log()?)?;
+    let loss = (lse - logits.gather(&tgt, 1)?)?.squeeze(1)?;
+    let Some(scale) = grad_scale else { return Ok((loss, None)) };
+    // d loss / d logits = softmax − onehot(target).
+    let p = e.broadcast_div(&sum)?;
+    let minus_one = Tensor::full(-1f32, (tgt.dim(0)?, 1), logits.device())?.to_dtype(sd)?;
+    Ok((loss, Some((p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(dtype)?)))
+}

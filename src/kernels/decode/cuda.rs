@@ -1,0 +1,193 @@
+//! Fused kernels of batch-1 decoding with 4-bit weights (feature `cuda`), from `decode.cu`:
+//! per layer RMSNorm + q/k/v + RoPE + KV append, attention, o_proj + residual, RMSNorm +
+//! gate/up + SwiGLU, down_proj + residual: five launches (`decode::layer` chains them).
+//! Activations f32 or bf16, statistics and sums f32.
+//!
+//! The launchers write in place into tensors the caller owns (the residual stream, the KV cache,
+//! scratch vectors): those must not share their storage with any other tensor. They only enqueue
+//! work on the device's stream (no host synchronisation).
+
+use crate::kernels::launch::{self, addr, config, float_name, ptx_module, Module};
+use crate::kernels::quant4::{gemv_blocks, gemv_lanes, Quant4Gpu};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::{CudaDevice, DType, Storage, Tensor};
+use half::bf16;
+
+const MODULE: Module = ptx_module!("decode");
+/// Dynamic shared memory the norm-fused kernels may use without opting in (the normed row, f32).
+const MAX_SHARED: usize = 48 * 1024;
+/// Threads per block of the attention kernel (`ATT_WARPS` warps in decode.cu).
+const ATT_THREADS: u32 = 256;
+
+/// A 4-bit weight as the kernels take it, by value (`W4` in decode.cu, the same layout):
+/// device addresses of the codes, table and statistics (as `Quant4Gpu::push_stats` orders them),
+/// then the numbers.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct W4Arg {
+    pub packed: u64,
+    pub lut: u64,
+    pub absmax: u64,
+    pub absmax_q: u64,
+    pub nested_absmax: u64,
+    pub nested_code: u64,
+    pub offset: f32,
+    pub log2_nested: i32,
+    pub log2_bs: i32,
+    pub pad: i32,
+    pub rows: i32,
+    pub cols: i32,
+}
+const _: () = assert!(std::mem::size_of::<W4Arg>() == 72);
+// SAFETY: plain numbers, laid out as decode.cu's W4 (checked by the static asserts on both sides).
+unsafe impl DeviceRepr for W4Arg {}
+
+/// The kernel `name` of decode.ptx on `dev` (cached per thread).
+fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    MODULE.function(dev, name)
+}
+
+/// "f32" or "bf16": the kernel name part of the activations' dtype.
+fn act_name(dtype: DType) -> Result<&'static str> {
+    float_name(dtype, "fused decode activations")
+}
+
+/// The device address of a contiguous tensor on `dev` with `n` elements of `dtype`.
+fn tensor_addr(t: &Tensor, dtype: DType, n: usize, dev: &CudaDevice, what: &str) -> Result<u64> {
+    ensure!(t.dtype() == dtype, "{what}: {:?}, expected {dtype:?}", t.dtype());
+    ensure!(t.elem_count() == n, "{what}: shape {:?}, expected {n} elements", t.dims());
+    let (g, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*g else { bail!("{what}: not on a CUDA device") };
+    ensure!(cs.device.id() == dev.id(), "{what}: on another CUDA device than the weights");
+    let (a, b) = l.contiguous_offsets().with_context(|| format!("{what}: not contiguous"))?;
+    let stream = dev.cuda_stream();
+    Ok(match dtype {
+        DType::F32 => addr(&cs.as_cuda_slice::<f32>()?.slice(a..b), &stream),
+        DType::BF16 => addr(&cs.as_cuda_slice::<bf16>()?.slice(a..b), &stream),
+        other => bail!("{what}: {other:?}"),
+    })
+}
+
+/// The GEMVs' weights: fast-kernel layout and one scales layout (it picks the kernel).
+fn check_weights(ws: &[&Quant4Gpu]) -> Result<&'static str> {
+    let kind = ws[0].kind();
+    for w in ws {
+        ensure!(w.fused_ok(), "fused decode: 4-bit weight {:?} needs whole 32-element chunks per row", w.shape());
+        ensure!(w.kind() == kind && w.cuda_device().id() == ws[0].cuda_device().id(), "fused decode: weights with mixed scale layouts or devices");
+    }
+    Ok(kind)
+}
+
+/// The launch of a GEMV kernel over `groups` thread groups for rows of `cols` inputs, with the
+/// normed row in shared memory when `norm`: (lanes per group, config).
+fn gemv_launch(w: &Quant4Gpu, groups: usize, cols: usize, norm: bool) -> Result<(usize, LaunchConfig)> {
+    let lanes = gemv_lanes(cols / 32);
+    let mut cfg = gemv_blocks(groups * lanes, w.sms());
+    if norm {
+        ensure!(4 * cols <= MAX_SHARED, "fused decode: hidden size {cols} too large for the shared-memory norm");
+        cfg.shared_mem_bytes = (4 * cols) as u32;
+    }
+    Ok((lanes, cfg))
+}
+
+/// RMSNorm of `x` [hidden] (weight `norm_w`, `eps`), then its q, k, v projections; q and k
+/// rotated for position `pos` (tables `cos`/`sin` [positions, d/2]); q into `q_out` [heads·d],
+/// k and v into the caches [kv_heads, cap, d] at `pos`.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: &Tensor, sin: &Tensor, pos: usize, d: usize, q_out: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<()> {
+    let (dt, t) = (x.dtype(), act_name(x.dtype())?);
+    let kind = check_weights(&w)?;
+    let dev = w[0].cuda_device();
+    let (&[rq, cols], &[rk, ck], &[rv, cv]) = (w[0].shape(), w[1].shape(), w[2].shape()) else { unreachable!("fused_ok: 2-D") };
+    ensure!(ck == cols && cv == cols && rk == rv, "qkv: weights {:?} {:?} {:?}", w[0].shape(), w[1].shape(), w[2].shape());
+    ensure!(d % 4 == 0 && rq % d == 0 && rk % d == 0, "qkv: head_dim {d} does not fit q {rq} / kv {rk} rows");
+    let (kvh, cap, d2) = k_cache.dims3()?;
+    ensure!(d2 == d && kvh * d == rk && v_cache.dims() == k_cache.dims() && pos < cap, "qkv: cache {:?} for position {pos}", k_cache.dims());
+    let (positions, half) = cos.dims2()?;
+    ensure!(half * 2 == d && pos < positions && sin.dims() == cos.dims(), "qkv: rope tables {:?} for position {pos}", cos.dims());
+    let x_p = tensor_addr(x, dt, cols, dev, "x")?;
+    let n_p = tensor_addr(norm_w, dt, cols, dev, "norm weight")?;
+    let cos_p = tensor_addr(cos, dt, positions * half, dev, "cos")?;
+    let sin_p = tensor_addr(sin, dt, positions * half, dev, "sin")?;
+    let q_p = tensor_addr(q_out, dt, rq, dev, "q")?;
+    let k_p = tensor_addr(k_cache, dt, kvh * cap * d, dev, "k cache")?;
+    let v_p = tensor_addr(v_cache, dt, kvh * cap * d, dev, "v cache")?;
+    let (lanes, cfg) = gemv_launch(w[0], (rq + rk + rv) / 4, cols, true)?;
+    let args = w.map(Quant4Gpu::decode_arg);
+    let (pos, d, cap) = (pos as i32, d as i32, cap as i32);
+    let (func, stream) = (kernel(dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
+    b.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&x_p).arg(&n_p).arg(&eps).arg(&cos_p).arg(&sin_p);
+    b.arg(&pos).arg(&d).arg(&cap).arg(&q_p).arg(&k_p).arg(&v_p);
+    // SAFETY: arguments as decode.cu's dec_qkv_*; every buffer's size checked above.
+    unsafe { launch::launch(&mut b, cfg) }?;
+    Ok(())
+}
+
+/// Attention of the query `q` [heads·d] over positions `0..len` of the caches
+/// [kv_heads, cap, d] (query head h reads KV head h / (heads / kv_heads)), into `out` [heads·d].
+pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, out: &Tensor) -> Result<()> {
+    let (dt, t) = (q.dtype(), act_name(q.dtype())?);
+    let dev = match &*q.storage_and_layout().0 {
+        Storage::Cuda(cs) => cs.device.clone(),
+        _ => bail!("attention: q is not on a CUDA device"),
+    };
+    let (kvh, cap, d) = k_cache.dims3()?;
+    let h = q.elem_count() / d.max(1);
+    ensure!(matches!(d, 32 | 64 | 128 | 256), "attention: head_dim {d} (32, 64, 128 or 256)");
+    ensure!(h * d == q.elem_count() && kvh > 0 && h % kvh == 0, "attention: q {:?} for {kvh} KV heads of {d}", q.dims());
+    ensure!(v_cache.dims() == k_cache.dims() && (1..=cap).contains(&len), "attention: {len} positions in a cache {:?}", k_cache.dims());
+    let q_p = tensor_addr(q, dt, h * d, &dev, "q")?;
+    let k_p = tensor_addr(k_cache, dt, kvh * cap * d, &dev, "k cache")?;
+    let v_p = tensor_addr(v_cache, dt, kvh * cap * d, &dev, "v cache")?;
+    let o_p = tensor_addr(out, dt, h * d, &dev, "attention output")?;
+    let (cap, len, rep) = (cap as i32, len as i32, (h / kvh) as i32);
+    let scale = 1.0 / (d as f32).sqrt();
+    let cfg = config((h as u32, 1, 1), ATT_THREADS, 0);
+    let (func, stream) = (kernel(&dev, &format!("dec_attn_{t}_d{d}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
+    b.arg(&q_p).arg(&k_p).arg(&v_p).arg(&o_p).arg(&cap).arg(&len).arg(&rep).arg(&scale);
+    // SAFETY: arguments as decode.cu's dec_attn_*; sizes checked above.
+    unsafe { launch::launch(&mut b, cfg) }?;
+    Ok(())
+}
+
+/// `x += W h`: `h` [in], `x` [out] (the residual stream after o_proj or down_proj).
+pub fn residual(w: &Quant4Gpu, h: &Tensor, x: &Tensor) -> Result<()> {
+    let (dt, t) = (x.dtype(), act_name(x.dtype())?);
+    let kind = check_weights(&[w])?;
+    let dev = w.cuda_device();
+    let &[rows, cols] = w.shape() else { unreachable!("fused_ok: 2-D") };
+    let h_p = tensor_addr(h, dt, cols, dev, "GEMV input")?;
+    let x_p = tensor_addr(x, dt, rows, dev, "residual")?;
+    let (lanes, cfg) = gemv_launch(w, rows.div_ceil(4), cols, false)?;
+    let arg = w.decode_arg();
+    let (func, stream) = (kernel(dev, &format!("dec_residual_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
+    b.arg(&arg).arg(&h_p).arg(&x_p);
+    // SAFETY: arguments as decode.cu's dec_residual_*; sizes checked above.
+    unsafe { launch::launch(&mut b, cfg) }?;
+    Ok(())
+}
+
+/// RMSNorm of `x` [hidden] (weight `norm_w`, `eps`), then `h = silu(W_gate x̂) · (W_up x̂)` into
+/// `h` [intermediate].
+pub fn gate_up(x: &Tensor, norm_w: &Tensor, eps: f32, gate: &Quant4Gpu, up: &Quant4Gpu, h: &Tensor) -> Result<()> {
+    let (dt, t) = (x.dtype(), act_name(x.dtype())?);
+    let kind = check_weights(&[gate, up])?;
+    let dev = gate.cuda_device();
+    let &[rows, cols] = gate.shape() else { unreachable!("fused_ok: 2-D") };
+    ensure!(up.shape() == gate.shape(), "gate/up: weights {:?} and {:?}", gate.shape(), up.shape());
+    let x_p = tensor_addr(x, dt, cols, dev, "x")?;
+    let n_p = tensor_addr(norm_w, dt, cols, dev, "norm weight")?;
+    let h_p = tensor_addr(h, dt, rows, dev, "SwiGLU output")?;
+    let (lanes, cfg) = gemv_launch(gate, rows.div_ceil(2), cols, true)?;
+    let (ga, ua) = (gate.decode_arg(), up.decode_arg());
+    let (func, stream) = (kernel(dev, &format!("dec_gate_up_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
+    let mut b = stream.launch_builder(&func);
+    b.arg(&ga).arg(&ua).arg(&x_p).arg(&n_p).arg(&eps).arg(&h_p);
+    // SAFETY: arguments as decode.cu's dec_gate_up_*; sizes checked above.
+    unsafe { launch::launch(&mut b, cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Batch-1 decoding on CUDA with 4-bit weights: one new token through a layer in five fused
+//! launches ([`layer`]) against preallocated KV buffers ([`GpuKv`]), where the generic forward
+//! runs ~30 candle ops per layer and concatenates the whole cache every step (a small model is
+//! launch-bound). The model's decode step (`model::llama::decode_cuda`) asks [`applies`] and
+//! [`fused_weight`] whether the fused path takes it; without the `cuda` feature it never does.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::W4Arg;
+
+use super::quant4::{DeviceCopy, Quant4Gpu};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// Capacity (positions) of a new buffer at least.
+const MIN_CAP: usize = 64;
+
+/// One layer's keys and values in buffers `[kv_heads, cap, d]` (positions `0..len` in use) that
+/// decoding appends to in place, doubled (one copy) when full.
+pub struct GpuKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// `t` `[kvh, len, d]` followed by zeros up to `cap` positions, in a new tensor.
+fn with_room(t: &Tensor, cap: usize) -> Result<Tensor> {
+    let (kvh, len, d) = t.dims3()?;
+    let zeros = Tensor::zeros((kvh, cap - len, d), t.dtype(), t.device())?;
+    Ok(if len == 0 { zeros } else { Tensor::cat(&[t, &zeros], 1)? })
+}
+
+impl GpuKv {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Empty buffers for `kv_heads` heads of `d`.
+    pub fn new(kv_heads: usize, d: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let z = || Tensor::zeros((kv_heads, MIN_CAP, d), dtype, device);
+        Ok(Self { k: z()?, v: z()?, len: 0 })
+    }
+
+    /// From the generic path's cache tensors `[1, kvh, s, d]` (after prefill).
+    pub fn from_tensors(k: &Tensor, v: &Tensor) -> Result<Self> {
+        let len = k.dim(2)?;
+        let cap = (len + 1).next_power_of_two().max(MIN_CAP);
+        Ok(Self { k: with_room(&k.squeeze(0)?, cap)?, v: with_room(&v.squeeze(0)?, cap)?, len })
+    }
+
+    /// Room for position `len`.
+    pub fn reserve_one(&mut self) -> Result<()> {
+        let cap = self.k.dim(1)?;
+        if self.len == cap {
+            self.k = with_room(&self.k, 2 * cap)?;
+            self.v = with_room(&self.v, 2 * cap)?;
+        }
+        Ok(())
+    }
+
+    /// The cached positions as the generic path keeps them, `[1, kvh, len, d]` (a copy, except
+    /// with one KV head: then a view, read once before this buffer is dropped).
+    pub fn tensors(&self) -> Result<(Tensor, Tensor)> {
+        let take = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, self.len)?.contiguous()?.unsqueeze(0)?) };
+        Ok((take(&self.k)?, take(&self.v)?))
+    }
+}
+
+/// Scratch vectors of a step, allocated at the first one: the rotated query, the attention
+/// output, the SwiGLU output.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct Scratch {
+    q: Tensor,
+    att: Tensor,
+    mlp: Tensor,
+}
+
+impl Scratch {
+    /// For `heads · d` query values and `intermediate` MLP values.
+    pub fn new(heads_d: usize, intermediate: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let z = |n: usize| Tensor::zeros(n, dtype, device);
+        Ok(Self { q: z(heads_d)?, att: z(heads_d)?, mlp: z(intermediate)? })
+    }
+}
+
+/// One decoder layer as the fused kernels take it: the two RMSNorms (weight, eps) and the
+/// seven projections q, k, v, o, gate, up, down.
+pub struct LayerWeights<'a> {
+    pub attn_norm: (&'a Tensor, f32),
+    pub mlp_norm: (&'a Tensor, f32),
+    pub proj: [&'a Quant4Gpu; 7],
+}
+
+/// Whether the fused path can run a model of this shape on `device` with activations in
+/// `dtype`: CUDA, f32 or bf16, head size 32 to 256 (a power of two), grouped-query heads.
+pub fn applies(device: &Device, dtype: DType, heads: usize, kv_heads: usize, head_dim: usize) -> bool {
+    device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) && matches!(head_dim, 32 | 64 | 128 | 256) && kv_heads > 0 && heads % kv_heads == 0
+}
+
+/// The device copy of a 4-bit weight if the fused kernels take it (2-D, whole 32-element chunks
+/// per row, aligned codes).
+pub fn fused_weight(gpu: &DeviceCopy) -> Option<&Quant4Gpu> {
+    #[cfg(feature = "cuda")]
+    return gpu.as_deref().filter(|g| g.fused_ok());
+    #[cfg(not(feature = "cuda"))]
+    gpu.as_deref()
+}
+
+/// Whether every weight of `layers` has one scales layout (it selects the kernels); false for
+/// no layers.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn one_layout(layers: &[[&Quant4Gpu; 7]]) -> bool {
+    #[cfg(feature = "cuda")]
+    return layers.first().is_some_and(|first| layers.iter().flatten().all(|w| w.kind() == first[0].kind()));
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// One new token at position `pos` through layer `l`: `x` [hidden] (the residual stream,
+/// updated in place), RoPE tables `cos`/`sin` [positions, d/2], `d` the head size; its k and v
+/// appended to `kv` (room reserved), `s` the step's scratch vectors.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn layer(x: &Tensor, l: &LayerWeights, cos: &Tensor, sin: &Tensor, pos: usize, d: usize, kv: &mut GpuKv, s: &Scratch) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let w = &l.proj;
+        let ((n1, e1), (n2, e2)) = (l.attn_norm, l.mlp_norm);
+        cuda::qkv_rope(x, n1, e1, [w[0], w[1], w[2]], cos, sin, pos, d, &s.q, &kv.k, &kv.v)?;
+        kv.len += 1;
+        cuda::attention(&s.q, &kv.k, &kv.v, kv.len, &s.att)?;
+        cuda::residual(w[3], &s.att, x)?;
+        cuda::gate_up(x, n2, e2, w[4], w[5], &s.mlp)?;
+        cuda::residual(w[6], &s.mlp, x)?;
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    match *l.proj[0] {}
+}

@@ -1,0 +1,52 @@
+//! RMSNorm `y = x · rstd · w`, `rstd = 1/sqrt(mean(x²) + eps)` over the last axis, statistics
+//! in f32 (as transformers). Dispatch order: the CUDA kernels (f32, bf16), the CPU kernels
+//! (contiguous f32), candle's ops in the statistics dtype.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use super::{f32_view, stat_dtype};
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+/// Training forward: `(y, x as saved for backward, rstd [rows, 1])`.
+pub fn forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if super::cuda_float(x) {
+        let x = x.contiguous()?;
+        let (y, rstd) = cuda::forward(&x, &w.to_dtype(x.dtype())?.contiguous()?, eps as f32)?;
+        return Ok((y, x, rstd));
+    }
+    if let (Some(xv), Some(wv)) = (f32_view(x), f32_view(w)) {
+        let (y, rstd) = cpu::rms_norm_fwd(xv.slice(), wv.slice(), eps as f32);
+        let rows = rstd.len();
+        let y = Tensor::from_vec(y, x.shape(), x.device())?;
+        return Ok((y, x.clone(), Tensor::from_vec(rstd, (rows, 1), x.device())?));
+    }
+    let sd = stat_dtype(x.dtype());
+    let xf = x.to_dtype(sd)?;
+    let rstd = ((xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip())?;
+    let y = xf.broadcast_mul(&rstd)?.broadcast_mul(&w.to_dtype(sd)?)?.to_dtype(x.dtype())?;
+    Ok((y, xf, rstd))
+}
+
+/// Backward: `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w`, `x̂ = x · rstd`, from the
+/// forward's saved `x` and `rstd`.
+pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dy = &dy.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if super::cuda_float(x) && dy.dtype() == x.dtype() {
+        return cuda::backward(x, rstd, &w.to_dtype(x.dtype())?.contiguous()?, dy);
+    }
+    if let (Some(xv), Some(rv), Some(wv), Some(dyv)) = (f32_view(x), f32_view(rstd), f32_view(w), f32_view(dy)) {
+        let dx = cpu::rms_norm_bwd(xv.slice(), rv.slice(), wv.slice(), dyv.slice());
+        return Ok(Tensor::from_vec(dx, dy.shape(), dy.device())?);
+    }
+    let sd = x.dtype();
+    let g = dy.to_dtype(sd)?.broadcast_mul(&w.to_dtype(sd)?)?;
+    let xhat = x.broadcast_mul(rstd)?;
+    let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(rstd)?;
+    Ok(dx.to_dtype(dy.dtype())?)
+}
