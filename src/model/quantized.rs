@@ -182,19 +182,6 @@ fn existing(force: bool) -> Existing {
     if force { Existing::Replace } else { Existing::Refuse }
 }
 
-/// `v` with object keys sorted at every level (transformers writes config.json that way).
-fn sorted(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
-        }
-        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
-        other => other.clone(),
-    }
-}
-
 /// Weight files a model directory copy leaves behind (the quantized `model.safetensors` replaces them).
 fn is_weight_file(name: &str) -> bool {
     [".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"].iter().any(|e| name.ends_with(e))
@@ -284,7 +271,7 @@ fn quantize_dir(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, f
     crate::util::fs::install_dir(out, existing(force), move |tmp| {
         write_raw_safetensors(&tmp.join("model.safetensors"), &tensors)?;
         drop(tensors);
-        let text = serde_json::to_string_pretty(&sorted(&Value::Object(config_json)))? + "\n";
+        let text = serde_json::to_string_pretty(&super::save::sorted_json(&Value::Object(config_json)))? + "\n";
         crate::util::fs::write(&tmp.join("config.json"), text.as_bytes())?;
         for entry in std::fs::read_dir(src).with_context(|| format!("{}: cannot list", src.display()))? {
             let entry = entry?;
