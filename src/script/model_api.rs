@@ -14,7 +14,29 @@ use std::rc::Rc;
 pub struct ModelHandle(pub Rc<RefCell<Model>>);
 
 /// The one way the model is busy: `trainer.train()` holds it, and a callback tried to use it.
-const IN_TRAINING: &str = "the model is being trained: a training callback cannot use it (use it after trainer.train() returns)";
+const IN_TRAINING: &str = "the model is being trained: a training callback may read it but not change it (change it after trainer.train() returns)";
+
+thread_local! {
+    /// While a training callback runs: the handle whose model `trainer.train()` holds, and that
+    /// model, lent read-only (the trainer's `&Model` for the callback's duration).
+    static LENT: std::cell::Cell<Option<(*const RefCell<Model>, *const Model)>> = const { std::cell::Cell::new(None) };
+}
+
+/// A read view of a handle's model: its own borrow, or the model lent to a training callback.
+pub enum ModelRef<'a> {
+    Borrowed(Ref<'a, Model>),
+    Lent(&'a Model),
+}
+
+impl std::ops::Deref for ModelRef<'_> {
+    type Target = Model;
+    fn deref(&self) -> &Model {
+        match self {
+            ModelRef::Borrowed(r) => r,
+            ModelRef::Lent(m) => m,
+        }
+    }
+}
 
 /// `model.tokenizer`: a view of the model's tokenizer.
 #[derive(Clone)]
@@ -95,8 +117,30 @@ pub fn messages_from_dynamic(v: &Dynamic) -> anyhow::Result<Vec<serde_json::Valu
 
 impl ModelHandle {
     /// The model, to read; an error while training holds it.
-    pub fn get(&self) -> anyhow::Result<Ref<'_, Model>> {
-        self.0.try_borrow().map_err(|_| anyhow::anyhow!(IN_TRAINING))
+    pub fn get(&self) -> anyhow::Result<ModelRef<'_>> {
+        if let Ok(r) = self.0.try_borrow() {
+            return Ok(ModelRef::Borrowed(r));
+        }
+        match LENT.get() {
+            // SAFETY: set only by `lend`, for the duration of its closure, from a live `&Model`
+            // that nothing mutates meanwhile; a ModelRef does not outlive the native call that
+            // made it, which runs inside that closure.
+            Some((cell, m)) if cell == Rc::as_ptr(&self.0) => Ok(ModelRef::Lent(unsafe { &*m })),
+            _ => anyhow::bail!(IN_TRAINING),
+        }
+    }
+
+    /// Runs `f` (a training callback) with `model` — this handle's model, held by the trainer —
+    /// readable through [`Self::get`].
+    pub fn lend<R>(&self, model: &Model, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<(*const RefCell<Model>, *const Model)>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                LENT.set(self.0);
+            }
+        }
+        let _restore = Restore(LENT.replace(Some((Rc::as_ptr(&self.0), model as *const Model))));
+        f()
     }
 
     /// The model, to change (or to train); an error while training holds it.

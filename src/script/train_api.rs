@@ -1,13 +1,14 @@
 //! `TrainingArguments(#{...})`, `SFTTrainer(model, train, args, #{eval_dataset, callbacks})`,
 //! `trainer.train()`, `trainer.evaluate()`. Callbacks are Rhai closures; one returning "stop"
 //! ends training cleanly. The script keeps the model handle; the trainer gets the model itself
-//! for the length of `train()` (a callback that uses the model meanwhile gets a clear error).
+//! for the length of `train()`; a callback may read it (evaluate, generate), never change it.
 
 use super::config::{self, Cfg};
 use super::data_api::DatasetHandle;
 use super::model_api::ModelHandle;
 use super::{rt, Api, RhaiResult};
 use crate::train::args::{OnNonFinite, Resume, Schedule, Strategy};
+use crate::model::Model;
 use crate::train::{Callbacks, Control, SftTrainer, TrainingArguments};
 use rhai::{Dynamic, EvalAltResult, FnPtr, Map, NativeCallContext};
 use std::cell::RefCell;
@@ -88,14 +89,17 @@ pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
 /// recipe position.
 struct RhaiCallbacks<'a> {
     ctx: &'a NativeCallContext<'a>,
+    /// The handle of the model being trained: its readers see the trainer's model while a
+    /// callback runs.
+    handle: &'a ModelHandle,
     fns: &'a [(String, FnPtr)],
     error: Option<Box<EvalAltResult>>,
 }
 
 impl RhaiCallbacks<'_> {
-    fn call(&mut self, name: &str, arg: Dynamic) -> anyhow::Result<Control> {
+    fn call(&mut self, model: &Model, name: &str, arg: Dynamic) -> anyhow::Result<Control> {
         let Some((_, f)) = self.fns.iter().find(|(n, _)| n == name) else { return Ok(Control::Continue) };
-        match f.call_within_context::<Dynamic>(self.ctx, (arg,)) {
+        match self.handle.lend(model, || f.call_within_context::<Dynamic>(self.ctx, (arg,))) {
             Ok(r) => Ok(if r.clone().into_string().is_ok_and(|s| s == "stop") { Control::Stop } else { Control::Continue }),
             Err(e) => {
                 let msg = e.to_string();
@@ -111,17 +115,17 @@ fn json_dyn(v: &serde_json::Value) -> Dynamic {
 }
 
 impl Callbacks for RhaiCallbacks<'_> {
-    fn on_log(&mut self, m: &serde_json::Value) -> anyhow::Result<Control> {
-        self.call("on_log", json_dyn(m))
+    fn on_log(&mut self, model: &Model, m: &serde_json::Value) -> anyhow::Result<Control> {
+        self.call(model, "on_log", json_dyn(m))
     }
-    fn on_evaluate(&mut self, m: &serde_json::Value) -> anyhow::Result<Control> {
-        self.call("on_evaluate", json_dyn(m))
+    fn on_evaluate(&mut self, model: &Model, m: &serde_json::Value) -> anyhow::Result<Control> {
+        self.call(model, "on_evaluate", json_dyn(m))
     }
-    fn on_save(&mut self, p: &Path) -> anyhow::Result<Control> {
-        self.call("on_save", Dynamic::from(p.display().to_string()))
+    fn on_save(&mut self, model: &Model, p: &Path) -> anyhow::Result<Control> {
+        self.call(model, "on_save", Dynamic::from(p.display().to_string()))
     }
-    fn on_step_end(&mut self, s: &serde_json::Value) -> anyhow::Result<Control> {
-        self.call("on_step_end", json_dyn(s))
+    fn on_step_end(&mut self, model: &Model, s: &serde_json::Value) -> anyhow::Result<Control> {
+        self.call(model, "on_step_end", json_dyn(s))
     }
 }
 
@@ -163,9 +167,9 @@ fn sft_trainer(ctx: &NativeCallContext, model: &ModelHandle, train: &DatasetHand
 
 fn train(ctx: NativeCallContext, t: &mut TrainerHandle) -> RhaiResult<Map> {
     let mut inner = rt(inner(t))?;
-    let TrainerInner { trainer, model, callbacks } = &mut *inner;
-    let mut model = rt(model.get_mut())?;
-    let mut cb = RhaiCallbacks { ctx: &ctx, fns: callbacks, error: None };
+    let TrainerInner { trainer, model: handle, callbacks } = &mut *inner;
+    let mut model = rt(handle.get_mut())?;
+    let mut cb = RhaiCallbacks { ctx: &ctx, handle, fns: callbacks, error: None };
     let result = trainer.train(&mut model, &mut cb);
     if let Some(e) = cb.error.take() {
         return Err(e);
@@ -193,7 +197,7 @@ pub fn register(api: &mut Api) {
         "trl's SFTTrainer: tokenizes the dataset with the model's chat template (assistant-only labels) and trains the LoRA adapters.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle| rt(sft_trainer(&ctx, &m, &d, &a, &Map::new())));
     api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args, #{eval_dataset, callbacks: #{on_log, on_evaluate, on_save, on_step_end}}) -> SFTTrainer",
-        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly. The model is the trainer's until train() returns: a callback cannot use it.",
+        "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly. A callback may use the model to read or generate (model.chat in on_evaluate), not to change it.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle, o: Map| rt(sft_trainer(&ctx, &m, &d, &a, &o)));
     api.func("train", "trainer.train() -> map", "Run training; returns #{global_step, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early}.", train);
     api.func("evaluate", "trainer.evaluate() -> map", "Eval loss and perplexity on the eval dataset: #{eval_loss, eval_perplexity, eval_tokens}.",

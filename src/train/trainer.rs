@@ -259,10 +259,10 @@ impl SftTrainer {
             run.record(&stats);
             let tps = run.tokens_per_sec();
             log.progress(stats.step, stats.loss, stats.lr, tps);
-            let mut control = self.log_step(&mut run, &mut log, &stats, tps, callbacks)?;
+            let mut control = self.log_step(model, &mut run, &mut log, &stats, tps, callbacks)?;
             control = control.or(self.maybe_evaluate(model, &mut run, &mut log, callbacks)?);
             control = control.or(self.maybe_save(model, &mut run, control, callbacks)?);
-            control = control.or(callbacks.on_step_end(&step_end_state(&run, &stats))?);
+            control = control.or(callbacks.on_step_end(model, &step_end_state(&run, &stats))?);
             if control == Control::Stop {
                 log.say(&format!("training stopped by a callback at step {}", run.state.global_step));
                 stopped = true;
@@ -399,7 +399,7 @@ impl SftTrainer {
 
     /// Every `logging_steps` (and at the last step): a metrics entry (mean loss since the last
     /// one), its line, and `on_log`.
-    fn log_step(&self, run: &mut Run, log: &mut RunLog, s: &StepStats, tps: f64, callbacks: &mut dyn Callbacks) -> Result<Control> {
+    fn log_step(&self, model: &Model, run: &mut Run, log: &mut RunLog, s: &StepStats, tps: f64, callbacks: &mut dyn Callbacks) -> Result<Control> {
         if !run.due(Strategy::Steps, self.args.logging_steps) {
             return Ok(Control::Continue);
         }
@@ -425,7 +425,7 @@ impl SftTrainer {
             tps
         ));
         run.state.log_history.push(entry.clone());
-        callbacks.on_log(&entry)
+        callbacks.on_log(model, &entry)
     }
 
     /// When `eval_strategy` says so: eval loss and perplexity, their entry and line, the best
@@ -445,7 +445,7 @@ impl SftTrainer {
         if run.state.best_metric.is_none_or(|b| m.loss < b) {
             run.state.best_metric = Some(m.loss);
         }
-        callbacks.on_evaluate(&entry)
+        callbacks.on_evaluate(model, &entry)
     }
 
     /// When `save_strategy` says so, or a callback stops a run that saves: a checkpoint, and
@@ -458,7 +458,7 @@ impl SftTrainer {
         }
         let dir = self.save_checkpoint(model, run)?;
         run.last_checkpoint = Some(dir.clone());
-        callbacks.on_save(&dir)
+        callbacks.on_save(model, &dir)
     }
 
     /// `checkpoint-<step>` (adapters, optimizer, trainer state, manifest, scheduler), then the
