@@ -1,19 +1,10 @@
 //! Attention kernels of inference on the CPU: a fused single-query attention over a key/value
-//! cache (decoding), and a fused scaled causal softmax (no model path runs it since prefill
-//! runs the training op, `cpu_train.rs`; kept with its tests).
-//!
-//! Masking semantics, shared by both: query row `i` of a block of `t` queries that follows
-//! `offset` cached positions sits at absolute position `offset + i` and attends to key
-//! positions `j ≤ offset + i`. Masked probabilities are exactly 0 (as `exp(-inf)`), and are
-//! never computed.
+//! cache (decoding), and the softmax over a row's causal prefix that the fused training forward
+//! also uses. Masked probabilities are exactly 0 (as `exp(-inf)`), and are never computed.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
 use crate::kernels::vecmath::exp512;
 use rayon::prelude::*;
 
-/// Rows of at least this many elements in total per parallel task.
-const SOFTMAX_TASK_ELEMS: usize = 16 * 1024;
 
 /// `row[..n] = softmax(scale · row[..n])`, `row[n..] = 0`.
 pub fn softmax_prefix_inplace(row: &mut [f32], n: usize, scale: f32) {
@@ -84,75 +75,6 @@ unsafe fn softmax_avx512(x: &mut [f32], scale: f32) {
     if tail != 0 {
         _mm512_mask_storeu_ps(p.add(i), tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(i)), inv));
     }
-}
-
-/// Scaled causal softmax over rows of `s` scores, in place: `data` holds blocks of `t` query
-/// rows (any number of blocks: batch, heads), row `r` is query `i = r mod t` and keeps columns
-/// `j ≤ offset + i`. Parallel over rows.
-pub fn causal_softmax_rows(data: &mut [f32], s: usize, t: usize, offset: usize, scale: f32) {
-    assert!(s > 0 && t > 0 && data.len() % (s * t) == 0, "causal softmax: {} scores for rows of {s} in blocks of {t}", data.len());
-    let rows_per_task = (SOFTMAX_TASK_ELEMS / s).max(1);
-    data.par_chunks_mut(rows_per_task * s).enumerate().for_each(|(c, chunk)| {
-        for (k, row) in chunk.chunks_exact_mut(s).enumerate() {
-            let i = (c * rows_per_task + k) % t;
-            softmax_prefix_inplace(row, offset + i + 1, scale);
-        }
-    });
-}
-
-/// The scaled causal softmax as a candle op (forward only: the training engine's backward is
-/// the softmax backward on the saved probabilities). Input `[..., t, s]` f32, contiguous.
-#[derive(Debug, Clone, Copy)]
-pub struct CausalSoftmax {
-    pub scale: f32,
-    /// Cached positions before the first query row.
-    pub offset: usize,
-}
-
-fn dims_ts(layout: &Layout) -> candle_core::Result<(usize, usize)> {
-    let dims = layout.shape().dims();
-    if dims.len() < 2 {
-        candle_core::bail!("causal softmax: need [..., t, s], got {:?}", dims)
-    }
-    Ok((dims[dims.len() - 2], dims[dims.len() - 1]))
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = storage else { candle_core::bail!("causal softmax: f32 only, got {:?}", storage.dtype()) };
-        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("causal softmax: input must be contiguous") };
-        let (t, s) = dims_ts(layout)?;
-        let mut dst = src[a..b].to_vec();
-        causal_softmax_rows(&mut dst, s, t, self.offset, self.scale);
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
-    }
-}
-
-impl InplaceOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("causal softmax: f32 only, got {:?}", storage.dtype()) };
-        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("causal softmax: input must be contiguous") };
-        let (t, s) = dims_ts(layout)?;
-        causal_softmax_rows(&mut data[a..b], s, t, self.offset, self.scale);
-        Ok(())
-    }
-}
-
-/// `softmax(scale · x + causal mask)` over the last axis of `x` `[..., t, s]` (queries at
-/// positions `offset..offset + t`, keys at `0..s`). CPU f32; other dtypes go through f32.
-pub fn causal_softmax(x: &Tensor, scale: f64, offset: usize) -> candle_core::Result<Tensor> {
-    let op = CausalSoftmax { scale: scale as f32, offset };
-    let dtype = x.dtype();
-    let xf = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    xf.apply_op1_no_bwd(&op)?.to_dtype(dtype)
 }
 
 /// One query position attending to `s` cached positions (decoding). `q` `[n_heads·d]` (rotated),
@@ -271,55 +193,6 @@ unsafe fn weighted_rows_avx512(p: &[f32], v: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::kernels::test_util::{assert_close, pseudo};
-    use candle_core::{Device, Tensor};
-
-    /// Plain reference: additive -inf mask then softmax in f64.
-    fn reference(x: &[f32], s: usize, t: usize, offset: usize, scale: f32) -> Vec<f32> {
-        let mut out = vec![0f32; x.len()];
-        for (r, (row, o)) in x.chunks(s).zip(out.chunks_mut(s)).enumerate() {
-            let i = r % t;
-            let z: Vec<f64> = row.iter().enumerate().map(|(j, &v)| if j <= offset + i { scale as f64 * v as f64 } else { f64::NEG_INFINITY }).collect();
-            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
-            for (j, v) in z.iter().enumerate() {
-                o[j] = ((v - m).exp() / sum) as f32;
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn causal_softmax_matches_masked_reference() {
-        // offset 0 (prefill), offset > 0 (a chunk after cached positions), t = 1 (decode),
-        // odd lengths for the vector tails, several blocks (batch × heads).
-        for (blocks, t, offset, scale) in [(3, 5, 0, 0.125f32), (2, 7, 9, 0.3), (4, 1, 20, 1.0), (2, 33, 0, 0.125), (1, 16, 17, 2.0)] {
-            let s = offset + t;
-            let x = pseudo(blocks * t * s, (t * 31 + offset) as u64);
-            let want = reference(&x, s, t, offset, scale);
-            let mut got = x.clone();
-            causal_softmax_rows(&mut got, s, t, offset, scale);
-            assert_close(&got, &want, 2e-6);
-            // The candle op, out of place and in place, on [b, h, t, s].
-            let xt = Tensor::from_vec(x.clone(), (blocks, 1, t, s), &Device::Cpu).unwrap();
-            let y = causal_softmax(&xt, scale as f64, offset).unwrap();
-            assert_close(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want, 2e-6);
-            xt.inplace_op1(&CausalSoftmax { scale, offset }).unwrap();
-            assert_close(&xt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want, 2e-6);
-        }
-    }
-
-    #[test]
-    fn causal_softmax_matches_candle_mask_and_softmax() {
-        let (b, h, t, offset) = (2, 3, 12, 4);
-        let s = t + offset;
-        let x = Tensor::from_vec(pseudo(b * h * t * s, 7), (b, h, t, s), &Device::Cpu).unwrap();
-        let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY })).collect();
-        let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
-        let want = candle_nn::ops::softmax_last_dim(&(x.clone() * 0.125).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-        let got = causal_softmax(&x, 0.125, offset).unwrap();
-        let d = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(d < 1e-6, "{d}");
-    }
 
     /// Plain reference for one decode step with GQA: per head, scores over all `s` positions.
     #[allow(clippy::too_many_arguments)]

@@ -2,7 +2,6 @@
 //! parallel over chunks, AVX-512 when present.
 
 use crate::kernels::vecmath::exp512;
-use candle_core::{CpuStorage, InplaceOp2, Layout};
 use rayon::prelude::*;
 
 /// Elements per parallel task of the elementwise kernels.
@@ -103,27 +102,6 @@ unsafe fn swiglu_bwd_avx512(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du
     }
 }
 
-/// `silu(g)·u` in place on `g` as a candle op (f32, both contiguous, same shape). Forward only.
-pub struct SiluMul;
-
-impl InplaceOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "silu-mul"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else { candle_core::bail!("silu·mul: f32 only") };
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("silu·mul: inputs must be contiguous")
-        };
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("silu·mul: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
-        }
-        silu_mul_inplace(&mut g[a1..b1], &u[a2..b2]);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,12 +119,5 @@ mod tests {
             let want = gv / (1.0 + (-gv).exp()) * uv;
             assert!((got[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30) + 1e-30, "{i}: silu({gv})·{uv} = {}, want {want}", got[i]);
         }
-        // The candle op against candle's silu and mul.
-        let gt = candle_core::Tensor::from_vec(g.clone(), g.len(), &candle_core::Device::Cpu).unwrap();
-        let ut = candle_core::Tensor::from_vec(u.clone(), u.len(), &candle_core::Device::Cpu).unwrap();
-        let want = (candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap();
-        gt.inplace_op2(&ut, &SiluMul).unwrap();
-        let d = (gt - want).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(d < 1e-5, "{d}");
     }
 }
