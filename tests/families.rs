@@ -276,3 +276,54 @@ fn gemma3_multimodal_checkpoints_load_their_language_model() {
         check_logits(&format!("gemma3 under {prefix}"), &logits(&m, &g), &g.t["logits_base"], g.len1, LOGIT_TOL);
     }
 }
+
+/// peft's default `target_modules` per family (none given): Phi-3's `qkv_proj`, the others'
+/// `q_proj` and `v_proj` — when attaching and when loading an adapter_config.json without them.
+#[test]
+fn default_lora_targets_follow_the_family() {
+    use qscript::model::lora::{self, LoraConfig, TargetModules};
+    for (f, want) in [("phi3", vec!["qkv_proj"]), ("gemma3", vec!["q_proj", "v_proj"]), ("qwen2", vec!["q_proj", "v_proj"])] {
+        let mut m = load(&dir(f).join("base"), None);
+        let cfg = LoraConfig { target_modules: TargetModules::FamilyDefault, ..Default::default() };
+        lora::attach(&mut m.llama, &cfg, 0).unwrap();
+        let mut got: Vec<&str> = m.llama.adapters().filter(|(id, _)| id.layer == 0).map(|(id, _)| id.proj.name()).collect();
+        got.sort();
+        assert_eq!(got, want, "{f}");
+        // An adapter_config.json without target_modules loads onto the same modules.
+        let tmp = tempfile::tempdir().unwrap();
+        adapter::save_adapter(&m.llama, &cfg.for_family(m.llama.family()), "", tmp.path()).unwrap();
+        let path = tmp.path().join("adapter_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("target_modules");
+        std::fs::write(&path, v.to_string()).unwrap();
+        let mut back = load(&dir(f).join("base"), None);
+        let read = adapter::load_adapter(&mut back.llama, tmp.path()).unwrap();
+        assert_eq!(read.target_modules, TargetModules::Names(want.iter().map(|s| s.to_string()).collect()), "{f}");
+        assert_eq!(back.llama.adapters().count(), m.llama.adapters().count());
+    }
+}
+
+/// Phi-4-mini's partial rotary (0.75 of each head) on the phi3 checkpoint: the training
+/// forward equals inference, and decoding through the cache the full forward.
+#[test]
+fn partial_rotary_runs_through_training_and_decoding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir("phi3").join("base/config.json")).unwrap()).unwrap();
+    v["rope_parameters"]["partial_rotary_factor"] = 0.75.into();
+    std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+    std::fs::copy(dir("phi3").join("base/model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+    let (g, m) = (golden("phi3"), load(tmp.path(), None));
+    assert_eq!(m.config().rotary_dim(), 12);
+    let full = logits(&m, &g);
+    let base = load(&dir("phi3").join("base"), None);
+    assert!(max_diff(&full, &logits(&base, &g), g.len1) > 1e-3, "a partial rotation changes the logits");
+    check_logits("phi3 partial rotary: training forward", &m.llama.train_logits(&batch(&g)).unwrap(), &full, g.len1, 1e-5);
+    let t = g.ids.len() / 2;
+    let row = Tensor::from_vec(g.ids[..t].to_vec(), (1, t), &Device::Cpu).unwrap();
+    let mut cache = m.llama.new_cache();
+    for p in 0..t {
+        let got = m.llama.forward(&row.narrow(1, p, 1).unwrap(), Some(&mut cache), true).unwrap();
+        let e = (got.squeeze(0).unwrap() - full.get(0).unwrap().narrow(0, p, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(e <= LOGIT_TOL, "phi3 partial rotary: decoded position {p} differs by {e}");
+    }
+}
