@@ -15,6 +15,9 @@ use rand::SeedableRng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::autograd::{assert_close, randn};
+
 const FAMILIES: [&str; 7] = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"];
 const LOGIT_TOL: f32 = 1e-4;
 
@@ -326,4 +329,104 @@ fn partial_rotary_runs_through_training_and_decoding() {
         let e = (got.squeeze(0).unwrap() - full.get(0).unwrap().narrow(0, p, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(e <= LOGIT_TOL, "phi3 partial rotary: decoded position {p} differs by {e}");
     }
+}
+
+// ---------- the families' ops (candle reference paths) against autograd ----------
+
+/// GeGLU with the tanh GELU (`gelu_pytorch_tanh`): forward and backward against autograd.
+#[test]
+fn geglu_backward_matches_autograd() {
+    use candle_core::Var;
+    use qscript::model::layers::mlp::glu;
+    let g = Var::from_tensor(&randn(1, &[7, 12], DType::F32)).unwrap();
+    let u = Var::from_tensor(&randn(2, &[7, 12], DType::F32)).unwrap();
+    let r = randn(3, &[7, 12], DType::F32);
+    let x = g.as_tensor();
+    let inner = ((x + (x.powf(3.0).unwrap() * 0.044715).unwrap()).unwrap() * (2.0 / std::f64::consts::PI).sqrt()).unwrap();
+    let h_ref = ((x * 0.5).unwrap() * (inner.tanh().unwrap() + 1.0).unwrap()).unwrap().mul(u.as_tensor()).unwrap();
+    let grads = (&h_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (h, saved) = glu::forward(x.clone(), u.as_tensor().clone(), qscript::kernels::glu::Activation::GeluTanh).unwrap();
+    assert_close("geglu h", &h, &h_ref, 1e-6);
+    let (dg, du) = glu::backward(&saved, &r).unwrap();
+    assert_close("geglu dg", &dg, grads.get(x).unwrap(), 1e-5);
+    assert_close("geglu du", &du, grads.get(u.as_tensor()).unwrap(), 1e-5);
+}
+
+/// Gemma's `x̂·(1 + w)` norm, forward and backward, f32 (kernels on 1 + w) and f64 (candle).
+#[test]
+fn gemma_norm_backward_matches_autograd() {
+    use candle_core::Var;
+    use qscript::model::layers::norm;
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&randn(4, &[6, 16], dtype)).unwrap();
+        let w = (randn(5, &[16], dtype) * 0.2).unwrap();
+        let r = randn(6, &[6, 16], dtype);
+        let y_ref = candle_nn::ops::rms_norm_slow(x.as_tensor(), &(&w + 1.0).unwrap(), 1e-6).unwrap();
+        let grads = (&y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (y, saved) = norm::forward_with(x.as_tensor(), &w, 1e-6, true).unwrap();
+        assert_close(&format!("{dtype:?} (1+w) norm y"), &y, &y_ref, 1e-6);
+        assert_close(&format!("{dtype:?} (1+w) norm dx"), &norm::backward(&saved, &w, &r).unwrap(), grads.get(x.as_tensor()).unwrap(), 1e-5);
+    }
+}
+
+/// Attention with Gemma 2's soft-capping, its scale and a sliding window over packed
+/// examples, against autograd (the candle tiles: the fused CPU kernel declines a cap), tiled
+/// and whole; and the windowed mask without a cap on the fused kernel.
+#[test]
+fn softcapped_windowed_attention_backward_matches_autograd() {
+    use candle_core::Var;
+    use qscript::model::layers::attention::{self, AttnParams};
+    let (b, nh, kvh, t, d) = (2, 4, 2, 11, 8);
+    let seg = [[1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0], [1; 11]].concat();
+    let mask = attention::build_window_mask(&seg, b, t, Some(3), &Device::Cpu).unwrap();
+    for (softcap, tile) in [(Some(2.0f32), 4), (Some(2.0), t), (None, t)] {
+        let p = AttnParams { scale: 0.3, softcap, window: Some(3) };
+        let q = Var::from_tensor(&(randn(7, &[b, nh, t, d], DType::F32) * 2.0).unwrap()).unwrap();
+        let k = Var::from_tensor(&randn(8, &[b, kvh, t, d], DType::F32)).unwrap();
+        let v = Var::from_tensor(&randn(9, &[b, kvh, t, d], DType::F32)).unwrap();
+        let r = randn(10, &[b, nh, t, d], DType::F32);
+        let expand = |x: &Tensor| x.unsqueeze(2).unwrap().broadcast_as((b, kvh, nh / kvh, t, d)).unwrap().reshape((b, nh, t, d)).unwrap();
+        let mut s = (q.as_tensor().matmul(&expand(k.as_tensor()).t().unwrap()).unwrap() * 0.3).unwrap();
+        if let Some(c) = softcap {
+            s = ((s / c as f64).unwrap().tanh().unwrap() * c as f64).unwrap();
+        }
+        let probs = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), candle_core::D::Minus1).unwrap();
+        let o_ref = probs.matmul(&expand(v.as_tensor())).unwrap();
+        let grads = (&o_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (o, saved) = attention::forward_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &p, tile).unwrap();
+        assert_eq!(saved.p.is_some(), softcap.is_none(), "the fused CPU kernel takes a window, not a cap");
+        let name = format!("cap {softcap:?}, tile {tile}");
+        assert_close(&format!("{name}: o"), &o, &o_ref, 1e-5);
+        let (dq, dk, dv) = attention::backward(&saved, &r).unwrap();
+        assert_close(&format!("{name}: dq"), &dq, grads.get(q.as_tensor()).unwrap(), 1e-5);
+        assert_close(&format!("{name}: dk"), &dk, grads.get(k.as_tensor()).unwrap(), 1e-5);
+        assert_close(&format!("{name}: dv"), &dv, grads.get(v.as_tensor()).unwrap(), 1e-5);
+    }
+}
+
+/// Cross-entropy of soft-capped logits (Gemma 2's final cap): loss and gradient against
+/// autograd, through the LM head's chunks.
+#[test]
+fn softcapped_cross_entropy_matches_autograd() {
+    use candle_core::Var;
+    use qscript::model::layers::lm_head;
+    let (n, hidden, vocab) = (9, 16, 40);
+    let h = Var::from_tensor(&randn(11, &[n, hidden], DType::F32)).unwrap();
+    let head = randn(12, &[vocab, hidden], DType::F32);
+    let targets: Vec<i64> = (0..n as i64).map(|i| if i % 4 == 3 { -100 } else { (i * 7) % vocab as i64 }).collect();
+    let keep: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize] >= 0).collect();
+    let z = h.as_tensor().matmul(&head.t().unwrap()).unwrap();
+    let z = ((z / 3.0).unwrap().tanh().unwrap() * 3.0).unwrap();
+    let idx = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
+    let tg = Tensor::new(keep.iter().map(|&i| targets[i as usize] as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let logp = candle_nn::ops::log_softmax(&z.index_select(&idx, 0).unwrap(), candle_core::D::Minus1).unwrap();
+    let loss_ref = (logp.gather(&tg.unsqueeze(1).unwrap(), 1).unwrap().sum_all().unwrap() * -1.0).unwrap();
+    let grads = (&loss_ref / keep.len() as f64).unwrap().backward().unwrap();
+    let out = lm_head::forward_backward_capped(h.as_tensor(), &head, &targets, Some(1.0 / keep.len() as f64), 3, Some(3.0)).unwrap();
+    let want = loss_ref.to_scalar::<f32>().unwrap() as f64;
+    assert!((out.loss_sum - want).abs() < 1e-4 * want.abs(), "loss {} vs {want}", out.loss_sum);
+    assert_close("softcapped dh", &out.dh.unwrap(), grads.get(h.as_tensor()).unwrap(), 1e-5);
+    // The fused CPU kernel (no cap) is not what ran: without the cap the loss differs.
+    let plain = lm_head::forward_backward(h.as_tensor(), &head, &targets, None, 3).unwrap();
+    assert!((plain.loss_sum - out.loss_sum).abs() > 1e-3);
 }
