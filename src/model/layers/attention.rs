@@ -146,7 +146,7 @@ impl Attention {
     fn norm_qk(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor, Option<norm::Saved>, Option<norm::Saved>)> {
         let one = |n: &Option<RmsNorm>, x: Tensor| -> Result<(Tensor, Option<norm::Saved>)> {
             match n {
-                Some(n) => n.forward_heads(&x).map(|(y, s)| (y, Some(s))),
+                Some(n) => profile::time("rms_norm fwd", || n.forward_heads(&x)).map(|(y, s)| (y, Some(s))),
                 None => Ok((x, None)),
             }
         };
@@ -218,7 +218,7 @@ impl Attention {
                 (q, k, v, QkvSaved::Fused(s))
             }
         };
-        let (q, k, q_norm, k_norm) = profile::time("rms_norm fwd", || self.norm_qk(q, k))?;
+        let (q, k, q_norm, k_norm) = self.norm_qk(q, k)?;
         let rope = rope.layer(self.sliding);
         let (q, k, v) = profile::time("rope fwd", || self.heads(&q, &k, &v, batch.b, batch.t, rope))?;
         let mask = batch.mask_for(self.params.window)?;
@@ -237,7 +237,7 @@ impl Attention {
         let rope = rope.layer(self.sliding);
         let merged = || -> Result<_> { Ok((merge_heads(&dq, rope.pair())?, merge_heads(&dk, rope.pair())?, merge_heads(&dv, None)?)) };
         let (dq, dk, dv) = profile::time("rope bwd", merged)?;
-        let (dq, dk) = profile::time("rms_norm bwd", || self.norm_qk_backward(s, dq, dk))?;
+        let (dq, dk) = self.norm_qk_backward(s, dq, dk)?;
         match (&self.qkv, &s.qkv) {
             (QkvProj::Split { q_proj, k_proj, v_proj }, QkvSaved::Split { q, k, v }) => {
                 let (dhq, gq) = q_proj.backward(q, &dq)?;
@@ -261,7 +261,7 @@ impl Attention {
     fn norm_qk_backward(&self, s: &Acts, dq: Tensor, dk: Tensor) -> Result<(Tensor, Tensor)> {
         let one = |n: &Option<RmsNorm>, saved: &Option<norm::Saved>, d: Tensor| -> Result<Tensor> {
             match (n, saved) {
-                (Some(n), Some(saved)) => n.backward_heads(saved, &d),
+                (Some(n), Some(saved)) => profile::time("rms_norm bwd", || n.backward_heads(saved, &d)),
                 _ => Ok(d),
             }
         };
