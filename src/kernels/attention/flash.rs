@@ -28,7 +28,7 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(usize, usiz
     let kvh = k.dim(1)?;
     ensure!(k.dims() == [b, kvh, t, d] && v.dims() == k.dims() && kvh > 0 && nh % kvh == 0, "flash attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     ensure!(seg.dims() == [b, t] && seg.dtype() == DType::U32, "flash attention: segment ids {:?} {:?} for b {b}, t {t}", seg.dims(), seg.dtype());
-    ensure!(super::flash_fits(q) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64 or 128 only");
+    ensure!(super::flash_fits(q, &super::AttnParams::plain(d)) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64 or 128 only");
     ensure!(i32::try_from(t).is_ok() && (b * nh * t * d) < (1 << 40), "flash attention: too long");
     Ok((b, nh, kvh, t, d))
 }
