@@ -4,8 +4,8 @@
 //! name, and clean errors for what qscript does not read.
 
 use candle_core::quantized::gguf_file::{self, Value as GValue};
-use candle_core::{Device, Tensor};
-use qscript::model::gguf;
+use candle_core::{DType, Device, Tensor};
+use qscript::model::{gguf, LoadOptions, Model};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -192,6 +192,31 @@ fn gemma_query_scale_and_defaults() {
     assert_eq!(c["query_pre_attn_scalar"], 32);
     assert_eq!(c["rope_parameters"]["full_attention"], serde_json::json!({"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}));
     assert_eq!(c["rope_parameters"]["sliding_attention"], serde_json::json!({"rope_type": "default", "rope_theta": 20000.0}));
+}
+
+/// Each family's GGUF loads in qscript, and its logits are transformers' for the checkpoint it
+/// was converted from (row 1 is padded past `lengths[1]`). Mistral runs as llama.cpp runs it:
+/// as Llama, without its sliding window of 8, so the logits agree where the window has no
+/// effect (the first 8 positions).
+#[test]
+fn logits_equal_transformers() {
+    for (family, arch) in FAMILIES {
+        let m = Model::load_gguf(family, &fixture(family), &LoadOptions::default()).unwrap();
+        let g = candle_core::safetensors::load(golden(family).join("golden.safetensors"), &Device::Cpu).unwrap();
+        let ids = g["ids"].to_dtype(DType::U32).unwrap();
+        let want = &g["logits_base"];
+        let got = m.llama.forward(&ids, None, false).unwrap();
+        assert_eq!(got.dims(), want.dims(), "{family}");
+        let lengths = g["lengths"].to_vec1::<i64>().unwrap();
+        let mut worst = 0f32;
+        for (row, &len) in lengths.iter().enumerate() {
+            let len = if arch == "llama" { 8 } else { len as usize };
+            let (a, b) = (got.get(row).unwrap().narrow(0, 0, len).unwrap(), want.get(row).unwrap().narrow(0, 0, len).unwrap());
+            worst = worst.max(max_diff(&a, &b));
+        }
+        eprintln!("{family}: max |logit diff| {worst:.2e}");
+        assert!(worst <= 1e-4, "{family}: max |logit diff| {worst}");
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! q/k row permutation undone, tokenizer rebuilt from the vocabulary and merges.
 
 use super::config::Config;
-use super::names::{self, Proj};
+use super::names::{self, Family, Proj};
 use super::tokenizer::{GgufVocab, Tokenizer};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
@@ -74,6 +74,7 @@ pub fn read_weights(path: &Path) -> Result<(Value, HashMap<String, Tensor>)> {
 /// converter did to it undone: Llama's q/k row permutation, Gemma's `1 + w` norms.
 fn hf_tensors(content: &Content, file: &mut std::fs::File, config_json: &Value) -> Result<HashMap<String, Tensor>> {
     let arch = architecture(&Meta(&content.metadata))?;
+    let family = Family::of_gguf_arch(arch).context("architecture() admitted it")?;
     let heads = |key: &str| config_json[key].as_u64().map(|n| n as usize).with_context(|| format!("config.json `{key}`"));
     let (n_head, n_kv_head) = (heads("num_attention_heads")?, heads("num_key_value_heads")?);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -84,20 +85,22 @@ fn hf_tensors(content: &Content, file: &mut std::fs::File, config_json: &Value) 
         if CONSUMED_BY_CONFIG.contains(&name.as_str()) {
             continue;
         }
-        let hf = hf_key(arch, name).with_context(|| format!("unexpected tensor `{name}` for a {arch} GGUF"))?;
+        let hf = family.hf_key_from_gguf(name).with_context(|| format!("unexpected tensor `{name}` for a {arch} GGUF"))?;
         let at = |e: anyhow::Error| e.context(format!("tensor `{name}`"));
         let q = content.tensor(file, name, &Device::Cpu).map_err(|e| anyhow::anyhow!("tensor `{name}`: {}", ce(e)))?;
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| anyhow::anyhow!("tensor `{name}`: cannot dequantize: {}", ce(e)))?;
         if arch == "llama" {
             // llama.cpp permutes the rows of q and k (weights and biases) for its RoPE layout.
-            let proj = hf.rsplit_once('.').and_then(|(module, _)| names::LLAMA.parse_path(module)).map(|id| id.proj);
+            let proj = hf.rsplit_once('.').and_then(|(module, _)| family.parse_path(module)).map(|id| id.proj);
             if proj == Some(Proj::Q) {
                 t = unpermute_qk(&t, n_head).map_err(at)?;
             } else if proj == Some(Proj::K) {
                 t = unpermute_qk(&t, n_kv_head).map_err(at)?;
             }
         }
-        if stores_norms_plus_one(arch) && name.ends_with("norm.weight") {
+        // Gemma's RMSNorm multiplies by `1 + w`: llama.cpp's converter stores `1 + w` (its norm
+        // multiplies by the weight), transformers stores `w`.
+        if family.gemma && name.ends_with("norm.weight") {
             t = t.affine(1.0, -1.0).map_err(|e| at(anyhow::anyhow!("{}", ce(e))))?;
         }
         tensors.insert(hf, t);
@@ -107,12 +110,6 @@ fn hf_tensors(content: &Content, file: &mut std::fs::File, config_json: &Value) 
 
 /// Tensors whose content the config takes (RoPE factors); they are no weights of the model.
 const CONSUMED_BY_CONFIG: &[&str] = &["rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"];
-
-/// Gemma's RMSNorm multiplies by `1 + w`; llama.cpp's converter stores `1 + w` (its norm
-/// multiplies by the weight), transformers stores `w`.
-fn stores_norms_plus_one(arch: &str) -> bool {
-    matches!(arch, "gemma2" | "gemma3")
-}
 
 /// Only the tokenizer of a GGUF file (reads the header, not the tensors).
 pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
@@ -261,15 +258,12 @@ fn arch_key(md: &Meta, key: &str) -> Result<String> {
     Ok(format!("{arch}.{key}"))
 }
 
-/// The llama.cpp architectures (`general.architecture`) qscript reads. Mistral is among them:
-/// llama.cpp's converter writes it as `llama`.
-pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
-
-/// `general.architecture`, one of [`ARCHITECTURES`].
+/// `general.architecture`, one of [`names::GGUF_ARCHS`] (Mistral's files say `llama`).
 fn architecture<'a>(md: &Meta<'a>) -> Result<&'a str> {
     let arch = md.str("general.architecture")?.context("missing GGUF key `general.architecture`")?;
-    if !ARCHITECTURES.contains(&arch) {
-        bail!("GGUF architecture `{arch}` is not supported (supported: {})", ARCHITECTURES.join(", "));
+    if Family::of_gguf_arch(arch).is_none() {
+        let supported: Vec<&str> = names::GGUF_ARCHS.iter().map(|(a, _)| *a).collect();
+        bail!("GGUF architecture `{arch}` is not supported (supported: {})", supported.join(", "));
     }
     Ok(arch)
 }
@@ -533,59 +527,6 @@ fn phi3_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::f
     let window = h.opt("attention.sliding_window")?.filter(|&w| w > 0);
     c.insert("sliding_window".into(), window.map_or(Value::Null, Value::from));
     Ok(())
-}
-
-/// The HF key of a tensor of a `arch` GGUF (`blk.3.ffn_up.weight` →
-/// `model.layers.3.mlp.gate_up_proj.weight` in Phi-3).
-fn hf_key(arch: &str, name: &str) -> Option<String> {
-    if arch == "llama" {
-        return names::hf_key_from_gguf(name);
-    }
-    let (base, kind) = name.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    let path = match base {
-        "token_embd" => names::EMBED_TOKENS.to_string(),
-        "output_norm" => names::FINAL_NORM.to_string(),
-        "output" => names::LM_HEAD.to_string(),
-        _ => {
-            let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
-            if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            format!("{}.{}", names::layer_path(layer.parse().ok()?), layer_module(arch, part)?)
-        }
-    };
-    Some(format!("{path}.{kind}"))
-}
-
-/// llama.cpp's name of a module in a block → transformers' path in a decoder layer.
-fn layer_module(arch: &str, part: &str) -> Option<&'static str> {
-    let gemma = matches!(arch, "gemma2" | "gemma3");
-    let qk_norm = matches!(arch, "qwen3" | "gemma3");
-    let phi3 = arch == "phi3";
-    Some(match part {
-        "attn_q" if !phi3 => "self_attn.q_proj",
-        "attn_k" if !phi3 => "self_attn.k_proj",
-        "attn_v" if !phi3 => "self_attn.v_proj",
-        "attn_qkv" if phi3 => "self_attn.qkv_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" if qk_norm => "self_attn.q_norm",
-        "attn_k_norm" if qk_norm => "self_attn.k_norm",
-        "ffn_gate" if !phi3 => "mlp.gate_proj",
-        "ffn_up" if phi3 => "mlp.gate_up_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        // `ffn_norm` is the norm before the MLP: transformers' post-attention norm in the
-        // two-norm layers, Gemma's pre-feed-forward norm.
-        "ffn_norm" if gemma => "pre_feedforward_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" if gemma => "post_attention_layernorm",
-        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
-        _ => return None,
-    })
 }
 
 /// llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (`rope_freqs.weight`).
