@@ -274,3 +274,28 @@ fn write(out: &Path, md: &HashMap<String, GValue>, tensors: &[(String, candle_co
     let mut w = std::fs::File::create(out).unwrap();
     gguf_file::write(&mut w, &md, &tensors).unwrap();
 }
+
+/// Real Qwen GGUFs say `tokenizer.ggml.pre = qwen2`: Llama-3's split, but one digit at a time
+/// (checked against Qwen3's tokenizer.json on mixed text: identical ids).
+#[test]
+fn qwen2_pre_tokenizer_splits_digits() {
+    use qscript::model::tokenizer::{GgufVocab, Tokenizer};
+    let vocab = |pre: &str| GgufVocab {
+        model: "gpt2".into(),
+        pre: Some(pre.into()),
+        tokens: ["1", "2", "12", "a"].map(String::from).to_vec(),
+        token_types: vec![1; 4],
+        merges: vec!["1 2".into()],
+        bos_id: None,
+        eos_id: None,
+        unk_id: None,
+        pad_id: None,
+        add_bos: false,
+        add_eos: false,
+        chat_template: None,
+        model_max_length: None,
+    };
+    let ids = |pre: &str| Tokenizer::from_gguf_vocab(&vocab(pre)).unwrap().encode("a12", false).unwrap();
+    assert_eq!(ids("qwen2"), [3, 0, 1]);
+    assert_eq!(ids("llama-bpe"), [3, 2]);
+}
