@@ -56,10 +56,10 @@ impl Proj {
         last_segment(self.path())
     }
 
-    /// llama.cpp's name of the module inside a GGUF block (`attn_q`, ...); `None` for a
-    /// module the Llama GGUF layout does not have.
-    pub fn gguf(self) -> Option<&'static str> {
-        Some(match self {
+    /// llama.cpp's name of the module inside a GGUF block (`attn_q`, ...; Phi-3's fused
+    /// projections are `attn_qkv` and `ffn_up`, the latter unambiguous within a family).
+    pub fn gguf(self) -> &'static str {
+        match self {
             Proj::Q => "attn_q",
             Proj::K => "attn_k",
             Proj::V => "attn_v",
@@ -67,8 +67,9 @@ impl Proj {
             Proj::Gate => "ffn_gate",
             Proj::Up => "ffn_up",
             Proj::Down => "ffn_down",
-            Proj::Qkv | Proj::GateUp => return None,
-        })
+            Proj::Qkv => "attn_qkv",
+            Proj::GateUp => "ffn_up",
+        }
     }
 }
 
@@ -102,15 +103,6 @@ impl Norm {
         }
     }
 
-    /// llama.cpp's name of the module inside a GGUF block; `None` for a norm the Llama GGUF
-    /// layout does not have.
-    pub fn gguf(self) -> Option<&'static str> {
-        match self {
-            Norm::Input => Some("attn_norm"),
-            Norm::PostAttention => Some("ffn_norm"),
-            _ => None,
-        }
-    }
 }
 
 fn last_segment(path: &str) -> &str {
@@ -356,29 +348,60 @@ pub fn is_bnb_quant_state_key(key: &str) -> bool {
     key.contains(crate::quant::BNB_QUANT_STATE)
 }
 
-/// llama.cpp's GGUF tensor name → the HF key (`blk.3.attn_q.weight` →
-/// `model.layers.3.self_attn.q_proj.weight`), for the Llama family.
-pub fn hf_key_from_gguf(name: &str) -> Option<String> {
-    let (base, kind) = name.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
+// ---------------------------------------------------------------- GGUF names (llama.cpp)
+
+/// llama.cpp's architectures (`general.architecture`) and the family each holds. Mistral has
+/// none of its own: llama.cpp's converter writes it as `llama`.
+pub const GGUF_ARCHS: [(&str, &Family); 6] = [("llama", &LLAMA), ("qwen2", &QWEN2), ("qwen3", &QWEN3), ("gemma2", &GEMMA2), ("gemma3", &GEMMA3), ("phi3", &PHI3)];
+
+impl Family {
+    /// The family a llama.cpp architecture holds.
+    pub fn of_gguf_arch(arch: &str) -> Option<&'static Family> {
+        GGUF_ARCHS.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f)
     }
-    let path = match base {
-        "token_embd" => EMBED_TOKENS.to_string(),
-        "output_norm" => FINAL_NORM.to_string(),
-        "output" => LM_HEAD.to_string(),
-        _ => {
-            let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
-            let layer = parse_index(layer)?;
-            if let Some(&proj) = LLAMA.projs.iter().find(|p| p.gguf() == Some(part)) {
-                ModuleId { layer, proj }.path()
-            } else {
-                let &norm = LLAMA.norms.iter().find(|n| n.gguf() == Some(part))?;
-                NormId { layer, norm }.path()
-            }
+
+    /// llama.cpp's name of norm `n` inside a block of this family: `ffn_norm` is the norm
+    /// before the MLP (Llama's post-attention norm, Gemma's pre-feed-forward one).
+    pub fn gguf_norm(&self, n: Norm) -> &'static str {
+        match n {
+            Norm::Input => "attn_norm",
+            Norm::PostAttention if self.has_norm(Norm::PreFeedforward) => "post_attention_norm",
+            Norm::PostAttention | Norm::PreFeedforward => "ffn_norm",
+            Norm::PostFeedforward => "post_ffw_norm",
+            Norm::QNorm => "attn_q_norm",
+            Norm::KNorm => "attn_k_norm",
         }
-    };
-    Some(format!("{path}.{kind}"))
+    }
+
+    /// llama.cpp's GGUF tensor name → the HF key of this family (`blk.3.attn_q.weight` →
+    /// `model.layers.3.self_attn.q_proj.weight`); `None` for a name the family has no module for.
+    pub fn hf_key_from_gguf(&self, name: &str) -> Option<String> {
+        let (base, kind) = name.rsplit_once('.')?;
+        if kind != "weight" && kind != "bias" {
+            return None;
+        }
+        let path = match base {
+            "token_embd" => EMBED_TOKENS.to_string(),
+            "output_norm" => FINAL_NORM.to_string(),
+            "output" => LM_HEAD.to_string(),
+            _ => {
+                let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+                let layer = parse_index(layer)?;
+                if let Some(&proj) = self.projs.iter().find(|p| p.gguf() == part) {
+                    ModuleId { layer, proj }.path()
+                } else {
+                    let &norm = self.norms.iter().find(|&&n| self.gguf_norm(n) == part)?;
+                    NormId { layer, norm }.path()
+                }
+            }
+        };
+        Some(format!("{path}.{kind}"))
+    }
+}
+
+/// [`Family::hf_key_from_gguf`] of the Llama family.
+pub fn hf_key_from_gguf(name: &str) -> Option<String> {
+    LLAMA.hf_key_from_gguf(name)
 }
 
 // ---------------------------------------------------------------- PEFT adapter keys
@@ -645,7 +668,7 @@ mod tests {
                 let p = ParamId { module: id, half };
                 assert_eq!(LLAMA.parse_state_key(&p.state_key()), Some(p));
             }
-            let gguf = format!("blk.{}.{}.weight", id.layer, id.proj.gguf().unwrap());
+            let gguf = format!("blk.{}.{}.weight", id.layer, id.proj.gguf());
             assert_eq!(hf_key_from_gguf(&gguf), Some(weight_key(&path)), "{gguf}");
         }
         assert_eq!(peft_key("model.layers.0.self_attn.q_proj", LoraHalf::A), "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
@@ -675,6 +698,38 @@ mod tests {
         assert_eq!(hf_key_from_gguf("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_key_from_gguf("blk.1.attn_qkv.weight"), None);
         assert_eq!(hf_key_from_gguf("blk.1.attn_q.scale"), None);
+    }
+
+    /// Every module of every GGUF family has one llama.cpp name, unique within the family, and
+    /// the name leads back to the module; `ffn_norm` and `ffn_up` mean what the family says.
+    #[test]
+    fn gguf_names_per_family() {
+        for (arch, family) in GGUF_ARCHS {
+            assert_eq!(Family::of_gguf_arch(arch).map(|f| f.name), Some(family.name));
+            let mut seen = std::collections::HashSet::new();
+            for p in family.projs {
+                assert!(seen.insert(p.gguf()), "{arch}: {} twice", p.gguf());
+                let path = ModuleId::new(2, *p).path();
+                assert_eq!(family.hf_key_from_gguf(&format!("blk.2.{}.bias", p.gguf())), Some(bias_key(&path)), "{arch}");
+            }
+            for &n in family.norms {
+                let g = family.gguf_norm(n);
+                assert!(seen.insert(g), "{arch}: {g} twice");
+                let path = NormId { layer: 0, norm: n }.path();
+                assert_eq!(family.hf_key_from_gguf(&format!("blk.0.{g}.weight")), Some(weight_key(&path)), "{arch}");
+            }
+        }
+        let key = |f: &Family, n: &str| f.hf_key_from_gguf(n);
+        assert_eq!(key(&GEMMA2, "blk.1.ffn_norm.weight").as_deref(), Some("model.layers.1.pre_feedforward_layernorm.weight"));
+        assert_eq!(key(&GEMMA3, "blk.1.post_attention_norm.weight").as_deref(), Some("model.layers.1.post_attention_layernorm.weight"));
+        assert_eq!(key(&QWEN3, "blk.1.ffn_norm.weight").as_deref(), Some("model.layers.1.post_attention_layernorm.weight"));
+        assert_eq!(key(&PHI3, "blk.0.ffn_up.weight").as_deref(), Some("model.layers.0.mlp.gate_up_proj.weight"));
+        assert_eq!(key(&PHI3, "blk.0.attn_qkv.weight").as_deref(), Some("model.layers.0.self_attn.qkv_proj.weight"));
+        assert_eq!(key(&QWEN3, "blk.0.attn_k_norm.weight").as_deref(), Some("model.layers.0.self_attn.k_norm.weight"));
+        for (f, bad) in [(&PHI3, "blk.0.attn_q.weight"), (&PHI3, "blk.0.ffn_gate.weight"), (&QWEN2, "blk.0.attn_q_norm.weight"), (&LLAMA, "blk.0.post_ffw_norm.weight"), (&GEMMA2, "blk.0.attn_q_norm.weight")] {
+            assert_eq!(key(f, bad), None, "{}: {bad}", f.name);
+        }
+        assert_eq!(Family::of_gguf_arch("mistral"), None);
     }
 
     #[test]
@@ -726,7 +781,7 @@ mod tests {
         assert_eq!(NormId { layer: 1, norm: Norm::QNorm }.path(), "model.layers.1.self_attn.q_norm");
         assert_eq!(Family::named("gemma3_text").map(|f| f.name), Some("gemma3"));
         assert_eq!(Family::named("gpt2"), None);
-        assert_eq!((Proj::Qkv.gguf(), Norm::PreFeedforward.gguf()), (None, None));
+        assert_eq!((Proj::Qkv.gguf(), GEMMA2.gguf_norm(Norm::PreFeedforward)), ("attn_qkv", "ffn_norm"));
     }
 
     fn tiny() -> Llama {
