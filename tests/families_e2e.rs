@@ -66,11 +66,12 @@ fn make_checkpoint(family: &str, tokenizer: &Path, template: &str, dir: &Path) -
 
     let golden = candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (i, (name, t)) in golden.into_iter().enumerate() {
+    for (name, t) in golden {
         let t = match name.as_str() {
             "model.embed_tokens.weight" | "lm_head.weight" => {
                 let hidden = t.dim(1)?;
-                Tensor::from_vec(random(vocab * hidden, i as u64 + 1), (vocab, hidden), &Device::Cpu)?
+                let seed = if name == "lm_head.weight" { 2 } else { 1 };
+                Tensor::from_vec(random(vocab * hidden, seed), (vocab, hidden), &Device::Cpu)?
             }
             _ => t.to_dtype(DType::F32)?,
         };
