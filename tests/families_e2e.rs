@@ -144,26 +144,22 @@ fn llama() {
 
 
 #[test]
-#[ignore = "waits for the qwen2 family (branch `families`)"]
 fn qwen2_with_qwen25_tokenizer_and_template() {
     // Qwen2.5's BPE is Qwen3's without the 4 last added tokens: Qwen3's file stands in.
     run_family("qwen2", "qwen3", "qwen2.5");
 }
 
 #[test]
-#[ignore = "waits for the qwen3 family (branch `families`)"]
 fn qwen3() {
     run_family("qwen3", "qwen3", "qwen3");
 }
 
 #[test]
-#[ignore = "waits for the mistral family (branch `families`)"]
 fn mistral() {
     run_family("mistral", "mistral", "mistral");
 }
 
 #[test]
-#[ignore = "waits for the gemma2 family (branch `families`)"]
 fn gemma2_with_gemma3_tokenizer() {
     // No registry ships Gemma 2's tokenizer; Gemma 3's (same family of SentencePiece BPE,
     // larger vocabulary) and template stand in.
@@ -171,13 +167,11 @@ fn gemma2_with_gemma3_tokenizer() {
 }
 
 #[test]
-#[ignore = "waits for the gemma3_text family (branch `families`)"]
 fn gemma3() {
     run_family("gemma3", "gemma3", "gemma3");
 }
 
 #[test]
-#[ignore = "waits for the phi3 family (branch `families`)"]
 fn phi3() {
     run_family("phi3", "phi3", "phi3");
 }
