@@ -17,9 +17,9 @@ use super::{cuda_float, f32_view, stat_dtype};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
-/// Whether the flash kernels take this attention: CUDA, bf16, head size 64 or 128.
+/// Whether the flash kernels take this attention: CUDA, bf16, head size 64, 128 or 256.
 pub fn flash_fits(q: &Tensor) -> bool {
-    q.device().is_cuda() && q.dtype() == DType::BF16 && matches!(q.dims().last(), Some(64 | 128))
+    q.device().is_cuda() && q.dtype() == DType::BF16 && matches!(q.dims().last(), Some(64 | 128 | 256))
 }
 
 /// Flash attention forward when [`flash_fits`]: `(o, lse)`, `o = softmax(QKᵀ/√d + mask) V` with
@@ -29,7 +29,8 @@ pub fn flash_fits(q: &Tensor) -> bool {
 pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
     if flash_fits(q) {
-        return Ok(Some(flash::forward(q, k, v, segments)?));
+        let d = q.dim(D::Minus1)?;
+        return Ok(Some(flash::forward(q, k, v, segments, &flash::Logits { scale: 1.0 / (d as f64).sqrt(), window: None, softcap: None })?));
     }
     Ok(None)
 }
@@ -40,7 +41,7 @@ pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor) -> R
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    return flash::backward(q, k, v, segments, o, lse, d_o);
+    return flash::backward(q, k, v, segments, &flash::Logits { scale: 1.0 / (q.dim(D::Minus1)? as f64).sqrt(), window: None, softcap: None }, o, lse, d_o);
     #[cfg(not(feature = "cuda"))]
     anyhow::bail!("flash attention backward: this qscript was built without CUDA")
 }

@@ -34,7 +34,7 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
         }
-        Ok((cuda::forward(s1, l1, s2, l2).map_err(super::launch::candle_err)?, l1.shape().clone()))
+        Ok((cuda::forward("swiglu", s1, l1, s2, l2).map_err(super::launch::candle_err)?, l1.shape().clone()))
     }
 }
 
@@ -51,7 +51,7 @@ pub fn backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)>
     let dh = &dh.contiguous()?;
     #[cfg(feature = "cuda")]
     if cuda_float(g) {
-        return cuda::backward(&g.contiguous()?, &u.contiguous()?, dh);
+        return cuda::backward("swiglu", &g.contiguous()?, &u.contiguous()?, dh);
     }
     if let (Some(gv), Some(uv), Some(dhv)) = (f32_view(g), f32_view(u), f32_view(dh)) {
         let (dg, du) = cpu::swiglu_bwd(gv.slice(), uv.slice(), dhv.slice());
