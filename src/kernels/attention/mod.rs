@@ -56,7 +56,7 @@ pub fn fused_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f
     }
     let (Some(qv), Some(kv), Some(vv), Some(mv)) = (f32_view(q), f32_view(k), f32_view(v), f32_view(mask)) else { return Ok(None) };
     let dims = cpu_train::Dims { b, nh, kvh: k.dim(1)?, t, d };
-    let (o, p) = cpu_train::forward(dims, qv.slice(), kv.slice(), vv.slice(), mv.slice(), scale);
+    let (o, p) = cpu_train::forward(dims, qv.slice(), kv.slice(), vv.slice(), mv.slice(), scale, None);
     let dev = q.device();
     Ok(Some((Tensor::from_vec(o, (b, nh, t, d), dev)?, Tensor::from_vec(p, (b, nh, t, t), dev)?)))
 }
@@ -69,7 +69,7 @@ pub fn fused_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: Option<&Tensor>, d_
         return Ok(None);
     };
     let dims = cpu_train::Dims { b, nh, kvh: k.dim(1)?, t, d };
-    let (dq, dk, dv) = cpu_train::backward(dims, qv.slice(), kv.slice(), vv.slice(), pv.slice(), dov.slice(), scale);
+    let (dq, dk, dv) = cpu_train::backward(dims, qv.slice(), kv.slice(), vv.slice(), pv.slice(), dov.slice(), scale, None);
     let dev = d_o.device();
     Ok(Some((Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)))
 }

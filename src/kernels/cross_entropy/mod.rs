@@ -27,7 +27,7 @@ pub fn chunk_rows(device: &Device) -> usize {
 pub fn lm_head_xent(h: &Tensor, head: &Tensor, rows: &[u32], targets: &[u32], grad_scale: Option<f64>, chunk: usize) -> Result<Option<(f64, Option<Tensor>)>> {
     let (Some(hv), Some(wv)) = (f32_view(h), f32_view(head)) else { return Ok(None) };
     let (n, hidden) = h.dims2()?;
-    let (loss_sum, dh) = cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, rows, targets, grad_scale.map(|s| s as f32), chunk);
+    let (loss_sum, dh) = cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, rows, targets, grad_scale.map(|s| s as f32), None, chunk);
     let dh = dh.map(|d| Tensor::from_vec(d, (n, hidden), h.device())).transpose()?;
     Ok(Some((loss_sum, dh)))
 }
@@ -37,7 +37,7 @@ pub fn lm_head_xent(h: &Tensor, head: &Tensor, rows: &[u32], targets: &[u32], gr
 pub fn xent_rows(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if super::cuda_float(logits) {
-        return cuda::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32));
+        return cuda::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32), None);
     }
     let sd = stat_dtype(logits.dtype());
     let dtype = logits.dtype();
