@@ -854,6 +854,7 @@ fn decode_fused_matches_generic_path() {
 fn decode_profile() {
     use candle_core::Module;
     use qscript::model::llama::Weight;
+    use qscript::model::names::Proj;
     use std::time::Instant;
     fn g(lin: &Linear) -> &Quant4Gpu {
         match &lin.weight {
@@ -890,10 +891,10 @@ fn decode_profile() {
             eprintln!("{shape} {what:>18}: host {:7.1} µs, with the GPU {:7.1} µs per call", enq * 1e6 / n as f64, all * 1e6 / n as f64);
         };
         let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
-        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(&a.q_proj), g(&a.k_proj), g(&a.v_proj)], &l.rope.cos, &l.rope.sin, len - 1, d, &qv, &kc, &vc).unwrap());
+        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(b.proj(Proj::Q)), g(b.proj(Proj::K)), g(b.proj(Proj::V))], &l.rope.cos, &l.rope.sin, len - 1, d, &qv, &kc, &vc).unwrap());
         time("attention", &mut || dec::attention(&qv, &kc, &vc, len, &att).unwrap());
         time("o_proj + residual", &mut || dec::residual(g(&a.o_proj), &att, &x).unwrap());
-        time("gate/up + swiglu", &mut || dec::gate_up(&x, &n2.weight, 1e-5, g(&f.gate_proj), g(&f.up_proj), &mlp).unwrap());
+        time("gate/up + swiglu", &mut || dec::gate_up(&x, &n2.weight, 1e-5, g(b.proj(Proj::Gate)), g(b.proj(Proj::Up)), &mlp).unwrap());
         time("down + residual", &mut || dec::residual(g(&f.down_proj), &mlp, &x).unwrap());
         let ids = Tensor::new(&[[5u32]], dev).unwrap();
         time("embedding", &mut || drop(candle_nn::Embedding::new(l.embed_tokens.clone(), hid).forward(&ids).unwrap()));

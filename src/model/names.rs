@@ -5,13 +5,16 @@
 //! modules in one fixed order — the order adapters, gradients, optimizer state and checkpoints
 //! use.
 //!
-//! Another family's modules (Phi-3's fused `qkv_proj` / `gate_up_proj`, Qwen3's and Gemma 3's
-//! per-head `q_norm` / `k_norm`, Gemma 2's pre/post feed-forward norms) are new [`Proj`] /
-//! [`Norm`] variants with their paths here, and a new [`Family`] listing them; callers iterate
-//! the family, they never list projections themselves.
+//! Each family's modules (Phi-3's fused `qkv_proj` / `gate_up_proj`, Qwen3's and Gemma 3's
+//! per-head `q_norm` / `k_norm`, Gemma 2's pre/post feed-forward norms) are [`Proj`] / [`Norm`]
+//! variants with their paths here, and its [`Family`] lists them with the config mapping that
+//! chooses its layer variants; callers iterate the family, they never list projections
+//! themselves.
 
-use crate::model::llama::{Block, Linear, Llama, RmsNorm};
+use crate::model::layers::attention::QkvProj;
 use crate::model::layers::linear::Lora;
+use crate::model::layers::mlp::GateUpProj;
+use crate::model::llama::{Block, Linear, Llama, RmsNorm};
 use candle_core::Tensor;
 
 // ---------------------------------------------------------------- module ids
@@ -26,6 +29,10 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    /// Phi-3's fused q/k/v projection (rows: q, then k, then v).
+    Qkv,
+    /// Phi-3's fused gate/up projection (rows: gate, then up).
+    GateUp,
 }
 
 impl Proj {
@@ -39,6 +46,8 @@ impl Proj {
             Proj::Gate => "mlp.gate_proj",
             Proj::Up => "mlp.up_proj",
             Proj::Down => "mlp.down_proj",
+            Proj::Qkv => "self_attn.qkv_proj",
+            Proj::GateUp => "mlp.gate_up_proj",
         }
     }
 
@@ -47,9 +56,10 @@ impl Proj {
         last_segment(self.path())
     }
 
-    /// llama.cpp's name of the module inside a GGUF block (`attn_q`, ...).
-    pub fn gguf(self) -> &'static str {
-        match self {
+    /// llama.cpp's name of the module inside a GGUF block (`attn_q`, ...); `None` for a
+    /// module the Llama GGUF layout does not have.
+    pub fn gguf(self) -> Option<&'static str> {
+        Some(match self {
             Proj::Q => "attn_q",
             Proj::K => "attn_k",
             Proj::V => "attn_v",
@@ -57,7 +67,8 @@ impl Proj {
             Proj::Gate => "ffn_gate",
             Proj::Up => "ffn_up",
             Proj::Down => "ffn_down",
-        }
+            Proj::Qkv | Proj::GateUp => return None,
+        })
     }
 }
 
@@ -66,8 +77,16 @@ impl Proj {
 pub enum Norm {
     /// Before attention.
     Input,
-    /// Before the MLP.
+    /// Before the MLP (Llama); on the attention output (Gemma).
     PostAttention,
+    /// Gemma: before the MLP.
+    PreFeedforward,
+    /// Gemma: on the MLP output.
+    PostFeedforward,
+    /// Qwen3, Gemma 3: per-head norm of the queries (weight `[head_dim]`), before RoPE.
+    QNorm,
+    /// Per-head norm of the keys.
+    KNorm,
 }
 
 impl Norm {
@@ -76,14 +95,20 @@ impl Norm {
         match self {
             Norm::Input => "input_layernorm",
             Norm::PostAttention => "post_attention_layernorm",
+            Norm::PreFeedforward => "pre_feedforward_layernorm",
+            Norm::PostFeedforward => "post_feedforward_layernorm",
+            Norm::QNorm => "self_attn.q_norm",
+            Norm::KNorm => "self_attn.k_norm",
         }
     }
 
-    /// llama.cpp's name of the module inside a GGUF block.
-    pub fn gguf(self) -> &'static str {
+    /// llama.cpp's name of the module inside a GGUF block; `None` for a norm the Llama GGUF
+    /// layout does not have.
+    pub fn gguf(self) -> Option<&'static str> {
         match self {
-            Norm::Input => "attn_norm",
-            Norm::PostAttention => "ffn_norm",
+            Norm::Input => Some("attn_norm"),
+            Norm::PostAttention => Some("ffn_norm"),
+            _ => None,
         }
     }
 }
@@ -137,29 +162,119 @@ pub fn layer_path(i: usize) -> String {
 
 // ---------------------------------------------------------------- families
 
-/// What a model family's decoder layer holds, in the order its modules are walked.
-#[derive(Debug)]
+/// What a model family's decoder layer holds, in the order its modules are walked, and the
+/// config mapping that picks its layer variants (`config.rs` reads these).
+#[derive(Debug, PartialEq)]
 pub struct Family {
     pub name: &'static str,
+    /// config.json's `model_type` values of the family.
+    pub model_types: &'static [&'static str],
     /// The layer's linears, in the order adapters, gradients' optimizer state and checkpoint
     /// tensors are listed (changing it breaks older checkpoints).
     pub projs: &'static [Proj],
     pub norms: &'static [Norm],
     /// The projections peft adapts when `target_modules` is not given.
     pub default_lora_targets: &'static [Proj],
+    /// Bias on q/k/v (not o) whatever config.json says (Qwen2 has no `attention_bias` key).
+    pub qkv_bias: bool,
+    /// Gemma's arithmetic: `(1 + w)` norms, embeddings × √hidden, `query_pre_attn_scalar`,
+    /// soft-capping, GELU (tanh) by default.
+    pub gemma: bool,
+    /// Which layers attend through a sliding window.
+    pub windows: Windows,
 }
+
+/// How a family's config says which layers use `sliding_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Windows {
+    /// Never (Llama).
+    Never,
+    /// Every layer when `sliding_window` is set, unless `layer_types` says otherwise (Mistral, Phi-3).
+    AllLayers,
+    /// Only with `use_sliding_window: true`; then `layer_types` (default: layers from
+    /// `max_window_layers` on) (Qwen2, Qwen3).
+    WhenEnabled,
+    /// `layer_types`, default every `n`-th layer full and the others sliding (Gemma 2: 2,
+    /// Gemma 3: `sliding_window_pattern`, default 6).
+    Pattern(usize),
+}
+
+const ATTN_MLP: &[Proj] = &[Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+const PRE_NORMS: &[Norm] = &[Norm::Input, Norm::PostAttention];
+const Q_V: &[Proj] = &[Proj::Q, Proj::V];
 
 pub const LLAMA: Family = Family {
     name: "llama",
-    projs: &[Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down],
-    norms: &[Norm::Input, Norm::PostAttention],
-    default_lora_targets: &[Proj::Q, Proj::V],
+    model_types: &["llama"],
+    projs: ATTN_MLP,
+    norms: PRE_NORMS,
+    default_lora_targets: Q_V,
+    qkv_bias: false,
+    gemma: false,
+    windows: Windows::Never,
 };
 
+pub const MISTRAL: Family = Family { name: "mistral", model_types: &["mistral"], windows: Windows::AllLayers, ..LLAMA };
+
+pub const QWEN2: Family = Family { name: "qwen2", model_types: &["qwen2"], qkv_bias: true, windows: Windows::WhenEnabled, ..LLAMA };
+
+pub const QWEN3: Family = Family {
+    name: "qwen3",
+    model_types: &["qwen3"],
+    norms: &[Norm::Input, Norm::PostAttention, Norm::QNorm, Norm::KNorm],
+    windows: Windows::WhenEnabled,
+    ..LLAMA
+};
+
+pub const GEMMA2: Family = Family {
+    name: "gemma2",
+    model_types: &["gemma2"],
+    norms: &[Norm::Input, Norm::PostAttention, Norm::PreFeedforward, Norm::PostFeedforward],
+    gemma: true,
+    windows: Windows::Pattern(2),
+    ..LLAMA
+};
+
+pub const GEMMA3: Family = Family {
+    name: "gemma3",
+    model_types: &["gemma3_text", "gemma3"],
+    norms: &[Norm::Input, Norm::PostAttention, Norm::PreFeedforward, Norm::PostFeedforward, Norm::QNorm, Norm::KNorm],
+    gemma: true,
+    windows: Windows::Pattern(6),
+    ..LLAMA
+};
+
+pub const PHI3: Family = Family {
+    name: "phi3",
+    model_types: &["phi3"],
+    projs: &[Proj::Qkv, Proj::O, Proj::GateUp, Proj::Down],
+    default_lora_targets: &[Proj::Qkv],
+    windows: Windows::AllLayers,
+    ..LLAMA
+};
+
+/// Every supported family.
+pub const FAMILIES: [&Family; 7] = [&LLAMA, &MISTRAL, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3, &PHI3];
+
 impl Family {
-    /// The family of a model with this config.json (Llama is the only one so far).
-    pub fn of(_config: &crate::model::Config) -> &'static Family {
-        &LLAMA
+    /// The family of a model with this config.json.
+    pub fn of(config: &crate::model::Config) -> &'static Family {
+        config.family
+    }
+
+    /// The family whose `model_type` is `model_type`.
+    pub fn named(model_type: &str) -> Option<&'static Family> {
+        FAMILIES.into_iter().find(|f| f.model_types.contains(&model_type))
+    }
+
+    /// The supported `model_type` values, for messages.
+    pub fn supported() -> String {
+        FAMILIES.iter().flat_map(|f| f.model_types.iter()).copied().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Whether the family's layers have `norm`.
+    pub fn has_norm(&self, norm: Norm) -> bool {
+        self.norms.contains(&norm)
     }
 
     /// Where `p` stands in [`Family::projs`] (`None`: the family has no such projection).
@@ -248,10 +363,10 @@ pub fn hf_key_from_gguf(name: &str) -> Option<String> {
         _ => {
             let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
             let layer = parse_index(layer)?;
-            if let Some(&proj) = LLAMA.projs.iter().find(|p| p.gguf() == part) {
+            if let Some(&proj) = LLAMA.projs.iter().find(|p| p.gguf() == Some(part)) {
                 ModuleId { layer, proj }.path()
             } else {
-                let &norm = LLAMA.norms.iter().find(|n| n.gguf() == part)?;
+                let &norm = LLAMA.norms.iter().find(|n| n.gguf() == Some(part))?;
                 NormId { layer, norm }.path()
             }
         }
@@ -352,41 +467,72 @@ impl Family {
 
 // ---------------------------------------------------------------- walking the model
 
-/// `[(Proj, &Linear)]` or `[(Proj, &mut Linear)]` of a block: the one map from a projection to
-/// the field holding it.
-macro_rules! proj_fields {
-    ($b:expr, $($r:tt)+) => {{
-        let b = $b;
-        [
-            (Proj::Q, $($r)+ b.self_attn.q_proj),
-            (Proj::K, $($r)+ b.self_attn.k_proj),
-            (Proj::V, $($r)+ b.self_attn.v_proj),
-            (Proj::O, $($r)+ b.self_attn.o_proj),
-            (Proj::Gate, $($r)+ b.mlp.gate_proj),
-            (Proj::Up, $($r)+ b.mlp.up_proj),
-            (Proj::Down, $($r)+ b.mlp.down_proj),
-        ]
-    }};
-}
-
 impl Block {
+    /// The block's linears with their projection ids, as its fields hold them (separate or
+    /// fused q/k/v and gate/up): the one map from a projection to the field holding it.
+    pub fn proj_fields(&self) -> Vec<(Proj, &Linear)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let mut out = match &a.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => vec![(Proj::Q, q_proj), (Proj::K, k_proj), (Proj::V, v_proj)],
+            QkvProj::Fused { qkv_proj } => vec![(Proj::Qkv, qkv_proj)],
+        };
+        out.push((Proj::O, &a.o_proj));
+        match &m.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => out.extend([(Proj::Gate, gate_proj), (Proj::Up, up_proj)]),
+            GateUpProj::Fused { gate_up_proj } => out.push((Proj::GateUp, gate_up_proj)),
+        }
+        out.push((Proj::Down, &m.down_proj));
+        out
+    }
+
+    /// [`Block::proj_fields`], mutable.
+    pub fn proj_fields_mut(&mut self) -> Vec<(Proj, &mut Linear)> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let mut out = match &mut a.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => vec![(Proj::Q, q_proj), (Proj::K, k_proj), (Proj::V, v_proj)],
+            QkvProj::Fused { qkv_proj } => vec![(Proj::Qkv, qkv_proj)],
+        };
+        out.push((Proj::O, &mut a.o_proj));
+        match &mut m.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => out.extend([(Proj::Gate, gate_proj), (Proj::Up, up_proj)]),
+            GateUpProj::Fused { gate_up_proj } => out.push((Proj::GateUp, gate_up_proj)),
+        }
+        out.push((Proj::Down, &mut m.down_proj));
+        out
+    }
+
+    /// The linear of projection `p`, if the block has it.
+    pub fn try_proj(&self, p: Proj) -> Option<&Linear> {
+        self.proj_fields().into_iter().find(|(q, _)| *q == p).map(|(_, l)| l)
+    }
+
     /// The linear of projection `p`. Panics when the block has none (a projection outside its
     /// family: a caller bug).
     pub fn proj(&self, p: Proj) -> &Linear {
-        let found = proj_fields!(self, &).into_iter().find(|(q, _)| *q == p);
-        found.map(|(_, l)| l).unwrap_or_else(|| panic!("this decoder layer has no {}", p.name()))
+        self.try_proj(p).unwrap_or_else(|| panic!("this decoder layer has no {}", p.name()))
     }
 
     pub fn proj_mut(&mut self, p: Proj) -> &mut Linear {
-        let found = proj_fields!(self, &mut).into_iter().find(|(q, _)| *q == p);
+        let found = self.proj_fields_mut().into_iter().find(|(q, _)| *q == p);
         found.map(|(_, l)| l).unwrap_or_else(|| panic!("this decoder layer has no {}", p.name()))
     }
 
-    pub fn norm(&self, n: Norm) -> &RmsNorm {
+    /// The norm `n`, if the block has it.
+    pub fn try_norm(&self, n: Norm) -> Option<&RmsNorm> {
+        let a = &self.self_attn;
         match n {
-            Norm::Input => &self.input_layernorm,
-            Norm::PostAttention => &self.post_attention_layernorm,
+            Norm::Input => Some(&self.input_layernorm),
+            Norm::PostAttention => Some(&self.post_attention_layernorm),
+            Norm::PreFeedforward => self.pre_feedforward_layernorm.as_ref(),
+            Norm::PostFeedforward => self.post_feedforward_layernorm.as_ref(),
+            Norm::QNorm => a.q_norm.as_ref(),
+            Norm::KNorm => a.k_norm.as_ref(),
         }
+    }
+
+    /// The norm `n`. Panics when the block has none (a caller bug).
+    pub fn norm(&self, n: Norm) -> &RmsNorm {
+        self.try_norm(n).unwrap_or_else(|| panic!("this decoder layer has no {}", n.path()))
     }
 }
 
@@ -399,7 +545,7 @@ impl Family {
     /// [`Family::linears`], mutable.
     pub fn linears_mut<'a>(&'static self, layers: &'a mut [Block]) -> impl Iterator<Item = (ModuleId, &'a mut Linear)> {
         layers.iter_mut().enumerate().flat_map(move |(layer, b)| {
-            let mut fields = proj_fields!(b, &mut).map(|(p, l)| (p, Some(l)));
+            let mut fields: Vec<(Proj, Option<&mut Linear>)> = b.proj_fields_mut().into_iter().map(|(p, l)| (p, Some(l))).collect();
             self.projs.iter().filter_map(move |&proj| {
                 let slot = fields.iter_mut().find(|(q, _)| *q == proj)?;
                 Some((ModuleId { layer, proj }, slot.1.take()?))
@@ -441,12 +587,13 @@ impl Llama {
     /// The decoder linear `id`, if the model has it.
     pub fn linear(&self, id: ModuleId) -> Option<&Linear> {
         self.family().position(id.proj)?;
-        Some(self.layers.get(id.layer)?.proj(id.proj))
+        self.layers.get(id.layer)?.try_proj(id.proj)
     }
 
     pub fn linear_mut(&mut self, id: ModuleId) -> Option<&mut Linear> {
         self.family().position(id.proj)?;
-        Some(self.layers.get_mut(id.layer)?.proj_mut(id.proj))
+        let b = self.layers.get_mut(id.layer)?;
+        b.proj_fields_mut().into_iter().find(|(q, _)| *q == id.proj).map(|(_, l)| l)
     }
 
     /// Every decoder norm, layer-major in the family's norm order.
@@ -491,7 +638,7 @@ mod tests {
                 let p = ParamId { module: id, half };
                 assert_eq!(LLAMA.parse_state_key(&p.state_key()), Some(p));
             }
-            let gguf = format!("blk.{}.{}.weight", id.layer, id.proj.gguf());
+            let gguf = format!("blk.{}.{}.weight", id.layer, id.proj.gguf().unwrap());
             assert_eq!(hf_key_from_gguf(&gguf), Some(weight_key(&path)), "{gguf}");
         }
         assert_eq!(peft_key("model.layers.0.self_attn.q_proj", LoraHalf::A), "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
@@ -569,14 +716,18 @@ mod tests {
         assert_eq!(ids, LLAMA.module_ids(n).collect::<Vec<_>>());
         for (id, lin) in m.linears() {
             let b = &m.layers[id.layer];
+            let (QkvProj::Split { q_proj, k_proj, v_proj }, GateUpProj::Split { gate_proj, up_proj }) = (&b.self_attn.qkv, &b.mlp.gate_up) else {
+                panic!("a Llama block holds separate projections")
+            };
             let field = match id.proj {
-                Proj::Q => &b.self_attn.q_proj,
-                Proj::K => &b.self_attn.k_proj,
-                Proj::V => &b.self_attn.v_proj,
+                Proj::Q => q_proj,
+                Proj::K => k_proj,
+                Proj::V => v_proj,
                 Proj::O => &b.self_attn.o_proj,
-                Proj::Gate => &b.mlp.gate_proj,
-                Proj::Up => &b.mlp.up_proj,
+                Proj::Gate => gate_proj,
+                Proj::Up => up_proj,
                 Proj::Down => &b.mlp.down_proj,
+                Proj::Qkv | Proj::GateUp => unreachable!("not a Llama projection"),
             };
             assert!(std::ptr::eq(lin, field), "{id:?}");
             assert!(std::ptr::eq(m.linear(id).unwrap(), field));

@@ -10,15 +10,16 @@ use candle_core::{CudaStorage, DType, Layout};
 
 const MODULE: Module = ptx_module!("softmax");
 
-/// `softmax(scale · s + mask)` over the last axis of scores `s` `[b, nh, c, t]` (contiguous, f32
-/// or bf16) with the f32 mask `[b, 1, c, t]`; the result in `s`'s dtype.
-pub fn forward(s: (&CudaStorage, &Layout), mask: (&CudaStorage, &Layout), scale: f32) -> Result<CudaStorage> {
+/// `softmax(softcap(scale · s) + mask)` over the last axis of scores `s` `[b, nh, c, t]`
+/// (contiguous, f32 or bf16) with the f32 mask `[b, 1, c, t]`, `softcap(x) = cap·tanh(x/cap)`
+/// unless `cap` is 0; the result in `s`'s dtype.
+pub fn forward(s: (&CudaStorage, &Layout), mask: (&CudaStorage, &Layout), scale: f32, cap: f32) -> Result<CudaStorage> {
     let (b, _, c, t) = s.1.shape().dims4()?;
     ensure!(mask.1.shape().dims4()? == (b, 1, c, t) && mask.0.dtype() == DType::F32, "attention softmax: scores {:?}, mask {:?}", s.1.dims(), mask.1.dims());
-    with_float!(s.0.dtype(), "attention softmax", T, n => forward_t::<T>(s, mask, scale, &format!("attn_softmax_fwd_{n}")))
+    with_float!(s.0.dtype(), "attention softmax", T, n => forward_t::<T>(s, mask, scale, cap, &format!("attn_softmax_fwd_{n}")))
 }
 
-fn forward_t<T: CudaDType + DeviceRepr>(s: (&CudaStorage, &Layout), mask: (&CudaStorage, &Layout), scale: f32, name: &str) -> Result<CudaStorage> {
+fn forward_t<T: CudaDType + DeviceRepr>(s: (&CudaStorage, &Layout), mask: (&CudaStorage, &Layout), scale: f32, cap: f32, name: &str) -> Result<CudaStorage> {
     let dev = &s.0.device;
     let (_, nh, c, t) = s.1.shape().dims4()?;
     let rows = s.1.shape().elem_count() / t.max(1);
@@ -28,7 +29,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(s: (&CudaStorage, &Layout), mask: (&Cuda
     let mut out = unsafe { dev.alloc::<T>(rows * t)? };
     let (func, stream) = (MODULE.function(dev, name)?, dev.cuda_stream());
     let mut bld = stream.launch_builder(&func);
-    bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b).arg(&c32);
+    bld.arg(&x).arg(&m).arg(&mut out).arg(&scale).arg(&t32).arg(&rows_per_b).arg(&c32).arg(&cap);
     // SAFETY: arguments as softmax.cu's attn_softmax_fwd.
     unsafe { launch::launch(&mut bld, per_row(rows, 256)) }?;
     drop(bld);

@@ -4,6 +4,7 @@
 //! attention is the reference the GPU tests compare with.
 
 use crate::kernels::launch::{self, addr, config, device_of, ptx_module, view, wrap, Module};
+use super::AttnParams;
 use anyhow::{ensure, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, PushKernelArg};
@@ -24,45 +25,34 @@ fn kernel(q: &Tensor, name: &str, d: usize, tiles: usize, extra: usize) -> Resul
     Ok((func, bytes))
 }
 
-/// The logits' options: softmax `scale`, sliding `window` (key `j` visible to query `i` iff
-/// `i − j < window`), soft-capping `cap·tanh(scale·s/cap)` before the mask.
-#[derive(Clone, Copy, Debug)]
-pub struct Logits {
-    pub scale: f64,
-    pub window: Option<usize>,
-    pub softcap: Option<f64>,
+/// The kernels' window argument (1 ≤ w ≤ t; t for none), scale arguments `(sl2, scale, capl2,
+/// scap)` (flash.cu's `Scales`) and the kernel name part of soft-capping, for `p`.
+fn args(p: &AttnParams, t: usize) -> Result<(i32, [f32; 4], &'static str)> {
+    ensure!(p.window != Some(0), "flash attention: a sliding window of 0 keys");
+    ensure!(p.softcap.is_none_or(|c| c > 0.0), "flash attention: soft-cap {:?} (must be > 0)", p.softcap);
+    let w = p.window.map_or(t, |w| w.min(t)).max(1) as i32;
+    let (l2, scale) = (std::f64::consts::LOG2_E, p.scale as f64);
+    let cap = p.softcap.unwrap_or(1.0) as f64;
+    let s = [(scale * l2) as f32, scale as f32, (cap * l2) as f32, (scale / cap) as f32];
+    Ok((w, s, if p.softcap.is_some() { "_cap" } else { "" }))
 }
 
-impl Logits {
-    /// The kernels' window argument (1 ≤ w ≤ t; t for none) and scale arguments
-    /// `(sl2, scale, capl2, scap)` (flash.cu's `Scales`), and the kernel name part of the cap.
-    fn args(&self, t: usize) -> Result<(i32, [f32; 4], &'static str)> {
-        ensure!(self.window != Some(0), "flash attention: a sliding window of 0 keys");
-        ensure!(self.softcap.is_none_or(|c| c > 0.0), "flash attention: soft-cap {:?} (must be > 0)", self.softcap);
-        let w = self.window.map_or(t, |w| w.min(t)).max(1) as i32;
-        let l2 = std::f64::consts::LOG2_E;
-        let cap = self.softcap.unwrap_or(1.0);
-        let s = [(self.scale * l2) as f32, self.scale as f32, (cap * l2) as f32, (self.scale / cap) as f32];
-        Ok((w, s, if self.softcap.is_some() { "_cap" } else { "" }))
-    }
-}
-
-fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams) -> Result<(usize, usize, usize, usize, usize)> {
     let (b, nh, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     ensure!(k.dims() == [b, kvh, t, d] && v.dims() == k.dims() && kvh > 0 && nh % kvh == 0, "flash attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     ensure!(seg.dims() == [b, t] && seg.dtype() == DType::U32, "flash attention: segment ids {:?} {:?} for b {b}, t {t}", seg.dims(), seg.dtype());
-    ensure!(super::flash_fits(q) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64, 128 or 256 only");
+    ensure!(super::flash_fits(q, p) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64, 128 or 256 only, {p:?}");
     ensure!(i32::try_from(t).is_ok() && (b * nh * t * d) < (1 << 40), "flash attention: too long");
     Ok((b, nh, kvh, t, d))
 }
 
-/// `o = softmax(L + mask) V` with the logits `L` of `lg` (of the scores `QKᵀ`) and its
-/// log-sum-exp (f32 `[b, nh, t]`, base 2, for [`backward`]). `q` `[b, nh, t, d]`, `k`/`v`
-/// `[b, kvh, t, d]`, `seg` u32 `[b, t]`.
-pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, lg: &Logits) -> Result<(Tensor, Tensor)> {
-    let (b, nh, kvh, t, d) = dims(q, k, v, seg)?;
-    let (w, [sl2, scale, capl2, scap], cap) = lg.args(t)?;
+/// `o = softmax(L + mask) V` with the logits `L` of the scores `QKᵀ` under `p` (scale,
+/// soft-cap, sliding window: with the segments, the mask) and its log-sum-exp (f32 `[b, nh, t]`, base 2, for
+/// [`backward`]). `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, `seg` u32 `[b, t]`.
+pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor)> {
+    let (b, nh, kvh, t, d) = dims(q, k, v, seg, p)?;
+    let (w, [sl2, scale, capl2, scap], cap) = args(p, t)?;
     let dev = device_of(q)?;
     let (q, k, v, seg) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, seg.contiguous()?);
     let (qg, ql) = q.storage_and_layout();
@@ -88,9 +78,9 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, lg: &Logits) ->
 /// `(dq, dk, dv)` (bf16, the inputs' shapes) from the forward's inputs, its output `o` and
 /// log-sum-exp `lse`, and the output's gradient `d_o`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, lg: &Logits, o: &Tensor, lse: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, nh, kvh, t, d) = dims(q, k, v, seg)?;
-    let (w, [sl2, scale, capl2, scap], cap) = lg.args(t)?;
+pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, kvh, t, d) = dims(q, k, v, seg, p)?;
+    let (w, [sl2, scale, capl2, scap], cap) = args(p, t)?;
     ensure!(o.dims() == q.dims() && d_o.dims() == q.dims() && d_o.dtype() == DType::BF16 && lse.dims() == [b, nh, t], "flash attention backward: o {:?}, dO {:?}, lse {:?}", o.dims(), d_o.dims(), lse.dims());
     let dev = device_of(q)?;
     let (q, k, v, seg, o, lse, d_o) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, seg.contiguous()?, o.contiguous()?, lse.contiguous()?, d_o.contiguous()?);
