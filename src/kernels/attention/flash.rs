@@ -27,11 +27,13 @@ fn kernel(q: &Tensor, name: &str, d: usize, tiles: usize, extra: usize) -> Resul
 
 /// The kernels' window argument (1 ≤ w ≤ t; t for none), scale arguments `(sl2, scale, capl2,
 /// scap)` (flash.cu's `Scales`) and the kernel name part of soft-capping, for `p`.
-fn args(p: &AttnParams, t: usize) -> Result<(i32, [f32; 4], &'static str)> {
+fn args(p: &AttnParams, t: usize, d: usize) -> Result<(i32, [f32; 4], &'static str)> {
     ensure!(p.window != Some(0), "flash attention: a sliding window of 0 keys");
     ensure!(p.softcap.is_none_or(|c| c > 0.0), "flash attention: soft-cap {:?} (must be > 0)", p.softcap);
     let w = p.window.map_or(t, |w| w.min(t)).max(1) as i32;
-    let (l2, scale) = (std::f64::consts::LOG2_E, p.scale as f64);
+    // Llama's 1/√d in f64 (the f32 field rounded would move its scale by an ulp).
+    let scale = if p.is_plain(d) { 1.0 / (d as f64).sqrt() } else { p.scale as f64 };
+    let l2 = std::f64::consts::LOG2_E;
     let cap = p.softcap.unwrap_or(1.0) as f64;
     let s = [(scale * l2) as f32, scale as f32, (cap * l2) as f32, (scale / cap) as f32];
     Ok((w, s, if p.softcap.is_some() { "_cap" } else { "" }))
@@ -52,7 +54,7 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams) -> Res
 /// [`backward`]). `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, `seg` u32 `[b, t]`.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor)> {
     let (b, nh, kvh, t, d) = dims(q, k, v, seg, p)?;
-    let (w, [sl2, scale, capl2, scap], cap) = args(p, t)?;
+    let (w, [sl2, scale, capl2, scap], cap) = args(p, t, d)?;
     let dev = device_of(q)?;
     let (q, k, v, seg) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, seg.contiguous()?);
     let (qg, ql) = q.storage_and_layout();
@@ -80,7 +82,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams)
 #[allow(clippy::too_many_arguments)]
 pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, nh, kvh, t, d) = dims(q, k, v, seg, p)?;
-    let (w, [sl2, scale, capl2, scap], cap) = args(p, t)?;
+    let (w, [sl2, scale, capl2, scap], cap) = args(p, t, d)?;
     ensure!(o.dims() == q.dims() && d_o.dims() == q.dims() && d_o.dtype() == DType::BF16 && lse.dims() == [b, nh, t], "flash attention backward: o {:?}, dO {:?}, lse {:?}", o.dims(), d_o.dims(), lse.dims());
     let dev = device_of(q)?;
     let (q, k, v, seg, o, lse, d_o) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, seg.contiguous()?, o.contiguous()?, lse.contiguous()?, d_o.contiguous()?);
