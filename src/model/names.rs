@@ -253,6 +253,13 @@ pub const PHI3: Family = Family {
     ..LLAMA
 };
 
+/// Every projection of every family, in an order each family's walk agrees with: reading a
+/// checkpoint's optimizer state before the model is known parses and sorts by [`ANY`].
+pub const ALL_PROJS: &[Proj] = &[Proj::Q, Proj::K, Proj::V, Proj::Qkv, Proj::O, Proj::Gate, Proj::Up, Proj::GateUp, Proj::Down];
+
+/// Not a model family: the union of their projections, for keys read without a model.
+pub const ANY: Family = Family { name: "any", model_types: &[], projs: ALL_PROJS, ..LLAMA };
+
 /// Every supported family.
 pub const FAMILIES: [&Family; 7] = [&LLAMA, &MISTRAL, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3, &PHI3];
 
@@ -699,6 +706,27 @@ mod tests {
         back.sort_by_key(|&p| LLAMA.param_order(p));
         assert_eq!(back, walk);
         assert_eq!(walk[..3].iter().map(|p| p.state_key()).collect::<Vec<_>>(), ["layers.0.q_proj.lora_A", "layers.0.q_proj.lora_B", "layers.0.k_proj.lora_A"]);
+    }
+
+    /// Each family's walk is a subsequence of [`ALL_PROJS`] (so sorting by [`ANY`] gives it),
+    /// and its fused projections round-trip through every key format.
+    #[test]
+    fn every_family_walks_in_the_order_of_all_projs() {
+        for f in FAMILIES {
+            let pos: Vec<usize> = f.projs.iter().map(|&p| ANY.position(p).unwrap()).collect();
+            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
+            for id in f.module_ids(3) {
+                assert_eq!(f.parse_path(&id.path()), Some(id));
+                let p = ParamId { module: id, half: LoraHalf::B };
+                assert_eq!(ANY.parse_state_key(&p.state_key()), Some(p));
+            }
+        }
+        assert_eq!(ModuleId::new(2, Proj::Qkv).path(), "model.layers.2.self_attn.qkv_proj");
+        assert_eq!(ModuleId::new(0, Proj::GateUp).path(), "model.layers.0.mlp.gate_up_proj");
+        assert_eq!(NormId { layer: 1, norm: Norm::QNorm }.path(), "model.layers.1.self_attn.q_norm");
+        assert_eq!(Family::named("gemma3_text").map(|f| f.name), Some("gemma3"));
+        assert_eq!(Family::named("gpt2"), None);
+        assert_eq!((Proj::Qkv.gguf(), Norm::PreFeedforward.gguf()), (None, None));
     }
 
     fn tiny() -> Llama {

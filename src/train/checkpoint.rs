@@ -138,7 +138,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
 }
 
 /// The optimizer file: its step and every parameter's state, in the model's adapter order
-/// (Llama's, the one family so far).
+/// (every family's walk order agrees with [`names::ANY`]'s).
 fn read_optimizer(opt_path: &Path) -> Result<(u64, Vec<ParamState>)> {
     let bytes = std::fs::read(opt_path).with_context(|| format!("{}: missing (corrupt checkpoint?)", opt_path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", opt_path.display()))?;
@@ -149,7 +149,7 @@ fn read_optimizer(opt_path: &Path) -> Result<(u64, Vec<ParamState>)> {
         .and_then(|m| m.get("step"))
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{}: no `step` in metadata", opt_path.display()))?;
-    let family = &names::LLAMA;
+    let family = &names::ANY;
     let mut ids: Vec<(ParamId, String)> = Vec::new();
     for n in st.names().into_iter().filter(|n| n.ends_with(".master")) {
         let key = n.trim_end_matches(".master");

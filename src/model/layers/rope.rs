@@ -371,3 +371,64 @@ fn partial(y: &Tensor, rope: Option<(&Tensor, &Tensor)>, rotate: fn(&Tensor, &Te
     let turned = rotate(&y.narrow(D::Minus1, 0, rot)?.contiguous()?, cos, sin)?;
     Ok(Tensor::cat(&[turned, y.narrow(D::Minus1, rot, d - rot)?], D::Minus1)?.contiguous()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phi3(extra: serde_json::Value) -> Config {
+        let mut v = serde_json::json!({"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 32, "max_position_embeddings": 512, "original_max_position_embeddings": 64});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        Config::from_json(&v).unwrap()
+    }
+
+    /// Partial rotary (transformers: `q_rot, q_pass = q[..., :rot], q[..., rot:]`): the first
+    /// `rot` dimensions of each head rotate as a `rot`-sized head, the rest pass; merging
+    /// rotates back (the split's transpose), and decoding's row rotation agrees.
+    #[test]
+    fn partial_rotary_rotates_the_first_dims_only() {
+        let c = phi3(serde_json::json!({"partial_rotary_factor": 0.75}));
+        assert_eq!(c.rotary_dim(), 12);
+        let rope = Rope::new(&c, 16, DType::F32, &Device::Cpu).unwrap();
+        let (b, t, h, d) = (1, 5, 4, 16);
+        let x = Tensor::arange(0f32, (b * t * h * d) as f32, &Device::Cpu).unwrap().affine(0.01, -1.0).unwrap().reshape((b * t, h * d)).unwrap();
+        let at = rope.span(b, 3, t).unwrap();
+        let y = split_heads(&x, b, t, h, d, at.pair()).unwrap();
+        let plain = split_heads(&x, b, t, h, d, None).unwrap();
+        let want = candle_nn::rotary_emb::rope_slow(&plain.narrow(3, 0, 12).unwrap().contiguous().unwrap(), &at.cos.get(0).unwrap(), &at.sin.get(0).unwrap()).unwrap();
+        let err = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err(&y.narrow(3, 0, 12).unwrap(), &want) < 1e-6);
+        assert_eq!(err(&y.narrow(3, 12, 4).unwrap(), &plain.narrow(3, 12, 4).unwrap()), 0.0);
+        assert!(err(&merge_heads(&y, at.pair()).unwrap(), &x) < 1e-6, "merge rotates back");
+        let mut row = x.narrow(0, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        rope.row_f32(3).unwrap().rotate(&mut row, d);
+        let first = y.narrow(2, 0, 1).unwrap().flatten_all().unwrap();
+        assert!(err(&Tensor::new(row, &Device::Cpu).unwrap(), &first) < 1e-6, "decode row");
+        let bad = serde_json::json!({"model_type": "phi3", "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8, "partial_rotary_factor": 0.1});
+        assert!(Config::from_json(&bad).unwrap_err().to_string().contains("partial_rotary_factor"));
+    }
+
+    /// longrope (Phi-3.5): short factors up to the original length, long ones past it, cos/sin
+    /// × √(1 + ln(max/original) / ln(original)).
+    #[test]
+    fn longrope_switches_factors_past_the_original_length() {
+        let short: Vec<f64> = (0..8).map(|i| 1.0 + i as f64 * 0.1).collect();
+        let long: Vec<f64> = (0..8).map(|i| 2.0 + i as f64).collect();
+        let c = phi3(serde_json::json!({"num_attention_heads": 4, "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long}}));
+        let s = c.rope_scaling.as_ref().unwrap();
+        let ScalingKind::LongRope { attention_factor, .. } = s.kind else { panic!("longrope") };
+        assert!((attention_factor - (1.0 + (8f64).ln() / (64f64).ln()).sqrt()).abs() < 1e-12);
+        let inv = c.rope_inv_freq();
+        assert!((inv[3] as f64 - 1.0 / (1.3 * 10000f64.powf(6.0 / 16.0))).abs() < 1e-7);
+        let rope = Rope::new(&c, 128, DType::F32, &Device::Cpu).unwrap();
+        let angle = |r: &RopeRow, i: usize| (r.sin[i] as f64).atan2(r.cos[i] as f64);
+        let scale = |r: &RopeRow| ((r.cos[0] as f64).powi(2) + (r.sin[0] as f64).powi(2)).sqrt();
+        let (a, b) = (rope.row_f32(10).unwrap(), rope.row_f32(100).unwrap());
+        assert!((scale(&a) - attention_factor).abs() < 1e-5 && (scale(&b) - attention_factor).abs() < 1e-5);
+        let f = |e: f64| 1.0 / (e * 10000f64.powf(2.0 / 16.0));
+        assert!((angle(&a, 1) - 10.0 * f(1.1)).abs() < 1e-5, "short factors within the original length");
+        let want = (100.0 * f(3.0) + std::f64::consts::PI).rem_euclid(2.0 * std::f64::consts::PI) - std::f64::consts::PI;
+        assert!((angle(&b, 1) - want).abs() < 1e-4, "long factors past it");
+    }
+}
