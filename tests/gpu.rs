@@ -660,7 +660,7 @@ fn flash_attention_families_match_the_cpu() {
 }
 
 /// The tiled attention on CUDA in f32 (the masked-softmax kernel with soft-capping, the
-/// softmax-backward kernel) against the CPU's f32 attention: a window in the mask, a cap, GQA,
+/// softmax-backward and soft-cap-backward kernels) against the CPU's f32 attention: a window in the mask, a cap, GQA,
 /// head size 96 (no flash kernel); f32 and bf16 (both from bf16-rounded inputs) to 1e-4 and
 /// 3e-2 of each tensor's largest value.
 #[test]

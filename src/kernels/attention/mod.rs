@@ -153,9 +153,33 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, p: &AttnParams) -> Result<
 /// products apply); `dS` unchanged without a cap.
 pub fn softcap_backward(ds: &Tensor, scores: &Tensor, p: &AttnParams) -> Result<Tensor> {
     let Some(cap) = p.softcap else { return Ok(ds.clone()) };
+    if cuda_float(ds) && ds.dtype() == scores.dtype() && cap > 0.0 {
+        return Ok(ds.contiguous()?.apply_op2_no_bwd(&scores.contiguous()?, &SoftcapBackward { scale: p.scale, softcap: cap })?);
+    }
     let sd = stat_dtype(scores.dtype());
     let th = ((scores.to_dtype(sd)? * p.scale as f64)? / cap as f64)?.tanh()?;
     Ok((ds.to_dtype(sd)? * (1.0 - th.sqr()?)?)?.to_dtype(ds.dtype())?)
+}
+
+/// `dS ⊙ (1 − tanh²(scale · scores / cap))` as a candle op: the CUDA kernel only.
+pub struct SoftcapBackward {
+    pub scale: f32,
+    pub softcap: f32,
+}
+
+impl CustomOp2 for SoftcapBackward {
+    fn name(&self) -> &'static str {
+        "softcap-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("soft-cap backward: no CPU kernel (softcap_backward runs candle's ops there)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, ds: &candle_core::CudaStorage, dl: &Layout, s: &candle_core::CudaStorage, sl: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::softcap_backward((ds, dl), (s, sl), self.scale, self.softcap).map_err(super::launch::candle_err)?, dl.shape().clone()))
+    }
 }
 
 /// Softmax backward `dS = P ⊙ (dP − Σ_j dP·P)` as a candle op: the CUDA kernel only.

@@ -1,5 +1,5 @@
 // Attention softmax, forward and backward, one block per score row (f32 arithmetic whatever the
-// storage type). Rows are [b, nh, t] over keys t; row r is batch r / (nh·t), query r mod t.
+// storage type); and the soft-cap's backward factor, elementwise. Rows are [b, nh, t] over keys t; row r is batch r / (nh·t), query r mod t.
 // The additive mask [b, t, t] (0 or -inf: causal, per packed example) is the one the CPU uses.
 // Replaces the candle chain scale → +mask → f32 → softmax → bf16 (five passes over the largest
 // tensor of the step) and, backward, dP·P → row sum → subtract → ·P (four).
@@ -41,6 +41,20 @@ __device__ void softmax_bwd(const T* p, const T* dp, T* ds, int t) {
     for (int j = threadIdx.x; j < t; j += blockDim.x) dot += ldf(pr, j) * ldf(dr, j);
     dot = block_reduce<false>(dot);
     for (int j = threadIdx.x; j < t; j += blockDim.x) stf(sr, j, ldf(pr, j) * (ldf(dr, j) - dot));
+}
+
+// The soft-cap's part of the scores' gradient, elementwise: ds·(1 − tanh²(scale·s/cap)).
+template <typename T>
+__device__ void softcap_bwd(const T* ds, const T* s, T* out, float scale, float cap, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float th = tanhf(ldf(s, i) * scale / cap);
+        stf(out, i, ldf(ds, i) * (1.0f - th * th));
+    }
+}
+
+extern "C" __global__ void attn_softcap_bwd_f32(const float* ds, const float* s, float* out, float scale, float cap, long long n) { softcap_bwd(ds, s, out, scale, cap, n); }
+extern "C" __global__ void attn_softcap_bwd_bf16(const __nv_bfloat16* ds, const __nv_bfloat16* s, __nv_bfloat16* out, float scale, float cap, long long n) {
+    softcap_bwd(ds, s, out, scale, cap, n);
 }
 
 extern "C" __global__ void attn_softmax_fwd_f32(const float* s, const float* mask, float* p, float scale, int t, long long rows_per_b, int tq, float cap) {
