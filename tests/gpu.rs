@@ -611,6 +611,160 @@ fn flash_attention_matches_the_cpu() {
     }
 }
 
+/// The flash kernels with the families' features against the CPU's f32 attention (the fused
+/// kernel, the window in its mask): output and the three gradients for sliding windows (< t,
+/// not a multiple of the 64-row blocks, 2, ≥ t), soft-capping (a cap the logits reach),
+/// caller's scales, head sizes 64, 128 and 256, grouped-query, packed examples and padding.
+/// Inputs are rounded to bf16 for both sides; tolerance 2e-2 of each tensor's largest value
+/// (bf16 probabilities and outputs).
+#[test]
+fn flash_attention_families_match_the_cpu() {
+    use qscript::kernels::attention::AttnParams;
+    use qscript::model::layers::attention;
+    let Some(dev) = gpu("flash_attention_families_match_the_cpu") else { return };
+    // (b, nh, kvh, t, d, input scale, params)
+    let p = |scale: Option<f32>, softcap: Option<f32>, window: Option<usize>, d: usize| AttnParams { scale: scale.unwrap_or(AttnParams::plain(d).scale), softcap, window };
+    let cases = [
+        (2, 4, 2, 150, 64, 1.0, p(None, None, Some(40), 64)),
+        (1, 8, 4, 200, 256, 1.0, p(Some(1.0 / 16.0), None, Some(64), 256)),
+        (2, 4, 2, 130, 256, 6.0, p(Some(0.0625), Some(3.0), Some(33), 256)),
+        (1, 6, 2, 333, 128, 4.0, p(Some(0.1), Some(5.0), None, 128)),
+        // A window of 2 (of 1, dq would be 0 up to rounding: no relative error to take).
+        (2, 3, 3, 100, 64, 1.0, p(None, Some(10.0), Some(2), 64)),
+        (1, 2, 1, 70, 256, 1.0, p(None, None, None, 256)),
+        (1, 4, 2, 300, 128, 1.0, p(None, None, Some(1000), 128)),
+        (1, 4, 1, 520, 128, 3.0, p(Some(0.05), Some(2.0), Some(129), 128)),
+    ];
+    for (b, nh, kvh, t, d, amp, params) in cases {
+        // Row 0: two packed examples and trailing padding; row 1 (if any): one example.
+        let seg: Vec<u32> = (0..b * t).map(|i| (i / t, i % t)).map(|(r, i)| if r == 0 { if i < t / 3 { 1 } else if i < t - 9 { 2 } else { 0 } } else { 1 }).collect();
+        let q: Vec<f32> = values(b * nh * t * d, 51).iter().map(|x| x * amp).collect();
+        let (k, v, d_o) = (values(b * kvh * t * d, 52), values(b * kvh * t * d, 53), values(b * nh * t * d, 54));
+        let run = |dv: &Device, dt: DType| {
+            let ten = |x: &Vec<f32>, h: usize| Tensor::from_vec(x.clone(), (b, h, t, d), dv).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(dt).unwrap();
+            let mask = attention::build_window_mask(&seg, b, t, params.window, dv).unwrap();
+            let segments = Tensor::from_vec(seg.clone(), (b, t), dv).unwrap();
+            let (o, s) = attention::forward_segments_with(&ten(&q, nh), &ten(&k, kvh), &ten(&v, kvh), &mask, &segments, &params).unwrap();
+            assert_eq!(s.flash.is_some(), dv.is_cuda(), "the flash path runs exactly on CUDA");
+            let (dq, dk, dv) = attention::backward(&s, &ten(&d_o, nh)).unwrap();
+            [o, dq, dk, dv]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        let got = run(dev, DType::BF16);
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.dims(), w.dims());
+            let e = tensor_rel_err(g, w);
+            assert!(e <= 2e-2, "b {b} nh {nh} kvh {kvh} t {t} d {d} {params:?}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
+/// The tiled attention on CUDA in f32 (the masked-softmax kernel with soft-capping, the
+/// softmax-backward and soft-cap-backward kernels) against the CPU's f32 attention: a window in the mask, a cap, GQA,
+/// head size 96 (no flash kernel); f32 and bf16 (both from bf16-rounded inputs) to 1e-4 and
+/// 3e-2 of each tensor's largest value.
+#[test]
+fn tiled_attention_with_softcap_matches_the_cpu() {
+    use qscript::kernels::attention::AttnParams;
+    use qscript::model::layers::attention;
+    let Some(dev) = gpu("tiled_attention_with_softcap_matches_the_cpu") else { return };
+    let (b, nh, kvh, t, d) = (2, 4, 2, 90, 96);
+    let params = AttnParams { scale: 0.08, softcap: Some(2.5), window: Some(20) };
+    let seg: Vec<u32> = (0..b * t).map(|i| if i % t < 50 { 1 } else { 2 }).collect();
+    let q: Vec<f32> = values(b * nh * t * d, 61).iter().map(|x| x * 5.0).collect();
+    let (k, v, d_o) = (values(b * kvh * t * d, 62), values(b * kvh * t * d, 63), values(b * nh * t * d, 64));
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |dv: &Device, dt: DType| {
+            // Inputs rounded to bf16 on both sides (the bf16 run's rounding is not the kernel's).
+            let ten = |x: &Vec<f32>, h: usize| Tensor::from_vec(x.clone(), (b, h, t, d), dv).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(dt).unwrap();
+            let mask = attention::build_window_mask(&seg, b, t, params.window, dv).unwrap();
+            let (o, s) = attention::forward_with(&ten(&q, nh), &ten(&k, kvh), &ten(&v, kvh), &mask, &params, 32).unwrap();
+            let (dq, dk, dv) = attention::backward(&s, &ten(&d_o, nh)).unwrap();
+            [o, dq, dk, dv]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(run(dev, dtype).iter().zip(&want)) {
+            let e = tensor_rel_err(g, w);
+            assert!(e <= tol, "{dtype:?}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
+/// The GeGLU kernels (tanh GELU; bf16 8 at a time, and the scalar fallback) against the CPU
+/// kernel in f32: f32 to 1e-5, bf16 to 2e-2 of each tensor's largest value.
+#[test]
+fn geglu_kernels_match_the_cpu() {
+    use qscript::kernels::glu::{self, Activation};
+    let Some(dev) = gpu("geglu_kernels_match_the_cpu") else { return };
+    for (rows, cols) in [(37, 64), (5, 7), (300, 1024)] {
+        let g: Vec<f32> = values(rows * cols, 71).iter().map(|x| x * 5.0).collect();
+        let (u, dh) = (values(rows * cols, 72), values(rows * cols, 73));
+        let run = |d: &Device, dt: DType| {
+            let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), (rows, cols), d).unwrap().to_dtype(dt).unwrap();
+            let h = glu::forward(&t(&g), &t(&u), Activation::GeluTanh).unwrap();
+            let (dg, du) = glu::backward(&t(&g), &t(&u), &t(&dh), Activation::GeluTanh).unwrap();
+            [h, dg, du]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            for (name, (g, w)) in ["h", "dg", "du"].iter().zip(run(dev, dt).iter().zip(&want)) {
+                let e = tensor_rel_err(g, w);
+                assert!(e <= tol, "{rows}x{cols} {dt:?}: {name} off by {e:e} of its max");
+            }
+        }
+    }
+}
+
+/// The cross-entropy kernel with Gemma 2's final-logit soft-capping against candle's f64 on
+/// the CPU: loss sum and `dh`, untrained rows, several chunks; f32 to 1e-5 (dh 1e-4), bf16 to
+/// 2e-2 (dh 2e-1: bf16 logits through tanh, as the plain test's 10×).
+#[test]
+fn capped_cross_entropy_kernel_matches_the_cpu() {
+    let Some(dev) = gpu("capped_cross_entropy_kernel_matches_the_cpu") else { return };
+    let (n, hidden, vocab) = (300, 64, 5000);
+    let h: Vec<f32> = values(n * hidden, 81).iter().map(|x| x * 3.0).collect();
+    let head = values(vocab * hidden, 82);
+    let targets: Vec<i64> = (0..n as i64).map(|i| if i % 7 == 3 { -100 } else { (i * 7919) % vocab as i64 }).collect();
+    let run = |d: &Device, dt: DType| {
+        let h = Tensor::from_vec(h.clone(), (n, hidden), d).unwrap().to_dtype(dt).unwrap();
+        let head = Tensor::from_vec(head.clone(), (vocab, hidden), d).unwrap().to_dtype(dt).unwrap();
+        cross_entropy::forward_backward_capped(&h, &head, &targets, Some(0.01), 128, Some(4.0)).unwrap()
+    };
+    let want = run(&Device::Cpu, DType::F64);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let got = run(dev, dt);
+        assert_eq!(got.n_tokens, want.n_tokens);
+        let lerr = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs();
+        assert!(lerr <= tol, "{dt:?}: loss {} vs {}", got.loss_sum, want.loss_sum);
+        let e = tensor_rel_err(got.dh.as_ref().unwrap(), want.dh.as_ref().unwrap());
+        assert!(e <= tol as f32 * 10.0, "{dt:?}: dh off by {e:e} of its max");
+    }
+}
+
+/// The RMSNorm kernels with Gemma's (1 + w) (the 1 added in f32 inside the kernel) against
+/// candle's f64 on the CPU, forward and backward: f32 to 1e-5, bf16 to 2e-2.
+#[test]
+fn plus_one_norm_kernels_match_the_cpu() {
+    use qscript::model::layers::norm;
+    let Some(dev) = gpu("plus_one_norm_kernels_match_the_cpu") else { return };
+    let (rows, hdim) = (33, 2304);
+    let (x, w, dy) = (values(rows * hdim, 91), values(hdim, 92), values(rows * hdim, 93));
+    let run = |d: &Device, dt: DType| {
+        let t = |v: &Vec<f32>, s: &[usize]| Tensor::from_vec(v.clone(), s, d).unwrap().to_dtype(dt).unwrap();
+        let wt = t(&w, &[hdim]);
+        let (y, s) = norm::forward_with(&t(&x, &[rows, hdim]), &wt, 1e-6, true).unwrap();
+        [y, norm::backward(&s, &wt, &t(&dy, &[rows, hdim])).unwrap()]
+    };
+    let want = run(&Device::Cpu, DType::F64);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        for (name, (g, w)) in ["y", "dx"].iter().zip(run(dev, dt).iter().zip(&want)) {
+            let e = tensor_rel_err(g, w);
+            assert!(e <= tol, "{dt:?}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
 /// The SwiGLU kernels (bf16 8 at a time, and the scalar fallback) against the CPU in f32.
 #[test]
 fn swiglu_kernels_match_the_cpu() {
