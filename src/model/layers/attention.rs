@@ -179,12 +179,9 @@ impl Attention {
 
     /// One new position (decoding) against a buffered cache, on plain slices: q/k norms, rope
     /// on the q/k rows, append k/v in place, fused scores/softmax/weighted sum per head over
-    /// the window. `None` when the rope tables are not CPU f32 or the scores are soft-capped
+    /// the window, soft-capped scores as Gemma 2's. `None` when the rope tables are not CPU f32
     /// (the caller takes the tensor path).
     fn decode_step(&self, x: &Tensor, rope: &Rope, pos: usize, buf: &mut KvBuf) -> Result<Option<Tensor>> {
-        if self.params.softcap.is_some() {
-            return Ok(None);
-        }
         let Some(row) = rope.row_f32(pos) else { return Ok(None) };
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (q, k, v) = self.project(x)?;
@@ -197,7 +194,7 @@ impl Attention {
         // A window hides the oldest positions: start the slices past them.
         let first = self.params.window.map_or(0, |w| buf.len.saturating_sub(w));
         let (ks, vs) = (&buf.k[first * d..], &buf.v[first * d..]);
-        crate::kernels::attention::cpu::decode_attention(&q, ks, vs, buf.cap * d, buf.len - first, h, kvh, d, self.params.scale, &mut out);
+        crate::kernels::attention::cpu::decode_attention_capped(&q, ks, vs, buf.cap * d, buf.len - first, h, kvh, d, self.params.scale, self.params.softcap, &mut out);
         let out = Tensor::from_vec(out, (1, 1, h * d), x.device())?;
         Ok(Some(self.o_proj.forward(&out)?))
     }
