@@ -493,10 +493,12 @@ fn peft_golden_logits_on_cuda() {
 }
 
 /// Every model family's golden (`tests/golden/families`, see tests/families.rs for the CPU
-/// checks) on CUDA, base + peft adapter: in f32 the CPU's tolerances (logits 1e-4, loss 1e-5,
-/// LoRA gradients 1e-4 of their norm); in bf16 logits within 0.05 (they are ±0.7), loss
-/// within 0.05 (≈ 6.2) and gradients within 0.1 of their norm — bf16 bounds set before a run,
-/// to confirm on the H200.
+/// checks) on CUDA, base + peft adapter. In f32: the CPU's tolerances (logits 1e-4, loss 1e-5,
+/// LoRA gradients 1e-4 of their norm). In bf16 the error against the f32 golden is rounding, so
+/// it is bounded by the CPU's own bf16 error (candle's reference ops, other rounding points):
+/// CUDA within twice it plus a small floor. Measured on the H200 (2026-12-03) before this bound:
+/// gradients 0.033–0.050 of their norm for llama/qwen/mistral and 0.108 for gemma2, where the CPU's
+/// bf16 gives 0.034–0.075 and 0.089 (gemma3 0.097): Gemma's random (1+w) norms amplify rounding.
 #[test]
 fn families_on_cuda_match_the_golden() {
     let Some(dev) = gpu("families_on_cuda_match_the_golden") else { return };
@@ -506,7 +508,8 @@ fn families_on_cuda_match_the_golden() {
         let ids: Vec<u32> = g["ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
         let labels = g["labels"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
         let (t, len1) = (ids.len() / 2, g["lengths"].to_vec1::<i64>().unwrap()[1] as usize);
-        for (dtype, logit_tol, loss_tol, grad_tol) in [(DType::F32, 1e-4, 1e-5, 1e-4), (DType::BF16, 0.05, 0.05, 0.1)] {
+        // (adapted logits, loss, worst LoRA gradient relative to its norm) against the golden.
+        let errors = |dev: &Device, dtype: DType| -> [f64; 3] {
             let opts = LoadOptions { dtype, device: dev.clone(), ..Default::default() };
             let mut m = Model::load_hf_dir(f, &root.join(f).join("base"), &opts).unwrap();
             qscript::model::adapter::load_adapter(&mut m.llama, &root.join(f).join("adapter")).unwrap();
@@ -515,26 +518,33 @@ fn families_on_cuda_match_the_golden() {
             let want = &g["logits_adapted"];
             let d = |r: usize, n: usize| max_abs(&(got.get(r).unwrap().narrow(0, 0, n).unwrap() - want.get(r).unwrap().narrow(0, 0, n).unwrap()).unwrap());
             let dl = d(0, t).max(d(1, len1));
-            assert!(dl <= logit_tol, "{f} {dtype:?}: adapted logits differ by {dl}");
             let seg: Vec<u32> = (0..2 * t).map(|i| u32::from(i < t || i - t < len1)).collect();
             let batch = TrainBatch::new(2, t, &ids, &labels, None, Some(&seg), dev).unwrap();
             let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
             let out = engine::forward_backward(&m.llama, &batch, &opts, &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
             let el = (out.mean_loss() - g["loss"].to_vec1::<f32>().unwrap()[0] as f64).abs();
-            assert!(el <= loss_tol, "{f} {dtype:?}: loss differs by {el}");
             let mut worst: f32 = 0.0;
             for lg in &out.grads {
                 for (half, got) in [("lora_A", &lg.da), ("lora_B", &lg.db)] {
                     let want = &g[&format!("grad.{}.{half}.weight", lg.id().path())];
                     let got = got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
                     let l2 = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-                    let rel = l2(&(got - want).unwrap()) / l2(want).max(1e-12);
-                    worst = worst.max(rel);
+                    worst = worst.max(l2(&(got - want).unwrap()) / l2(want).max(1e-12));
                 }
             }
-            assert!(worst as f64 <= grad_tol, "{f} {dtype:?}: a LoRA gradient differs by {worst} of its norm");
-            eprintln!("{f} {dtype:?}: logits {dl:.2e}, loss {el:.2e}, gradients {worst:.2e} of their norm");
+            [dl as f64, el, worst as f64]
+        };
+        let names = ["adapted logits", "loss", "worst LoRA gradient (of its norm)"];
+        let e32 = errors(dev, DType::F32);
+        for ((e, tol), name) in e32.iter().zip([1e-4, 1e-5, 1e-4]).zip(names) {
+            assert!(*e <= tol, "{f} F32: {name} differs by {e:.3e}");
         }
+        let (e16, cpu16) = (errors(dev, DType::BF16), errors(&Device::Cpu, DType::BF16));
+        for (((e, c), floor), name) in e16.iter().zip(cpu16).zip([0.01, 0.002, 0.02]).zip(names) {
+            assert!(*e <= 2.0 * c + floor, "{f} BF16: {name} differs by {e:.3e}, the CPU's bf16 by {c:.3e}");
+        }
+        let show = |e: [f64; 3]| format!("{:.2e} / {:.2e} / {:.2e}", e[0], e[1], e[2]);
+        eprintln!("{f} (logits / loss / gradients): F32 {}; BF16 {} (CPU bf16 {})", show(e32), show(e16), show(cpu16));
     }
 }
 
