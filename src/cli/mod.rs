@@ -13,6 +13,8 @@ Examples:
   qscript recipes/chat.rhai                     run a recipe
   qscript recipes/chat.rhai --set MAX_NEW_TOKENS=64
                                                 override a recipe's `const MAX_NEW_TOKENS = ...;`
+  qscript recipes/customer_support.rhai --resume
+                                                continue a run stopped by Ctrl-C from its checkpoint
   qscript check recipes/chat.rhai               validate a recipe without loading weights
   qscript                                       open the REPL (same as `qscript repl`)";
 
@@ -36,6 +38,9 @@ struct RunArgs {
     /// Stop a recipe after this many script operations (guards against runaway loops)
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_operations)]
     max_operations: u64,
+    /// Continue an interrupted run: every train() whose output_dir holds a checkpoint resumes from its latest
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +84,13 @@ fn install_ctrlc() {
 }
 
 fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    // What the run's manifest records, and what the command that resumes it repeats.
+    crate::train::record::set_launch(crate::train::record::Launch {
+        argv: std::env::args().collect(),
+        recipe: path.to_path_buf(),
+        overrides: args.set.clone(),
+        resume: args.resume,
+    });
     let host = Host::for_recipe(path, &Limits { max_operations: args.max_operations });
     host.run_file(path, &args.set)
 }

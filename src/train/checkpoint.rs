@@ -20,6 +20,9 @@ pub struct Manifest {
     pub base_model_config_sha256: String,
     pub base_model: String,
     pub seed: u64,
+    /// How the run was started: command, `--set` values, device, dtypes, commit, weights hash.
+    #[serde(flatten)]
+    pub record: super::record::RunRecord,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -35,6 +38,15 @@ pub struct TrainerState {
     pub best_metric: Option<f64>,
     pub best_model_checkpoint: Option<String>,
     pub log_history: Vec<serde_json::Value>,
+    /// Finite losses since the last log entry, summed, and their count: a run resumed between
+    /// two log entries logs the same mean as one that was not stopped.
+    #[serde(default)]
+    pub window_loss: f64,
+    #[serde(default)]
+    pub window_steps: usize,
+    /// Evaluations since `metric_for_best_model` last improved (early stopping).
+    #[serde(default)]
+    pub early_stopping_patience_counter: usize,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";
