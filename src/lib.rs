@@ -25,24 +25,3 @@ pub fn check_cancel() -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// How many running pieces of work stop cleanly on Ctrl-C by themselves (a training loop ends
-/// its step and writes a checkpoint): while one runs, the Ctrl-C handler must not end the process
-/// on the first Ctrl-C (a second one still exits at once).
-pub static CANCEL_HANDLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Counts into [`CANCEL_HANDLED`] while alive.
-pub struct CancelHandled(());
-
-impl CancelHandled {
-    pub fn begin() -> Self {
-        CANCEL_HANDLED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self(())
-    }
-}
-
-impl Drop for CancelHandled {
-    fn drop(&mut self) {
-        CANCEL_HANDLED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}

@@ -217,3 +217,72 @@ fn early_stopping_and_the_best_checkpoint_loaded_at_the_end() {
     assert_eq!(code, 1);
     assert!(err.contains("load_best_model_at_end") && err.contains("eval_strategy"), "{err}");
 }
+
+#[test]
+fn train_takes_resume_from_checkpoint_as_transformers() {
+    let (tmp, model, data) = fixture();
+    let r = recipe(tmp.path(), &model, &data, "", "");
+    let out = tmp.path().join("out");
+    let (code, _, err) = run(&r, &["--set", "MAX_STEPS=2", "--set", "SAVE_STEPS=1"]);
+    assert_eq!(code, 0, "{err}");
+    let ck1 = out.join("checkpoint-1");
+    let src = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, src.replace("trainer.train()", &format!("trainer.train(#{{ resume_from_checkpoint: \"{}\" }})", ck1.display()))).unwrap();
+    let (code, _, err) = run(&r, &["--set", "MAX_STEPS=3", "--set", "SAVE_STEPS=1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("resumed from {} at step 1", ck1.display())), "{err}");
+    assert_eq!(metrics(&out).iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    // A misspelt key is an error with the recipe's position and a hint.
+    std::fs::write(&r, src.replace("trainer.train()", "trainer.train(#{ resume_from_checkpont: true })")).unwrap();
+    let (code, _, err) = run(&r, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("train.rhai:11:") && err.contains("did you mean `resume_from_checkpoint`"), "{err}");
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    let (tmp, model, data) = fixture();
+    // on_step_end prints 1.3 MB to a stdout nobody reads: the recipe blocks inside train(), in
+    // work that the first Ctrl-C cannot cut short (as a stuck callback or a hung write would).
+    let stuck = "on_step_end: |s| { let x = \"xxxxxxxxxx\"; for i in 0..17 { x += x; } print(x); }";
+    let r = recipe(tmp.path(), &model, &data, "", stuck);
+    let mut child = qscript().arg(&r).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let _stdout = child.stdout.take().unwrap(); // kept open, never read
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let mut err = String::new();
+    let wait_for = |pat: &str, err: &mut String| loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(120)).unwrap_or_else(|_| panic!("no {pat:?} line; stderr:\n{err}"));
+        err.push_str(&line);
+        err.push('\n');
+        if line.starts_with(pat) {
+            return line;
+        }
+    };
+    wait_for("step 1/", &mut err);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = child.id().to_string();
+    let sigint = || assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    sigint();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the first Ctrl-C waits for the work in flight; stderr:\n{err}");
+    sigint();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("a second Ctrl-C did not end the process; stderr:\n{err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(wait_for("interrupted", &mut err), "interrupted", "ended by the handler, not by the checkpointing path; stderr:\n{err}");
+}

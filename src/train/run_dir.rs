@@ -9,8 +9,15 @@ use std::path::{Path, PathBuf};
 /// What a run writes into output_dir besides its checkpoints (`adapter/` is where recipes save
 /// the final adapter; `runs/` is TensorBoard's folder).
 const RUN_FILES: &[&str] = &["manifest.json", "metrics.jsonl", "loss.png", "adapter", "runs"];
-/// The files whose presence means a run was here (an `adapter/` alone may be the user's own).
-const RUN_MARKERS: &[&str] = &["manifest.json", "metrics.jsonl", "loss.png"];
+
+/// Whether a run left results in `out`: a checkpoint, `loss.png`, or a metrics entry. A run
+/// stopped before its first step leaves only its manifest, recipe copy and an empty
+/// `metrics.jsonl`, which the next run simply rewrites; an `adapter/` alone may be the user's own.
+fn holds_results(out: &Path, checkpoints: &[PathBuf]) -> bool {
+    !checkpoints.is_empty()
+        || out.join("loss.png").symlink_metadata().is_ok()
+        || std::fs::metadata(out.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0)
+}
 
 /// The recipe copy an earlier run left (named in its manifest).
 fn recipe_copy(out: &Path) -> Option<PathBuf> {
@@ -24,8 +31,7 @@ fn recipe_copy(out: &Path) -> Option<PathBuf> {
 /// The entries of an earlier run in `out` (empty when there was none).
 pub fn earlier_run(out: &Path) -> Vec<PathBuf> {
     let checkpoints: Vec<PathBuf> = checkpoint::list(out).into_iter().map(|(_, p)| p).collect();
-    let marked = !checkpoints.is_empty() || RUN_MARKERS.iter().any(|n| out.join(n).symlink_metadata().is_ok());
-    if !marked {
+    if !holds_results(out, &checkpoints) {
         return vec![];
     }
     let mut v = checkpoints;
@@ -50,6 +56,13 @@ pub fn prepare(out: &Path, overwrite: bool, resuming: bool) -> Result<()> {
         return Ok(());
     }
     if !overwrite {
+        if checkpoint::list(out).is_empty() {
+            bail!(
+                "output_dir {} already holds a run ({}) with no checkpoint to resume: set overwrite_output_dir: true to replace it, or choose another output_dir",
+                out.display(),
+                names(&old)
+            );
+        }
         bail!(
             "output_dir {} already holds a run ({}): set overwrite_output_dir: true to replace it, or resume it (resume_from_checkpoint: true, or qscript RECIPE --resume)",
             out.display(),
@@ -74,6 +87,12 @@ mod tests {
         prepare(out, false, false).unwrap();
         std::fs::create_dir_all(out.join("adapter")).unwrap();
         prepare(out, false, false).unwrap(); // an adapter alone is not a run
+        std::fs::write(out.join("manifest.json"), b"{}").unwrap();
+        std::fs::write(out.join("metrics.jsonl"), b"").unwrap();
+        prepare(out, false, false).unwrap(); // nor a run stopped before its first step
+        std::fs::write(out.join("metrics.jsonl"), b"{\"step\": 1}\n").unwrap();
+        let e = prepare(out, false, false).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint to resume") && e.contains("overwrite_output_dir: true"), "{e}");
         for d in ["checkpoint-2", "checkpoint-4"] {
             std::fs::create_dir_all(out.join(d)).unwrap();
         }

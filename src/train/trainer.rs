@@ -91,9 +91,29 @@ struct Run {
     last_checkpoint: Option<PathBuf>,
     /// The step of the latest evaluation when it was the best so far (its checkpoint is the best).
     best_eval_step: Option<usize>,
-    /// A finished step whose logging, evaluation, saving and callbacks did not run yet (Ctrl-C
-    /// came between): a paused run does them first when it resumes.
-    pending: Option<StepStats>,
+    /// A finished step whose logging, evaluation, saving and callbacks did not all run (Ctrl-C
+    /// came between or inside them): a paused run does the rest first when it resumes.
+    pending: Option<AfterStep>,
+}
+
+/// The work after a step, in order: the log entry, `on_log`, the evaluation, `on_evaluate`, the
+/// checkpoint, `on_save`, `on_step_end`. Ctrl-C can land inside any part that runs a model or
+/// a callback; a paused run then redoes that part and goes on, so every part runs exactly once
+/// to completion, as in a run that was never paused.
+struct AfterStep {
+    stats: StepStats,
+    /// The next part to run (index into the order above).
+    next: u8,
+    control: Control,
+    log_entry: Option<Value>,
+    eval_entry: Option<Value>,
+    saved: Option<PathBuf>,
+}
+
+impl AfterStep {
+    fn new(stats: StepStats) -> Self {
+        Self { stats, next: 0, control: Control::Continue, log_entry: None, eval_entry: None, saved: None }
+    }
 }
 
 /// How the step loop ended.
@@ -350,7 +370,6 @@ impl SftTrainer {
     /// if asked), or the interrupted run's checkpoint or pause.
     fn drive(&mut self, model: &mut Model, mut run: Run, mut log: RunLog, callbacks: &mut dyn Callbacks) -> Result<TrainSummary> {
         run.t0 = Instant::now();
-        let _handled = crate::CancelHandled::begin();
         match self.step_loop(model, &mut run, &mut log, callbacks)? {
             Outcome::Interrupted => self.interrupted(model, run, log),
             outcome => {
@@ -361,8 +380,8 @@ impl SftTrainer {
     }
 
     fn step_loop(&self, model: &mut Model, run: &mut Run, log: &mut RunLog, callbacks: &mut dyn Callbacks) -> Result<Outcome> {
-        if let Some(s) = run.pending.take() {
-            if let Some(end) = self.after_step(model, run, log, &s, callbacks)? {
+        if let Some(a) = run.pending.take() {
+            if let Some(end) = self.after_step(model, run, log, a, callbacks)? {
                 return Ok(end);
             }
         }
@@ -385,35 +404,56 @@ impl SftTrainer {
             run.record(&stats);
             log.progress(stats.step, stats.loss, stats.lr, run.tokens_per_sec());
             if interrupted() {
-                run.pending = Some(stats);
+                run.pending = Some(AfterStep::new(stats));
                 return Ok(Outcome::Interrupted);
             }
-            if let Some(end) = self.after_step(model, run, log, &stats, callbacks)? {
+            if let Some(end) = self.after_step(model, run, log, AfterStep::new(stats), callbacks)? {
                 return Ok(end);
             }
         }
         Ok(Outcome::Done)
     }
 
-    /// Logging, evaluation, saving and the callbacks of a finished step; `Some` when training
-    /// ends there (stopped, or Ctrl-C reached one of them).
-    fn after_step(&self, model: &Model, run: &mut Run, log: &mut RunLog, s: &StepStats, callbacks: &mut dyn Callbacks) -> Result<Option<Outcome>> {
-        match self.after_step_parts(model, run, log, s, callbacks) {
-            Ok(Control::Continue) => Ok(None),
-            Ok(Control::Stop) => {
-                log.say(&format!("training stopped at step {}", run.state.global_step));
-                Ok(Some(Outcome::Stopped))
+    /// Logging, evaluation, saving and the callbacks of a finished step, from the part `a` is
+    /// at; `Some` when training ends there (stopped, or Ctrl-C reached one of them: the run
+    /// keeps `a` as pending, at the part that was cut).
+    fn after_step(&self, model: &Model, run: &mut Run, log: &mut RunLog, mut a: AfterStep, callbacks: &mut dyn Callbacks) -> Result<Option<Outcome>> {
+        while a.next < 7 {
+            match self.after_step_part(model, run, log, &mut a, callbacks) {
+                Ok(c) => {
+                    a.control = a.control.or(c);
+                    a.next += 1;
+                }
+                Err(_) if interrupted() => {
+                    run.pending = Some(a);
+                    return Ok(Some(Outcome::Interrupted));
+                }
+                Err(e) => return Err(e),
             }
-            Err(_) if interrupted() => Ok(Some(Outcome::Interrupted)),
-            Err(e) => Err(e),
         }
+        if a.control == Control::Stop {
+            log.say(&format!("training stopped at step {}", run.state.global_step));
+            return Ok(Some(Outcome::Stopped));
+        }
+        Ok(None)
     }
 
-    fn after_step_parts(&self, model: &Model, run: &mut Run, log: &mut RunLog, s: &StepStats, callbacks: &mut dyn Callbacks) -> Result<Control> {
-        let mut control = self.log_step(model, run, log, s, callbacks)?;
-        control = control.or(self.maybe_evaluate(model, run, log, callbacks)?);
-        control = control.or(self.maybe_save(model, run, control, callbacks)?);
-        Ok(control.or(callbacks.on_step_end(model, &step_end_state(run, s))?))
+    fn after_step_part(&self, model: &Model, run: &mut Run, log: &mut RunLog, a: &mut AfterStep, callbacks: &mut dyn Callbacks) -> Result<Control> {
+        let none = Control::Continue;
+        match a.next {
+            0 => a.log_entry = self.write_log_entry(run, log, &a.stats)?,
+            1 => return a.log_entry.as_ref().map_or(Ok(none), |e| callbacks.on_log(model, e)),
+            2 => {
+                let (entry, stop) = self.maybe_evaluate(model, run, log)?;
+                a.eval_entry = entry;
+                return Ok(stop);
+            }
+            3 => return a.eval_entry.as_ref().map_or(Ok(none), |e| callbacks.on_evaluate(model, e)),
+            4 => a.saved = self.maybe_save(model, run, a.control)?,
+            5 => return a.saved.as_ref().map_or(Ok(none), |d| callbacks.on_save(model, d)),
+            _ => return callbacks.on_step_end(model, &step_end_state(run, &a.stats)),
+        }
+        Ok(none)
     }
 
     /// Ctrl-C: pause (the REPL) or checkpoint and stop (a recipe run).
@@ -430,12 +470,14 @@ impl SftTrainer {
             self.paused = Some(run);
             return Ok(summary);
         }
-        if let Some(s) = run.pending.take() {
-            self.write_log_entry(&mut run, &mut log, &s)?;
+        // A recipe run stops here: the step's log entry is written, the rest of its after-step
+        // work (an evaluation, callbacks) is not (the checkpoint below is the step's).
+        if let Some(a) = run.pending.take().filter(|a| a.next == 0) {
+            self.write_log_entry(&mut run, &mut log, &a.stats)?;
         }
         log.finish();
         if step == 0 {
-            bail!("interrupted (Ctrl-C) before the first step finished; nothing was written");
+            bail!("interrupted (Ctrl-C) before the first step finished; no checkpoint was written");
         }
         let done = run.last_checkpoint.as_ref().is_some_and(|c| c.ends_with(format!("checkpoint-{step}")));
         let dir = if done { run.last_checkpoint.clone().unwrap_or_default() } else { self.save_checkpoint(model, &mut run)? };
@@ -576,15 +618,7 @@ impl SftTrainer {
     }
 
     /// Every `logging_steps` (and at the last step): a metrics entry (mean loss since the last
-    /// one), its line, and `on_log`.
-    fn log_step(&self, model: &Model, run: &mut Run, log: &mut RunLog, s: &StepStats, callbacks: &mut dyn Callbacks) -> Result<Control> {
-        match self.write_log_entry(run, log, s)? {
-            Some(entry) => callbacks.on_log(model, &entry),
-            None => Ok(Control::Continue),
-        }
-    }
-
-    /// The metrics entry and line of [`Self::log_step`], when due.
+    /// one) and its line.
     fn write_log_entry(&self, run: &mut Run, log: &mut RunLog, s: &StepStats) -> Result<Option<Value>> {
         if !run.due(Strategy::Steps, self.args.logging_steps) {
             return Ok(None);
@@ -616,11 +650,11 @@ impl SftTrainer {
     }
 
     /// When `eval_strategy` says so: eval loss and perplexity, their entry and line, the best
-    /// metric, and `on_evaluate`.
-    fn maybe_evaluate(&self, model: &Model, run: &mut Run, log: &mut RunLog, callbacks: &mut dyn Callbacks) -> Result<Control> {
+    /// metric and early stopping (which may say stop).
+    fn maybe_evaluate(&self, model: &Model, run: &mut Run, log: &mut RunLog) -> Result<(Option<Value>, Control)> {
         let a = &self.args;
         if !run.due(a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)) {
-            return Ok(Control::Continue);
+            return Ok((None, Control::Continue));
         }
         let m = self.evaluate(model)?;
         let step = run.state.global_step;
@@ -636,7 +670,7 @@ impl SftTrainer {
         }
         run.best_eval_step = best.then_some(step);
         let stop = self.early_stopping(run, log, value, previous);
-        Ok(callbacks.on_evaluate(model, &entry)?.or(stop))
+        Ok((Some(entry), stop))
     }
 
     /// transformers' EarlyStoppingCallback: an evaluation that does not beat the best before it
@@ -654,17 +688,16 @@ impl SftTrainer {
         Control::Stop
     }
 
-    /// When `save_strategy` says so, or a callback stops a run that saves: a checkpoint, and
-    /// `on_save`.
-    fn maybe_save(&self, model: &Model, run: &mut Run, control: Control, callbacks: &mut dyn Callbacks) -> Result<Control> {
+    /// When `save_strategy` says so, or a callback stops a run that saves: a checkpoint.
+    fn maybe_save(&self, model: &Model, run: &mut Run, control: Control) -> Result<Option<PathBuf>> {
         let a = &self.args;
         let stopping = control == Control::Stop && a.save_strategy != Strategy::No;
         if !(run.due(a.save_strategy, a.save_steps) || stopping) {
-            return Ok(Control::Continue);
+            return Ok(None);
         }
         let dir = self.save_checkpoint(model, run)?;
         run.last_checkpoint = Some(dir.clone());
-        callbacks.on_save(model, &dir)
+        Ok(Some(dir))
     }
 
     /// `checkpoint-<step>` (adapters, optimizer, trainer state, manifest, scheduler), then the
