@@ -286,3 +286,51 @@ fn a_second_ctrl_c_exits_at_once() {
     assert_eq!(status.code(), Some(130));
     assert_eq!(wait_for("interrupted", &mut err), "interrupted", "ended by the handler, not by the checkpointing path; stderr:\n{err}");
 }
+
+#[test]
+fn ctrl_c_inside_the_work_after_a_step_is_finished_by_the_resumed_run() {
+    let (tmp, model, data) = fixture();
+    // on_log of step SPIN_AT spins until Ctrl-C cuts it: the step's evaluation and checkpoint
+    // (due at step 4) did not run yet; the resumed run must do them as the uninterrupted one did.
+    let spin = "on_log: |e| { if e.step == SPIN_AT { let i = 0; while i < 200000000 { i += 1; } } }";
+    let args = ", eval_strategy: \"steps\", eval_steps: 2";
+    let make = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        let r = recipe(dir, &model, &data, args, spin);
+        let src = std::fs::read_to_string(&r).unwrap().replace("const MAX_STEPS = 10;", "const MAX_STEPS = 6;\nconst SPIN_AT = 0;");
+        std::fs::write(&r, src).unwrap();
+        r
+    };
+    let ref_dir = tmp.path().join("ref");
+    let (code, _, err) = run(&make(&ref_dir), &["--set", "SAVE_STEPS=4"]);
+    assert_eq!(code, 0, "{err}");
+    let want_metrics = without_timing(metrics(&ref_dir.join("out")));
+    assert_eq!(want_metrics.iter().filter(|e| e.get("eval_loss").is_some()).count(), 3);
+
+    let dir = tmp.path().join("cut");
+    let r = make(&dir);
+    let (code, err) = interrupt_at(&r, &["--set", "SAVE_STEPS=4", "--set", "SPIN_AT=4"], 4);
+    assert_eq!(code, 130, "{err}");
+    assert!(err.contains("interrupted at step 4/6"), "{err}");
+    let out = dir.join("out");
+    assert_eq!(metrics(&out).iter().filter(|e| e.get("eval_loss").is_some()).count(), 1, "step 4's evaluation was cut: {err}");
+    let (code, _, err) = run(&r, &["--set", "SAVE_STEPS=4", "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(without_timing(metrics(&out)), want_metrics, "the evaluation at step 4 ran on resume");
+    for f in ["checkpoint-4/adapter_model.safetensors", "checkpoint-4/trainer_state.json", "adapter/adapter_model.safetensors"] {
+        let (a, b) = (std::fs::read(out.join(f)).unwrap(), std::fs::read(ref_dir.join("out").join(f)).unwrap());
+        if f.ends_with(".json") {
+            let strip = |b: &[u8]| {
+                let mut v: serde_json::Value = serde_json::from_slice(b).unwrap();
+                for e in v["log_history"].as_array_mut().unwrap() {
+                    e.as_object_mut().unwrap().remove("tokens_per_sec");
+                }
+                v.as_object_mut().unwrap().remove("best_model_checkpoint");
+                v
+            };
+            assert_eq!(strip(&a), strip(&b), "{f}");
+        } else {
+            assert!(a == b, "{f} differs from the uninterrupted run");
+        }
+    }
+}

@@ -47,6 +47,10 @@ pub struct TrainerState {
     /// Evaluations since `metric_for_best_model` last improved (early stopping).
     #[serde(default)]
     pub early_stopping_patience_counter: usize,
+    /// Written when Ctrl-C cut a step's after-step work (its evaluation, a callback): where that
+    /// work stood, so the resumed run finishes it first (trainer.rs, `AfterStep`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_step: Option<serde_json::Value>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

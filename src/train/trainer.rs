@@ -114,6 +114,31 @@ impl AfterStep {
     fn new(stats: StepStats) -> Self {
         Self { stats, next: 0, control: Control::Continue, log_entry: None, eval_entry: None, saved: None }
     }
+
+    /// For the checkpoint a Ctrl-C writes (non-finite numbers as null, as JSON has no NaN).
+    fn to_json(&self) -> Value {
+        let s = &self.stats;
+        json!({"next": self.next, "stop": self.control == Control::Stop, "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm,
+               "lr": s.lr, "tokens": s.tokens, "n_targets": s.n_targets, "non_finite": s.non_finite})
+    }
+
+    /// Back from [`Self::to_json`]; the entries already written come from the log history.
+    fn from_json(v: &Value, state: &TrainerState) -> Result<Self> {
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let u = |k: &str| v[k].as_u64().with_context(|| format!("trainer state: after_step.{k} missing"));
+        let step = u("step")? as usize;
+        let stats = StepStats { step, loss: f("loss"), grad_norm: f("grad_norm"), lr: f("lr"), tokens: u("tokens")?, n_targets: u("n_targets")? as usize, non_finite: v["non_finite"].as_bool().unwrap_or(false) };
+        let entry = |key: &str| state.log_history.iter().rev().find(|e| e["step"].as_u64() == Some(step as u64) && e.get(key).is_some()).cloned();
+        let next = u("next")? as u8;
+        Ok(Self {
+            stats,
+            next,
+            control: if v["stop"].as_bool() == Some(true) { Control::Stop } else { Control::Continue },
+            log_entry: if next >= 1 { entry("loss") } else { None },
+            eval_entry: if next >= 3 { entry("eval_loss") } else { None },
+            saved: None,
+        })
+    }
 }
 
 /// How the step loop ended.
@@ -470,10 +495,15 @@ impl SftTrainer {
             self.paused = Some(run);
             return Ok(summary);
         }
-        // A recipe run stops here: the step's log entry is written, the rest of its after-step
-        // work (an evaluation, callbacks) is not (the checkpoint below is the step's).
-        if let Some(a) = run.pending.take().filter(|a| a.next == 0) {
-            self.write_log_entry(&mut run, &mut log, &a.stats)?;
+        // A recipe run stops here: the step's log entry is written; what else its after-step work
+        // had left (an evaluation, callbacks) goes into the checkpoint, for the resumed run to do
+        // first, as the run that never stopped did.
+        if let Some(mut a) = run.pending.take() {
+            if a.next == 0 {
+                a.log_entry = self.write_log_entry(&mut run, &mut log, &a.stats)?;
+                a.next = 1;
+            }
+            run.state.after_step = (a.next < 5).then(|| a.to_json());
         }
         log.finish();
         if step == 0 {
@@ -481,6 +511,7 @@ impl SftTrainer {
         }
         let done = run.last_checkpoint.as_ref().is_some_and(|c| c.ends_with(format!("checkpoint-{step}")));
         let dir = if done { run.last_checkpoint.clone().unwrap_or_default() } else { self.save_checkpoint(model, &mut run)? };
+        run.state.after_step = None;
         self.draw_loss(&run);
         let how = record::resume_command()
             .unwrap_or_else(|| "resume_from_checkpoint: true in TrainingArguments, or trainer.train(#{ resume_from_checkpoint: true })".into());
@@ -554,6 +585,9 @@ impl SftTrainer {
         opt.write_back(&mut model.llama)?;
         run.it.seek(ck.state.position)?;
         run.state = ck.state;
+        if let Some(v) = run.state.after_step.take() {
+            run.pending = Some(AfterStep::from_json(&v, &run.state)?);
+        }
         run.state.max_steps = run.total();
         run.steps.step = run.state.global_step;
         eprintln!("resumed from {} at step {}", dir.display(), run.state.global_step);
