@@ -151,6 +151,32 @@ impl Dataset {
         crate::util::fs::write(path, &out)
     }
 
+    /// trl's `dataset_text_field`: rows that carry `field` (a string) become text records of it;
+    /// `"text"` is what loading already reads. An error when no row carries the field.
+    pub fn with_text_field(&self, field: &str) -> Result<Self> {
+        if field == "text" {
+            return Ok(self.clone());
+        }
+        let mut found = false;
+        let rows = self
+            .rows
+            .iter()
+            .map(|r| match r.extra.get(field) {
+                Some(Value::String(t)) => {
+                    found = true;
+                    let mut extra = r.extra.clone();
+                    extra.remove(field);
+                    Arc::new(Row { record: Record::Text(t.clone()), extra, ..Row::clone(r) })
+                }
+                _ => r.clone(),
+            })
+            .collect();
+        if !found {
+            bail!("dataset_text_field \"{field}\": no record has a string field `{field}`");
+        }
+        Ok(Dataset { rows })
+    }
+
     /// How many records are conversations and how many plain text.
     pub fn kinds(&self) -> (usize, usize) {
         let conv = self.rows.iter().filter(|r| matches!(r.record, Record::Messages(_))).count();
