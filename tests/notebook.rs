@@ -289,3 +289,126 @@ fn dataset_text_field_trains_on_that_field() {
     assert_ne!(code, 0);
     assert!(stderr.contains("dataset_text_field \"missing\""), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Key order, tool-call rows (golden: tests/golden/templates/tools.json, transformers' renderer)
+
+fn tool_golden() -> Vec<serde_json::Value> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/templates/tools.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn template(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/templates/families.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    v["templates"][name]["chat_template"].as_str().unwrap().to_string()
+}
+
+/// A JSON value as the Rhai literal a user would write, keys in the JSON's order.
+fn rhai_literal(v: &serde_json::Value) -> String {
+    use serde_json::Value as V;
+    match v {
+        V::Null => "()".into(),
+        V::Bool(b) => b.to_string(),
+        V::Number(n) => n.to_string(),
+        V::String(s) => serde_json::to_string(s).unwrap(),
+        V::Array(a) => format!("[{}]", a.iter().map(rhai_literal).collect::<Vec<_>>().join(", ")),
+        V::Object(o) => format!("#{{ {} }}", o.iter().map(|(k, v)| format!("{}: {}", serde_json::to_string(k).unwrap(), rhai_literal(v))).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+#[test]
+fn tool_schemas_written_in_a_recipe_render_as_transformers_renders_them() {
+    let (tmp, model, _) = fixture();
+    let cases = tool_golden();
+    let mut src = format!("let model = load_model(\"{}\");\n", model.display());
+    for (i, c) in cases.iter().enumerate() {
+        src.push_str(&format!(
+            "model.set_chat_template({});\nlet tools = {};\nlet msgs = {};\nprint(\"CASE{i}:\" + to_json(model.apply_chat_template(msgs, #{{ tools: tools, tokenize: false }})));\n",
+            serde_json::to_string(&template(c["template"].as_str().unwrap())).unwrap(),
+            rhai_literal(&c["tools"]),
+            rhai_literal(&c["messages"]),
+        ));
+    }
+    // to_json keeps the written order too.
+    src.push_str("print(\"JSON:\" + to_json(#{ type: \"function\", function: #{ name: \"f\", description: \"d\", parameters: #{} } }));\n");
+    let (code, stdout, stderr) = run_script(tmp.path(), &src);
+    assert_eq!(code, 0, "{stderr}");
+    let mut differ = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let line = stdout.lines().find_map(|l| l.strip_prefix(&format!("CASE{i}:"))).unwrap();
+        let got: String = serde_json::from_str(line).unwrap();
+        if got != c["rendered"].as_str().unwrap() {
+            differ.push(format!("case {i} ({}):\n--- got\n{got}\n--- transformers\n{}", c["template"], c["rendered"].as_str().unwrap()));
+        }
+    }
+    assert!(differ.is_empty(), "{} of {} differ:\n{}", differ.len(), cases.len(), differ.join("\n"));
+    assert!(stdout.contains(r#"JSON:{"type":"function","function":{"name":"f","description":"d","parameters":{}}}"#), "{stdout}");
+}
+
+/// The golden conversations as dataset rows (`messages` + `tools`), a tiny model with `tpl`.
+fn tool_rows(tpl: &str) -> (tempfile::TempDir, qscript::model::Model, qscript::data::Dataset, Vec<serde_json::Value>) {
+    let (tmp, model_dir, _) = fixture();
+    let cases: Vec<serde_json::Value> = tool_golden().into_iter().filter(|c| c["template"] == tpl).collect();
+    let data = tmp.path().join("tools.jsonl");
+    let lines: Vec<String> = cases.iter().map(|c| serde_json::json!({"messages": c["messages"], "tools": c["tools"]}).to_string()).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let (ds, _) = qscript::data::load_dataset(data.to_str().unwrap(), &Default::default()).unwrap();
+    let mut m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
+    m.tokenizer.as_mut().unwrap().chat_template = Some(template(tpl));
+    (tmp, m, ds, cases)
+}
+
+#[test]
+fn tool_call_rows_render_and_mask_as_transformers() {
+    for tpl in ["qwen2.5", "qwen3"] {
+        let (_tmp, m, ds, cases) = tool_rows(tpl);
+        let ct = qscript::data::tokenize::ChatTokenizer::for_model(&m).unwrap();
+        let opts = qscript::data::TokenizeOptions { max_seq_length: None, ..Default::default() };
+        let t = qscript::data::tokenize_dataset(&ds, &ct, &opts).unwrap();
+        let tok = m.tokenizer().unwrap();
+        for (ex, c) in t.examples.iter().zip(&cases) {
+            // The whole rendering, tokens and all, is transformers'.
+            assert_eq!(tok.decode(&ex.input_ids, false).unwrap(), c["rendered"].as_str().unwrap(), "{tpl}");
+            // Trained: each assistant turn (its tool call included), never the tool's result or the user.
+            let trained: Vec<u32> = ex.input_ids.iter().zip(&ex.trained).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+            let trained = tok.decode(&trained, false).unwrap();
+            for m in c["messages"].as_array().unwrap() {
+                let content = m["content"].as_str().unwrap_or("");
+                match m["role"].as_str().unwrap() {
+                    "assistant" if !content.is_empty() => assert!(trained.contains(content), "{tpl}: {content} in {trained}"),
+                    "assistant" => {
+                        let name = m["tool_calls"][0]["function"]["name"].as_str().unwrap();
+                        assert!(trained.contains(&format!("<tool_call>\n{{\"name\": \"{name}\"")), "{tpl}: the call is trained: {trained}");
+                    }
+                    // (a tool result the answer quotes may appear in the answer)
+                    _ if !content.is_empty() && !trained.replace("I opened ticket 4711", "").contains(content) => {}
+                    _ if !content.is_empty() => panic!("{tpl}: {content} is trained: {trained}"),
+                    _ => {}
+                }
+            }
+            assert!(!trained.contains("tool_response"), "{tpl}: {trained}");
+        }
+    }
+}
+
+#[test]
+fn rows_through_a_recipe_map_keep_their_field_order() {
+    let (tmp, model, _) = fixture();
+    let _ = model;
+    let cases = tool_golden();
+    let data = tmp.path().join("tools.jsonl");
+    std::fs::write(&data, serde_json::json!({"messages": cases[1]["messages"], "tools": cases[1]["tools"]}).to_string()).unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let src = format!(
+        "let d = load_dataset(\"{}\").map(|r| r); d.to_jsonl(\"{}\");",
+        data.display(),
+        out.display()
+    );
+    let (code, _, stderr) = run_script(tmp.path(), &src);
+    assert_eq!(code, 0, "{stderr}");
+    let row: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    assert_eq!(row["tools"].to_string(), cases[1]["tools"].to_string());
+    assert_eq!(row["messages"][2]["tool_calls"].to_string(), cases[1]["messages"][2]["tool_calls"].to_string());
+}

@@ -70,6 +70,9 @@ pub struct LoadOptions {
     pub on_error: OnError,
     /// For a JSON object holding several arrays: the key to read (`"train"`).
     pub split: Option<String>,
+    /// `(standard name, the dataset's name)`: `("prompt", "question")` reads `question` as
+    /// `prompt` (before the format is detected).
+    pub columns: Vec<(String, String)>,
 }
 
 /// Why a record (or file) was rejected; the label is what the summary line counts.
@@ -284,7 +287,8 @@ impl Loader<'_> {
     }
 
     /// Detect (first record) or check the file's format, then normalise.
-    fn record(&mut self, loc: &str, v: Value) -> Result<()> {
+    fn record(&mut self, loc: &str, mut v: Value) -> Result<()> {
+        rename_columns(&mut v, &self.opts.columns);
         let fmt = match self.file_format {
             Some(f) => f,
             None => match v.as_object().and_then(detect) {
@@ -448,6 +452,16 @@ impl Loader<'_> {
     }
 }
 
+/// `columns`: the dataset's field names renamed to the standard ones, where present.
+fn rename_columns(v: &mut Value, columns: &[(String, String)]) {
+    let Value::Object(o) = v else { return };
+    for (std, theirs) in columns {
+        if let Some(x) = o.remove(theirs) {
+            o.insert(std.clone(), x);
+        }
+    }
+}
+
 /// A CSV row as a JSON object; `messages` / `conversations` columns hold JSON arrays.
 fn csv_object(headers: &[String], record: &csv::ByteRecord) -> Result<Value, RecordError> {
     let mut o = Map::new();
@@ -520,7 +534,8 @@ pub fn parse_record(v: &Value, fmt: Option<Format>) -> Result<Row, RecordError> 
             return Err(err(
                 Reason::UnknownFormat,
                 format!(
-                    "record has none of the fields of a known format (messages, conversations, instruction/output, prompt/completion, text); it has: {}",
+                    "record has none of the fields of a known format (messages, conversations, instruction/output, prompt/completion, text); it has: {} \
+                     (map other names with `columns: #{{ prompt: \"question\", completion: \"answer\" }}`)",
                     if keys.is_empty() { "no fields".into() } else { keys.join(", ") }
                 ),
             ));
@@ -544,9 +559,10 @@ fn parse_record_as(v: &Value, fmt: Format, forced: bool) -> Result<Row, RecordEr
         return Err(err(Reason::MissingField, format!("missing field `{missing}` (format `{}`)", fmt.name())));
     }
     let mut used: &[&str] = fmt.required();
+    let mut turn_fields = Vec::new();
     let record = match fmt {
-        Format::Messages => Record::Messages(parse_messages(&o["messages"], "messages", false)?),
-        Format::Conversations => Record::Messages(parse_messages(&o["conversations"], "conversations", true)?),
+        Format::Messages => Record::Messages(parse_messages(&o["messages"], "messages", false, &mut turn_fields)?),
+        Format::Conversations => Record::Messages(parse_messages(&o["conversations"], "conversations", true, &mut turn_fields)?),
         Format::Text => Record::Text(string_field(o, "text")?),
         Format::Alpaca => {
             used = &["instruction", "input", "output", "system"];
@@ -563,20 +579,26 @@ fn parse_record_as(v: &Value, fmt: Format, forced: bool) -> Result<Row, RecordEr
             Record::Messages(msgs)
         }
         Format::PromptCompletion => {
-            let mut msgs = turns(&o["prompt"], "prompt", "user")?;
-            msgs.extend(turns(&o["completion"], "completion", "assistant")?);
+            let mut msgs = turns(&o["prompt"], "prompt", "user", &mut turn_fields)?;
+            msgs.extend(turns(&o["completion"], "completion", "assistant", &mut turn_fields)?);
             Record::Messages(msgs)
         }
     };
+    if turn_fields.iter().all(Map::is_empty) {
+        turn_fields.clear();
+    }
     let extra = o.iter().filter(|(k, _)| !used.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
-    Ok(Row { record, extra })
+    Ok(Row { record, extra, turn_fields })
 }
 
 /// A prompt / completion: a string (one turn with `role`) or a list of messages.
-fn turns(v: &Value, field: &str, role: &str) -> Result<Vec<Message>, RecordError> {
+fn turns(v: &Value, field: &str, role: &str, fields: &mut Vec<Map<String, Value>>) -> Result<Vec<Message>, RecordError> {
     match v {
-        Value::String(s) => Ok(vec![Message { role: role.into(), content: s.clone() }]),
-        Value::Array(_) => parse_messages(v, field, false),
+        Value::String(s) => {
+            fields.push(Map::new());
+            Ok(vec![Message { role: role.into(), content: s.clone() }])
+        }
+        Value::Array(_) => parse_messages(v, field, false, fields),
         other => Err(err(Reason::WrongType, format!("`{field}` must be a string or a list of messages, got {}", kind_of(other)))),
     }
 }
@@ -595,7 +617,9 @@ fn opt_string_field(o: &Map<String, Value>, k: &str) -> Result<Option<String>, R
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
-fn parse_messages(v: &Value, field: &str, sharegpt: bool) -> Result<Vec<Message>, RecordError> {
+/// The messages of a conversation; each message's other fields (tool use) go to `fields`, one
+/// map per message.
+fn parse_messages(v: &Value, field: &str, sharegpt: bool, fields: &mut Vec<Map<String, Value>>) -> Result<Vec<Message>, RecordError> {
     let Value::Array(items) = v else {
         return Err(err(Reason::WrongType, format!("`{field}` must be an array of messages, got {}", kind_of(v))));
     };
@@ -623,7 +647,15 @@ fn parse_messages(v: &Value, field: &str, sharegpt: bool) -> Result<Vec<Message>
                 return Err(err(Reason::UnknownRole, format!("`{field}` message {i}: unknown role \"{r}\" (expected one of: {expected})")));
             }
         };
+        let calls = role == "assistant" && m.get("tool_calls").is_some_and(|c| !c.is_null());
+        let mut own: Map<String, Value> =
+            m.iter().filter(|(k, v)| !matches!(k.as_str(), "role" | "content" | "from" | "value") && !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
         let content = match m.get(ck) {
+            // A tool call without text: the template gets the null it was given.
+            None | Some(Value::Null) if calls => {
+                own.insert("content".into(), Value::Null);
+                String::new()
+            }
             Some(Value::String(s)) => s.clone(),
             // OpenAI content parts: keep the text parts.
             Some(Value::Array(parts)) if parts.iter().all(|p| p.get("text").is_some_and(Value::is_string)) => {
@@ -633,6 +665,7 @@ fn parse_messages(v: &Value, field: &str, sharegpt: bool) -> Result<Vec<Message>
             None => return Err(err(Reason::MissingField, format!("`{field}` message {i}: missing field `{ck}`"))),
         };
         out.push(Message { role: role.into(), content });
+        fields.push(own);
     }
     Ok(out)
 }

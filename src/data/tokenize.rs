@@ -283,7 +283,7 @@ impl<'a> Encoder<'a> {
     fn encode(&self, row: &Row) -> Result<Encoded> {
         let mut e = match &row.record {
             Record::Text(t) => self.encode_text(t)?,
-            Record::Messages(m) => self.encode_messages(m)?,
+            Record::Messages(m) => self.encode_messages(m, row)?,
         };
         e.flags.double_bos = self.bos_id.is_some() && e.ids.len() >= 2 && e.ids[0] == e.ids[1] && Some(e.ids[0]) == self.bos_id;
         Ok(e)
@@ -300,10 +300,11 @@ impl<'a> Encoder<'a> {
         Ok(Encoded { ids, trained, flags: Flags { has_assistant: true, ..Default::default() } })
     }
 
-    fn encode_messages(&self, msgs: &[Message]) -> Result<Encoded> {
+    /// `row`'s messages `msgs` through the template (with the row's tool fields and `tools`).
+    fn encode_messages(&self, msgs: &[Message], row: &Row) -> Result<Encoded> {
         let tpl = self.template()?;
-        let values = Row::messages_json(msgs);
-        let none = serde_json::Map::new();
+        let values = row.template_messages();
+        let none = row.template_vars();
         let full = tpl.render(&values, false, &none)?;
         let enc = self.bare.encode(full.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?;
         let ids = enc.get_ids().to_vec();
@@ -321,7 +322,7 @@ impl<'a> Encoder<'a> {
             }
             flags.has_assistant = true;
             let upto = if i + 1 == msgs.len() { full.clone() } else { tpl.render(&values[..=i], false, &none)? };
-            let a = content_start(tpl, &values[..i], &full)?;
+            let a = content_start(tpl, &values[..i], &full, &none)?;
             // Tokens from the one overlapping byte `a` (offsets are sorted by start).
             let s = offsets.partition_point(|o| o.1 <= a);
             let span = if full.starts_with(&upto) {
@@ -372,10 +373,10 @@ impl<'a> Encoder<'a> {
 
     /// Roles the template renders nothing for: message j adds nothing to the rendering of the
     /// messages before it (render with and without each turn).
-    fn dropped_roles(&self, msgs: &[Message]) -> Vec<String> {
+    fn dropped_roles(&self, msgs: &[Message], row: &Row) -> Vec<String> {
         let Ok(tpl) = self.template() else { return vec![] };
-        let values = Row::messages_json(msgs);
-        let none = serde_json::Map::new();
+        let values = row.template_messages();
+        let none = row.template_vars();
         let mut prev = tpl.render(&[], false, &none).ok();
         let mut out = Vec::new();
         for j in 0..msgs.len() {
@@ -396,16 +397,16 @@ impl<'a> Encoder<'a> {
 /// (transformers' definition of the prompt). When that is not a prefix (e.g. an assistant turn
 /// first: SmolLM2 adds its default system prompt only inside the message loop), render the turn
 /// with two probe contents: their renderings agree exactly up to where the content goes.
-fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], full: &str) -> Result<usize> {
-    let none = serde_json::Map::new();
-    let before = tpl.render(before_msgs, true, &none)?;
+fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], full: &str, vars: &serde_json::Map<String, serde_json::Value>) -> Result<usize> {
+    let none = vars;
+    let before = tpl.render(before_msgs, true, none)?;
     if full.starts_with(&before) {
         return Ok(before.len());
     }
     let probe = |c: &str| {
         let mut v = before_msgs.to_vec();
         v.push(serde_json::json!({"role": "assistant", "content": c}));
-        tpl.render(&v, false, &none)
+        tpl.render(&v, false, none)
     };
     let (x, y) = (probe("\u{E000}")?, probe("\u{E001}")?);
     let Some(cp) = x.char_indices().zip(y.chars()).find(|((_, c), d)| c != d).map(|((i, _), _)| i) else {
@@ -597,7 +598,7 @@ fn role_lints(ds: &Dataset, enc: &Encoder) -> Vec<Lint> {
     let mut by_role: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, row) in ds.rows.iter().enumerate().filter(|(_, r)| matches!(r.record, Record::Messages(_))).take(64) {
         if let Record::Messages(m) = &row.record {
-            for role in enc.dropped_roles(m) {
+            for role in enc.dropped_roles(m, row) {
                 by_role.entry(role).or_default().push(i);
             }
         }
