@@ -412,3 +412,189 @@ fn rows_through_a_recipe_map_keep_their_field_order() {
     assert_eq!(row["tools"].to_string(), cases[1]["tools"].to_string());
     assert_eq!(row["messages"][2]["tool_calls"].to_string(), cases[1]["messages"][2]["tool_calls"].to_string());
 }
+
+// ---------------------------------------------------------------------------------------------
+// load_dataset columns, data lints
+
+#[test]
+fn load_dataset_columns_map_other_field_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("qa.jsonl");
+    std::fs::write(&data, "{\"question\": \"How do I reset?\", \"answer\": \"Open Settings.\", \"id\": 7}\n").unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let src = format!(
+        "let d = load_dataset(\"{}\", #{{ columns: #{{ prompt: \"question\", completion: \"answer\" }} }}); d.to_jsonl(\"{}\");",
+        data.display(),
+        out.display()
+    );
+    let (code, _, stderr) = run_script(tmp.path(), &src);
+    assert_eq!(code, 0, "{stderr}");
+    let row: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    assert_eq!(row["messages"][0]["content"], "How do I reset?");
+    assert_eq!(row["messages"][1]["role"], "assistant");
+    assert_eq!(row["messages"][1]["content"], "Open Settings.");
+    assert_eq!(row["id"], 7);
+    // Without the mapping, the error says how to map.
+    let (code, _, stderr) = run_script(tmp.path(), &format!("load_dataset(\"{}\");", data.display()));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("columns:"), "{stderr}");
+    // A standard name qscript does not read is refused, with the nearest one.
+    let (code, _, stderr) = run_script(tmp.path(), &format!("load_dataset(\"{}\", #{{ columns: #{{ promt: \"question\" }} }});", data.display()));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("did you mean `prompt`"), "{stderr}");
+}
+
+fn lint_kinds(rows: &[serde_json::Value], max: Option<usize>) -> Vec<(String, Vec<usize>)> {
+    let (tmp, model_dir, _) = fixture();
+    let m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
+    let (ds, _) = qscript::data::load_dataset(data.to_str().unwrap(), &Default::default()).unwrap();
+    let ct = qscript::data::tokenize::ChatTokenizer::for_model(&m).unwrap();
+    let opts = qscript::data::TokenizeOptions { max_seq_length: max, ..Default::default() };
+    let t = qscript::data::tokenize_dataset(&ds, &ct, &opts).unwrap();
+    t.report.lints.iter().map(|l| (l.kind.to_string(), l.examples.clone())).collect()
+}
+
+#[test]
+fn lints_name_empty_replies_turn_order_and_duplicate_systems() {
+    use serde_json::json;
+    let turn = |r: &str, c: &str| json!({"role": r, "content": c});
+    let rows = vec![
+        json!({"messages": [turn("user", "hi"), turn("assistant", "hello")]}),
+        json!({"messages": [turn("user", "hi"), turn("assistant", "  ")]}),
+        json!({"messages": [turn("user", "hi"), turn("user", "again"), turn("assistant", "yes")]}),
+        json!({"messages": [turn("system", "a"), turn("user", "hi"), turn("system", "b"), turn("assistant", "ok")]}),
+        json!({"messages": [turn("user", "hi"), turn("tool", "42"), turn("assistant", "ok")]}),
+        // A tool call and its result are in order.
+        json!({"messages": [turn("user", "hi"), {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}, turn("tool", "42"), turn("assistant", "ok")]}),
+    ];
+    let lints = lint_kinds(&rows, None);
+    let get = |k: &str| lints.iter().find(|(kind, _)| kind == k).map(|(_, e)| e.clone()).unwrap_or_default();
+    assert_eq!(get("empty-reply"), vec![1], "{lints:?}");
+    assert_eq!(get("turn-order"), vec![2, 3, 4], "{lints:?}");
+    assert_eq!(get("duplicate-system"), vec![3], "{lints:?}");
+}
+
+#[test]
+fn a_template_without_tool_support_fails_naming_the_tool_calls() {
+    use serde_json::json;
+    // The tiny model's SmolLM2 template concatenates `content`: a call's null content fails there
+    // (as in transformers); the error says what the row holds.
+    let (tmp, model_dir, _) = fixture();
+    let m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
+    let data = tmp.path().join("d.jsonl");
+    let row = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]});
+    std::fs::write(&data, row.to_string()).unwrap();
+    let (ds, _) = qscript::data::load_dataset(data.to_str().unwrap(), &Default::default()).unwrap();
+    let ct = qscript::data::tokenize::ChatTokenizer::for_model(&m).unwrap();
+    let e = qscript::data::tokenize_dataset(&ds, &ct, &Default::default()).err().expect("the template cannot render it").to_string();
+    assert!(e.starts_with("example 0:") && e.contains("tool_calls"), "{e}");
+}
+
+#[test]
+fn lint_names_examples_whose_last_answer_truncation_removes() {
+    use serde_json::json;
+    let turn = |r: &str, c: &str| json!({"role": r, "content": c});
+    let long = "word ".repeat(60);
+    let rows = vec![
+        // The first answer survives 48 tokens, the second (after a long question) does not.
+        json!({"messages": [turn("user", "hi"), turn("assistant", "hello"), turn("user", &long), turn("assistant", "the answer")]}),
+        json!({"messages": [turn("user", "hi"), turn("assistant", "hello")]}),
+    ];
+    let lints = lint_kinds(&rows, Some(48));
+    let got: Vec<&(String, Vec<usize>)> = lints.iter().filter(|(k, _)| k == "answer-truncated").collect();
+    assert_eq!(got.len(), 1, "{lints:?}");
+    assert_eq!(got[0].1, vec![0]);
+    assert!(lint_kinds(&rows, None).iter().all(|(k, _)| k != "answer-truncated"));
+}
+
+#[test]
+fn lint_names_single_answers_truncation_removes_and_drops_them() {
+    use serde_json::json;
+    let turn = |r: &str, c: &str| json!({"role": r, "content": c});
+    let long = "word ".repeat(60);
+    let rows = vec![
+        json!({"messages": [turn("user", &long), turn("assistant", "the answer")]}),
+        json!({"messages": [turn("user", "hi"), turn("assistant", "hello")]}),
+    ];
+    let lints = lint_kinds(&rows, Some(48));
+    let got: Vec<&(String, Vec<usize>)> = lints.iter().filter(|(k, _)| k == "nothing-trained").collect();
+    assert_eq!(got.len(), 1, "{lints:?}");
+    assert_eq!(got[0].1, vec![0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// load_dataset of parquet (fixtures: tests/data/parquet/make_parquet.py, written by pyarrow)
+
+fn parquet_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parquet").join(name).to_str().unwrap().to_string()
+}
+
+#[test]
+fn load_dataset_reads_parquet_as_datasets_writes_it() {
+    let (ds, report) = qscript::data::load_dataset(&parquet_fixture("chat.parquet"), &Default::default()).unwrap();
+    assert_eq!(report.records, 2);
+    let rows: Vec<serde_json::Value> = ds.rows.iter().map(|r| r.to_json()).collect();
+    // Nested list<struct> columns are messages; the struct's null fields are absent, as in JSON.
+    assert_eq!(rows[0]["messages"][0], serde_json::json!({"role": "system", "content": "You are a support agent."}));
+    assert_eq!(rows[0]["messages"][2]["content"], "Open Settings > Security and choose Reset.");
+    assert_eq!(rows[0]["id"], 1);
+    assert_eq!(rows[0]["source"], "tickets");
+    // The tool call (content null) and the tool's result.
+    let call = &rows[1]["messages"][1];
+    assert_eq!(call["tool_calls"][0]["function"]["name"], "open_ticket");
+    assert_eq!(call["tool_calls"][0]["function"]["arguments"], "{\"topic\": \"router\"}");
+    assert!(call["content"].is_null(), "{call}");
+    assert!(ds.rows[1].has_tool_calls(1));
+    assert_eq!(rows[1]["messages"][2], serde_json::json!({"role": "tool", "content": "ticket 4711"}));
+    assert_eq!(rows[1]["id"], 2);
+}
+
+#[test]
+fn parquet_with_columns_and_a_codec_it_lacks_through_a_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.jsonl");
+    // gzip, two row groups, mapped columns.
+    let src = format!(
+        "let d = load_dataset(\"{}\", #{{ columns: #{{ prompt: \"question\", completion: \"answer\" }} }}); print(\"N:\" + d.len()); d.to_jsonl(\"{}\");",
+        parquet_fixture("qa.parquet"),
+        out.display()
+    );
+    let (code, stdout, stderr) = run_script(tmp.path(), &src);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("N:4"), "{stdout}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows[3]["messages"][0]["content"], "How do I enable 2FA?");
+    assert_eq!(rows[3]["messages"][1]["content"], "To enable 2FA, open Settings.");
+    // A zstd file: one line naming the file and the codecs that are read; no panic.
+    let (code, _, stderr) = run_script(tmp.path(), &format!("load_dataset(\"{}\");", parquet_fixture("zstd.parquet")));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("zstd.parquet") && stderr.contains("snappy"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Not a parquet file at all.
+    let bad = tmp.path().join("bad.parquet");
+    std::fs::write(&bad, b"PAR1 this is not parquet").unwrap();
+    let (code, _, stderr) = run_script(tmp.path(), &format!("load_dataset(\"{}\");", bad.display()));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("bad.parquet") && stderr.contains("parquet"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn parquet_tool_rows_train_their_calls() {
+    // The parquet tool conversation through a Qwen2.5 template: the call is trained, the result is not.
+    let (_tmp, model_dir, _) = fixture();
+    let (ds, _) = qscript::data::load_dataset(&parquet_fixture("chat.parquet"), &Default::default()).unwrap();
+    let mut m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
+    m.tokenizer.as_mut().unwrap().chat_template = Some(template("qwen2.5"));
+    let ct = qscript::data::tokenize::ChatTokenizer::for_model(&m).unwrap();
+    let t = qscript::data::tokenize_dataset(&ds, &ct, &qscript::data::TokenizeOptions { max_seq_length: None, ..Default::default() }).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let ex = &t.examples[1];
+    let trained: Vec<u32> = ex.input_ids.iter().zip(&ex.trained).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+    let trained = tok.decode(&trained, false).unwrap();
+    assert!(trained.contains("\"name\": \"open_ticket\""), "{trained}");
+    assert!(trained.contains("I opened ticket 4711 for you."), "{trained}");
+    assert!(!trained.contains("tool_response") && !trained.contains("broken router"), "{trained}");
+}

@@ -91,6 +91,8 @@ pub enum Reason {
     EmptyFile,
     /// A JSON document that is not an array of records (or an object holding one).
     FileStructure,
+    /// A parquet file that cannot be read (corrupt, or a codec this build lacks).
+    Parquet,
 }
 
 impl Reason {
@@ -108,6 +110,7 @@ impl Reason {
             Reason::EmptyConversation => "empty conversation",
             Reason::EmptyFile => "empty file",
             Reason::FileStructure => "unusable file",
+            Reason::Parquet => "unreadable parquet",
         }
     }
 }
@@ -166,7 +169,7 @@ impl LoadReport {
 }
 
 /// `load_dataset(path_or_glob)`: a file, a directory (recursively, every .jsonl / .json / .csv
-/// / .tsv in name order) or a glob pattern.
+/// / .tsv / .parquet in name order) or a glob pattern.
 pub fn load_dataset(spec: &str, opts: &LoadOptions) -> Result<(Dataset, LoadReport)> {
     let (files, ignored) = expand(spec)?;
     let mut l = Loader { opts, report: LoadReport { ignored_files: ignored, ..Default::default() }, rows: Vec::new(), file_format: None };
@@ -186,6 +189,7 @@ enum FileKind {
     Jsonl,
     Json,
     Csv(u8),
+    Parquet,
 }
 
 fn file_kind(p: &Path) -> Option<FileKind> {
@@ -195,6 +199,7 @@ fn file_kind(p: &Path) -> Option<FileKind> {
         "json" => FileKind::Json,
         "csv" => FileKind::Csv(b','),
         "tsv" => FileKind::Csv(b'\t'),
+        "parquet" => FileKind::Parquet,
         _ => return None,
     })
 }
@@ -222,10 +227,10 @@ fn expand(spec: &str) -> Result<(Vec<PathBuf>, usize)> {
     let total = candidates.len();
     let files: Vec<PathBuf> = candidates.into_iter().filter(|f| file_kind(f).is_some()).collect();
     if explicit && files.is_empty() {
-        bail!("{spec}: unsupported file type (expected .jsonl, .json, .csv or .tsv)");
+        bail!("{spec}: unsupported file type (expected .jsonl, .json, .csv, .tsv or .parquet)");
     }
     if files.is_empty() {
-        bail!("{spec}: no .jsonl, .json, .csv or .tsv files");
+        bail!("{spec}: no .jsonl, .json, .csv, .tsv or .parquet files");
     }
     Ok((files.clone(), total - files.len()))
 }
@@ -279,6 +284,7 @@ impl Loader<'_> {
             FileKind::Jsonl => self.jsonl(&name, &bytes)?,
             FileKind::Json => self.json(&name, &bytes)?,
             FileKind::Csv(d) => self.csv(&name, &bytes, d)?,
+            FileKind::Parquet => self.parquet(&name, bytes)?,
         }
         if self.rows.len() + self.report.skipped_total() == before {
             self.fail(&name, err(Reason::EmptyFile, "empty file (no records)"))?;
@@ -449,6 +455,61 @@ impl Loader<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Loader<'_> {
+    /// A parquet file (as `datasets` writes a split): each row as the JSON record it would be
+    /// in a .jsonl export (nested lists and structs as arrays and objects, nulls as null), in
+    /// the file's column order. Codecs: snappy (pyarrow's default), gzip, lz4, uncompressed.
+    fn parquet(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        // The decoder may panic on a corrupt file: that is a bad file, not a crash.
+        let decoded = std::panic::catch_unwind(|| parquet_rows(bytes))
+            .unwrap_or_else(|_| Err("not a readable parquet file: corrupt (the decoder gave up)".into()));
+        let rows = match decoded {
+            Ok(rows) => rows,
+            Err(msg) => return self.fail(name, err(Reason::Parquet, msg)),
+        };
+        for (i, row) in rows.into_iter().enumerate() {
+            match row {
+                Ok(v) => self.record(&format!("{name}: row {i}"), v)?,
+                // A page that cannot be decoded ends the file: later rows are not reachable.
+                Err(msg) => return self.fail(&format!("{name}: row {i}"), err(Reason::Parquet, msg)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rows of a parquet file as JSON, or why the file cannot be opened; a row that cannot be
+/// decoded is the last entry.
+fn parquet_rows(bytes: Vec<u8>) -> Result<Vec<Result<Value, String>>, String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(|e| parquet_msg(&e))?;
+    let mut out = Vec::new();
+    for row in reader.get_row_iter(None).map_err(|e| parquet_msg(&e))? {
+        match row {
+            Ok(r) => out.push(Ok(r.to_json_value())),
+            Err(e) => {
+                out.push(Err(parquet_msg(&e)));
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A parquet error in one line; a codec this build lacks says how to convert.
+fn parquet_msg(e: &parquet::errors::ParquetError) -> String {
+    let s = e.to_string();
+    let s = s.strip_prefix("Parquet error: ").unwrap_or(&s);
+    if let Some(codec) = s.strip_prefix("Disabled feature at compile time: ") {
+        format!(
+            "compressed with {codec}, which qscript does not read (it reads snappy, the `datasets` / pyarrow default, gzip, lz4 and \
+             uncompressed); rewrite it, e.g. pyarrow.parquet.write_table(pyarrow.parquet.read_table(path), path, compression=\"snappy\")"
+        )
+    } else {
+        format!("not a readable parquet file: {s}")
     }
 }
 
