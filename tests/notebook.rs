@@ -166,6 +166,7 @@ fn report_to_tensorboard_writes_event_files_with_the_metrics() {
         Ok(o) if o.status.code() == Some(0) => {
             let text = String::from_utf8_lossy(&o.stdout);
             assert!(text.contains("train/loss 4"), "tensorboard read: {text}");
+            eprintln!("tensorboard read:\n{text}");
         }
         Ok(o) if o.status.code() == Some(3) => eprintln!("tensorboard package not installed; skipped its read"),
         Ok(o) => panic!("tensorboard could not read the events: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
