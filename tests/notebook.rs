@@ -139,7 +139,8 @@ fn report_to_tensorboard_writes_event_files_with_the_metrics() {
     let (tmp, model, data) = fixture();
     let out = tmp.path().join("out");
     let tb = tmp.path().join("tb");
-    let src = train_recipe(&model, &data, &out, "SFTConfig", &format!(r#", report_to: ["tensorboard"], logging_dir: "{}""#, tb.display()));
+    let src = train_recipe(&model, &data, &out, "SFTConfig", &format!(r#", report_to: ["tensorboard"], logging_dir: "{}", eval_strategy: "steps", eval_steps: 2"#, tb.display()))
+        .replace("SFTTrainer(model, data, args)", "SFTTrainer(model, data, args, #{ eval_dataset: data.select(0..4) })");
     let (code, stdout, stderr) = run_script(tmp.path(), &src);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("STEP:4"));
@@ -160,12 +161,20 @@ fn report_to_tensorboard_writes_event_files_with_the_metrics() {
             assert_eq!(v.2, want, "{tag} at step {step}");
         }
     }
+    // Evaluations under eval/, as transformers' TensorBoardCallback tags them.
+    let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 2, "{metrics:?}");
+    for m in evals {
+        let step = m["step"].as_i64().unwrap();
+        let v = got.iter().find(|(s, t, _)| *s == step && t == "eval/loss").unwrap_or_else(|| panic!("eval/loss at step {step}: {got:?}"));
+        assert_eq!(v.2, m["eval_loss"].as_f64().unwrap() as f32);
+    }
     // Opened by the `tensorboard` package itself when it is installed (bench/tensorboard_read.py).
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/tensorboard_read.py");
     match Command::new("python3").arg(&script).arg(&tb).output() {
         Ok(o) if o.status.code() == Some(0) => {
             let text = String::from_utf8_lossy(&o.stdout);
-            assert!(text.contains("train/loss 4"), "tensorboard read: {text}");
+            assert!(text.contains("train/loss 4") && text.contains("eval/loss 2"), "tensorboard read: {text}");
             eprintln!("tensorboard read:\n{text}");
         }
         Ok(o) if o.status.code() == Some(3) => eprintln!("tensorboard package not installed; skipped its read"),
