@@ -11,6 +11,8 @@ pub struct RunLog {
     metrics: File,
     bar: indicatif::ProgressBar,
     tty: bool,
+    /// `report_to: "tensorboard"`: every entry also goes to an event file.
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 impl RunLog {
@@ -36,7 +38,7 @@ impl RunLog {
         } else {
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
-        Ok(Self { metrics, bar, tty })
+        Ok(Self { metrics, bar, tty, tensorboard: None })
     }
 
     /// A line on stderr (above the bar on a terminal).
@@ -49,9 +51,20 @@ impl RunLog {
         self.bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_sec:.0} tok/s"));
     }
 
-    /// Appends an entry to `metrics.jsonl`.
+    /// Appends an entry to `metrics.jsonl` (and to the TensorBoard events, when reporting there).
     pub fn write(&mut self, entry: &Value) -> Result<()> {
         writeln!(self.metrics, "{entry}")?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.entry(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Also write every entry as TensorBoard scalars into a new event file in `dir`.
+    pub fn report_to_tensorboard(&mut self, dir: &Path) -> Result<()> {
+        let w = super::tensorboard::EventWriter::create(dir)?;
+        self.say(&format!("tensorboard: {} (tensorboard --logdir {})", w.path.display(), dir.display()));
+        self.tensorboard = Some(w);
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod record;
 pub mod run_dir;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use args::TrainingArguments;

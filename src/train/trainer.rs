@@ -94,6 +94,9 @@ struct Run {
     /// A finished step whose logging, evaluation, saving and callbacks did not all run (Ctrl-C
     /// came between or inside them): a paused run does the rest first when it resumes.
     pending: Option<AfterStep>,
+    /// The TensorBoard folder of this run (`report_to: "tensorboard"`): a paused run's events go
+    /// on in the same one.
+    tensorboard_dir: Option<PathBuf>,
 }
 
 /// The work after a step, in order: the log entry, `on_log`, the evaluation, `on_evaluate`, the
@@ -209,6 +212,7 @@ impl Run {
 
 fn tokenize(model: &Model, ds: &Dataset, args: &TrainingArguments, what: &str) -> Result<Arc<TokenizedDataset>> {
     let opts = TokenizeOptions { max_seq_length: Some(args.max_seq_length), train_on_inputs: args.train_on_inputs, truncation: Truncation::Truncate };
+    let ds = &ds.with_text_field(&args.dataset_text_field)?;
     let t = tokenize_for_model(ds, model, &opts).with_context(|| format!("{what} dataset"))?;
     eprintln!("{what}: {}", t.report.summary());
     for lint in &t.report.lints {
@@ -263,6 +267,9 @@ impl SftTrainer {
         args.validate()?;
         if model.lora_config.is_none() {
             bail!("SFTTrainer: the model has no LoRA adapters; call get_peft_model(model, LoraConfig(...)) first");
+        }
+        for note in args.notes_for(model)? {
+            eprintln!("{note}");
         }
         let train_data = tokenize(model, train, &args, "train")?;
         let eval_data = match eval {
@@ -365,7 +372,7 @@ impl SftTrainer {
         let mut run = self.setup(model)?;
         let resumed = self.resume(model, &mut run, &resume)?;
         super::run_dir::prepare(&self.args.output_dir, self.args.overwrite_output_dir, resumed)?;
-        let log = self.open_output(&run)?;
+        let log = self.open_output(&mut run)?;
         self.drive(model, run, log, callbacks)
     }
 
@@ -385,7 +392,10 @@ impl SftTrainer {
             self.paused = Some(run);
             bail!("cannot resume: the model's adapters changed since the pause at step {at} (merged, replaced or re-attached)");
         }
-        let log = RunLog::open(&self.args.output_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        let mut log = RunLog::open(&self.args.output_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        if let Some(dir) = &run.tensorboard_dir {
+            log.report_to_tensorboard(dir)?;
+        }
         log.say(&format!("resuming at step {}/{}", run.state.global_step, run.total()));
         (run.tokens, run.loss_sum, run.loss_steps) = (0, 0.0, 0);
         self.drive(model, run, log, callbacks)
@@ -509,8 +519,8 @@ impl SftTrainer {
         if step == 0 {
             bail!("interrupted (Ctrl-C) before the first step finished; no checkpoint was written");
         }
-        let done = run.last_checkpoint.as_ref().is_some_and(|c| c.ends_with(format!("checkpoint-{step}")));
-        let dir = if done { run.last_checkpoint.clone().unwrap_or_default() } else { self.save_checkpoint(model, &mut run)? };
+        let done = !self.args.save_only_model && run.last_checkpoint.as_ref().is_some_and(|c| c.ends_with(format!("checkpoint-{step}")));
+        let dir = if done { run.last_checkpoint.clone().unwrap_or_default() } else { self.save_checkpoint(model, &mut run, true)? };
         run.state.after_step = None;
         self.draw_loss(&run);
         let how = record::resume_command()
@@ -566,6 +576,7 @@ impl SftTrainer {
             last_checkpoint: None,
             best_eval_step: None,
             pending: None,
+            tensorboard_dir: None,
         })
     }
 
@@ -596,14 +607,19 @@ impl SftTrainer {
 
     /// output_dir with the recipe's copy and the manifest, `metrics.jsonl`, the progress bar, and
     /// the line that says what will run.
-    fn open_output(&self, run: &Run) -> Result<RunLog> {
+    fn open_output(&self, run: &mut Run) -> Result<RunLog> {
         let (a, out_dir) = (&self.args, &self.args.output_dir);
         std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
         if let (Some((_, src)), Some(name)) = (&self.recipe, self.recipe_file()) {
             crate::util::fs::write(&out_dir.join(name), src.as_bytes())?;
         }
         crate::util::fs::write(&out_dir.join("manifest.json"), serde_json::to_string_pretty(&run.manifest)?.as_bytes())?;
-        let log = RunLog::open(out_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        let mut log = RunLog::open(out_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        if a.report_to.tensorboard {
+            let dir = a.tensorboard_dir();
+            log.report_to_tensorboard(&dir)?;
+            run.tensorboard_dir = Some(dir);
+        }
         eprintln!(
             "training: {} examples, {} batches/epoch, {} steps (batch {} × accumulation {}), lr {:e} ({:?}, warmup {})",
             self.train_data.len(),
@@ -729,14 +745,16 @@ impl SftTrainer {
         if !(run.due(a.save_strategy, a.save_steps) || stopping) {
             return Ok(None);
         }
-        let dir = self.save_checkpoint(model, run)?;
+        let dir = self.save_checkpoint(model, run, false)?;
         run.last_checkpoint = Some(dir.clone());
         Ok(Some(dir))
     }
 
     /// `checkpoint-<step>` (adapters, optimizer, trainer state, manifest, scheduler), then the
     /// oldest beyond `save_total_limit` pruned, the best one kept.
-    fn save_checkpoint(&self, model: &Model, run: &mut Run) -> Result<PathBuf> {
+    /// `resumable`: with the optimizer state even under `save_only_model` (the checkpoint Ctrl-C
+    /// writes is there to be resumed).
+    fn save_checkpoint(&self, model: &Model, run: &mut Run, resumable: bool) -> Result<PathBuf> {
         let (a, out_dir) = (&self.args, &self.args.output_dir);
         let (step, total, warmup) = (run.state.global_step, run.total(), run.steps.warmup);
         if run.best_eval_step == Some(step) {
@@ -754,6 +772,9 @@ impl SftTrainer {
             },
             &|d: &Path| save_adapter(model, d),
         )?;
+        if a.save_only_model && !resumable {
+            checkpoint::drop_optimizer_state(&dir)?;
+        }
         if let Some(limit) = a.save_total_limit {
             let best = run.state.best_model_checkpoint.as_ref().map(PathBuf::from);
             checkpoint::prune(out_dir, limit.max(1), best.as_deref())?;
