@@ -334,3 +334,20 @@ fn ctrl_c_inside_the_work_after_a_step_is_finished_by_the_resumed_run() {
         }
     }
 }
+
+#[test]
+fn the_checkpoint_ctrl_c_writes_resumes_even_with_save_only_model() {
+    let (tmp, model, data) = fixture();
+    let slow = "on_step_end: |s| { let i = 0; while i < 300000 { i += 1; } }";
+    let r = recipe(tmp.path(), &model, &data, ", save_only_model: true", slow);
+    let (code, err) = interrupt_at(&r, &["--set", "MAX_STEPS=8", "--set", "SAVE_STEPS=2"], 3);
+    assert_eq!(code, 130, "{err}");
+    let at = err.lines().find_map(|l| l.strip_prefix("interrupted at step ")).unwrap_or_else(|| panic!("{err}"));
+    let step: usize = at.split('/').next().unwrap().parse().unwrap();
+    let out = tmp.path().join("out");
+    assert!(out.join(format!("checkpoint-{step}/optimizer.safetensors")).is_file(), "{err}");
+    let (code, _, err) = run(&r, &["--set", "MAX_STEPS=8", "--set", "SAVE_STEPS=2", "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("at step {step}")), "{err}");
+    assert!(!out.join("checkpoint-8/optimizer.safetensors").exists(), "the scheduled checkpoints stay model-only");
+}
