@@ -1,6 +1,7 @@
-//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`, `quantize`.
+//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `chat`, `bench`, `quantize`.
 
 pub mod bench;
+pub mod chat;
 pub mod quantize;
 pub mod repl;
 
@@ -13,7 +14,11 @@ Examples:
   qscript recipes/chat.rhai                     run a recipe
   qscript recipes/chat.rhai --set MAX_NEW_TOKENS=64
                                                 override a recipe's `const MAX_NEW_TOKENS = ...;`
+  qscript recipes/customer_support.rhai --device cpu
+                                                run on the CPU even in a CUDA build (cuda:N: a GPU)
   qscript check recipes/chat.rhai               validate a recipe without loading weights
+  qscript chat HuggingFaceTB/SmolLM2-135M-Instruct --adapter out/adapter
+                                                chat with a model (and a trained adapter)
   qscript                                       open the REPL (same as `qscript repl`)";
 
 #[derive(Parser)]
@@ -36,6 +41,10 @@ struct RunArgs {
     /// Stop a recipe after this many script operations (guards against runaway loops)
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_operations)]
     max_operations: u64,
+    /// Put every load_model of the run on this device: cpu, cuda, cuda:N or auto (default: what
+    /// each load_model says, else auto = the GPU in a CUDA build when one is present)
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -57,6 +66,9 @@ enum Command {
     /// Interactive REPL (history, completion, :help)
     #[command(after_help = "Examples:\n  qscript repl\n  >> let model = load_model(\"HuggingFaceTB/SmolLM2-135M-Instruct\");\n  >> model.chat(\"Hi!\", #{ stream: true })\n  >> :help chat")]
     Repl,
+    /// Chat with a model in the terminal (chat template, streaming, /reset, /system)
+    #[command(after_help = chat::EXAMPLES)]
+    Chat(chat::ChatArgs),
     /// Benchmarks (print JSON lines)
     #[command(after_help = "Examples:\n  qscript bench generate\n  qscript bench generate --model path/to/model --new-tokens 128 --prompt-tokens 512")]
     Bench {
@@ -79,6 +91,7 @@ fn install_ctrlc() {
 }
 
 fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    crate::device::set_override(args.device.as_deref())?;
     let host = Host::for_recipe(path, &Limits { max_operations: args.max_operations });
     host.run_file(path, &args.set)
 }
@@ -117,6 +130,7 @@ pub fn main() -> i32 {
             Ok(())
         })()),
         (Some(Command::Repl), _) | (None, None) => report(repl::run(&cli.run)),
+        (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),
         (None, Some(recipe)) => report(run_recipe(&recipe, &cli.run)),
