@@ -65,7 +65,11 @@ enum Command {
     },
     /// Interactive REPL (history, completion, :help)
     #[command(after_help = "Examples:\n  qscript repl\n  >> let model = load_model(\"HuggingFaceTB/SmolLM2-135M-Instruct\");\n  >> model.chat(\"Hi!\", #{ stream: true })\n  >> :help chat")]
-    Repl,
+    Repl {
+        /// Put every load_model of the session on this device: cpu, cuda, cuda:N or auto
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
+    },
     /// Chat with a model in the terminal (chat template, streaming, /reset, /system)
     #[command(after_help = chat::EXAMPLES)]
     Chat(chat::ChatArgs),
@@ -129,7 +133,8 @@ pub fn main() -> i32 {
             );
             Ok(())
         })()),
-        (Some(Command::Repl), _) | (None, None) => report(repl::run(&cli.run)),
+        (Some(Command::Repl { device }), _) => report(repl::run(&RunArgs { device: device.or(cli.run.device.clone()), ..cli.run.clone() })),
+        (None, None) => report(repl::run(&cli.run)),
         (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),

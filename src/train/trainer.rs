@@ -127,9 +127,7 @@ fn tokenize(model: &Model, ds: &Dataset, args: &TrainingArguments, what: &str) -
     let opts = TokenizeOptions { max_seq_length: Some(args.max_seq_length), train_on_inputs: args.train_on_inputs, truncation: Truncation::Truncate };
     let t = tokenize_for_model(ds, model, &opts).with_context(|| format!("{what} dataset"))?;
     eprintln!("{what}: {}", t.report.summary());
-    for lint in &t.report.lints {
-        eprintln!("{what}: {lint}");
-    }
+    super::logging::print_lints(Some(what), &t.report.lints);
     if t.is_empty() {
         bail!("{what} dataset: no example left to train on after tokenization");
     }
