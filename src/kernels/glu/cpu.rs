@@ -8,45 +8,93 @@ use rayon::prelude::*;
 /// Elements per parallel task of the elementwise kernels.
 const TASK_ELEMS: usize = 32 * 1024;
 
+/// One gate's kernels: the scalar `(act(x), act′(x))` (the reference, and the path without
+/// AVX-512) and the AVX-512 forward `g ← act(g)·u` and backward loops.
+struct Gate {
+    act: fn(f32) -> (f32, f32),
+    #[cfg(target_arch = "x86_64")]
+    fwd512: unsafe fn(&mut [f32], &[f32]),
+    #[cfg(target_arch = "x86_64")]
+    bwd512: unsafe fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]),
+}
+
+const SILU: Gate = Gate {
+    act: silu_grad,
+    #[cfg(target_arch = "x86_64")]
+    fwd512: mul512::<false>,
+    #[cfg(target_arch = "x86_64")]
+    bwd512: bwd512::<false>,
+};
+
+const GELU_TANH: Gate = Gate {
+    act: gelu_tanh_grad,
+    #[cfg(target_arch = "x86_64")]
+    fwd512: mul512::<true>,
+    #[cfg(target_arch = "x86_64")]
+    bwd512: bwd512::<true>,
+};
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+impl Gate {
+    /// `g ← act(g) · u`, parallel over chunks.
+    fn mul_inplace(&self, g: &mut [f32], u: &[f32]) {
+        assert_eq!(g.len(), u.len(), "gated activation: {} gate vs {} up elements", g.len(), u.len());
+        let serial = |g: &mut [f32], u: &[f32]| {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512() {
+                // SAFETY: the CPU supports AVX-512F.
+                return unsafe { (self.fwd512)(g, u) };
+            }
+            for (gv, uv) in g.iter_mut().zip(u) {
+                *gv = (self.act)(*gv).0 * uv;
+            }
+        };
+        if g.len() <= TASK_ELEMS {
+            return serial(g, u);
+        }
+        g.par_chunks_mut(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)).for_each(|(g, u)| serial(g, u));
+    }
+
+    /// Backward: `dg = dh·u·act′(g)`, `du = dh·act(g)`.
+    fn backward(&self, g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        const TASK: usize = 16 * 1024;
+        assert!(u.len() == g.len() && dh.len() == g.len(), "gated activation backward: {} / {} / {} elements", g.len(), u.len(), dh.len());
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        dg.par_chunks_mut(TASK)
+            .zip(du.par_chunks_mut(TASK))
+            .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)).zip(dh.par_chunks(TASK)))
+            .for_each(|((dg, du), ((g, u), dh))| {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512() {
+                    // SAFETY: the CPU supports AVX-512F.
+                    return unsafe { (self.bwd512)(g, u, dh, dg, du) };
+                }
+                for i in 0..dg.len() {
+                    let (y, dy) = (self.act)(g[i]);
+                    dg[i] = dh[i] * u[i] * dy;
+                    du[i] = dh[i] * y;
+                }
+            });
+        (dg, du)
+    }
+}
+
 /// `g ← silu(g) · u = g / (1 + e^(−g)) · u`, parallel over chunks.
 pub fn silu_mul_inplace(g: &mut [f32], u: &[f32]) {
-    assert_eq!(g.len(), u.len(), "silu·mul: {} gate vs {} up elements", g.len(), u.len());
-    if g.len() <= TASK_ELEMS {
-        return silu_mul_serial(g, u);
-    }
-    g.par_chunks_mut(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)).for_each(|(g, u)| silu_mul_serial(g, u));
+    SILU.mul_inplace(g, u)
 }
 
-fn silu_mul_serial(g: &mut [f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { silu_mul_avx512(g, u) };
-        }
-    }
-    for (gv, uv) in g.iter_mut().zip(u) {
-        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = g.len().min(u.len());
-    let (pg, pu) = (g.as_mut_ptr(), u.as_ptr());
-    let one = _mm512_set1_ps(1.0);
-    let mut i = 0;
-    while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        let gv = _mm512_maskz_loadu_ps(m, pg.add(i));
-        let uv = _mm512_maskz_loadu_ps(m, pu.add(i));
-        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        let y = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv);
-        _mm512_mask_storeu_ps(pg.add(i), m, y);
-        i += 16;
-    }
+/// `(silu(x), silu′(x))`, `silu′ = σ(x)·(1 + x·(1 − σ(x)))`.
+pub fn silu_grad(x: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-x).exp());
+    (x / (1.0 + (-x).exp()), s * (1.0 + x * (1.0 - s)))
 }
 
 /// SwiGLU forward `silu(g)·u` into a new buffer.
@@ -58,49 +106,7 @@ pub fn swiglu_fwd(g: &[f32], u: &[f32]) -> Vec<f32> {
 
 /// SwiGLU backward: `dg = dh·u·σ(g)(1 + g(1 − σ(g)))`, `du = dh·g·σ(g)`.
 pub fn swiglu_bwd(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    const TASK: usize = 16 * 1024;
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(TASK)
-        .zip(du.par_chunks_mut(TASK))
-        .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)).zip(dh.par_chunks(TASK)))
-        .for_each(|((dg, du), ((g, u), dh))| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F.
-                    return unsafe { swiglu_bwd_avx512(g, u, dh, dg, du) };
-                }
-            }
-            for i in 0..dg.len() {
-                let s = 1.0 / (1.0 + (-g[i]).exp());
-                dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                du[i] = dh[i] * g[i] * s;
-            }
-        });
-    (dg, du)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn swiglu_bwd_avx512(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = g.len();
-    let one = _mm512_set1_ps(1.0);
-    let mut i = 0;
-    while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
-        let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
-        let hv = _mm512_maskz_loadu_ps(m, dh.as_ptr().add(i));
-        let s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        let gs = _mm512_mul_ps(gv, s);
-        // dsilu = s·(1 + g·(1 − s)) = s + gs·(1 − s)
-        let dsilu = _mm512_fmadd_ps(gs, _mm512_sub_ps(one, s), s);
-        _mm512_mask_storeu_ps(dg.as_mut_ptr().add(i), m, _mm512_mul_ps(_mm512_mul_ps(hv, uv), dsilu));
-        _mm512_mask_storeu_ps(du.as_mut_ptr().add(i), m, _mm512_mul_ps(hv, gs));
-        i += 16;
-    }
+    SILU.backward(g, u, dh)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -130,55 +136,7 @@ pub fn gelu_tanh_grad(x: f32) -> (f32, f32) {
 
 /// `g ← gelu_tanh(g) · u`, parallel over chunks.
 pub fn gelu_mul_inplace(g: &mut [f32], u: &[f32]) {
-    assert_eq!(g.len(), u.len(), "gelu·mul: {} gate vs {} up elements", g.len(), u.len());
-    if g.len() <= TASK_ELEMS {
-        return gelu_mul_serial(g, u);
-    }
-    g.par_chunks_mut(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)).for_each(|(g, u)| gelu_mul_serial(g, u));
-}
-
-fn gelu_mul_serial(g: &mut [f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { gelu_mul_avx512(g, u) };
-        }
-    }
-    for (gv, uv) in g.iter_mut().zip(u) {
-        *gv = gelu_tanh(*gv) * uv;
-    }
-}
-
-/// 16 lanes of `(σ(z), z′)` for the tanh GELU at `x`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn gelu_sigma512(x: std::arch::x86_64::__m512) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
-    use std::arch::x86_64::*;
-    let (one, k, a) = (_mm512_set1_ps(1.0), _mm512_set1_ps(GELU_K), _mm512_set1_ps(GELU_A));
-    let x2 = _mm512_mul_ps(x, x);
-    let z = _mm512_mul_ps(_mm512_mul_ps(k, x), _mm512_fmadd_ps(a, x2, one));
-    let s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), z))));
-    let dz = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_set1_ps(3.0 * GELU_A), x2, one));
-    (s, dz)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_mul_avx512(g: &mut [f32], u: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = g.len().min(u.len());
-    let (pg, pu) = (g.as_mut_ptr(), u.as_ptr());
-    let mut i = 0;
-    while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        let gv = _mm512_maskz_loadu_ps(m, pg.add(i));
-        let uv = _mm512_maskz_loadu_ps(m, pu.add(i));
-        let (s, _) = gelu_sigma512(gv);
-        _mm512_mask_storeu_ps(pg.add(i), m, _mm512_mul_ps(_mm512_mul_ps(gv, s), uv));
-        i += 16;
-    }
+    GELU_TANH.mul_inplace(g, u)
 }
 
 /// GeGLU forward `gelu_tanh(g)·u` into a new buffer.
@@ -190,47 +148,79 @@ pub fn geglu_fwd(g: &[f32], u: &[f32]) -> Vec<f32> {
 
 /// GeGLU backward: `dg = dh·u·gelu_tanh′(g)`, `du = dh·gelu_tanh(g)`.
 pub fn geglu_bwd(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    const TASK: usize = 16 * 1024;
-    assert!(u.len() == g.len() && dh.len() == g.len(), "geglu backward: {} / {} / {} elements", g.len(), u.len(), dh.len());
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(TASK)
-        .zip(du.par_chunks_mut(TASK))
-        .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)).zip(dh.par_chunks(TASK)))
-        .for_each(|((dg, du), ((g, u), dh))| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F.
-                    return unsafe { geglu_bwd_avx512(g, u, dh, dg, du) };
-                }
-            }
-            for i in 0..dg.len() {
-                let (y, dy) = gelu_tanh_grad(g[i]);
-                dg[i] = dh[i] * u[i] * dy;
-                du[i] = dh[i] * y;
-            }
-        });
-    (dg, du)
+    GELU_TANH.backward(g, u, dh)
 }
 
+// ------------------------------------------------------------------------------------------
+// AVX-512: both gates are `x·σ(z)` — SiLU with `z = x`, the tanh GELU with
+// `z = K·x·(1 + A·x²)` — so one loop serves both; `GELU` picks z (and, for SiLU, the exact
+// operation order its kernels always had).
+
+/// 16 lanes of `(σ(z), z′)` at `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn geglu_bwd_avx512(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) {
+#[inline]
+unsafe fn sigma512<const GELU: bool>(x: std::arch::x86_64::__m512) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let one = _mm512_set1_ps(1.0);
+    if !GELU {
+        return (_mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))), one);
+    }
+    let (k, a) = (_mm512_set1_ps(GELU_K), _mm512_set1_ps(GELU_A));
+    let x2 = _mm512_mul_ps(x, x);
+    let z = _mm512_mul_ps(_mm512_mul_ps(k, x), _mm512_fmadd_ps(a, x2, one));
+    let s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+    let dz = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_set1_ps(3.0 * GELU_A), x2, one));
+    (s, dz)
+}
+
+/// The lanes of `i..` (a partial mask at the tail).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn lanes(n: usize, i: usize) -> std::arch::x86_64::__mmask16 {
+    if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as std::arch::x86_64::__mmask16 }
+}
+
+/// `g ← x·σ(z)·u` with `x = g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn mul512<const GELU: bool>(g: &mut [f32], u: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = g.len().min(u.len());
+    let (pg, pu) = (g.as_mut_ptr(), u.as_ptr());
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let m = lanes(n, i);
+        let gv = _mm512_maskz_loadu_ps(m, pg.add(i));
+        let uv = _mm512_maskz_loadu_ps(m, pu.add(i));
+        let y = if GELU {
+            _mm512_mul_ps(gv, sigma512::<true>(gv).0)
+        } else {
+            _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))))
+        };
+        _mm512_mask_storeu_ps(pg.add(i), m, _mm512_mul_ps(y, uv));
+        i += 16;
+    }
+}
+
+/// `dg = dh·u·act′(g)`, `du = dh·act(g)` with `act′ = s + x·s·(1 − s)·z′`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bwd512<const GELU: bool>(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = g.len();
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        let m = lanes(n, i);
         let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
         let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
         let hv = _mm512_maskz_loadu_ps(m, dh.as_ptr().add(i));
-        let (s, dz) = gelu_sigma512(gv);
+        let (s, dz) = sigma512::<GELU>(gv);
         let gs = _mm512_mul_ps(gv, s);
-        // gelu′ = s + gs·(1 − s)·z′
-        let dgelu = _mm512_fmadd_ps(_mm512_mul_ps(gs, _mm512_sub_ps(one, s)), dz, s);
-        _mm512_mask_storeu_ps(dg.as_mut_ptr().add(i), m, _mm512_mul_ps(_mm512_mul_ps(hv, uv), dgelu));
+        let dact = if GELU { _mm512_fmadd_ps(_mm512_mul_ps(gs, _mm512_sub_ps(one, s)), dz, s) } else { _mm512_fmadd_ps(gs, _mm512_sub_ps(one, s), s) };
+        _mm512_mask_storeu_ps(dg.as_mut_ptr().add(i), m, _mm512_mul_ps(_mm512_mul_ps(hv, uv), dact));
         _mm512_mask_storeu_ps(du.as_mut_ptr().add(i), m, _mm512_mul_ps(hv, gs));
         i += 16;
     }
