@@ -229,3 +229,16 @@ fn completion_after_a_dot_offers_the_types_methods() {
     let (_, c) = h.candidates("load_d", 6);
     assert_eq!(c, ["load_dataset"]);
 }
+
+#[test]
+fn a_dataset_prints_its_size_kind_and_other_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two files of two formats: a folder loads both.
+    let data = tmp.path().join("d");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("a.jsonl"), "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}], \"id\": 1, \"topic\": \"x\"}\n").unwrap();
+    std::fs::write(data.join("b.jsonl"), "{\"text\": \"plain\", \"id\": 2}\n").unwrap();
+    let host = Host::new(None, &Limits::default());
+    let shown = host.engine.eval::<String>(&format!("load_dataset(\"{}\").to_string()", data.display())).unwrap();
+    assert_eq!(shown, "Dataset(2 records: 1 conversations, 1 texts; other fields: id, topic)");
+}

@@ -120,16 +120,21 @@ static NOTES_SAID: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
 /// every time, notes once per process.
 pub fn print_lints(what: Option<&str>, lints: &[Lint]) {
     let mut said = NOTES_SAID.lock().unwrap_or_else(|e| e.into_inner());
-    let said = said.get_or_insert_with(HashSet::new);
-    for l in lints {
-        if l.is_note() && !said.insert(l.kind) {
-            continue;
-        }
-        match what {
-            Some(w) => eprintln!("{w}: {l}"),
-            None => eprintln!("{l}"),
-        }
+    for line in lint_lines(said.get_or_insert_with(HashSet::new), what, lints) {
+        eprintln!("{line}");
     }
+}
+
+/// The lines [`print_lints`] prints; the notes among them are added to `said`.
+fn lint_lines(said: &mut HashSet<&'static str>, what: Option<&str>, lints: &[Lint]) -> Vec<String> {
+    lints
+        .iter()
+        .filter(|l| !l.is_note() || said.insert(l.kind))
+        .map(|l| match what {
+            Some(w) => format!("{w}: {l}"),
+            None => l.to_string(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -149,10 +154,12 @@ mod tests {
 
     #[test]
     fn notes_are_said_once() {
-        let note = Lint { kind: "pad-is-eos", message: "m".into(), count: 0, examples: vec![] };
-        assert!(note.to_string().starts_with("note: "), "{note}");
-        print_lints(Some("train"), std::slice::from_ref(&note));
-        let said = NOTES_SAID.lock().unwrap();
-        assert!(said.as_ref().unwrap().contains("pad-is-eos"));
+        let note = Lint { kind: "no-pad-token", message: "m".into(), count: 0, examples: vec![] };
+        let warn = Lint { kind: "end-not-eos", message: "w".into(), count: 0, examples: vec![] };
+        assert!(note.to_string().starts_with("note: ") && warn.to_string().starts_with("warning [end-not-eos]: "), "{note} / {warn}");
+        let (both, mut said) = ([note, warn], HashSet::new());
+        assert_eq!(lint_lines(&mut said, Some("train"), &both), ["train: note: m", "train: warning [end-not-eos]: w"]);
+        // The eval set (or the next dataset) repeats the warning, not the note.
+        assert_eq!(lint_lines(&mut said, Some("eval"), &both), ["eval: warning [end-not-eos]: w"]);
     }
 }
