@@ -6,6 +6,7 @@ pub mod config;
 pub mod data_api;
 pub mod display_api;
 pub mod generate_api;
+pub mod key_order;
 pub mod lora_api;
 pub mod model_api;
 pub mod quant_api;
@@ -117,6 +118,7 @@ impl Host {
             .set_max_modules(256)
             .set_max_variables(10_000)
             .set_max_functions(10_000);
+        key_order::install(&mut engine);
         let max_ops = limits.max_operations;
         engine.on_progress(move |ops| {
             if crate::CANCEL.load(Ordering::Relaxed) {

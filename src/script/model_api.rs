@@ -148,7 +148,7 @@ pub fn messages_from_dynamic(v: &Dynamic) -> anyhow::Result<Vec<serde_json::Valu
             if !map.contains_key("content") && !map.contains_key("tool_calls") {
                 anyhow::bail!("message {i} needs `content`");
             }
-            rhai::serde::from_dynamic::<serde_json::Value>(m).map_err(|e| anyhow::anyhow!("message {i}: {e}"))
+            super::key_order::to_json(m).map_err(|e| anyhow::anyhow!("message {i}: {e}"))
         })
         .collect()
 }
@@ -376,7 +376,7 @@ fn apply_chat_template(m: &ModelHandle, msgs: Dynamic, opts: Map) -> Result<Dyna
     let mut extra = serde_json::Map::new();
     for k in ["tools", "date_string"] {
         if let Some(v) = cfg.get(k) {
-            extra.insert(k.into(), rt(rhai::serde::from_dynamic(v).map_err(|e| anyhow::anyhow!("`{k}`: {e}")))?);
+            extra.insert(k.into(), rt(super::key_order::to_json(v).map_err(|e| anyhow::anyhow!("`{k}`: {e}")))?);
         }
     }
     let text = rt(m.render_chat(&messages, cfg.bool("add_generation_prompt").unwrap_or(false), &extra))?;

@@ -82,6 +82,13 @@ pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) ->
     Ok(final_dir)
 }
 
+/// `save_only_model`: the checkpoint keeps its adapter and trainer state, not the optimizer's
+/// moments (a third of a LoRA checkpoint's size, twice the adapter's); it cannot be resumed.
+pub fn drop_optimizer_state(dir: &Path) -> Result<()> {
+    let p = dir.join(OPTIMIZER_FILE);
+    std::fs::remove_file(&p).with_context(|| format!("{}: cannot remove", p.display()))
+}
+
 /// `checkpoint-N` directories of `output_dir`, oldest first.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
@@ -133,6 +140,9 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(STATE_FILE).display()))?;
     let manifest: Manifest = serde_json::from_value(read_json(MANIFEST_FILE)?)
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(MANIFEST_FILE).display()))?;
+    if !dir.join(OPTIMIZER_FILE).exists() && dir.join(STATE_FILE).exists() {
+        bail!("{}: saved with save_only_model: true (no optimizer state), so it cannot be resumed; load its adapter instead", dir.display());
+    }
     let (optimizer_step, params) = read_optimizer(&dir.join(OPTIMIZER_FILE))?;
     Ok(Loaded { dir: dir.to_path_buf(), state, manifest, optimizer_step, params })
 }

@@ -18,6 +18,8 @@ pub struct RunLog {
     bar: indicatif::ProgressBar,
     tty: bool,
     clock: Clock,
+    /// `report_to: "tensorboard"`: every entry also goes to an event file.
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 /// Steps done in this process and when they began, for elapsed time and ETA.
@@ -70,7 +72,7 @@ impl RunLog {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_position(start_step as u64);
-        Ok(Self { metrics, bar, tty, clock: Clock::new(start_step, total) })
+        Ok(Self { metrics, bar, tty, clock: Clock::new(start_step, total), tensorboard: None })
     }
 
     /// A line on stderr: above the bar on a terminal; else with elapsed time and ETA.
@@ -92,9 +94,20 @@ impl RunLog {
         self.bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_sec:.0} tok/s"));
     }
 
-    /// Appends an entry to `metrics.jsonl`.
+    /// Appends an entry to `metrics.jsonl` (and to the TensorBoard events, when reporting there).
     pub fn write(&mut self, entry: &Value) -> Result<()> {
         writeln!(self.metrics, "{entry}")?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.entry(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Also write every entry as TensorBoard scalars into a new event file in `dir`.
+    pub fn report_to_tensorboard(&mut self, dir: &Path) -> Result<()> {
+        let w = super::tensorboard::EventWriter::create(dir)?;
+        self.say(&format!("tensorboard: {} (tensorboard --logdir {})", w.path.display(), dir.display()));
+        self.tensorboard = Some(w);
         Ok(())
     }
 
