@@ -102,8 +102,18 @@ pub struct Lint {
     pub examples: Vec<usize>,
 }
 
+impl Lint {
+    /// A fact worth knowing that asks for no action (printed once, as a note).
+    pub fn is_note(&self) -> bool {
+        matches!(self.kind, "pad-is-eos" | "no-pad-token" | "template-rewrites-turns")
+    }
+}
+
 impl std::fmt::Display for Lint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_note() {
+            return write!(f, "note: {}", self.message);
+        }
         write!(f, "warning [{}]: {}", self.kind, self.message)?;
         if !self.examples.is_empty() {
             let list: Vec<String> = self.examples.iter().map(|i| i.to_string()).collect();
@@ -519,7 +529,7 @@ fn pad_id(ct: &ChatTokenizer, lints: &mut Vec<Lint>) -> u32 {
     };
     lints.push(Lint {
         kind: "no-pad-token",
-        message: format!("the tokenizer has no pad token; padding with {what} (padding is masked by attention_mask, never trained)"),
+        message: format!("the tokenizer has no pad token, so batches are padded with {what}. Nothing to do: padding is never trained on"),
         count: 0,
         examples: vec![],
     });
@@ -631,8 +641,8 @@ fn token_lints(ct: &ChatTokenizer, enc: &Encoder, pad_id: u32, end_ids: &BTreeMa
         out.push(Lint {
             kind: "pad-is-eos",
             message: format!(
-                "the pad token is the end-of-turn token `{}`: qscript masks padding by position (attention_mask / segment 0), so end-of-turn labels stay trained here, \
-                 but a collator that sets labels to -100 wherever input == pad would hide them from the loss",
+                "the pad token is the end-of-turn token `{}`. Nothing to do: qscript tells padding apart by position, so the model still \
+                 learns to end its turns (a Python collator that masks every pad-token id would hide them)",
                 name(pad_id)
             ),
             count: 0,

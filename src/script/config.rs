@@ -209,9 +209,10 @@ impl Cfg<'_> {
 pub static LOAD_MODEL: Schema = Schema {
     name: "load_model options",
     keys: &[
-        key("dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"]), "compute dtype of the weights (default float32)"),
-        key("torch_dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"]), "transformers' name for `dtype`"),
-        key("device", Ty::Str, "\"cpu\", \"cuda\", \"cuda:N\" or \"auto\" (the GPU when built with `--features cuda` and one is present)"),
+        key("dtype", Ty::OneOf(DTYPES_AUTO), "compute dtype of the weights (default \"auto\": bfloat16 on a GPU, float32 on the CPU)"),
+        key("torch_dtype", Ty::OneOf(DTYPES_AUTO), "transformers' name for `dtype`"),
+        key("device", Ty::Str, "\"auto\" (default: the GPU when built with `--features cuda` and one is present, else the CPU), \"cpu\", \"cuda\" or \"cuda:N\"; `qscript --device` overrides it"),
+        key("device_map", Ty::Any, "transformers' spelling: \"auto\", \"cpu\", \"cuda:N\" or a GPU index (the whole model goes to one device)"),
         key("revision", Ty::Str, "hub revision (branch, tag or commit)"),
         key("quantization_config", Ty::Any, "BitsAndBytesConfig(#{ load_in_4bit: true, ... }) (or its map): decoder linears in 4 bits"),
     ],
@@ -337,7 +338,8 @@ pub static LORA_CONFIG: Schema = Schema {
     ],
 };
 
-const DTYPES: &[&str] = &["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"];
+/// A dtype, or "auto": the device's (bfloat16 on a GPU, float32 on the CPU).
+const DTYPES_AUTO: &[&str] = &["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"];
 
 pub static BNB_CONFIG: Schema = Schema {
     name: "BitsAndBytesConfig",
@@ -346,7 +348,7 @@ pub static BNB_CONFIG: Schema = Schema {
         key("load_in_8bit", Ty::Bool, "8-bit LLM.int8() is not supported"),
         key("bnb_4bit_quant_type", Ty::OneOf(&["nf4", "fp4"]), "4-bit data type (default \"fp4\", as transformers; QLoRA uses \"nf4\")"),
         key("bnb_4bit_use_double_quant", Ty::Bool, "quantize the absmax statistics too (default false)"),
-        key("bnb_4bit_compute_dtype", Ty::OneOf(DTYPES), "dtype the 4-bit weights are dequantized to for matmuls (default float32)"),
+        key("bnb_4bit_compute_dtype", Ty::OneOf(DTYPES_AUTO), "dtype the 4-bit weights are dequantized to for matmuls (default \"auto\": bfloat16 on a GPU, float32 on the CPU)"),
         key("bnb_4bit_quant_storage", Ty::OneOf(&["uint8", "float32", "bfloat16", "float16"]), "dtype the packed weights are saved as (default uint8)"),
         key("llm_int8_skip_modules", Ty::StrOrList, "modules kept unquantized: names (\"down_proj\"), paths or prefixes (\"model.layers.0\")"),
     ],

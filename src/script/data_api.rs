@@ -178,9 +178,7 @@ fn tokenized(ds: &DatasetHandle, model: &ModelHandle, opts: &Map) -> Result<Toke
     let t = crate::data::tokenize_dataset(&ds.0, &ct, &to)?;
     if !quiet() {
         eprintln!("{}", t.report.summary());
-        for l in &t.report.lints {
-            eprintln!("{l}");
-        }
+        crate::train::logging::print_lints(None, &t.report.lints);
     }
     Ok(TokenizedHandle(Arc::new(t)))
 }
@@ -265,13 +263,22 @@ fn batches(t: &TokenizedHandle, opts: &Map) -> Result<Array> {
     Ok(it.epoch(epoch).iter().map(|b| Dynamic::from(batch_to_map(b))).collect())
 }
 
+/// `Dataset(206 conversations; other fields: category, id)`: the size, what the records are, and
+/// the source fields no format consumed (what `filter` / `map` also see).
 fn describe(ds: &Dataset) -> String {
     let (conv, text) = ds.kinds();
-    match (conv, text) {
-        (_, 0) => format!("Dataset({} conversations)", conv),
-        (0, _) => format!("Dataset({} texts)", text),
-        _ => format!("Dataset({} records: {conv} conversations, {text} texts)", ds.len()),
+    let what = match (conv, text) {
+        (_, 0) => format!("{conv} conversations"),
+        (0, _) => format!("{text} texts"),
+        _ => format!("{} records: {conv} conversations, {text} texts", ds.len()),
+    };
+    let fields: std::collections::BTreeSet<&str> = ds.rows.iter().flat_map(|r| r.extra.keys().map(String::as_str)).collect();
+    let mut names: Vec<&str> = fields.iter().copied().take(8).collect();
+    if fields.len() > names.len() {
+        names.push("...");
     }
+    let other = if names.is_empty() { String::new() } else { format!("; other fields: {}", names.join(", ")) };
+    format!("Dataset({what}{other})")
 }
 
 pub fn register(api: &mut Api) {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data_api;
+pub mod display_api;
 pub mod generate_api;
 pub mod key_order;
 pub mod lora_api;
@@ -145,6 +146,7 @@ impl Host {
             quant_api::register(&mut api);
             train_api::register(&mut api);
             data_api::register(&mut api);
+            display_api::register(&mut api);
         }
         Self { engine, docs }
     }

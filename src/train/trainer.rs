@@ -215,9 +215,7 @@ fn tokenize(model: &Model, ds: &Dataset, args: &TrainingArguments, what: &str) -
     let ds = &ds.with_text_field(&args.dataset_text_field)?;
     let t = tokenize_for_model(ds, model, &opts).with_context(|| format!("{what} dataset"))?;
     eprintln!("{what}: {}", t.report.summary());
-    for lint in &t.report.lints {
-        eprintln!("{what}: {lint}");
-    }
+    super::logging::print_lints(Some(what), &t.report.lints);
     if t.is_empty() {
         bail!("{what} dataset: no example left to train on after tokenization");
     }

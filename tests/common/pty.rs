@@ -124,6 +124,20 @@ impl Pty {
         }
     }
 
+    /// Waits until the transcript holds `n` more characters than what `expect` consumed (output
+    /// still coming); false if it did not within `secs`.
+    pub fn output_beyond(&mut self, n: usize, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.transcript.len() < self.seen + n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.pump(left.min(Duration::from_millis(200)));
+        }
+        true
+    }
+
     /// Types `s` (a line needs its own "\r", as the Enter key sends).
     pub fn send(&mut self, s: &str) {
         self.master.write_all(s.as_bytes()).unwrap();
