@@ -17,8 +17,8 @@ pub enum BenchCommand {
         /// A random-weight model of this shape instead of --model: smollm2-135m, llama-3.2-1b, llama-3.2-3b
         #[arg(long)]
         shape: Option<String>,
-        /// cpu, cuda, cuda:N or auto
-        #[arg(long, default_value = "cpu")]
+        /// cpu, cuda, cuda:N or auto (the GPU when this build has CUDA and one is present)
+        #[arg(long, default_value = "auto")]
         device: String,
         /// Compute dtype (default: float32 on the CPU, bfloat16 on CUDA)
         #[arg(long)]
@@ -72,8 +72,8 @@ pub enum BenchCommand {
     /// NF4 dequantization (bs 64, double quant) to bf16, and on CUDA the fused 4-bit GEMV
     #[command(after_help = "Examples:\n  qscript bench dequant --device cuda --rows 8192 --cols 3072\n\nGB/s counts 0.5 B read + 2 B written per weight (the Python reference's convention).")]
     Dequant {
-        /// cpu or cuda (CUDA device 0)
-        #[arg(long, default_value = "cpu")]
+        /// cpu, cuda, cuda:N or auto (the GPU when this build has CUDA and one is present)
+        #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long, default_value_t = 8192)]
         rows: usize,
