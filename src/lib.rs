@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod export;
 pub mod device;
 pub mod generate;
 pub mod kernels;

@@ -18,7 +18,8 @@ pub struct GgufModel {
     pub config: Config,
     /// f32 tensors on the CPU, keyed by HF names.
     pub tensors: HashMap<String, Tensor>,
-    pub tokenizer: Tokenizer,
+    /// `None` for a file without a vocabulary (`tokenizer.ggml.model = none`).
+    pub tokenizer: Option<Tokenizer>,
     /// generation_config.json equivalent (bos/eos/pad ids).
     pub generation_config: serde_json::Value,
 }
@@ -37,7 +38,10 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     let md = Meta(&content.metadata);
     let config_json = config_json(&content, &mut file).map_err(at)?;
     let config = Config::from_json(&config_json).map_err(at)?;
-    let tokenizer = Tokenizer::from_gguf_vocab(&vocab(&md, Some(config.max_position_embeddings)).map_err(at)?).map_err(at)?;
+    let tokenizer = match has_vocab(&md).map_err(at)? {
+        true => Some(Tokenizer::from_gguf_vocab(&vocab(&md, Some(config.max_position_embeddings)).map_err(at)?).map_err(at)?),
+        false => None,
+    };
     let tensors = hf_tensors(&content, &mut file, &config_json).map_err(at)?;
     let embed = tensors
         .get(&names::weight_key(names::EMBED_TOKENS))
@@ -140,7 +144,10 @@ pub fn convert_to_hf_dir(gguf: &Path, out: &Path) -> Result<()> {
         super::save::write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
         fs::write(&tmp.join("config.json"), pretty(&model.config_json)?.as_bytes())?;
         fs::write(&tmp.join("generation_config.json"), pretty(&model.generation_config)?.as_bytes())?;
-        model.tokenizer.save(tmp)
+        match &model.tokenizer {
+            Some(t) => t.save(tmp),
+            None => Ok(()),
+        }
     })?;
     anyhow::ensure!(out.join("config.json").is_file(), "{}: cannot move converted model into place: the directory exists", out.display());
     Ok(())
@@ -308,7 +315,11 @@ fn config_json(content: &Content, file: &mut std::fs::File) -> Result<Value> {
     }
     let vocab_size = match h.opt("vocab_size")? {
         Some(n) => n,
-        None => md.array("tokenizer.ggml.tokens")?.map(Vec::len).with_context(|| format!("missing GGUF keys `{}` and `tokenizer.ggml.tokens`", h.key("vocab_size")))?,
+        // A file without a vocabulary: the embedding's rows.
+        None => match md.array("tokenizer.ggml.tokens")? {
+            Some(t) => t.len(),
+            None => content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).with_context(|| format!("missing GGUF keys `{}` and `tokenizer.ggml.tokens`", h.key("vocab_size")))?,
+        },
     };
     let eps_key = "attention.layer_norm_rms_epsilon";
     let has = |n: &str| content.tensor_infos.contains_key(n);
@@ -552,6 +563,12 @@ fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_
     }
     Ok(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
               "original_max_position_embeddings": old as usize}))
+}
+
+/// Whether the file has a vocabulary: llama.cpp's converter writes `tokenizer.ggml.model =
+/// none` (`no_vocab`) for a model without one.
+fn has_vocab(md: &Meta) -> Result<bool> {
+    Ok(!matches!(md.str("tokenizer.ggml.model")?, Some("none" | "no_vocab")))
 }
 
 /// The `tokenizer.*` metadata of a GGUF file.

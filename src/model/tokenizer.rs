@@ -168,31 +168,8 @@ impl Tokenizer {
             );
         }
         let pre = v.pre.as_deref().unwrap_or("default");
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
-        // Each llama.cpp `pre` names a pre-tokenizer regex; only those we reproduce exactly.
-        let (pre_tokenizer, ignore_merges) = match pre {
-            "smollm" => (
-                json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-                false,
-            ),
-            "gpt2" | "default" => (byte_level(true), false),
-            "llama-bpe" | "llama3" => (
-                json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-                    byte_level(false)]}),
-                true,
-            ),
-            // Qwen2, Qwen2.5, Qwen3: Llama-3's split with single digits.
-            "qwen2" => (
-                json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
-                    byte_level(false)]}),
-                false,
-            ),
-            other => bail!("GGUF tokenizer pre-tokenizer `tokenizer.ggml.pre = {other}` is not supported yet (supported: smollm, gpt2, llama-bpe, qwen2)"),
+        let Some((pre_tokenizer, ignore_merges)) = pre_tokenizer_json(pre) else {
+            bail!("GGUF tokenizer pre-tokenizer `tokenizer.ggml.pre = {pre}` is not supported yet (supported: {})", GGUF_PRES.join(", "))
         };
         let n = v.tokens.len();
         let mut vocab = Map::with_capacity(n);
@@ -293,6 +270,99 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) qscript reproduces exactly.
+const GGUF_PRES: [&str; 5] = ["smollm", "gpt2", "default", "llama-bpe", "qwen2"];
+
+/// The HF pre-tokenizer (and the BPE's `ignore_merges`) that llama.cpp's pre-tokenizer `pre`
+/// stands for; `None` for a name qscript does not reproduce.
+fn pre_tokenizer_json(pre: &str) -> Option<(Value, bool)> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    Some(match pre {
+        "smollm" => (json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}), false),
+        "gpt2" | "default" => (byte_level(true), false),
+        "llama-bpe" | "llama3" => (json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}), true),
+        // Qwen2, Qwen2.5, Qwen3: Llama-3's split with single digits.
+        "qwen2" => (json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}), false),
+        _ => return None,
+    })
+}
+
+/// A pre-tokenizer's JSON without what does not change the split (`trim_offsets` only moves
+/// offsets), for comparing a tokenizer.json's with [`pre_tokenizer_json`]'s.
+fn split_behaviour(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().filter(|(k, _)| *k != "trim_offsets").map(|(k, v)| (k.clone(), split_behaviour(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(split_behaviour).collect()),
+        v => v.clone(),
+    }
+}
+
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_UNUSED: i32 = 5;
+
+impl Tokenizer {
+    /// The GGUF vocabulary llama.cpp's converter writes for this tokenizer (byte-level BPE,
+    /// `tokenizer.ggml.model = gpt2`), padded with unused `[PAD<i>]` tokens to `vocab_size`
+    /// rows; the inverse of [`Tokenizer::from_gguf_vocab`]. Other tokenizers are an error
+    /// naming what is missing.
+    pub fn to_gguf_vocab(&self, vocab_size: usize) -> Result<GgufVocab> {
+        let text = self.inner.to_string(false).map_err(|e| anyhow::anyhow!("tokenizer: cannot serialize: {e}"))?;
+        let t: Value = serde_json::from_str(&text)?;
+        let model = &t["model"];
+        if model["type"] != "BPE" || model["byte_fallback"] == true || t["decoder"]["type"] != "ByteLevel" {
+            bail!("GGUF export: only byte-level BPE tokenizers (llama.cpp's `gpt2`) are written yet; this one is {} (a SentencePiece-style vocabulary, llama.cpp's `llama`, is not supported)", model["type"]);
+        }
+        let theirs = split_behaviour(&t["pre_tokenizer"]);
+        let pre = GGUF_PRES.into_iter().find(|p| pre_tokenizer_json(p).is_some_and(|(j, _)| split_behaviour(&j) == theirs));
+        let Some(pre) = pre else {
+            bail!("GGUF export: the tokenizer's pre-tokenizer {} is none llama.cpp names that qscript reproduces ({})", t["pre_tokenizer"], GGUF_PRES.join(", "))
+        };
+        let n = vocab_size.max(self.vocab_size());
+        let (mut tokens, mut token_types) = (vec![None; n], vec![TOKEN_UNUSED; n]);
+        for (tok, id) in model["vocab"].as_object().context("tokenizer.json: `model.vocab` is not an object")? {
+            let id = id.as_u64().context("tokenizer.json: a vocabulary id is not an integer")? as usize;
+            anyhow::ensure!(id < n, "tokenizer.json: token {tok:?} has id {id}, beyond the model's {vocab_size} rows");
+            tokens[id] = Some(tok.clone());
+            token_types[id] = TOKEN_NORMAL;
+        }
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            let id = id as usize;
+            anyhow::ensure!(id < n, "tokenizer.json: added token {:?} has id {id}, beyond the model's {vocab_size} rows", added.content);
+            tokens[id] = Some(added.content.clone());
+            token_types[id] = if added.special { TOKEN_CONTROL } else { TOKEN_USER_DEFINED };
+        }
+        let tokens = tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+        let merges = model["merges"]
+            .as_array()
+            .context("tokenizer.json: `model.merges` is not a list")?
+            .iter()
+            .map(|m| match m {
+                Value::String(s) => Ok(s.clone()),
+                Value::Array(p) if p.len() == 2 => Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))),
+                m => bail!("tokenizer.json: malformed merge {m}"),
+            })
+            .collect::<Result<_>>()?;
+        let id = |t: &Option<String>| t.as_deref().and_then(|t| self.token_to_id(t));
+        let (add_bos, add_eos) = self.adds_bos_eos()?;
+        Ok(GgufVocab {
+            model: "gpt2".into(),
+            pre: Some(pre.into()),
+            tokens,
+            token_types,
+            merges,
+            bos_id: id(&self.bos_token),
+            eos_id: id(&self.eos_token),
+            unk_id: id(&self.unk_token),
+            pad_id: id(&self.pad_token),
+            add_bos,
+            add_eos,
+            chat_template: self.chat_template.clone(),
+            model_max_length: self.model_max_length,
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data_api;
+pub mod export_api;
 pub mod generate_api;
 pub mod lora_api;
 pub mod model_api;
@@ -143,6 +144,7 @@ impl Host {
             quant_api::register(&mut api);
             train_api::register(&mut api);
             data_api::register(&mut api);
+            export_api::register(&mut api);
         }
         Self { engine, docs }
     }

