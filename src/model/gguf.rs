@@ -387,7 +387,7 @@ fn llama_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::
     c.insert("head_dim".into(), head_dim.into());
     c.insert("rope_theta".into(), rope_theta.into());
     if has("rope_freqs.weight") {
-        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim)?);
+        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim, usize_field(c, "max_position_embeddings"))?);
     }
     Ok(())
 }
@@ -541,8 +541,9 @@ fn phi3_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::f
 }
 
 /// llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (`rope_freqs.weight`).
-/// Recover transformers' `rope_scaling` from them, accepting only an exact llama3 match.
-fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_dim: usize) -> Result<Value> {
+/// Recover transformers' `rope_scaling` from them: llama3 when they are Llama 3.1's, else the
+/// divisors as they are.
+fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_dim: usize, max_pos: usize) -> Result<Value> {
     let factors = content
         .tensor(file, "rope_freqs.weight", &Device::Cpu)
         .and_then(|q| q.dequantize(&Device::Cpu))
@@ -559,7 +560,11 @@ fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_
     let same = factors.len() == head_dim / 2
         && expected.zip(&factors).all(|(e, &f)| (e - f as f64).abs() <= 1e-3 * e);
     if !same {
-        bail!("tensor `rope_freqs.weight` holds RoPE factors other than Llama-3's (factor {factor}, low 1, high 4, original 8192): not supported");
+        // Other llama3 parameters (the file keeps only the divisors): the divisors themselves,
+        // as a longrope scaling that applies them at every length without an attention factor.
+        let divisors: Vec<f64> = factors.iter().map(|f| f.to_string().parse().unwrap_or(*f as f64)).collect();
+        return Ok(json!({"rope_type": "longrope", "short_factor": divisors, "long_factor": divisors, "attention_factor": 1.0,
+                         "original_max_position_embeddings": max_pos}));
     }
     Ok(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
               "original_max_position_embeddings": old as usize}))
