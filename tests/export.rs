@@ -209,3 +209,116 @@ fn gguf_lora_layout() {
     assert_eq!(max_abs_diff(&qscript::model::gguf::permute_qk(ours, 4).unwrap(), &b), 0.0);
     assert!(!path.with_extension("Modelfile").exists(), "no base GGUF, no Modelfile");
 }
+
+fn qscript(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qscript")).env("QSCRIPT_QUIET", "1").args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    v.sort();
+    v
+}
+
+/// A run directory as the trainer leaves it: `manifest.json` and `checkpoint-2/` holding the
+/// golden peft adapter; the manifest records `base`'s config hash.
+fn fake_run(dir: &Path, base_config_sha: &str) -> PathBuf {
+    let ck = dir.join("checkpoint-2");
+    std::fs::create_dir_all(&ck).unwrap();
+    for f in [adapter::ADAPTER_CONFIG, adapter::ADAPTER_WEIGHTS] {
+        std::fs::copy(peft("adapter").join(f), ck.join(f)).unwrap();
+    }
+    let manifest = serde_json::json!({"qscript_version": "0", "recipe_sha256": null, "dataset_sha256": "x",
+        "base_model_config_sha256": base_config_sha, "base_model": "peft-base", "seed": 42});
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// `qscript export gguf RUN OUT --base MODEL --quant q8_0`: the run's last checkpoint merged onto
+/// the base, verified, with a Modelfile; `export gguf-lora` writes the adapter file.
+#[test]
+fn cli_exports_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sha = qscript::train::checkpoint::config_sha256(load(&peft("base")).config());
+    let run = fake_run(&tmp.path().join("run"), &sha);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let gguf = out.join("m.gguf");
+    let base = peft("base").display().to_string();
+    let (ok, stdout, stderr) = qscript(&["export", "gguf", run.to_str().unwrap(), gguf.to_str().unwrap(), "--base", &base, "--quant", "q8_0"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("verified by reloading: 3 prompts"), "{stdout}");
+    assert_eq!(entries(&out), ["m.Modelfile", "m.gguf"]);
+    let (want_ids, want) = golden_logits("logits_adapted");
+    let d = max_abs_diff(&load(&gguf).llama.forward(&want_ids, None, false).unwrap(), &want);
+    assert!(d < 0.05, "q8_0 file vs peft's adapted logits: {d}");
+    let lora = out.join("a.gguf");
+    let (ok, _, stderr) = qscript(&["export", "gguf-lora", run.to_str().unwrap(), lora.to_str().unwrap(), "--base", &base]);
+    assert!(ok, "{stderr}");
+    assert_eq!(qscript::model::gguf::read_general_type(&lora).unwrap().as_deref(), Some("adapter"));
+}
+
+/// Bad input: one line on stderr naming the problem, exit 1, and nothing left in the output
+/// directory (no file, no temporary).
+#[test]
+fn cli_bad_input_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let gguf = out.join("m.gguf").display().to_string();
+    let base = peft("base").display().to_string();
+    let adapter_dir = peft("adapter").display().to_string();
+    let wrong_run = fake_run(&tmp.path().join("run"), "0123456789abcdef0123").display().to_string();
+    let other_base = family_dir("qwen3").join("base").display().to_string();
+    let missing_dir = tmp.path().join("no/such/dir/m.gguf").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["export", "gguf", &adapter_dir, &gguf, "--base", &base, "--quant", "q3_k_s"], "--quant q3_k_s: unsupported quantization (supported: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k)"),
+        (vec!["export", "gguf", &wrong_run, &gguf, "--base", &base], "refusing a merge onto the wrong base"),
+        (vec!["export", "gguf", &adapter_dir, &gguf, "--base", &other_base], "the adapter does not fit --base"),
+        (vec!["export", "gguf", &adapter_dir, &gguf], "holds a LoRA adapter: give the model it was trained on with --base MODEL"),
+        (vec!["export", "gguf", &adapter_dir, &missing_dir, "--base", &base], "does not exist"),
+        (vec!["export", "gguf", &base, out.to_str().unwrap()], "is a directory"),
+    ];
+    for (args, want) in cases {
+        let (ok, _, stderr) = qscript(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(entries(&out).is_empty(), "{args:?} left {:?}", entries(&out));
+    }
+}
+
+/// A recipe exports with `model.save_gguf` (merge implied on an adapted model, which stays
+/// adapted) and `save_gguf_adapter`; the Modelfile carries SmolLM2's ChatML as Ollama's
+/// template; an unknown quantization is a one-line error before any work.
+#[test]
+fn recipe_save_gguf_and_modelfile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("tiny-chat");
+    common::tiny_chat_model(&model_dir);
+    let recipe = tmp.path().join("r.rhai");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let (model, dir) = (model_dir.display(), out.display());
+    std::fs::write(&recipe, format!(r#"
+        let m = load_model("{model}");
+        let m = get_peft_model(m, LoraConfig(#{{ r: 4, init_lora_weights: false }}));
+        m.save_gguf("{dir}/m.gguf", #{{ quantization: "q8_0", prompts: ["Hi there"] }});
+        m.save_gguf_adapter("{dir}/a.gguf", #{{ base_gguf: "{dir}/m.gguf" }});
+        print("LAYERS:" + m.config()["num_hidden_layers"]);
+    "#)).unwrap();
+    let (ok, stdout, stderr) = qscript(&[recipe.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("LAYERS:2"), "{stdout}");
+    assert_eq!(entries(&out), ["a.Modelfile", "a.gguf", "m.Modelfile", "m.gguf"]);
+    let mf = std::fs::read_to_string(out.join("m.Modelfile")).unwrap();
+    assert!(mf.contains("FROM ./m.gguf\n"), "{mf}");
+    assert!(mf.contains("TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n\"\"\""), "{mf}");
+    assert!(mf.contains("PARAMETER stop \"<|im_end|>\""), "{mf}");
+    let bad = tmp.path().join("bad.rhai");
+    std::fs::write(&bad, format!("let m = load_model(\"{}\");\nm.save_gguf(\"{}/x.gguf\", #{{ quantization: \"q2_k\" }});", model_dir.display(), out.display())).unwrap();
+    let (ok, _, stderr) = qscript(&[bad.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("quantization"), "{stderr}");
+    assert!(!out.join("x.gguf").exists());
+}

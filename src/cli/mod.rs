@@ -1,6 +1,7 @@
 //! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`, `quantize`.
 
 pub mod bench;
+pub mod export;
 pub mod quantize;
 pub mod repl;
 
@@ -66,6 +67,12 @@ enum Command {
     /// Write a bitsandbytes 4-bit checkpoint (NF4/FP4) of a model directory or safetensors file
     #[command(after_help = quantize::EXAMPLES)]
     Quantize(quantize::QuantizeArgs),
+    /// Export for llama.cpp / Ollama: GGUF files (merged model or LoRA adapter) and a Modelfile
+    #[command(after_help = export::EXAMPLES)]
+    Export {
+        #[command(subcommand)]
+        what: export::ExportCommand,
+    },
 }
 
 fn install_ctrlc() {
@@ -119,6 +126,7 @@ pub fn main() -> i32 {
         (Some(Command::Repl), _) | (None, None) => report(repl::run(&cli.run)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),
+        (Some(Command::Export { what }), _) => report(export::run(what)),
         (None, Some(recipe)) => report(run_recipe(&recipe, &cli.run)),
     }
 }

@@ -124,6 +124,12 @@ pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_gguf_vocab(&v).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
 }
 
+/// `general.type` of a GGUF file (`model`, `adapter`), reading the header only.
+pub fn read_general_type(path: &Path) -> Result<Option<String>> {
+    let (content, _) = open(path)?;
+    Meta(&content.metadata).str("general.type").map(|t| t.map(String::from)).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
 /// Only the HF config.json equivalent of a GGUF file (reads the header, not the tensors).
 pub fn read_config_json(path: &Path) -> Result<Value> {
     let (content, mut file) = open(path)?;
