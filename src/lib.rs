@@ -13,6 +13,7 @@ pub mod model;
 pub mod profile;
 pub mod quant;
 pub mod script;
+pub mod serve;
 pub mod train;
 pub mod util;
 
