@@ -322,3 +322,87 @@ fn recipe_save_gguf_and_modelfile() {
     assert!(!ok && stderr.contains("quantization"), "{stderr}");
     assert!(!out.join("x.gguf").exists());
 }
+
+/// llama.cpp's test strings and ids for one of its vocabularies (`models/ggml-vocab-*.gguf.inp`
+/// / `.out`, MIT; the last, empty string has no ids).
+fn llama_cpp_cases(name: &str) -> (PathBuf, Vec<(String, Vec<u32>)>) {
+    let path = root().join(format!("tests/data/gguf/vocab/ggml-vocab-{name}.gguf"));
+    let inp = std::fs::read_to_string(path.with_extension("gguf.inp")).unwrap();
+    let out = std::fs::read_to_string(path.with_extension("gguf.out")).unwrap();
+    let cases: Vec<(String, Vec<u32>)> = inp
+        .split("\n__ggml_vocab_test__\n")
+        .zip(out.split('\n'))
+        .map(|(t, ids)| (t.to_string(), ids.split_whitespace().map(|x| x.parse().unwrap()).collect()))
+        .collect();
+    assert_eq!(cases.len(), 47, "{name}");
+    (path, cases)
+}
+
+fn differing(tok: &qscript::model::tokenizer::Tokenizer, cases: &[(String, Vec<u32>)]) -> Vec<String> {
+    cases
+        .iter()
+        .filter_map(|(text, want)| {
+            let got = tok.encode(text, false).unwrap();
+            (&got != want).then(|| format!("{text:?}: {got:?} vs {want:?}"))
+        })
+        .collect()
+}
+
+/// SentencePiece vocabularies in GGUF (`tokenizer.ggml.model = llama`; llama.cpp's own test
+/// vocabularies of Llama 2 and Phi-3): qscript's tokenizer gives llama.cpp's ids for all 47 test
+/// strings (and ids llama-cpp-python 0.3.36 gave for a few more), adds BOS, decodes back; Phi-3's chat tokens strip the whitespace after them, as
+/// llama.cpp does for a model named Phi-3.
+#[test]
+fn sentencepiece_gguf_vocabularies_tokenize_like_llama_cpp() {
+    for name in ["llama-spm", "phi-3"] {
+        let (path, cases) = llama_cpp_cases(name);
+        let tok = qscript::model::gguf::read_tokenizer(&path).unwrap();
+        let bad = differing(&tok, &cases);
+        eprintln!("{name}: {} strings, {} differ", cases.len(), bad.len());
+        assert!(bad.is_empty(), "{name}: {}", bad.join("\n"));
+        assert_eq!(tok.decode(&tok.encode("Hello world", true).unwrap(), true).unwrap(), "Hello world");
+        assert_eq!(tok.encode("Hello", true).unwrap()[0], 1, "{name}: BOS added");
+        assert_eq!(tok.encode("\u{2581}", false).unwrap(), [259], "{name}: a literal ▁ (after the prefix: ▁▁), as llama.cpp");
+    }
+    let phi3 = qscript::model::gguf::read_tokenizer(&root().join("tests/data/gguf/vocab/ggml-vocab-phi-3.gguf")).unwrap();
+    assert_eq!(phi3.encode("<|user|>\nHi<|end|>\n<|assistant|>\n", false).unwrap(), [32010, 6324, 32007, 32001]);
+    assert_eq!(phi3.encode("<s> a", false).unwrap(), [1, 29871, 263], "<s> keeps the space after it");
+}
+
+/// A SentencePiece vocabulary round-trips through export: written back as `llama` with the
+/// scores and token types it was loaded with, and — for a tokenizer known only by its
+/// tokenizer.json (no scores) — with scores derived from the merges' ranks, which give back the
+/// very same merges and llama.cpp's ids for all test strings.
+#[test]
+fn sentencepiece_vocabulary_round_trips_through_export() {
+    use qscript::model::tokenizer::Tokenizer;
+    let merges = |t: &Tokenizer| -> serde_json::Value {
+        let j: serde_json::Value = serde_json::from_str(&t.inner.to_string(false).unwrap()).unwrap();
+        j["model"]["merges"].clone()
+    };
+    for name in ["llama-spm", "phi-3"] {
+        let (path, cases) = llama_cpp_cases(name);
+        let mut tok = qscript::model::gguf::read_tokenizer(&path).unwrap();
+        let n = tok.vocab_size();
+        let v = tok.to_gguf_vocab(n).unwrap();
+        assert_eq!((v.model.as_str(), v.pre.as_deref(), v.merges.len(), v.add_space_prefix), ("llama", Some("default"), 0, Some(true)));
+        let orig = tok.spm_pieces.clone().unwrap();
+        assert_eq!(v.scores, orig.scores, "{name}: scores written back as loaded");
+        assert_eq!(v.token_types, orig.token_types, "{name}: token types written back as loaded");
+        let back = Tokenizer::from_gguf_vocab(&qscript::model::tokenizer::GgufVocab { model_name: Some(name.into()), ..v }).unwrap();
+        assert!(differing(&back, &cases).is_empty(), "{name}");
+
+        tok.spm_pieces = None;
+        let v = tok.to_gguf_vocab(n).unwrap();
+        let types: Vec<i32> = v.token_types.clone();
+        assert_eq!(types.iter().filter(|&&t| t == 6).count(), 256, "{name}: byte pieces");
+        assert_eq!(types[0], 2, "{name}: <unk>");
+        let back = Tokenizer::from_gguf_vocab(&qscript::model::tokenizer::GgufVocab { model_name: Some(name.into()), ..v }).unwrap();
+        let (a, b) = (merges(&back), merges(&tok));
+        let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+        let first = a.iter().zip(b).position(|(x, y)| x != y);
+        assert!(first.is_none() && a.len() == b.len(), "{name}: the derived scores give back other merges ({} vs {}), first differing at {first:?}: {:?}", a.len(), b.len(), first.map(|i| (&a[i], &b[i])));
+        let bad = differing(&back, &cases);
+        assert!(bad.is_empty(), "{name}: {}", bad.join("\n"));
+    }
+}

@@ -616,5 +616,11 @@ fn vocab(md: &Meta, model_max_length: Option<usize>) -> Result<GgufVocab> {
         add_eos: md.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
         chat_template: md.str("tokenizer.chat_template")?.map(String::from),
         model_max_length,
+        scores: match md.array("tokenizer.ggml.scores")? {
+            None => vec![],
+            Some(a) => a.iter().map(|x| x.to_f32().map_err(|_| anyhow::anyhow!("GGUF key `tokenizer.ggml.scores` must hold f32 values"))).collect::<Result<_>>()?,
+        },
+        add_space_prefix: md.bool("tokenizer.ggml.add_space_prefix")?,
+        model_name: md.str("general.name")?.map(String::from),
     })
 }

@@ -401,15 +401,21 @@ fn rope_scaling(md: &mut Metadata, c: &super::Config, arch: &str) -> Result<()> 
     }
 }
 
-/// The `tokenizer.*` metadata, as llama.cpp's converter writes a byte-level BPE vocabulary.
+/// The `tokenizer.*` metadata, as llama.cpp's converter writes a byte-level BPE (`gpt2`) or a
+/// SentencePiece (`llama`: scores, no merges) vocabulary.
 fn vocab(md: &mut Metadata, v: &GgufVocab) {
     md.push("tokenizer.ggml.model", G::String(v.model.clone()));
     if let Some(pre) = &v.pre {
         md.push("tokenizer.ggml.pre", G::String(pre.clone()));
     }
     md.push("tokenizer.ggml.tokens", G::Array(v.tokens.iter().map(|t| G::String(t.clone())).collect()));
+    if v.model == "llama" {
+        md.push("tokenizer.ggml.scores", G::Array(v.scores.iter().map(|&s| G::F32(s)).collect()));
+    }
     md.push("tokenizer.ggml.token_type", G::Array(v.token_types.iter().map(|&t| G::I32(t)).collect()));
-    md.push("tokenizer.ggml.merges", G::Array(v.merges.iter().map(|m| G::String(m.clone())).collect()));
+    if v.model != "llama" {
+        md.push("tokenizer.ggml.merges", G::Array(v.merges.iter().map(|m| G::String(m.clone())).collect()));
+    }
     for (key, id) in [("bos_token_id", v.bos_id), ("eos_token_id", v.eos_id), ("unknown_token_id", v.unk_id), ("padding_token_id", v.pad_id)] {
         if let Some(id) = id {
             md.push(&format!("tokenizer.ggml.{key}"), G::U32(id));
@@ -419,7 +425,10 @@ fn vocab(md: &mut Metadata, v: &GgufVocab) {
     if v.add_eos {
         md.push("tokenizer.ggml.add_eos_token", G::Bool(true));
     }
-    md.push("tokenizer.ggml.add_space_prefix", G::Bool(false));
+    // SentencePiece's default is to prepend; the converter writes the key when it does not.
+    if v.add_space_prefix == Some(false) {
+        md.push("tokenizer.ggml.add_space_prefix", G::Bool(false));
+    }
     if let Some(t) = &v.chat_template {
         md.push("tokenizer.chat_template", G::String(t.clone()));
     }
