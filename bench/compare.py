@@ -7,6 +7,9 @@ line, to --out. Usage on the GPU machine (see bench/README.md):
 
     python3 bench/compare.py --qscript .gpu/qscript --anchor .gpu/hf_qlora_anchor.py \
         --cases dequant,small --out $OUT
+
+Cases: dequant, small, 1b, 3b (Llama shapes), and one per other family: qwen2.5-3b, qwen3-4b,
+gemma-3-4b, mistral-7b (4x1024 QLoRA).
 """
 import argparse, datetime, json, os, subprocess, sys, time
 
@@ -19,6 +22,10 @@ TRAIN = [
     ("Llama-3.2-3B, 4x1024, QLoRA", "llama-3.2-3b", 4, 1024, False, "nf4", "3b"),
     ("Llama-3.2-3B, 4x1024, QLoRA + checkpointing", "llama-3.2-3b", 4, 1024, True, "nf4", "3b"),
 ]
+# Other families (real shapes, random weights; the anchor's FAMILY_SHAPES): one case each, named by
+# its shape, run with `hf_qlora_anchor.py train SHAPE 4 1024`.
+FAMILIES = ["qwen2.5-3b", "qwen3-4b", "gemma-3-4b", "mistral-7b"]
+TRAIN += [(f"{s}, 4x1024, QLoRA", s, 4, 1024, False, "nf4", s) for s in FAMILIES]
 GENERATE = [("4-bit greedy decode, SmolLM2-135M", "smollm2-135m", "small"), ("4-bit greedy decode, Llama-3.2-3B", "llama-3.2-3b", "3b")]
 
 
@@ -47,7 +54,8 @@ def main():
     def anchor(case):
         if a.skip_anchor:
             return []
-        got = run([sys.executable, a.anchor, case], 1200)
+        args = ["train", case, "4", "1024"] if case in FAMILIES else [case]
+        got = run([sys.executable, a.anchor, *args], 1200)
         raw.extend(got)
         return got
 
@@ -59,7 +67,7 @@ def main():
             r = ref[0]["gb_per_s"] if ref else None
             rows.append(("NF4 dequantize 8192x3072 -> bf16 (GB/s)", r, ours[0]["gb_per_s"], None, None))
             rows.append(("fused 4-bit GEMV 8192x3072 (GB/s, no reference)", None, ours[0]["gemv_gb_per_s"], None, None))
-    for case in ["small", "1b", "3b"]:
+    for case in ["small", "1b", "3b", *FAMILIES]:
         if case not in cases:
             continue
         ref = anchor(case)

@@ -422,7 +422,9 @@ enum Keep {
     Inputs,
 }
 
-/// What one layer kept between forward and backward.
+/// What one layer kept between forward and backward (one per layer: the size difference of
+/// the variants does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Kept {
     All(super::layers::block::LayerActs),
     /// Gradient checkpointing: the layer input and the RNG as it was, to recompute identically.

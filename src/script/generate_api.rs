@@ -23,8 +23,14 @@ fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
     crate::generate::options(&*m.get()?, &u)
 }
 
-fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg) -> anyhow::Result<String> {
-    let opts = options(m, cfg)?;
+fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg, chat: bool) -> anyhow::Result<String> {
+    let mut opts = options(m, cfg)?;
+    if chat {
+        // A chat answer also ends at the template's end-of-turn token, when generation_config
+        // does not list it (GGUF, random or converted checkpoints).
+        let model = m.get()?;
+        opts.eos_token_ids = crate::data::tokenize::ChatTokenizer::for_model(&model)?.chat_stop_ids();
+    }
     let stream = cfg.bool("stream").unwrap_or(false);
     let model = m.get()?;
     let mut out = std::io::stdout();
@@ -45,7 +51,7 @@ pub fn generate_text(m: &ModelHandle, prompt: &str, opts: &Map) -> anyhow::Resul
     let cfg = config::GENERATE.check(opts).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(!cfg.has("system"), "generation options: `system` applies to chat(), not generate()");
     let ids = m.get()?.tokenizer()?.encode(prompt, cfg.bool("add_special_tokens").unwrap_or(true))?;
-    run(m, &ids, &cfg)
+    run(m, &ids, &cfg, false)
 }
 
 pub fn chat(m: &ModelHandle, messages: &Dynamic, opts: &Map) -> anyhow::Result<String> {
@@ -57,7 +63,7 @@ pub fn chat(m: &ModelHandle, messages: &Dynamic, opts: &Map) -> anyhow::Result<S
     let text = m.render_chat(&msgs, true, &serde_json::Map::new())?;
     // The template wrote every special token itself.
     let ids = m.get()?.tokenizer()?.encode(&text, false)?;
-    run(m, &ids, &cfg)
+    run(m, &ids, &cfg, true)
 }
 
 pub fn register(api: &mut Api) {

@@ -1,7 +1,7 @@
 //! Gated activations of a gated MLP, `h = act(g)·u`: SwiGLU (`act` = SiLU, Llama, Qwen,
 //! Mistral, Phi-3) and GeGLU with the tanh GELU (`gelu_pytorch_tanh`, Gemma). Dispatch order:
-//! the CUDA kernel (f32, bf16), the CPU kernel (contiguous f32), candle's ops — SiLU has all
-//! three; GeGLU so far candle's ops only (computed in the statistics dtype, then cast).
+//! the CUDA kernel (f32, bf16), the CPU kernel (contiguous f32), candle's ops (GeGLU's in the
+//! statistics dtype, then cast) — for both activations.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -29,41 +29,60 @@ impl Activation {
             other => bail!("unsupported activation \"{other}\" (supported: silu, gelu_pytorch_tanh)"),
         })
     }
+
+    /// The kernels' name of the gate (swiglu.cu's `<gate>_fwd_*`, `<gate>_bwd_*`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn gate(self) -> &'static str {
+        match self {
+            Activation::Silu => "swiglu",
+            Activation::GeluTanh => "geglu",
+        }
+    }
 }
 
-/// `silu(g)·u` as a candle op, forward only: the CPU kernel (f32) and the CUDA kernel (f32,
+/// `act(g)·u` as a candle op, forward only: the CPU kernels (f32) and the CUDA kernels (f32,
 /// bf16); both inputs contiguous, of one shape and dtype.
-pub struct SwiGlu;
+pub struct Glu(pub Activation);
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp2 for Glu {
     fn name(&self) -> &'static str {
-        "swiglu"
+        match self.0 {
+            Activation::Silu => "swiglu",
+            Activation::GeluTanh => "geglu",
+        }
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else { candle_core::bail!("swiglu on the CPU: f32 only") };
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else { candle_core::bail!("{} on the CPU: f32 only", self.name()) };
         let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("swiglu: inputs must be contiguous")
+            candle_core::bail!("{}: inputs must be contiguous", self.name())
         };
         if l1.shape() != l2.shape() {
-            candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
+            candle_core::bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.shape(), l2.shape())
         }
-        Ok((CpuStorage::F32(cpu::swiglu_fwd(&g[a1..b1], &u[a2..b2])), l1.shape().clone()))
+        let h = match self.0 {
+            Activation::Silu => cpu::swiglu_fwd(&g[a1..b1], &u[a2..b2]),
+            Activation::GeluTanh => cpu::geglu_fwd(&g[a1..b1], &u[a2..b2]),
+        };
+        Ok((CpuStorage::F32(h), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
+            candle_core::bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.shape(), l2.shape())
         }
-        Ok((cuda::forward(s1, l1, s2, l2).map_err(super::launch::candle_err)?, l1.shape().clone()))
+        Ok((cuda::forward(self.0.gate(), s1, l1, s2, l2).map_err(super::launch::candle_err)?, l1.shape().clone()))
     }
 }
 
 /// Training forward `act(g)·u` (same shape and dtype).
 pub fn forward(g: &Tensor, u: &Tensor, act: Activation) -> Result<Tensor> {
+    if cuda_float(g) || (f32_view(g).is_some() && f32_view(u).is_some()) {
+        return Ok(g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &Glu(act))?);
+    }
     match act {
-        Activation::Silu => silu_forward(g, u),
+        Activation::Silu => Ok((candle_nn::ops::silu(g)? * u)?),
         Activation::GeluTanh => {
             let sd = stat_dtype(g.dtype());
             let (gf, uf) = (g.to_dtype(sd)?, u.to_dtype(sd)?);
@@ -74,6 +93,18 @@ pub fn forward(g: &Tensor, u: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// Backward: `dg = dh·u·act'(g)`, `du = dh·act(g)`.
 pub fn backward(g: &Tensor, u: &Tensor, dh: &Tensor, act: Activation) -> Result<(Tensor, Tensor)> {
+    let dh = &dh.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if cuda_float(g) {
+        return cuda::backward(act.gate(), &g.contiguous()?, &u.contiguous()?, dh);
+    }
+    if let (Some(gv), Some(uv), Some(dhv)) = (f32_view(g), f32_view(u), f32_view(dh)) {
+        let (dg, du) = match act {
+            Activation::Silu => cpu::swiglu_bwd(gv.slice(), uv.slice(), dhv.slice()),
+            Activation::GeluTanh => cpu::geglu_bwd(gv.slice(), uv.slice(), dhv.slice()),
+        };
+        return Ok((Tensor::from_vec(dg, g.shape(), g.device())?, Tensor::from_vec(du, g.shape(), g.device())?));
+    }
     match act {
         Activation::Silu => silu_backward(g, u, dh),
         Activation::GeluTanh => {
@@ -102,24 +133,8 @@ fn gelu_tanh(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((y, dy))
 }
 
-fn silu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if cuda_float(g) || (f32_view(g).is_some() && f32_view(u).is_some()) {
-        return Ok(g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &SwiGlu)?);
-    }
-    Ok((candle_nn::ops::silu(g)? * u)?)
-}
-
-/// `dg = dh·u·silu'(g)`, `du = dh·silu(g)` with `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`.
+/// candle's `dg = dh·u·silu'(g)`, `du = dh·silu(g)` with `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`.
 fn silu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    let dh = &dh.contiguous()?;
-    #[cfg(feature = "cuda")]
-    if cuda_float(g) {
-        return cuda::backward(&g.contiguous()?, &u.contiguous()?, dh);
-    }
-    if let (Some(gv), Some(uv), Some(dhv)) = (f32_view(g), f32_view(u), f32_view(dh)) {
-        let (dg, du) = cpu::swiglu_bwd(gv.slice(), uv.slice(), dhv.slice());
-        return Ok((Tensor::from_vec(dg, g.shape(), g.device())?, Tensor::from_vec(du, g.shape(), g.device())?));
-    }
     let sig = candle_nn::ops::sigmoid(g)?;
     let silu = (g * &sig)?;
     let dsilu = (&sig * ((g * (1.0 - &sig)?)? + 1.0)?)?;

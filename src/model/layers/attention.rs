@@ -146,7 +146,7 @@ impl Attention {
     fn norm_qk(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor, Option<norm::Saved>, Option<norm::Saved>)> {
         let one = |n: &Option<RmsNorm>, x: Tensor| -> Result<(Tensor, Option<norm::Saved>)> {
             match n {
-                Some(n) => n.forward_heads(&x).map(|(y, s)| (y, Some(s))),
+                Some(n) => profile::time("rms_norm fwd", || n.forward_heads(&x)).map(|(y, s)| (y, Some(s))),
                 None => Ok((x, None)),
             }
         };
@@ -179,12 +179,9 @@ impl Attention {
 
     /// One new position (decoding) against a buffered cache, on plain slices: q/k norms, rope
     /// on the q/k rows, append k/v in place, fused scores/softmax/weighted sum per head over
-    /// the window. `None` when the rope tables are not CPU f32 or the scores are soft-capped
+    /// the window, soft-capped scores as Gemma 2's. `None` when the rope tables are not CPU f32
     /// (the caller takes the tensor path).
     fn decode_step(&self, x: &Tensor, rope: &Rope, pos: usize, buf: &mut KvBuf) -> Result<Option<Tensor>> {
-        if self.params.softcap.is_some() {
-            return Ok(None);
-        }
         let Some(row) = rope.row_f32(pos) else { return Ok(None) };
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (q, k, v) = self.project(x)?;
@@ -197,7 +194,7 @@ impl Attention {
         // A window hides the oldest positions: start the slices past them.
         let first = self.params.window.map_or(0, |w| buf.len.saturating_sub(w));
         let (ks, vs) = (&buf.k[first * d..], &buf.v[first * d..]);
-        crate::kernels::attention::cpu::decode_attention(&q, ks, vs, buf.cap * d, buf.len - first, h, kvh, d, self.params.scale, &mut out);
+        crate::kernels::attention::cpu::decode_attention_capped(&q, ks, vs, buf.cap * d, buf.len - first, h, kvh, d, self.params.scale, self.params.softcap, &mut out);
         let out = Tensor::from_vec(out, (1, 1, h * d), x.device())?;
         Ok(Some(self.o_proj.forward(&out)?))
     }
@@ -218,7 +215,7 @@ impl Attention {
                 (q, k, v, QkvSaved::Fused(s))
             }
         };
-        let (q, k, q_norm, k_norm) = profile::time("rms_norm fwd", || self.norm_qk(q, k))?;
+        let (q, k, q_norm, k_norm) = self.norm_qk(q, k)?;
         let rope = rope.layer(self.sliding);
         let (q, k, v) = profile::time("rope fwd", || self.heads(&q, &k, &v, batch.b, batch.t, rope))?;
         let mask = batch.mask_for(self.params.window)?;
@@ -237,7 +234,7 @@ impl Attention {
         let rope = rope.layer(self.sliding);
         let merged = || -> Result<_> { Ok((merge_heads(&dq, rope.pair())?, merge_heads(&dk, rope.pair())?, merge_heads(&dv, None)?)) };
         let (dq, dk, dv) = profile::time("rope bwd", merged)?;
-        let (dq, dk) = profile::time("rms_norm bwd", || self.norm_qk_backward(s, dq, dk))?;
+        let (dq, dk) = self.norm_qk_backward(s, dq, dk)?;
         match (&self.qkv, &s.qkv) {
             (QkvProj::Split { q_proj, k_proj, v_proj }, QkvSaved::Split { q, k, v }) => {
                 let (dhq, gq) = q_proj.backward(q, &dq)?;
@@ -261,7 +258,7 @@ impl Attention {
     fn norm_qk_backward(&self, s: &Acts, dq: Tensor, dk: Tensor) -> Result<(Tensor, Tensor)> {
         let one = |n: &Option<RmsNorm>, saved: &Option<norm::Saved>, d: Tensor| -> Result<Tensor> {
             match (n, saved) {
-                (Some(n), Some(saved)) => n.backward_heads(saved, &d),
+                (Some(n), Some(saved)) => profile::time("rms_norm bwd", || n.backward_heads(saved, &d)),
                 _ => Ok(d),
             }
         };
