@@ -406,3 +406,60 @@ fn sentencepiece_vocabulary_round_trips_through_export() {
         assert!(bad.is_empty(), "{name}: {}", bad.join("\n"));
     }
 }
+
+/// Exporting a model whose tokenizer is SentencePiece-style (tokenizer.json only, as
+/// transformers' LlamaConverter builds it): the GGUF carries llama.cpp's `llama` vocabulary
+/// (scores ranked as the merges, no merges key; Gemma: `add_space_prefix = false`), the export
+/// verifies, and the tokenizer read back from the file gives the transformers tokenizer's ids on
+/// llama.cpp's 47 test strings, the golden strings and a rendered chat — Mistral's (on the golden
+/// Llama), Phi-3's (rstrip chat tokens, by the name llama.cpp goes by) and Gemma 3's (fetched).
+#[test]
+fn sentencepiece_tokenizers_export_and_reload() {
+    use common::families::{golden_template, make_checkpoint, tokenizer_dir};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, cases) = llama_cpp_cases("llama-spm");
+    let mut texts: Vec<String> = cases.into_iter().map(|(t, _)| t).collect();
+    texts.extend(golden_strings().into_iter().map(|(t, _)| t));
+    for (family, tokenizer, name) in [("llama", "mistral", "mistral-tiny"), ("phi3", "phi3", "phi3-tiny"), ("gemma3", "gemma3", "gemma3-tiny")] {
+        let Some(tdir) = tokenizer_dir(tokenizer) else {
+            eprintln!("SKIP {tokenizer}: not fetched (tests/data/tokenizers/fetch.sh)");
+            continue;
+        };
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        make_checkpoint(family, &tdir, &golden_template(tokenizer), &dir).unwrap();
+        let m = load(&dir);
+        let tok = m.tokenizer.as_ref().unwrap();
+        let path = tmp.path().join(format!("{name}.gguf"));
+        let o = GgufOptions { quantization: Quantization::F32, modelfile: false, ..GgufOptions::default() };
+        let done = export::save_gguf(&m, &path, &o).unwrap();
+        eprintln!("{name}: {}", done.verified.as_ref().unwrap().describe());
+
+        let mut f = std::fs::File::open(&path).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        assert_eq!(c.metadata["tokenizer.ggml.model"].to_string().unwrap(), "llama");
+        assert!(!c.metadata.contains_key("tokenizer.ggml.merges"), "{name}");
+        assert_eq!(c.metadata["tokenizer.ggml.scores"].to_vec().unwrap().len(), m.config().vocab_size);
+        let prefix = c.metadata.get("tokenizer.ggml.add_space_prefix").map(|v| v.to_bool().unwrap());
+        assert_eq!(prefix, if tokenizer == "gemma3" { Some(false) } else { None }, "{name}");
+
+        let back = qscript::model::gguf::read_tokenizer(&path).unwrap();
+        let chat = qscript::data::chat_template::ChatTemplate::of_model(&m).unwrap().unwrap();
+        let msgs = [serde_json::json!({"role": "user", "content": "Hi there,  how are\tyou?\n"}), serde_json::json!({"role": "assistant", "content": " Fine. 12345 😀"})];
+        let mut all = texts.clone();
+        all.push(chat.render(&msgs, false, &serde_json::Map::new()).unwrap());
+        all.push(chat.render(&msgs[..1], true, &serde_json::Map::new()).unwrap());
+        let bad: Vec<String> = all
+            .iter()
+            .filter_map(|t| {
+                let (want, got) = (tok.encode(t, false).unwrap(), back.encode(t, false).unwrap());
+                (want != got).then(|| format!("{t:?}: {got:?} vs {want:?}"))
+            })
+            .collect();
+        eprintln!("{name}: {} strings, {} differ", all.len(), bad.len());
+        assert!(bad.is_empty(), "{name}: {}", bad.join("\n"));
+        assert_eq!(back.encode("Hello", true).unwrap(), tok.encode("Hello", true).unwrap(), "{name}: BOS");
+        assert_eq!((back.bos_token.clone(), back.eos_token.clone()), (tok.bos_token.clone(), tok.eos_token.clone()), "{name}");
+        assert_eq!(back.chat_template, tok.chat_template, "{name}");
+    }
+}
