@@ -463,3 +463,21 @@ fn sentencepiece_tokenizers_export_and_reload() {
         assert_eq!(back.chat_template, tok.chat_template, "{name}");
     }
 }
+
+/// The verification fails where a file is not the model: the adapted golden model checked
+/// against the base's file is an error naming the prompt and position (f32: the logits; q8_0:
+/// the first greedy token that goes another way, or the KL / top-1 bound).
+#[test]
+fn verification_catches_a_file_of_another_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base_file = tmp.path().join("base.gguf");
+    let o = GgufOptions { quantization: Quantization::F32, verify: false, modelfile: false, ..GgufOptions::default() };
+    export::save_gguf(&load(&peft("base")), &base_file, &o).unwrap();
+    let adapted = adapted_tiny();
+    let prompts = export::prompts(&adapted, &[]).unwrap();
+    let e = export::verify::verify(&adapted, &base_file, Quantization::F32, &prompts).unwrap_err().to_string();
+    assert!(e.contains("prompt 1, position 0 logits differ from the model's by"), "{e}");
+    let e = export::verify::verify(&adapted, &base_file, Quantization::Q8_0, &prompts).unwrap_err().to_string();
+    eprintln!("q8_0 bounds on the base's file: {e}");
+    assert!(e.contains("greedy text diverges at prompt") || e.contains("mean KL divergence") || e.contains("top-1 tokens agree"), "{e}");
+}
