@@ -153,8 +153,10 @@ fn serves_openai_clients() {
         assert!(msg.contains(want), "{body}: {msg}");
     }
     let big = json!({"messages": [{"role": "user", "content": "x".repeat(2 << 20)}]}).to_string();
-    let r = ureq::post(&url).send_string(&big);
-    assert!(matches!(r, Err(ureq::Error::Status(413, _))), "oversized body");
+    // The server answers 413 before reading the whole body and closes; under load the client can
+    // see that as a reset while it is still sending (seen once in 6 runs): retried, up to 3 times.
+    let r = (0..3).map(|_| ureq::post(&url).send_string(&big)).find(|r| !matches!(r, Err(ureq::Error::Transport(_))));
+    assert!(matches!(r, Some(Err(ureq::Error::Status(413, _)))), "oversized body: {r:?}");
 
     // A client that disconnects mid-stream: its generation stops, the next request is served
     // at once, not after the ~1000 tokens the abandoned one asked for (timed here first).
