@@ -172,6 +172,10 @@ fn families_round_trip_with_gguf_lora() {
         export::save_gguf(&adapted, &merged, &o).unwrap();
         let d = max_abs_diff(&logits_of(&load(&merged), &ids), &want);
         assert!(d <= 1e-4, "{fam}: merged GGUF logits differ by {d}");
+        // Every key once (the header's count against the distinct keys; gguf-py refuses repeats).
+        let bytes = std::fs::read(&merged).unwrap();
+        let kv_count = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+        assert_eq!(kv_count, metadata_keys(&merged).len(), "{fam}: a metadata key written twice");
 
         let base_gguf = tmp.path().join(format!("{fam}-base.gguf"));
         export::save_gguf(&base(), &base_gguf, &o).unwrap();

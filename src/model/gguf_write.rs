@@ -205,8 +205,13 @@ pub fn write_model_checked(model: &Model, path: &Path, q: Quantization, check: i
 pub(crate) struct Metadata(pub(crate) Vec<(String, G)>);
 
 impl Metadata {
+    /// Set `key` (a second push of a key replaces its value: a GGUF key appears once, and
+    /// llama.cpp's gguf-py refuses a file that repeats one).
     pub(crate) fn push(&mut self, key: &str, v: G) {
-        self.0.push((key.to_string(), v));
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = v,
+            None => self.0.push((key.to_string(), v)),
+        }
     }
 }
 
