@@ -1187,3 +1187,30 @@ fn heads_rope_kernel_matches_the_cpu() {
         }
     }
 }
+
+/// A CUDA build puts a plain `load_model` on the GPU in bfloat16 (4-bit compute too), names the
+/// GPU, and `--device cpu` (the run-wide override) brings it back to the CPU in float32.
+#[test]
+fn load_model_defaults_to_the_gpu_in_bf16() {
+    use qscript::script::model_api::load;
+    let Some(_) = gpu("load_model_defaults_to_the_gpu_in_bf16") else { return };
+    let base = format!("{}/tests/golden/peft/1/base", env!("CARGO_MANIFEST_DIR"));
+    let m = load(&base, &rhai::Map::new()).unwrap();
+    let (dev, dtype) = (m.get().unwrap().llama.device.clone(), m.get().unwrap().llama.dtype);
+    assert!(dev.is_cuda() && dtype == DType::BF16, "{} {dtype:?}", qscript::device::name(&dev));
+    assert!(qscript::device::describe(&dev).starts_with("cuda:0 ("), "{}", qscript::device::describe(&dev));
+    let mut opts = rhai::Map::new();
+    let mut bnb = rhai::Map::new();
+    bnb.insert("load_in_4bit".into(), true.into());
+    opts.insert("quantization_config".into(), rhai::Dynamic::from(bnb));
+    let q = load(&base, &opts).unwrap();
+    assert_eq!(q.get().unwrap().llama.quantization.as_ref().unwrap().compute_dtype, DType::BF16);
+    let mut map = rhai::Map::new();
+    map.insert("device_map".into(), "auto".into());
+    assert!(load(&base, &map).unwrap().get().unwrap().llama.device.is_cuda());
+    qscript::device::set_override(Some("cpu")).unwrap();
+    let c = load(&base, &rhai::Map::new());
+    qscript::device::set_override(None).unwrap();
+    let c = c.unwrap();
+    assert!(c.get().unwrap().llama.device.is_cpu() && c.get().unwrap().llama.dtype == DType::F32);
+}

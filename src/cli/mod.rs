@@ -1,7 +1,8 @@
-//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`, `quantize`.
+//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `chat`, `bench`, `quantize`.
 
 pub mod bench;
 pub mod export;
+pub mod chat;
 pub mod quantize;
 pub mod repl;
 
@@ -14,7 +15,13 @@ Examples:
   qscript recipes/chat.rhai                     run a recipe
   qscript recipes/chat.rhai --set MAX_NEW_TOKENS=64
                                                 override a recipe's `const MAX_NEW_TOKENS = ...;`
+  qscript recipes/customer_support.rhai --resume
+                                                continue a run stopped by Ctrl-C from its checkpoint
+  qscript recipes/customer_support.rhai --device cpu
+                                                run on the CPU even in a CUDA build (cuda:N: a GPU)
   qscript check recipes/chat.rhai               validate a recipe without loading weights
+  qscript chat HuggingFaceTB/SmolLM2-135M-Instruct --adapter out/adapter
+                                                chat with a model (and a trained adapter)
   qscript                                       open the REPL (same as `qscript repl`)";
 
 #[derive(Parser)]
@@ -37,6 +44,13 @@ struct RunArgs {
     /// Stop a recipe after this many script operations (guards against runaway loops)
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_operations)]
     max_operations: u64,
+    /// Continue an interrupted run: every train() whose output_dir holds a checkpoint resumes from its latest
+    #[arg(long)]
+    resume: bool,
+    /// Put every load_model of the run on this device: cpu, cuda, cuda:N or auto (default: what
+    /// each load_model says, else auto = the GPU in a CUDA build when one is present)
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -57,7 +71,14 @@ enum Command {
     },
     /// Interactive REPL (history, completion, :help)
     #[command(after_help = "Examples:\n  qscript repl\n  >> let model = load_model(\"HuggingFaceTB/SmolLM2-135M-Instruct\");\n  >> model.chat(\"Hi!\", #{ stream: true })\n  >> :help chat")]
-    Repl,
+    Repl {
+        /// Put every load_model of the session on this device: cpu, cuda, cuda:N or auto
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
+    },
+    /// Chat with a model in the terminal (chat template, streaming, /reset, /system)
+    #[command(after_help = chat::EXAMPLES)]
+    Chat(chat::ChatArgs),
     /// Benchmarks (print JSON lines)
     #[command(after_help = "Examples:\n  qscript bench generate\n  qscript bench generate --model path/to/model --new-tokens 128 --prompt-tokens 512")]
     Bench {
@@ -99,6 +120,14 @@ fn install_ctrlc() {
 }
 
 fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    // What the run's manifest records, and what the command that resumes it repeats.
+    crate::train::record::set_launch(crate::train::record::Launch {
+        argv: std::env::args().collect(),
+        recipe: path.to_path_buf(),
+        overrides: args.set.clone(),
+        resume: args.resume,
+    });
+    crate::device::set_override(args.device.as_deref())?;
     let host = Host::for_recipe(path, &Limits { max_operations: args.max_operations });
     host.run_file(path, &args.set)
 }
@@ -136,7 +165,9 @@ pub fn main() -> i32 {
             );
             Ok(())
         })()),
-        (Some(Command::Repl), _) | (None, None) => report(repl::run(&cli.run)),
+        (Some(Command::Repl { device }), _) => report(repl::run(&RunArgs { device: device.or(cli.run.device.clone()), ..cli.run.clone() })),
+        (None, None) => report(repl::run(&cli.run)),
+        (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),
         (Some(Command::Export { what }), _) => report(export::run(what)),

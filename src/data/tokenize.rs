@@ -102,8 +102,18 @@ pub struct Lint {
     pub examples: Vec<usize>,
 }
 
+impl Lint {
+    /// A fact worth knowing that asks for no action (printed once, as a note).
+    pub fn is_note(&self) -> bool {
+        matches!(self.kind, "pad-is-eos" | "no-pad-token" | "template-rewrites-turns")
+    }
+}
+
 impl std::fmt::Display for Lint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_note() {
+            return write!(f, "note: {}", self.message);
+        }
         write!(f, "warning [{}]: {}", self.kind, self.message)?;
         if !self.examples.is_empty() {
             let list: Vec<String> = self.examples.iter().map(|i| i.to_string()).collect();
@@ -283,7 +293,7 @@ impl<'a> Encoder<'a> {
     fn encode(&self, row: &Row) -> Result<Encoded> {
         let mut e = match &row.record {
             Record::Text(t) => self.encode_text(t)?,
-            Record::Messages(m) => self.encode_messages(m)?,
+            Record::Messages(m) => self.encode_messages(m, row)?,
         };
         e.flags.double_bos = self.bos_id.is_some() && e.ids.len() >= 2 && e.ids[0] == e.ids[1] && Some(e.ids[0]) == self.bos_id;
         Ok(e)
@@ -300,10 +310,11 @@ impl<'a> Encoder<'a> {
         Ok(Encoded { ids, trained, flags: Flags { has_assistant: true, ..Default::default() } })
     }
 
-    fn encode_messages(&self, msgs: &[Message]) -> Result<Encoded> {
+    /// `row`'s messages `msgs` through the template (with the row's tool fields and `tools`).
+    fn encode_messages(&self, msgs: &[Message], row: &Row) -> Result<Encoded> {
         let tpl = self.template()?;
-        let values = Row::messages_json(msgs);
-        let none = serde_json::Map::new();
+        let values = row.template_messages();
+        let none = row.template_vars();
         let full = tpl.render(&values, false, &none)?;
         let enc = self.bare.encode(full.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?;
         let ids = enc.get_ids().to_vec();
@@ -321,7 +332,7 @@ impl<'a> Encoder<'a> {
             }
             flags.has_assistant = true;
             let upto = if i + 1 == msgs.len() { full.clone() } else { tpl.render(&values[..=i], false, &none)? };
-            let a = content_start(tpl, &values[..i], &full)?;
+            let a = content_start(tpl, &values[..i], &full, &none)?;
             // Tokens from the one overlapping byte `a` (offsets are sorted by start).
             let s = offsets.partition_point(|o| o.1 <= a);
             let span = if full.starts_with(&upto) {
@@ -372,10 +383,10 @@ impl<'a> Encoder<'a> {
 
     /// Roles the template renders nothing for: message j adds nothing to the rendering of the
     /// messages before it (render with and without each turn).
-    fn dropped_roles(&self, msgs: &[Message]) -> Vec<String> {
+    fn dropped_roles(&self, msgs: &[Message], row: &Row) -> Vec<String> {
         let Ok(tpl) = self.template() else { return vec![] };
-        let values = Row::messages_json(msgs);
-        let none = serde_json::Map::new();
+        let values = row.template_messages();
+        let none = row.template_vars();
         let mut prev = tpl.render(&[], false, &none).ok();
         let mut out = Vec::new();
         for j in 0..msgs.len() {
@@ -396,16 +407,16 @@ impl<'a> Encoder<'a> {
 /// (transformers' definition of the prompt). When that is not a prefix (e.g. an assistant turn
 /// first: SmolLM2 adds its default system prompt only inside the message loop), render the turn
 /// with two probe contents: their renderings agree exactly up to where the content goes.
-fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], full: &str) -> Result<usize> {
-    let none = serde_json::Map::new();
-    let before = tpl.render(before_msgs, true, &none)?;
+fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], full: &str, vars: &serde_json::Map<String, serde_json::Value>) -> Result<usize> {
+    let none = vars;
+    let before = tpl.render(before_msgs, true, none)?;
     if full.starts_with(&before) {
         return Ok(before.len());
     }
     let probe = |c: &str| {
         let mut v = before_msgs.to_vec();
         v.push(serde_json::json!({"role": "assistant", "content": c}));
-        tpl.render(&v, false, &none)
+        tpl.render(&v, false, none)
     };
     let (x, y) = (probe("\u{E000}")?, probe("\u{E001}")?);
     let Some(cp) = x.char_indices().zip(y.chars()).find(|((_, c), d)| c != d).map(|((i, _), _)| i) else {
@@ -422,7 +433,12 @@ fn encode_all(ds: &Dataset, enc: &Encoder) -> Result<Vec<Encoded>> {
     let results: Vec<Result<Encoded>> = ds.rows.par_iter().with_min_len(64).map(|r| enc.encode(r)).collect();
     let mut out = Vec::with_capacity(results.len());
     for (i, r) in results.into_iter().enumerate() {
-        out.push(r.map_err(|e| anyhow!("example {i}: {e:#}"))?);
+        out.push(r.map_err(|e| {
+            // A template without tool support fails on a call's null content: say what it met.
+            let calls = (0..ds.rows[i].turn_fields.len()).any(|j| ds.rows[i].has_tool_calls(j));
+            let hint = if calls { " (this conversation has tool_calls: does the model's chat template render tool calls?)" } else { "" };
+            anyhow!("example {i}: {e:#}{hint}")
+        })?);
     }
     Ok(out)
 }
@@ -455,6 +471,9 @@ pub fn tokenize_dataset(ds: &Dataset, ct: &ChatTokenizer, opts: &TokenizeOptions
         for id in &flags.end_ids {
             *end_ids.entry(*id).or_default() += 1;
         }
+        for kind in turn_lints(&ds.rows[i]) {
+            lints.add(kind, i);
+        }
         let mut truncated_from = None;
         if let Some(max) = opts.max_seq_length {
             if ids.len() > max {
@@ -464,6 +483,9 @@ pub fn tokenize_dataset(ds: &Dataset, ct: &ChatTokenizer, opts: &TokenizeOptions
                         continue;
                     }
                     Truncation::Truncate => {
+                        if last_answer_cut(&trained, max) {
+                            lints.add("answer-truncated", i);
+                        }
                         truncated_from = Some(ids.len());
                         ids.truncate(max);
                         trained.truncate(max);
@@ -507,7 +529,7 @@ fn pad_id(ct: &ChatTokenizer, lints: &mut Vec<Lint>) -> u32 {
     };
     lints.push(Lint {
         kind: "no-pad-token",
-        message: format!("the tokenizer has no pad token; padding with {what} (padding is masked by attention_mask, never trained)"),
+        message: format!("the tokenizer has no pad token, so batches are padded with {what}. Nothing to do: padding is never trained on"),
         count: 0,
         examples: vec![],
     });
@@ -538,6 +560,12 @@ impl LintSet {
                     "no-end-of-turn" => "assistant turns have no EOS / end-of-turn token after their content: the model will not learn to stop".into(),
                     "no-assistant" => "examples have no assistant turn: nothing to train, dropped".into(),
                     "nothing-trained" => "examples lost every assistant token to truncation: dropped (raise max_seq_length?)".into(),
+                    "answer-truncated" => "examples longer than max_seq_length lose their whole last answer to truncation: \
+                        only earlier turns are trained (raise max_seq_length, or truncation: \"drop\")".into(),
+                    "empty-reply" => "assistant replies are empty: the model learns to answer with nothing".into(),
+                    "turn-order" => "turns are out of order (two user or two assistant turns in a row, a system turn after the start, \
+                        or a tool result without a tool call before it)".into(),
+                    "duplicate-system" => "conversations have more than one system turn (most templates keep only the first, or fail)".into(),
                     "template-rewrites-turns" => "the chat template renders earlier assistant turns differently once later messages follow \
                         (Qwen3 drops the reasoning of turns before the last user message): they are trained as the whole conversation renders them"
                         .into(),
@@ -547,6 +575,42 @@ impl LintSet {
             })
             .collect()
     }
+}
+
+/// Whether truncating to `max` tokens removes the last trained run (the last answer) whole
+/// while an earlier one stays (when none stays, the example is dropped and said so).
+fn last_answer_cut(trained: &[bool], max: usize) -> bool {
+    let Some(end) = trained.iter().rposition(|&t| t) else { return false };
+    let start = trained[..end].iter().rposition(|&t| !t).map_or(0, |k| k + 1);
+    // Label 0 predicts nothing, so a run must start after it to count as trained.
+    start >= max && trained.iter().take(max).skip(1).any(|&t| t)
+}
+
+/// Lints about one conversation's turns: empty replies, order, system turns.
+fn turn_lints(row: &Row) -> Vec<&'static str> {
+    let Record::Messages(msgs) = &row.record else { return vec![] };
+    let mut out = Vec::new();
+    let empty = |i: usize, m: &Message| m.role == "assistant" && m.content.trim().is_empty() && !row.has_tool_calls(i);
+    if msgs.iter().enumerate().any(|(i, m)| empty(i, m)) {
+        out.push("empty-reply");
+    }
+    if msgs.iter().filter(|m| m.role == "system").count() > 1 {
+        out.push("duplicate-system");
+    }
+    let misplaced = msgs.iter().enumerate().skip(1).any(|(i, m)| {
+        let prev = &msgs[i - 1];
+        match m.role.as_str() {
+            "system" => prev.role != "system",
+            "user" => prev.role == "user",
+            "assistant" => prev.role == "assistant" && !row.has_tool_calls(i - 1),
+            "tool" => !(prev.role == "tool" || prev.role == "assistant" && row.has_tool_calls(i - 1)),
+            _ => false,
+        }
+    });
+    if misplaced {
+        out.push("turn-order");
+    }
+    out
 }
 
 /// Lints about which tokens end assistant turns.
@@ -577,8 +641,8 @@ fn token_lints(ct: &ChatTokenizer, enc: &Encoder, pad_id: u32, end_ids: &BTreeMa
         out.push(Lint {
             kind: "pad-is-eos",
             message: format!(
-                "the pad token is the end-of-turn token `{}`: qscript masks padding by position (attention_mask / segment 0), so end-of-turn labels stay trained here, \
-                 but a collator that sets labels to -100 wherever input == pad would hide them from the loss",
+                "the pad token is the end-of-turn token `{}`. Nothing to do: qscript tells padding apart by position, so the model still \
+                 learns to end its turns (a Python collator that masks every pad-token id would hide them)",
                 name(pad_id)
             ),
             count: 0,
@@ -597,7 +661,7 @@ fn role_lints(ds: &Dataset, enc: &Encoder) -> Vec<Lint> {
     let mut by_role: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, row) in ds.rows.iter().enumerate().filter(|(_, r)| matches!(r.record, Record::Messages(_))).take(64) {
         if let Record::Messages(m) = &row.record {
-            for role in enc.dropped_roles(m) {
+            for role in enc.dropped_roles(m, row) {
                 by_role.entry(role).or_default().push(i);
             }
         }

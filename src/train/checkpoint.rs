@@ -20,6 +20,9 @@ pub struct Manifest {
     pub base_model_config_sha256: String,
     pub base_model: String,
     pub seed: u64,
+    /// How the run was started: command, `--set` values, device, dtypes, commit, weights hash.
+    #[serde(flatten)]
+    pub record: super::record::RunRecord,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -35,6 +38,19 @@ pub struct TrainerState {
     pub best_metric: Option<f64>,
     pub best_model_checkpoint: Option<String>,
     pub log_history: Vec<serde_json::Value>,
+    /// Finite losses since the last log entry, summed, and their count: a run resumed between
+    /// two log entries logs the same mean as one that was not stopped.
+    #[serde(default)]
+    pub window_loss: f64,
+    #[serde(default)]
+    pub window_steps: usize,
+    /// Evaluations since `metric_for_best_model` last improved (early stopping).
+    #[serde(default)]
+    pub early_stopping_patience_counter: usize,
+    /// Written when Ctrl-C cut a step's after-step work (its evaluation, a callback): where that
+    /// work stood, so the resumed run finishes it first (trainer.rs, `AfterStep`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_step: Option<serde_json::Value>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -93,6 +109,13 @@ pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) ->
     Ok(final_dir)
 }
 
+/// `save_only_model`: the checkpoint keeps its adapter and trainer state, not the optimizer's
+/// moments (a third of a LoRA checkpoint's size, twice the adapter's); it cannot be resumed.
+pub fn drop_optimizer_state(dir: &Path) -> Result<()> {
+    let p = dir.join(OPTIMIZER_FILE);
+    std::fs::remove_file(&p).with_context(|| format!("{}: cannot remove", p.display()))
+}
+
 /// `checkpoint-N` directories of `output_dir`, oldest first.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
@@ -144,6 +167,9 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(STATE_FILE).display()))?;
     let manifest: Manifest = serde_json::from_value(read_json(MANIFEST_FILE)?)
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(MANIFEST_FILE).display()))?;
+    if !dir.join(OPTIMIZER_FILE).exists() && dir.join(STATE_FILE).exists() {
+        bail!("{}: saved with save_only_model: true (no optimizer state), so it cannot be resumed; load its adapter instead", dir.display());
+    }
     let (optimizer_step, params) = read_optimizer(&dir.join(OPTIMIZER_FILE))?;
     Ok(Loaded { dir: dir.to_path_buf(), state, manifest, optimizer_step, params })
 }

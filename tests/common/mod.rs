@@ -4,6 +4,7 @@
 
 pub mod autograd;
 pub mod families;
+pub mod pty;
 
 use std::path::{Path, PathBuf};
 
