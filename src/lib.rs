@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod export;
 pub mod device;
 pub mod generate;
 pub mod kernels;
@@ -12,6 +13,7 @@ pub mod model;
 pub mod profile;
 pub mod quant;
 pub mod script;
+pub mod serve;
 pub mod train;
 pub mod util;
 

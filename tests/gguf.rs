@@ -95,7 +95,7 @@ fn read_gguf_in_memory() {
     assert!(m.tensors.contains_key("model.layers.29.post_attention_layernorm.weight"));
     assert!(m.tensors.contains_key("model.norm.weight"));
     assert!(!m.tensors.contains_key("lm_head.weight"));
-    assert_eq!(m.tokenizer.encode("Hello, world!", false).unwrap(), vec![19556, 28, 905, 17]);
+    assert_eq!(m.tokenizer.as_ref().unwrap().encode("Hello, world!", false).unwrap(), vec![19556, 28, 905, 17]);
 }
 
 #[test]

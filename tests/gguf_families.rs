@@ -292,8 +292,7 @@ fn qwen2_pre_tokenizer_splits_digits() {
         pad_id: None,
         add_bos: false,
         add_eos: false,
-        chat_template: None,
-        model_max_length: None,
+        ..GgufVocab::default()
     };
     let ids = |pre: &str| Tokenizer::from_gguf_vocab(&vocab(pre)).unwrap().encode("a12", false).unwrap();
     assert_eq!(ids("qwen2"), [3, 0, 1]);

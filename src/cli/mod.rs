@@ -1,6 +1,7 @@
 //! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `chat`, `bench`, `quantize`.
 
 pub mod bench;
+pub mod export;
 pub mod chat;
 pub mod quantize;
 pub mod repl;
@@ -87,6 +88,25 @@ enum Command {
     /// Write a bitsandbytes 4-bit checkpoint (NF4/FP4) of a model directory or safetensors file
     #[command(after_help = quantize::EXAMPLES)]
     Quantize(quantize::QuantizeArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models)
+    #[command(after_help = "Examples:\n  qscript serve HuggingFaceTB/SmolLM2-135M-Instruct\n  qscript serve my-model/ --adapter support=out/run1/checkpoint-200 --port 8080\n\n  curl http://127.0.0.1:8080/v1/chat/completions -d '{\"model\": \"support\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'\n\nRequests are queued and answered one at a time. Ctrl-C stops the server.")]
+    Serve {
+        /// Model: hub id, HF directory or .gguf
+        model: String,
+        /// A LoRA adapter to serve as its own model, `NAME=DIR` or `DIR` (named by the directory); repeatable
+        #[arg(long = "adapter", value_name = "[NAME=]DIR")]
+        adapters: Vec<String>,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+    },
+    /// Export for llama.cpp / Ollama: GGUF files (merged model or LoRA adapter) and a Modelfile
+    #[command(after_help = export::EXAMPLES)]
+    Export {
+        #[command(subcommand)]
+        what: export::ExportCommand,
+    },
 }
 
 fn install_ctrlc() {
@@ -150,6 +170,8 @@ pub fn main() -> i32 {
         (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),
+        (Some(Command::Export { what }), _) => report(export::run(what)),
+        (Some(Command::Serve { model, adapters, port, host }), _) => report(crate::serve::run(crate::serve::ServeOptions { model, adapters, host, port })),
         (None, Some(recipe)) => report(run_recipe(&recipe, &cli.run)),
     }
 }

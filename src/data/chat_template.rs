@@ -56,6 +56,16 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// A model's chat template with its tokenizer's bos/eos strings; `None` when the model has
+    /// no tokenizer or no template.
+    pub fn of_model(model: &crate::model::Model) -> Result<Option<Self>> {
+        let Some(tok) = &model.tokenizer else { return Ok(None) };
+        let Some(src) = &tok.chat_template else { return Ok(None) };
+        Self::new(src, tok.bos_token.as_deref().unwrap_or(""), tok.eos_token.as_deref().unwrap_or("")).map(Some)
+    }
+}
+
 /// The error `raise_exception(msg)` throws; found again in the error chain to report `msg`.
 #[derive(Debug)]
 struct Raised(String);

@@ -60,9 +60,82 @@ impl Detokenizer {
     }
 }
 
+/// What a caller may set (`model.chat` options, an HTTP request); `None`: the model's
+/// generation_config.json, then transformers' defaults (see [`options`]).
+#[derive(Debug, Clone, Default)]
+pub struct UserOptions {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// The generation options of `u` for `model`. Defaults follow transformers: greedy unless
+/// `do_sample`/`temperature` (or the model's generation_config.json) ask for sampling; when
+/// sampling, top_k defaults to 50; 256 new tokens.
+pub fn options(model: &Model, u: &UserOptions) -> Result<GenerateOptions> {
+    let gc = &model.generation_config;
+    let gc_f = |k: &str| gc.get(k).and_then(|v| v.as_f64());
+    let gc_sample = gc.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
+    let temperature = match (u.do_sample, u.temperature) {
+        (Some(false), _) => 0.0,
+        (_, Some(t)) => t,
+        (Some(true), None) => gc_f("temperature").unwrap_or(1.0),
+        (None, None) if gc_sample => gc_f("temperature").unwrap_or(1.0),
+        (None, None) => 0.0,
+    };
+    anyhow::ensure!(temperature >= 0.0, "`temperature` must be >= 0, got {temperature}");
+    let sampling_on = temperature > 0.0;
+    let top_k = match u.top_k {
+        Some(k) => Some(k),
+        None if sampling_on => Some(gc.get("top_k").and_then(|v| v.as_u64()).map_or(50, |k| k as usize)),
+        None => None,
+    }
+    .filter(|&k| k > 0);
+    let top_p = u.top_p.or_else(|| if sampling_on { gc_f("top_p") } else { None });
+    if let Some(p) = top_p {
+        anyhow::ensure!((0.0..=1.0).contains(&p), "`top_p` must be in [0, 1], got {p}");
+    }
+    if let Some(p) = u.min_p {
+        anyhow::ensure!((0.0..=1.0).contains(&p), "`min_p` must be in [0, 1], got {p}");
+    }
+    let repetition_penalty = u.repetition_penalty.or_else(|| gc_f("repetition_penalty"));
+    if let Some(r) = repetition_penalty {
+        anyhow::ensure!(r > 0.0, "`repetition_penalty` must be > 0, got {r}");
+    }
+    let max_new_tokens = u.max_new_tokens.unwrap_or_else(|| gc.get("max_new_tokens").and_then(|v| v.as_u64()).map_or(256, |n| n as usize));
+    Ok(GenerateOptions {
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k,
+            top_p: top_p.filter(|&p| p < 1.0),
+            min_p: u.min_p.filter(|&p| p > 0.0),
+            repetition_penalty: repetition_penalty.filter(|&r| r != 1.0),
+            seed: u.seed.unwrap_or(0),
+        },
+        stop: u.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        eos_token_ids: model.eos_token_ids(),
+    })
+}
+
 /// Generate from `prompt_ids`; `on_text` receives text pieces as they become final (for
 /// streaming). Polls Ctrl-C between tokens.
 pub fn generate(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+    generate_while(model, prompt_ids, opts, &mut |piece| {
+        on_text(piece);
+        true
+    })
+}
+
+/// [`generate`], stopping (finish reason `Length`) once `on_text` returns false: a streaming
+/// client that went away.
+pub fn generate_while(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
     anyhow::ensure!(!prompt_ids.is_empty(), "generate: the prompt is empty (no tokens)");
     model.check_ids(prompt_ids)?;
     let max_pos = model.config().max_position_embeddings;
@@ -102,8 +175,10 @@ pub fn generate(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_te
         if let Some(piece) = detok.next_piece(model, &ids)? {
             let (safe, stop_hit) = stops.push(&piece);
             if !safe.is_empty() {
-                on_text(&safe);
                 text.push_str(&safe);
+                if !on_text(&safe) {
+                    break;
+                }
             }
             if stop_hit {
                 finish = FinishReason::Stop;

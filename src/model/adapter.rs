@@ -265,7 +265,8 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
     })
 }
 
-/// `PeftModel.from_pretrained(model, dir)` / `model.load_adapter(dir)`: read a peft-written
+/// `PeftModel.from_pretrained(model, dir)` / `model.load_adapter(dir)`: read a peft-written (or,
+/// for a `.gguf` path, a llama.cpp LoRA file: `gguf_adapter::read_adapter`)
 /// adapter and attach it to exactly the modules its safetensors file holds, replacing any
 /// adapters the model had. Scaling is `lora_alpha / r` (`/ √r` with rsLoRA, per-module
 /// `rank_pattern` / `alpha_pattern`); adapters are stored in the layers' compute dtype.
@@ -273,6 +274,10 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
 /// that map to no module, missing A/B halves and shapes are one-line errors naming the file
 /// and tensor.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    // A GGUF LoRA file (llama.cpp's format) instead of a peft directory.
+    if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+        return super::gguf_adapter::read_adapter(model, dir);
+    }
     let cfg = read_config(dir)?.for_family(model.family());
     let wpath = dir.join(ADAPTER_WEIGHTS);
     if !wpath.is_file() {
@@ -373,13 +378,22 @@ fn pair_keys(model: &Llama, cfg: &LoraConfig, files: &WeightFiles, wpath: &Path)
 pub fn merge_and_unload(model: &mut Llama) -> Result<usize> {
     let mut n = 0;
     for (_, lin) in model.linears_mut() {
-        let Some(l) = &lin.lora else { continue };
-        let w = lin.dense_weight()?.to_dtype(DType::F32)?;
-        let ba = l.b.to_dtype(DType::F32)?.matmul(&l.a.to_dtype(DType::F32)?)?;
-        let merged: Tensor = (w + (ba * l.scaling)?)?;
+        if lin.lora.is_none() {
+            continue;
+        }
+        let merged = merged_weight(lin)?;
         // A fresh dense layer: the weight (whatever its storage was) and no adapter.
         *lin = Linear::new(merged.to_dtype(lin.compute_dtype())?, lin.bias.take());
         n += 1;
     }
     Ok(n)
+}
+
+/// A linear's weight with its adapter folded in, `W + scaling · B·A`, computed in f32 (the
+/// dense or dequantized weight when it has no adapter).
+pub fn merged_weight(lin: &Linear) -> Result<Tensor> {
+    let w = lin.dense_weight()?.to_dtype(DType::F32)?;
+    let Some(l) = &lin.lora else { return Ok(w) };
+    let ba = l.b.to_dtype(DType::F32)?.matmul(&l.a.to_dtype(DType::F32)?)?;
+    Ok((w + (ba * l.scaling)?)?)
 }

@@ -18,7 +18,8 @@ pub struct GgufModel {
     pub config: Config,
     /// f32 tensors on the CPU, keyed by HF names.
     pub tensors: HashMap<String, Tensor>,
-    pub tokenizer: Tokenizer,
+    /// `None` for a file without a vocabulary (`tokenizer.ggml.model = none`).
+    pub tokenizer: Option<Tokenizer>,
     /// generation_config.json equivalent (bos/eos/pad ids).
     pub generation_config: serde_json::Value,
 }
@@ -37,7 +38,10 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     let md = Meta(&content.metadata);
     let config_json = config_json(&content, &mut file).map_err(at)?;
     let config = Config::from_json(&config_json).map_err(at)?;
-    let tokenizer = Tokenizer::from_gguf_vocab(&vocab(&md, Some(config.max_position_embeddings)).map_err(at)?).map_err(at)?;
+    let tokenizer = match has_vocab(&md).map_err(at)? {
+        true => Some(Tokenizer::from_gguf_vocab(&vocab(&md, Some(config.max_position_embeddings)).map_err(at)?).map_err(at)?),
+        false => None,
+    };
     let tensors = hf_tensors(&content, &mut file, &config_json).map_err(at)?;
     let embed = tensors
         .get(&names::weight_key(names::EMBED_TOKENS))
@@ -120,6 +124,12 @@ pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_gguf_vocab(&v).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
 }
 
+/// `general.type` of a GGUF file (`model`, `adapter`), reading the header only.
+pub fn read_general_type(path: &Path) -> Result<Option<String>> {
+    let (content, _) = open(path)?;
+    Meta(&content.metadata).str("general.type").map(|t| t.map(String::from)).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
 /// Only the HF config.json equivalent of a GGUF file (reads the header, not the tensors).
 pub fn read_config_json(path: &Path) -> Result<Value> {
     let (content, mut file) = open(path)?;
@@ -140,7 +150,10 @@ pub fn convert_to_hf_dir(gguf: &Path, out: &Path) -> Result<()> {
         super::save::write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
         fs::write(&tmp.join("config.json"), pretty(&model.config_json)?.as_bytes())?;
         fs::write(&tmp.join("generation_config.json"), pretty(&model.generation_config)?.as_bytes())?;
-        model.tokenizer.save(tmp)
+        match &model.tokenizer {
+            Some(t) => t.save(tmp),
+            None => Ok(()),
+        }
     })?;
     anyhow::ensure!(out.join("config.json").is_file(), "{}: cannot move converted model into place: the directory exists", out.display());
     Ok(())
@@ -308,7 +321,11 @@ fn config_json(content: &Content, file: &mut std::fs::File) -> Result<Value> {
     }
     let vocab_size = match h.opt("vocab_size")? {
         Some(n) => n,
-        None => md.array("tokenizer.ggml.tokens")?.map(Vec::len).with_context(|| format!("missing GGUF keys `{}` and `tokenizer.ggml.tokens`", h.key("vocab_size")))?,
+        // A file without a vocabulary: the embedding's rows.
+        None => match md.array("tokenizer.ggml.tokens")? {
+            Some(t) => t.len(),
+            None => content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).with_context(|| format!("missing GGUF keys `{}` and `tokenizer.ggml.tokens`", h.key("vocab_size")))?,
+        },
     };
     let eps_key = "attention.layer_norm_rms_epsilon";
     let has = |n: &str| content.tensor_infos.contains_key(n);
@@ -376,7 +393,7 @@ fn llama_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::
     c.insert("head_dim".into(), head_dim.into());
     c.insert("rope_theta".into(), rope_theta.into());
     if has("rope_freqs.weight") {
-        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim)?);
+        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim, usize_field(c, "max_position_embeddings"))?);
     }
     Ok(())
 }
@@ -530,8 +547,9 @@ fn phi3_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::f
 }
 
 /// llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (`rope_freqs.weight`).
-/// Recover transformers' `rope_scaling` from them, accepting only an exact llama3 match.
-fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_dim: usize) -> Result<Value> {
+/// Recover transformers' `rope_scaling` from them: llama3 when they are Llama 3.1's, else the
+/// divisors as they are.
+fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_dim: usize, max_pos: usize) -> Result<Value> {
     let factors = content
         .tensor(file, "rope_freqs.weight", &Device::Cpu)
         .and_then(|q| q.dequantize(&Device::Cpu))
@@ -548,10 +566,20 @@ fn llama3_scaling(content: &Content, file: &mut std::fs::File, theta: f64, head_
     let same = factors.len() == head_dim / 2
         && expected.zip(&factors).all(|(e, &f)| (e - f as f64).abs() <= 1e-3 * e);
     if !same {
-        bail!("tensor `rope_freqs.weight` holds RoPE factors other than Llama-3's (factor {factor}, low 1, high 4, original 8192): not supported");
+        // Other llama3 parameters (the file keeps only the divisors): the divisors themselves,
+        // as a longrope scaling that applies them at every length without an attention factor.
+        let divisors: Vec<f64> = factors.iter().map(|f| f.to_string().parse().unwrap_or(*f as f64)).collect();
+        return Ok(json!({"rope_type": "longrope", "short_factor": divisors, "long_factor": divisors, "attention_factor": 1.0,
+                         "original_max_position_embeddings": max_pos}));
     }
     Ok(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
               "original_max_position_embeddings": old as usize}))
+}
+
+/// Whether the file has a vocabulary: llama.cpp's converter writes `tokenizer.ggml.model =
+/// none` (`no_vocab`) for a model without one.
+fn has_vocab(md: &Meta) -> Result<bool> {
+    Ok(!matches!(md.str("tokenizer.ggml.model")?, Some("none" | "no_vocab")))
 }
 
 /// The `tokenizer.*` metadata of a GGUF file.
@@ -588,5 +616,11 @@ fn vocab(md: &Meta, model_max_length: Option<usize>) -> Result<GgufVocab> {
         add_eos: md.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
         chat_template: md.str("tokenizer.chat_template")?.map(String::from),
         model_max_length,
+        scores: match md.array("tokenizer.ggml.scores")? {
+            None => vec![],
+            Some(a) => a.iter().map(|x| x.to_f32().map_err(|_| anyhow::anyhow!("GGUF key `tokenizer.ggml.scores` must hold f32 values"))).collect::<Result<_>>()?,
+        },
+        add_space_prefix: md.bool("tokenizer.ggml.add_space_prefix")?,
+        model_name: md.str("general.name")?.map(String::from),
     })
 }

@@ -6,6 +6,8 @@ pub mod bnb_config;
 pub mod config;
 pub mod engine;
 pub mod gguf;
+pub mod gguf_adapter;
+pub mod gguf_write;
 pub mod hub;
 pub mod layers;
 pub mod llama;
@@ -119,7 +121,7 @@ impl Model {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(Self {
             llama,
-            tokenizer: Some(g.tokenizer),
+            tokenizer: g.tokenizer,
             generation_config: g.generation_config,
             name_or_path: name.to_string(),
             source_path: path.to_path_buf(),

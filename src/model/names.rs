@@ -360,6 +360,14 @@ impl Family {
         GGUF_ARCHS.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f)
     }
 
+    /// The llama.cpp architecture a GGUF of this family is written as (Mistral: `llama`).
+    pub fn gguf_arch(&self) -> Option<&'static str> {
+        if self == &MISTRAL {
+            return Some("llama");
+        }
+        GGUF_ARCHS.iter().find(|(_, f)| *f == self).map(|(a, _)| *a)
+    }
+
     /// llama.cpp's name of norm `n` inside a block of this family: `ffn_norm` is the norm
     /// before the MLP (Llama's post-attention norm, Gemma's pre-feed-forward one).
     pub fn gguf_norm(&self, n: Norm) -> &'static str {
@@ -396,6 +404,29 @@ impl Family {
             }
         };
         Some(format!("{path}.{kind}"))
+    }
+
+    /// The inverse of [`Family::hf_key_from_gguf`]: an HF key of this family → llama.cpp's
+    /// tensor name (`model.layers.3.mlp.up_proj.weight` → `blk.3.ffn_up.weight`).
+    pub fn gguf_key(&self, hf_key: &str) -> Option<String> {
+        let (path, kind) = hf_key.rsplit_once('.')?;
+        if kind != "weight" && kind != "bias" {
+            return None;
+        }
+        let base = match path {
+            EMBED_TOKENS => "token_embd".to_string(),
+            FINAL_NORM => "output_norm".to_string(),
+            LM_HEAD => "output".to_string(),
+            _ => {
+                let (layer, part) = path.strip_prefix(LAYERS)?.strip_prefix('.')?.split_once('.')?;
+                let layer = parse_index(layer)?;
+                match self.projs.iter().find(|p| p.path() == part) {
+                    Some(p) => format!("blk.{layer}.{}", p.gguf()),
+                    None => format!("blk.{layer}.{}", self.gguf_norm(*self.norms.iter().find(|n| n.path() == part)?)),
+                }
+            }
+        };
+        Some(format!("{base}.{kind}"))
     }
 }
 
@@ -711,12 +742,17 @@ mod tests {
                 assert!(seen.insert(p.gguf()), "{arch}: {} twice", p.gguf());
                 let path = ModuleId::new(2, *p).path();
                 assert_eq!(family.hf_key_from_gguf(&format!("blk.2.{}.bias", p.gguf())), Some(bias_key(&path)), "{arch}");
+                assert_eq!(family.gguf_key(&bias_key(&path)), Some(format!("blk.2.{}.bias", p.gguf())), "{arch}");
             }
             for &n in family.norms {
                 let g = family.gguf_norm(n);
                 assert!(seen.insert(g), "{arch}: {g} twice");
                 let path = NormId { layer: 0, norm: n }.path();
                 assert_eq!(family.hf_key_from_gguf(&format!("blk.0.{g}.weight")), Some(weight_key(&path)), "{arch}");
+                assert_eq!(family.gguf_key(&weight_key(&path)), Some(format!("blk.0.{g}.weight")), "{arch}");
+            }
+            for (hf, g) in [(EMBED_TOKENS, "token_embd"), (FINAL_NORM, "output_norm"), (LM_HEAD, "output")] {
+                assert_eq!(family.gguf_key(&weight_key(hf)), Some(format!("{g}.weight")), "{arch}");
             }
         }
         let key = |f: &Family, n: &str| f.hf_key_from_gguf(n);
@@ -730,6 +766,10 @@ mod tests {
             assert_eq!(key(f, bad), None, "{}: {bad}", f.name);
         }
         assert_eq!(Family::of_gguf_arch("mistral"), None);
+        for f in FAMILIES {
+            let arch = f.gguf_arch().unwrap();
+            assert_eq!(Family::of_gguf_arch(arch).map(|g| g.name), Some(if f == &MISTRAL { "llama" } else { f.name }));
+        }
     }
 
     #[test]

@@ -254,6 +254,21 @@ pub static SET_CHAT_TEMPLATE: Schema = Schema {
     ],
 };
 
+pub static SAVE_GGUF: Schema = Schema {
+    name: "save_gguf options",
+    keys: &[
+        key("quantization", Ty::OneOf(&["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]), "GGUF file type (default f16); q4_k_m / q5_k_m are llama.cpp's mixes"),
+        key("verify", Ty::Bool, "load the file back and compare logits and greedy text with the model (default true)"),
+        key("prompts", Ty::StrOrList, "prompts to verify on (default: three questions through the chat template)"),
+        key("modelfile", Ty::Bool, "write an Ollama Modelfile beside the file (default true)"),
+    ],
+};
+
+pub static SAVE_GGUF_ADAPTER: Schema = Schema {
+    name: "save_gguf_adapter options",
+    keys: &[key("base_gguf", Ty::Str, "the base model's GGUF file: an Ollama Modelfile (FROM it, ADAPTER this) is written beside the adapter")],
+};
+
 pub static TOKENIZE: Schema = Schema {
     name: "tokenize options",
     keys: &[key("add_special_tokens", Ty::Bool, "apply the tokenizer's post-processor, e.g. a BOS (default true)")],
@@ -432,6 +447,8 @@ pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
         "apply_chat_template" => &CHAT_TEMPLATE,
         "set_chat_template" => &SET_CHAT_TEMPLATE,
         "tokenize" | "encode" => &TOKENIZE,
+        "save_gguf" => &SAVE_GGUF,
+        "save_gguf_adapter" => &SAVE_GGUF_ADAPTER,
         "decode" => &DECODE,
         "load_dataset" => &LOAD_DATASET,
         "train_test_split" => &TRAIN_TEST_SPLIT,

@@ -3,8 +3,7 @@
 use super::config::{self, Cfg};
 use super::model_api::{messages_from_dynamic, ModelHandle};
 use super::{rt, Api};
-use crate::generate::sampling::SamplingParams;
-use crate::generate::{generate, GenerateOptions};
+use crate::generate::{generate, GenerateOptions, UserOptions};
 use rhai::{Dynamic, Map};
 use std::cell::RefCell;
 use std::io::Write;
@@ -20,57 +19,20 @@ pub fn take_streamed() -> Option<String> {
     STREAMED.with(|s| s.borrow_mut().take())
 }
 
-/// Defaults follow transformers: greedy unless `do_sample`/`temperature` (or the model's
-/// generation_config.json) ask for sampling; when sampling, top_k defaults to 50.
+/// `model.generate` / `model.chat` options → [`crate::generate::options`].
 fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
-    let model = m.get()?;
-    let gc = &model.generation_config;
-    let gc_f = |k: &str| gc.get(k).and_then(|v| v.as_f64());
-    let gc_sample = gc.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
-    let temperature = match (cfg.bool("do_sample"), cfg.float("temperature")) {
-        (Some(false), _) => 0.0,
-        (_, Some(t)) => t,
-        (Some(true), None) => gc_f("temperature").unwrap_or(1.0),
-        (None, None) if gc_sample => gc_f("temperature").unwrap_or(1.0),
-        (None, None) => 0.0,
+    let u = UserOptions {
+        do_sample: cfg.bool("do_sample"),
+        temperature: cfg.float("temperature"),
+        top_k: cfg.usize("top_k").map_err(anyhow::Error::msg)?,
+        top_p: cfg.float("top_p"),
+        min_p: cfg.float("min_p"),
+        repetition_penalty: cfg.float("repetition_penalty"),
+        max_new_tokens: cfg.usize("max_new_tokens").map_err(anyhow::Error::msg)?,
+        seed: cfg.int("seed").map(|s| s as u64),
+        stop: cfg.str_list("stop").unwrap_or_default(),
     };
-    anyhow::ensure!(temperature >= 0.0, "`temperature` must be >= 0, got {temperature}");
-    let sampling_on = temperature > 0.0;
-    let top_k = match cfg.usize("top_k").map_err(anyhow::Error::msg)? {
-        Some(k) => Some(k),
-        None if sampling_on => Some(gc.get("top_k").and_then(|v| v.as_u64()).map_or(50, |k| k as usize)),
-        None => None,
-    }
-    .filter(|&k| k > 0);
-    let top_p = cfg.float("top_p").or_else(|| if sampling_on { gc_f("top_p") } else { None });
-    if let Some(p) = top_p {
-        anyhow::ensure!((0.0..=1.0).contains(&p), "`top_p` must be in [0, 1], got {p}");
-    }
-    let min_p = cfg.float("min_p");
-    if let Some(p) = min_p {
-        anyhow::ensure!((0.0..=1.0).contains(&p), "`min_p` must be in [0, 1], got {p}");
-    }
-    let repetition_penalty = cfg.float("repetition_penalty").or_else(|| gc_f("repetition_penalty"));
-    if let Some(r) = repetition_penalty {
-        anyhow::ensure!(r > 0.0, "`repetition_penalty` must be > 0, got {r}");
-    }
-    let max_new_tokens = match cfg.usize("max_new_tokens").map_err(anyhow::Error::msg)? {
-        Some(n) => n,
-        None => gc.get("max_new_tokens").and_then(|v| v.as_u64()).map_or(256, |n| n as usize),
-    };
-    Ok(GenerateOptions {
-        max_new_tokens,
-        sampling: SamplingParams {
-            temperature,
-            top_k,
-            top_p: top_p.filter(|&p| p < 1.0),
-            min_p: min_p.filter(|&p| p > 0.0),
-            repetition_penalty: repetition_penalty.filter(|&r| r != 1.0),
-            seed: cfg.int("seed").unwrap_or(0) as u64,
-        },
-        stop: cfg.str_list("stop").unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
-        eos_token_ids: model.eos_token_ids(),
-    })
+    crate::generate::options(&*m.get()?, &u)
 }
 
 /// Generates from `prompt_ids`; `on_text` gets each piece as it becomes final. A chat answer

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data_api;
+pub mod export_api;
 pub mod display_api;
 pub mod generate_api;
 pub mod key_order;
@@ -146,6 +147,7 @@ impl Host {
             quant_api::register(&mut api);
             train_api::register(&mut api);
             data_api::register(&mut api);
+            export_api::register(&mut api);
             display_api::register(&mut api);
         }
         Self { engine, docs }

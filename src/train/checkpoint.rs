@@ -55,13 +55,24 @@ pub struct TrainerState {
 
 pub const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const MANIFEST_FILE: &str = "manifest.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
 const SCHEDULER_FILE: &str = "scheduler.json";
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     let d = sha2::Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The manifest's fingerprint of a base model: the sha256 of its config.json as loaded.
+pub fn config_sha256(config: &crate::model::Config) -> String {
+    sha256_hex(serde_json::to_string(&config.raw).unwrap_or_default().as_bytes())
+}
+
+/// Read a `manifest.json` (a run's output_dir or a checkpoint holds one).
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a qscript manifest: {e}", path.display()))
 }
 
 /// Everything a checkpoint holds, to write or after reading.

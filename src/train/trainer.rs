@@ -321,7 +321,7 @@ impl SftTrainer {
             qscript_version: env!("CARGO_PKG_VERSION").to_string(),
             recipe_sha256: self.recipe.as_ref().map(|(_, src)| checkpoint::sha256_hex(src.as_bytes())),
             dataset_sha256: checkpoint::sha256_hex(&h),
-            base_model_config_sha256: checkpoint::sha256_hex(serde_json::to_string(&model.config().raw).unwrap_or_default().as_bytes()),
+            base_model_config_sha256: checkpoint::config_sha256(model.config()),
             base_model: model.name_or_path.clone(),
             seed: self.args.seed,
             record: RunRecord { recipe_file: self.recipe_file(), ..RunRecord::of(model) },
