@@ -136,6 +136,14 @@ impl Session {
         Self { host: Host::new(Some(std::path::Path::new(".")), limits), scope: Scope::new(), functions: AST::empty() }
     }
 
+    /// The command line's REPL: the permissions of a recipe living in the working directory
+    /// (read it and the model caches, write output folders inside it, fetch the hub ids typed
+    /// at the prompt), plus what the flags grant.
+    pub fn sandboxed(limits: &Limits, grants: &crate::util::permissions::Grants) -> Self {
+        let host = Host::sandboxed(std::path::Path::new("./repl"), limits, grants);
+        Self { host, scope: Scope::new(), functions: AST::empty() }
+    }
+
     /// Evaluate one input; returns the value to show (None for unit).
     pub fn eval(&mut self, input: &str) -> Result<Option<String>, String> {
         crate::CANCEL.store(false, Ordering::SeqCst);
@@ -143,6 +151,8 @@ impl Session {
             let pos = e.position();
             format!("repl:{}:{}: syntax error: {}", pos.line().unwrap_or(0), pos.position().unwrap_or(0), e.err_type())
         })?;
+        self.host.allow_literals_of(&ast);
+        let _active = self.host.enter();
         // Imports made at the prompt stay available: register them as static modules.
         for stmt in ast.statements() {
             if let rhai::Stmt::Import(x, pos) = stmt {
@@ -183,7 +193,7 @@ fn show(host: &Host, v: &Dynamic) -> Option<String> {
 }
 
 pub(super) fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let mut session = Session::new(&Limits { max_operations: args.max_operations });
+    let mut session = Session::sandboxed(&args.limits(), &args.grants());
     let mut functions: Vec<String> = session.host.docs.iter().map(|d| d.name.clone()).collect();
     functions.sort();
     functions.dedup();

@@ -81,6 +81,7 @@ pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<Model
 pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
     let model = m.get()?;
     let dir = std::path::Path::new(dir);
+    crate::util::permissions::write_dir(dir)?;
     match &model.lora_config {
         Some(cfg) if lora::parameter_counts(&model.llama).0 > 0 => {
             crate::model::adapter::save_adapter(&model.llama, cfg, &model.name_or_path, dir)
@@ -90,6 +91,7 @@ pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
 }
 
 pub fn load_adapter(m: &ModelHandle, dir: &str) -> anyhow::Result<ModelHandle> {
+    crate::util::permissions::read(std::path::Path::new(dir))?;
     let mut model = m.get_mut()?;
     let cfg = crate::model::adapter::load_adapter(&mut model.llama, std::path::Path::new(dir))?;
     model.lora_config = Some(cfg);

@@ -36,6 +36,7 @@ fn inner(t: &TrainerHandle) -> anyhow::Result<std::cell::RefMut<'_, TrainerInner
 pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
     let cfg: Cfg = config::TRAINING_ARGS.check(map).map_err(anyhow::Error::msg)?;
     let out = cfg.str("output_dir").ok_or_else(|| anyhow::anyhow!("TrainingArguments: `output_dir` is required"))?;
+    crate::util::permissions::output_dir(Path::new(&out))?;
     let mut a = TrainingArguments::new(out);
     let us = |k: &str| cfg.usize(k).map_err(|e| anyhow::anyhow!("TrainingArguments: {e}"));
     if let Some(v) = cfg.float("num_train_epochs") {
@@ -74,7 +75,10 @@ pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
         a.resume_from_checkpoint = match (v.as_bool().ok(), v.clone().into_string().ok()) {
             (Some(true), _) => Resume::Latest,
             (Some(false), _) => Resume::No,
-            (_, Some(p)) => Resume::Path(PathBuf::from(p)),
+            (_, Some(p)) => {
+                crate::util::permissions::read(Path::new(&p))?;
+                Resume::Path(PathBuf::from(p))
+            }
             _ => anyhow::bail!("TrainingArguments: `resume_from_checkpoint` must be true, false or a path"),
         };
     }

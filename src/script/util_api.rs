@@ -1,10 +1,62 @@
-//! General helpers recipes need beside the ML API: JSON in and out.
+//! General helpers recipes need beside the ML API: JSON in and out, and printing of nested
+//! values with a depth bound (a 10,000-deep array must be an error, not a stack overflow).
 
 use super::{rt, Api};
-use rhai::Dynamic;
+use rhai::{Array, Dynamic, Map, NativeCallContext};
+
+/// Nesting deeper than this is refused when printing or serialising.
+pub const MAX_NESTING: usize = 256;
+
+/// An error when `v` nests arrays / maps deeper than [`MAX_NESTING`] (the walk stops there,
+/// so its own recursion is bounded).
+fn check_nesting(what: &str, v: &Dynamic) -> anyhow::Result<()> {
+    fn too_deep(d: &Dynamic, depth: usize) -> bool {
+        if depth > MAX_NESTING {
+            return true;
+        }
+        if let Ok(a) = d.as_array_ref() {
+            return a.iter().any(|x| too_deep(x, depth + 1));
+        }
+        if let Some(m) = d.read_lock::<Map>() {
+            return m.values().any(|x| too_deep(x, depth + 1));
+        }
+        false
+    }
+    if too_deep(v, 1) {
+        anyhow::bail!("{what}: the value is nested deeper than {MAX_NESTING} levels");
+    }
+    Ok(())
+}
 
 pub fn register(api: &mut Api) {
     api.func("to_json", "to_json(value) -> string",
         "Serialize any value (string, number, array, map) as JSON, keys in insertion order.",
-        |v: Dynamic| rt(serde_json::to_string(&v).map_err(anyhow::Error::from)));
+        |v: Dynamic| rt(check_nesting("to_json", &v).and_then(|_| serde_json::to_string(&v).map_err(anyhow::Error::from))));
+    // Printing of arrays and maps (`print`, `${...}`, `to_string`) as Rhai's own, bounded in depth.
+    for name in ["print", "to_string", "debug", "to_debug"] {
+        api.func(name, &format!("{name}(array) -> string"), "The array as Rhai prints it (nested at most 256 deep).",
+            move |ctx: NativeCallContext, a: &mut Array| rt(show(&ctx, &Dynamic::from_array(a.clone()), 1, name)));
+        api.func(name, &format!("{name}(map) -> string"), "The map as Rhai prints it (nested at most 256 deep).",
+            move |ctx: NativeCallContext, m: &mut Map| rt(show(&ctx, &Dynamic::from_map(m.clone()), 1, name)));
+    }
+}
+
+/// `v` as Rhai's `to_debug` writes it, refusing nesting deeper than [`MAX_NESTING`] (so the
+/// recursion here is bounded too).
+fn show(ctx: &NativeCallContext, v: &Dynamic, depth: usize, what: &str) -> anyhow::Result<String> {
+    if depth > MAX_NESTING {
+        anyhow::bail!("{what}: the value is nested deeper than {MAX_NESTING} levels");
+    }
+    if let Ok(a) = v.as_array_ref() {
+        let items: Vec<String> = a.iter().map(|x| show(ctx, x, depth + 1, what)).collect::<anyhow::Result<_>>()?;
+        return Ok(format!("[{}]", items.join(", ")));
+    }
+    if let Some(m) = v.read_lock::<Map>() {
+        let items: Vec<String> = m.iter().map(|(k, x)| Ok(format!("{k:?}: {}", show(ctx, x, depth + 1, what)?))).collect::<anyhow::Result<_>>()?;
+        return Ok(format!("#{{{}}}", items.join(", ")));
+    }
+    if let Ok(s) = v.as_immutable_string_ref() {
+        return Ok(format!("{:?}", s.as_str()));
+    }
+    Ok(ctx.call_native_fn::<rhai::ImmutableString>("to_debug", (v.clone(),)).map(|s| s.to_string()).unwrap_or_else(|_| format!("{v:?}")))
 }

@@ -1,6 +1,8 @@
 //! Small shared helpers.
 
+pub mod files;
 pub mod fs;
+pub mod permissions;
 
 /// The closest of `candidates` to `word` (for "unknown key `x`; did you mean `y`?").
 pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
