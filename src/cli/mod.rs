@@ -57,6 +57,9 @@ struct RunArgs {
     /// Lift every permission check (for your own recipes)
     #[arg(long = "allow-all", short = 'A')]
     allow_all: bool,
+    /// Stop a recipe whose memory (its values, datasets, models on the CPU) passes this size: 8G, 512M, none
+    #[arg(long = "max-memory", value_name = "SIZE", value_parser = crate::util::memory::parse_size)]
+    max_memory: Option<usize>,
 }
 
 impl RunArgs {
@@ -72,7 +75,9 @@ impl RunArgs {
         }
     }
 
+    /// The engine's limits; sets the process's memory limit (default: 3/4 of the machine's).
     pub(crate) fn limits(&self) -> Limits {
+        crate::util::memory::set_limit(self.max_memory.unwrap_or_else(crate::util::memory::default_limit));
         Limits { max_operations: self.max_operations }
     }
 }
@@ -228,6 +233,10 @@ fn panicked() -> i32 {
 }
 
 fn cli_main() -> i32 {
+    // Exercises the handler above (tests/robustness.rs): an unexpected panic, on purpose.
+    if std::env::var_os("QSCRIPT_DEBUG_PANIC").is_some() {
+        panic!("QSCRIPT_DEBUG_PANIC is set");
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -163,12 +163,17 @@ impl Host {
         // Compile unoptimized (see `compile_source`); runs optimize explicitly.
         engine.set_optimization_level(rhai::OptimizationLevel::None);
         let mut docs = Vec::new();
+        // Rhai's array / map / string size limits are off: it checks them by walking the whole
+        // value after every call that may change it, so `a.push(x)` in a loop costs O(n²)
+        // and never reaches a 10M limit in practice. The memory limit (`util::memory`,
+        // checked at every operation below) bounds what a recipe makes instead, native
+        // objects included.
         engine
             .set_max_call_levels(64)
             .set_max_expr_depths(128, 64)
-            .set_max_string_size(64 << 20)
-            .set_max_array_size(10_000_000)
-            .set_max_map_size(1_000_000)
+            .set_max_string_size(0)
+            .set_max_array_size(0)
+            .set_max_map_size(0)
             .set_max_modules(256)
             .set_max_variables(10_000)
             .set_max_functions(10_000);
@@ -176,6 +181,8 @@ impl Host {
         engine.on_progress(move |ops| {
             if crate::CANCEL.load(Ordering::Relaxed) {
                 Some(Dynamic::from("interrupted (Ctrl-C)"))
+            } else if let Some(msg) = crate::util::memory::over_limit() {
+                Some(Dynamic::from(msg))
             } else if ops > max_ops {
                 Some(Dynamic::from(format!(
                     "stopped after {max_ops} operations (a runaway loop?); raise the limit with --max-operations"

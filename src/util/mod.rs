@@ -2,6 +2,7 @@
 
 pub mod files;
 pub mod fs;
+pub mod memory;
 pub mod permissions;
 
 /// The closest of `candidates` to `word` (for "unknown key `x`; did you mean `y`?").
