@@ -198,9 +198,17 @@ fn pruning_never_touches_another_runs_checkpoints() {
         v
     };
     assert_eq!(names("runs/a"), ["checkpoint-5", "checkpoint-6"]);
+    // A killed run's temporary (its pid is gone) is removed by the next run in the folder.
+    let mut c = Command::new("true").spawn().unwrap();
+    let dead = c.id();
+    c.wait().unwrap();
+    let stale = ws.root.join(format!("work/runs/a/.checkpoint-9.tmp-{dead}-1-0"));
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("optimizer.safetensors"), vec![0u8; 4096]).unwrap();
     // A new run into the same folder with fewer steps keeps its own two newest and leaves the
     // older run's alone (before: checkpoint-5/6 survived and the new run's own were deleted).
     let o = run("runs/a", 3);
+    assert!(!stale.exists(), "the dead run's temporary is gone");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(names("runs/a"), ["checkpoint-2", "checkpoint-3", "checkpoint-5", "checkpoint-6"]);
     // Resuming continues the latest run (step 3), not the stale step 6.

@@ -607,4 +607,80 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(!stale.exists() && left.contains(&".other.tmp-1".to_string()), "{left:?}");
     }
+
+    /// The pid of a process that has exited.
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn merge_installs_the_whole_directory_in_one_step() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("adapter");
+        make_dir(&d, &[("adapter_config.json", "alpha 8"), ("adapter_model.safetensors", "old"), ("README.md", "mine")]);
+        let (dir_ino, readme_ino) = (std::fs::metadata(&d).unwrap().ino(), std::fs::metadata(d.join("README.md")).unwrap().ino());
+        install_dir(&d, Existing::Merge, |tmp| {
+            write(&tmp.join("adapter_model.safetensors"), b"new")?;
+            // Until the swap, a reader sees the old pair only.
+            assert_eq!(std::fs::read_to_string(d.join("adapter_model.safetensors")).unwrap(), "old");
+            write(&tmp.join("adapter_config.json"), b"alpha 16")
+        })
+        .unwrap();
+        assert_eq!(names(&d), ["README.md", "adapter_config.json", "adapter_model.safetensors"]);
+        assert_eq!(std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), "alpha 16");
+        assert_eq!(std::fs::read_to_string(d.join("README.md")).unwrap(), "mine");
+        assert_ne!(std::fs::metadata(&d).unwrap().ino(), dir_ino, "a new directory was swapped in (not renamed into file by file)");
+        assert_eq!(std::fs::metadata(d.join("README.md")).unwrap().ino(), readme_ino, "kept files are linked, not copied");
+        assert_eq!(names(t.path()), ["adapter"]);
+    }
+
+    /// A kill between the two renames of a swap (where the exchange is not available): the
+    /// next sweep puts the complete new one in, or the old one back; never a mix.
+    #[test]
+    fn an_interrupted_swap_is_finished_by_the_next_sweep() {
+        let t = tempfile::tempdir().unwrap();
+        let pid = dead_pid();
+        let m = t.path().join("m");
+        // Killed after moving the old one aside, with the new one complete.
+        make_dir(&t.path().join(format!(".m.old-{pid}-1-0")), &[("config.json", "old"), ("w", "old")]);
+        make_dir(&t.path().join(format!(".m.new-{pid}-1-1")), &[("config.json", "new"), ("w", "new")]);
+        remove_stale_temps(&m, STALE_AGE);
+        assert_eq!(names(t.path()), ["m"]);
+        assert_eq!((std::fs::read_to_string(m.join("config.json")).unwrap(), std::fs::read_to_string(m.join("w")).unwrap()), ("new".into(), "new".into()));
+        // Killed after moving the old one aside, before the new one was complete: old back.
+        std::fs::rename(&m, t.path().join(format!(".m.old-{pid}-2-0"))).unwrap();
+        make_dir(&t.path().join(format!(".m.tmp-{pid}-2-1")), &[("w", "half")]);
+        remove_stale_temps(&m, STALE_AGE);
+        assert_eq!(names(t.path()), ["m"]);
+        assert_eq!(std::fs::read_to_string(m.join("w")).unwrap(), "new");
+        // A live writer's temporaries (this process's) stay until they are old.
+        let live = t.path().join(format!(".m.tmp-{}-3-0", std::process::id()));
+        make_dir(&live, &[("w", "writing")]);
+        remove_stale_temps(&m, STALE_AGE);
+        assert!(live.exists());
+        // A whole output folder is swept at a run's start.
+        make_dir(&t.path().join(format!(".checkpoint-4.tmp-{pid}-4-0")), &[("x", "1")]);
+        std::fs::write(t.path().join(format!(".metrics.jsonl.tmp-{pid}-4-1.jsonl")), "x").unwrap();
+        remove_dead_temps(t.path());
+        assert_eq!(names(t.path()).len(), 2, "{:?}", names(t.path()));
+    }
+
+    #[test]
+    fn remove_dir_never_leaves_a_partial_directory_under_its_name() {
+        let t = tempfile::tempdir().unwrap();
+        let c = t.path().join("checkpoint-3");
+        make_dir(&c, &[("trainer_state.json", "{}"), ("optimizer.safetensors", "x")]);
+        remove_dir(&c).unwrap();
+        assert_eq!(names(t.path()), Vec::<String>::new());
+        // A kill during the deletion leaves only the renamed temporary, swept by the next run.
+        let pid = dead_pid();
+        make_dir(&t.path().join(format!(".checkpoint-3.del-{pid}-1-0")), &[("optimizer.safetensors", "x")]);
+        remove_dead_temps(t.path());
+        assert_eq!(names(t.path()), Vec::<String>::new());
+    }
 }
