@@ -162,6 +162,8 @@ impl Host {
         let mut engine = Engine::new();
         // Compile unoptimized (see `compile_source`); runs optimize explicitly.
         engine.set_optimization_level(rhai::OptimizationLevel::None);
+        // Operators resolve through functions, so `util_api`'s bounded string `+` / `+=` apply.
+        engine.set_fast_operators(false);
         let mut docs = Vec::new();
         // Rhai's array / map / string size limits are off: it checks them by walking the whole
         // value after every call that may change it, so `a.push(x)` in a loop costs O(n²)

@@ -1,8 +1,8 @@
 //! General helpers recipes need beside the ML API: JSON in and out, and printing of nested
 //! values with a depth bound (a 10,000-deep array must be an error, not a stack overflow).
 
-use super::{rt, Api};
-use rhai::{Array, Dynamic, Map, NativeCallContext};
+use super::{rt, Api, RhaiResult};
+use rhai::{Array, Dynamic, EvalAltResult, ImmutableString, Map, NativeCallContext, Position};
 
 /// Nesting deeper than this is refused when printing or serialising.
 pub const MAX_NESTING: usize = 256;
@@ -28,7 +28,28 @@ fn check_nesting(what: &str, v: &Dynamic) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Longest string a recipe may build with `+` / `+=` (the memory limit bounds the rest).
+pub const MAX_STRING: usize = 64 << 20;
+
+fn joined(a: &str, b: &str) -> RhaiResult<ImmutableString> {
+    if a.len() + b.len() > MAX_STRING {
+        return Err(EvalAltResult::ErrorDataTooLarge(format!("Length of string ({} MiB)", MAX_STRING >> 20), Position::NONE).into());
+    }
+    Ok(format!("{a}{b}").into())
+}
+
 pub fn register(api: &mut Api) {
+    // String growth, bounded in O(1) per operation (Rhai's own size check would walk every
+    // array after every call; see `Host::new`). Needs the engine's fast operators off.
+    api.engine.register_fn("+", |a: ImmutableString, b: ImmutableString| joined(&a, &b));
+    api.engine.register_fn("+=", |a: &mut ImmutableString, b: ImmutableString| -> RhaiResult<()> {
+        *a = joined(a, &b)?;
+        Ok(())
+    });
+    api.engine.register_fn("+=", |a: &mut ImmutableString, c: char| -> RhaiResult<()> {
+        *a = joined(a, c.encode_utf8(&mut [0; 4]))?;
+        Ok(())
+    });
     api.func("to_json", "to_json(value) -> string",
         "Serialize any value (string, number, array, map) as JSON, keys in insertion order.",
         |v: Dynamic| rt(check_nesting("to_json", &v).and_then(|_| serde_json::to_string(&v).map_err(anyhow::Error::from))));

@@ -31,7 +31,7 @@ pub fn list(spec: &str, keep: &dyn Fn(&Path) -> bool) -> Result<(Vec<PathBuf>, u
         if !p.is_file() {
             bail!("{spec}: not a regular file");
         }
-        return Ok((vec![p.to_path_buf()], 0));
+        return Ok(if keep(p) { (vec![p.to_path_buf()], 0) } else { (vec![], 1) });
     }
     if !globbed {
         bail!("{spec}: no such file or directory");
