@@ -1,6 +1,11 @@
-//! Crash cases of issue 17 outside the model code, each a one-line error (or a quiet, defined
-//! exit) now: deeply nested values, a closed stdout pipe, an unwritable stderr, an unexpected
-//! panic, a FIFO and a symlink loop as datasets, and loops that grow values without bound.
+//! Crash cases of issue 17, each a one-line error (or a quiet, defined exit) now: sizes from
+//! config.json, GGUF metadata and recipe arguments checked before allocating, a 60 MB text to
+//! tokenize, GGUF `general.alignment = 0`, deeply nested values, a closed stdout pipe, an
+//! unwritable stderr, an unexpected panic, a FIFO and a symlink loop as datasets; and the
+//! exhaustion cases (growing loops, datasets, a template loop, 100,000 new tokens, deep folder
+//! walks), each stopped by a limit within seconds.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -133,6 +138,104 @@ fn growing_values_in_a_loop_reach_the_memory_limit_in_seconds() {
     }
 }
 
+/// A config.json of the tiny test model with `field` set to `value`.
+fn tiny_config(field: &str, value: serde_json::Value) -> String {
+    let mut c = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 1024, "torch_dtype": "float32"
+    });
+    c[field] = value;
+    c.to_string()
+}
+
+#[test]
+fn sizes_from_model_files_are_checked_before_allocating() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(t.path().join("m")).unwrap();
+    for (field, value) in [("num_hidden_layers", 1_000_000_000_000u64), ("max_position_embeddings", 100_000_000), ("vocab_size", 1 << 40), ("hidden_size", 1 << 40)] {
+        std::fs::write(t.path().join("m/config.json"), tiny_config(field, value.into())).unwrap();
+        let (o, took) = run_within(qscript(t.path()).arg(recipe(t.path(), "load_model(\"m\");")).to_owned_cmd(), 30);
+        one_line_error(&o, &format!("config.json: field `{field}` = {value} is larger than qscript supports"));
+        assert!(took < Duration::from_secs(10));
+    }
+    // GGUF metadata: the block count, and an alignment of 0 (candle divided by it).
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf");
+    for (seed, want) in [("seed-block-count-1e12", "`num_hidden_layers` = 1000000000000 is larger"), ("seed-alignment-0", "`general.alignment` = 0 is not a power of two")] {
+        std::fs::copy(seeds.join(seed), t.path().join("m.gguf")).unwrap();
+        let (o, _) = run_within(qscript(t.path()).arg(recipe(t.path(), "load_model(\"m.gguf\");")).to_owned_cmd(), 30);
+        one_line_error(&o, want);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("m.gguf"));
+    }
+    // The same GGUF with a sane header loads (the checks refuse only what is wrong).
+    std::fs::copy(seeds.join("seed-tiny-llama"), t.path().join("m.gguf")).unwrap();
+    let (o, _) = run_within(qscript(t.path()).arg(recipe(t.path(), "print(load_model(\"m.gguf\").config().num_hidden_layers);")).to_owned_cmd(), 60);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1");
+}
+
+#[test]
+fn lora_ranks_from_a_recipe_are_bounded() {
+    let t = tempfile::tempdir().unwrap();
+    for (src, want) in [
+        ("LoraConfig(#{ r: 1000000000000 });", "`r` = 1000000000000 is larger than 16384"),
+        ("LoraConfig(#{ rank_pattern: #{ q_proj: 1e20 } });", "rank_pattern `q_proj` must be a whole number between 1 and 16384"),
+        ("LoraConfig(#{ rank_pattern: #{ q_proj: 2.5 } });", "rank_pattern `q_proj`"),
+    ] {
+        let (o, took) = run_within(qscript(t.path()).arg(recipe(t.path(), src)).to_owned_cmd(), 30);
+        one_line_error(&o, want);
+        assert!(took < Duration::from_secs(10));
+    }
+}
+
+/// Builds `s`, a string of 60 MiB (under Rhai strings' 64 MiB bound).
+const SIXTY_MB: &str = "let a = \"xxxxxxxx\"; for i in 0..19 { a += a; }\nlet s = a + a + a + a; let b = s; s += b; s += a + a + a + a + a + a + a;\n";
+
+#[test]
+fn model_work_is_bounded_a_60_mb_text_a_template_loop_and_100k_new_tokens() {
+    let t = tempfile::tempdir().unwrap();
+    common::tiny_chat_model(&t.path().join("tiny"));
+    let load = "let m = load_model(\"tiny\");\n";
+    for (src, want) in [
+        (format!("{load}{SIXTY_MB}print(s.len()); m.tokenize(s);"), "tokenizer: the text is 60 MiB, more than the 16 MiB tokenized at once"),
+        (format!("{load}m.generate(\"Hi\", #{{ max_new_tokens: 100000 }});"), "`max_new_tokens` = 100000 is more than 32768"),
+        (
+            format!("{load}m.set_chat_template(\"{{% for i in range(100000) %}}{{% for j in range(100000) %}}x{{% endfor %}}{{% endfor %}}\");\nm.apply_chat_template([#{{ role: \"user\", content: \"hi\" }}], #{{ tokenize: false }});"),
+            "chat template stopped: more than 5000000 instructions in one render",
+        ),
+    ] {
+        let (o, took) = run_within(qscript(t.path()).arg(recipe(t.path(), &src)).to_owned_cmd(), 120);
+        one_line_error(&o, want);
+        assert!(took < Duration::from_secs(60), "{want}: {took:?}");
+    }
+    // A config's 16M positions do not build 16M-row RoPE tables at load time.
+    let cfg = std::fs::read_to_string(t.path().join("tiny/config.json")).unwrap().replace("\"max_position_embeddings\":1024", "\"max_position_embeddings\":16000000");
+    assert!(cfg.contains("16000000"), "{cfg}");
+    std::fs::write(t.path().join("tiny/config.json"), cfg).unwrap();
+    let (o, took) = run_within(qscript(t.path()).arg(recipe(t.path(), &format!("{load}print(m.generate(\"Hi\", #{{ max_new_tokens: 2 }}).len() >= 0);"))).arg("--max-memory=1G").to_owned_cmd(), 120);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(took < Duration::from_secs(60));
+}
+
+#[test]
+fn datasets_count_against_the_memory_limit_and_deep_walks_stop() {
+    let t = tempfile::tempdir().unwrap();
+    let src = "let d = Dataset([#{ text: \"a record of some length, repeated\" }]);\nloop { d = d.concat(d); }";
+    let (o, took) = run_within(qscript(t.path()).arg(recipe(t.path(), src)).arg("--max-memory=256M").to_owned_cmd(), 120);
+    one_line_error(&o, "memory limit reached");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    // A folder nested 70 deep: the walk stops at its depth bound.
+    let mut d = t.path().join("deep");
+    for i in 0..70 {
+        d = d.join(format!("d{i}"));
+    }
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("x.jsonl"), "{\"text\": \"a\"}\n").unwrap();
+    let (o, took) = run_within(qscript(t.path()).arg(recipe(t.path(), "load_dataset(\"deep\");")).to_owned_cmd(), 30);
+    one_line_error(&o, "folders nested deeper than 64 levels");
+    assert!(took < Duration::from_secs(10));
+}
+
 /// `Command` by value from a `&mut Command` chain.
 trait Owned {
     fn to_owned_cmd(&mut self) -> Command;
@@ -153,4 +256,58 @@ impl Owned for Command {
         }
         c
     }
+}
+
+/// Issue 17's atomicity hole: `save_pretrained` into an existing adapter folder, killed at
+/// moments spread over the run, leaves the old pair (config + weights) or the new pair, never
+/// new weights beside the old `adapter_config.json`.
+#[cfg(unix)]
+#[test]
+fn save_pretrained_over_an_existing_adapter_survives_a_kill_at_any_moment() {
+    let t = tempfile::tempdir().unwrap();
+    common::tiny_chat_model(&t.path().join("tiny"));
+    let save = |alpha: u32, out: &str| format!("set_seed(1);\nlet m = get_peft_model(load_model(\"tiny\"), LoraConfig(#{{ r: 2, lora_alpha: {alpha} }}));\nm.save_pretrained(\"{out}\");");
+    let pair = |d: &str| ["adapter_config.json", "adapter_model.safetensors"].map(|f| std::fs::read(t.path().join(d).join(f)).unwrap_or_default());
+    for (alpha, out) in [(8, "a8"), (16, "a16")] {
+        let (o, _) = run_within(qscript(t.path()).arg(recipe(t.path(), &save(alpha, out))).to_owned_cmd(), 120);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (old, new) = (pair("a8"), pair("a16"));
+    assert_ne!(old[0], new[0]);
+    let reset = || {
+        let _ = std::fs::remove_dir_all(t.path().join("ad"));
+        std::fs::create_dir_all(t.path().join("ad")).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(t.path().join("a8").join(f), t.path().join("ad").join(f)).unwrap();
+        }
+    };
+    // How long a whole save takes, then kills spread over it.
+    reset();
+    let src = recipe(t.path(), &save(16, "ad"));
+    let (o, full) = run_within(qscript(t.path()).arg(&src).to_owned_cmd(), 120);
+    assert!(o.status.success());
+    assert_eq!(pair("ad"), new);
+    let (mut saw_old, mut saw_new) = (0, 0);
+    for i in 0..12 {
+        reset();
+        let mut child = qscript(t.path()).arg(&src).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(full.mul_f64(0.3 + 0.7 * i as f64 / 12.0));
+        let _ = child.kill(); // SIGKILL
+        child.wait().unwrap();
+        let got = pair("ad");
+        if got == old {
+            saw_old += 1;
+        } else if got == new {
+            saw_new += 1;
+        } else {
+            panic!("kill {i}: a mixed adapter folder (config {} bytes, weights {} bytes)", got[0].len(), got[1].len());
+        }
+    }
+    eprintln!("after 12 kills: {saw_old} old, {saw_new} new");
+    // The next run sweeps what a kill left and saves.
+    let (o, _) = run_within(qscript(t.path()).arg(&src).to_owned_cmd(), 120);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pair("ad"), new);
+    let left: Vec<String> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".ad")).collect();
+    assert!(left.is_empty(), "temporaries left beside the folder: {left:?}");
 }

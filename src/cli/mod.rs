@@ -183,7 +183,7 @@ fn report(r: anyhow::Result<()>) -> i32 {
 }
 
 /// The recipe engine's thread: deep recursion (nested values, Rhai's evaluator) gets room.
-const STACK_SIZE: usize = 256 << 20;
+pub const STACK_SIZE: usize = 256 << 20;
 
 static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 

@@ -14,6 +14,8 @@ use serde_json::Value;
 use std::fmt::Write as _;
 
 const NAME: &str = "chat_template";
+/// Instructions one render may run (minijinja fuel).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
 
 pub struct ChatTemplate {
     pub source: String,
@@ -76,6 +78,9 @@ fn describe(err: &Error, source: &str) -> String {
         }
         cause = e.source();
     }
+    if err.kind() == ErrorKind::OutOfFuel {
+        return format!("chat template stopped: more than {TEMPLATE_FUEL} instructions in one render (a runaway loop?)");
+    }
     let detail = err.detail().map(str::to_string).unwrap_or_else(|| err.kind().to_string());
     let what = if err.kind() == ErrorKind::SyntaxError { "syntax error" } else { "error" };
     match err.line() {
@@ -89,6 +94,10 @@ fn describe(err: &Error, source: &str) -> String {
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    // A template is code from a model's files: one render runs at most this many
+    // instructions (a real chat template uses a few hundred per message), so a loop in it
+    // ends with an error instead of running inside one Rhai operation.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);

@@ -65,7 +65,7 @@ impl Detokenizer {
 pub fn generate(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
     anyhow::ensure!(!prompt_ids.is_empty(), "generate: the prompt is empty (no tokens)");
     model.check_ids(prompt_ids)?;
-    let max_pos = model.config().max_position_embeddings;
+    let max_pos = model.config().max_position_embeddings.min(crate::model::llama::ROPE_TABLE_MAX);
     anyhow::ensure!(
         prompt_ids.len() < max_pos,
         "prompt has {} tokens, the model's context is {max_pos}",
@@ -86,7 +86,7 @@ pub fn generate(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_te
     let mut input = Tensor::new(prompt_ids, &llama.device)?.unsqueeze(0)?;
     let mut prefill_secs = 0.0;
     for step in 0..max_new {
-        crate::check_cancel()?;
+        crate::check_limits()?;
         let logits = llama.forward(&input, Some(&mut cache), true)?;
         let mut row = logits.flatten_all()?.to_vec1::<f32>()?;
         if step == 0 {

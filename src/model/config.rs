@@ -35,6 +35,20 @@ pub struct Config {
 
 const SUPPORTED: &[&str] = &["llama"];
 
+/// The largest value qscript accepts for a size field of config.json (or GGUF metadata): a
+/// few times the largest Llama-family model's, small enough that tables sized from them fit.
+pub fn bound(field: &str) -> usize {
+    match field {
+        "hidden_size" => 1 << 16,
+        "intermediate_size" => 1 << 18,
+        "num_hidden_layers" => 1024,
+        "num_attention_heads" | "num_key_value_heads" | "head_dim" => 1024,
+        "vocab_size" => 1 << 22,
+        "max_position_embeddings" => 1 << 24,
+        _ => usize::MAX,
+    }
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -82,6 +96,17 @@ impl Config {
         let required = |k: &str| -> Result<usize> {
             usize_field(k)?.with_context(|| format!("missing required field `{k}`"))
         };
+        // Sizes are checked against stated bounds before anything is allocated from them (a
+        // `num_hidden_layers` of 10^12 once sized a Vec; the largest Llama has 126 layers).
+        let bounded = |k: &str, v: Option<usize>| -> Result<Option<usize>> {
+            let max = bound(k);
+            match v {
+                Some(n) if n > max => bail!("field `{k}` = {n} is larger than qscript supports ({max})"),
+                v => Ok(v),
+            }
+        };
+        let required = |k: &str| -> Result<usize> { bounded(k, Some(required(k)?)).map(|v| v.unwrap_or(0)) };
+        let usize_field = |k: &str| -> Result<Option<usize>> { bounded(k, usize_field(k)?) };
         let hidden_size = required("hidden_size")?;
         let num_attention_heads = required("num_attention_heads")?;
         let num_hidden_layers = required("num_hidden_layers")?;

@@ -24,6 +24,9 @@ pub use super::layers::mlp::Mlp;
 pub use super::layers::norm::RmsNorm;
 pub use super::layers::rope::Rope;
 
+/// Positions the RoPE tables cover at most (sequences are limited to this many tokens).
+pub const ROPE_TABLE_MAX: usize = 1 << 17;
+
 mod decode_cuda;
 
 pub struct Llama {
@@ -153,7 +156,7 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            crate::check_cancel()?;
+            crate::check_limits()?;
             // This layer's module paths, by projection and by norm.
             let (p, n) = (|proj| ModuleId { layer: i, proj }.path(), |norm| NormId { layer: i, norm }.path());
             layers.push(Block {
@@ -201,7 +204,9 @@ impl Llama {
             layers,
             norm: norm(names::FINAL_NORM)?,
             lm_head,
-            rope: Rope::new(c, c.max_position_embeddings.max(1), dtype, device)?,
+            // The cos/sin tables are built eagerly: at most ROPE_TABLE_MAX positions, not the
+            // config's 16M, which would cost gigabytes before a token is read.
+            rope: Rope::new(c, c.max_position_embeddings.clamp(1, ROPE_TABLE_MAX), dtype, device)?,
             dtype,
             device: device.clone(),
             quantization,

@@ -8,6 +8,9 @@ use crate::generate::{generate, GenerateOptions};
 use rhai::{Dynamic, Map};
 use std::io::Write;
 
+/// The most tokens one `generate` / `chat` call produces.
+pub const MAX_NEW_TOKENS: usize = 32768;
+
 /// Defaults follow transformers: greedy unless `do_sample`/`temperature` (or the model's
 /// generation_config.json) ask for sampling; when sampling, top_k defaults to 50.
 fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
@@ -42,9 +45,11 @@ fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
     if let Some(r) = repetition_penalty {
         anyhow::ensure!(r > 0.0, "`repetition_penalty` must be > 0, got {r}");
     }
+    // Bounded: one `generate` call is one Rhai operation, whatever it asks for.
     let max_new_tokens = match cfg.usize("max_new_tokens").map_err(anyhow::Error::msg)? {
+        Some(n) if n > MAX_NEW_TOKENS => anyhow::bail!("`max_new_tokens` = {n} is more than {MAX_NEW_TOKENS}, the most one call generates"),
         Some(n) => n,
-        None => gc.get("max_new_tokens").and_then(|v| v.as_u64()).map_or(256, |n| n as usize),
+        None => gc.get("max_new_tokens").and_then(|v| v.as_u64()).map_or(256, |n| (n as usize).min(MAX_NEW_TOKENS)),
     };
     Ok(GenerateOptions {
         max_new_tokens,

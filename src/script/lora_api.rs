@@ -59,7 +59,14 @@ pub fn lora_config(map: &Map) -> anyhow::Result<LoraConfig> {
             _ => anyhow::bail!("LoraConfig: `init_lora_weights` must be true, false or \"gaussian\", got {v}"),
         };
     }
-    c.rank_pattern = float_map(&cfg, "rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect();
+    // Whole numbers only; 1e20 must not saturate into a huge usize unseen (validate bounds it).
+    c.rank_pattern = float_map(&cfg, "rank_pattern")?
+        .into_iter()
+        .map(|(k, v)| match v {
+            v if v.fract() == 0.0 && v >= 1.0 && v <= crate::model::lora::MAX_RANK as f64 => Ok((k, v as usize)),
+            v => Err(anyhow::anyhow!("LoraConfig: rank_pattern `{k}` must be a whole number between 1 and {}, got {v}", crate::model::lora::MAX_RANK)),
+        })
+        .collect::<anyhow::Result<_>>()?;
     c.alpha_pattern = float_map(&cfg, "alpha_pattern")?;
     if let Some(t) = cfg.str("task_type") {
         c.task_type = Some(t);

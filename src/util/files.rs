@@ -84,7 +84,7 @@ impl Walk {
     /// The regular files under `dir` that `matches`, in name order; hidden entries passed over
     /// unless `hidden`; symlinks followed only where the recipe may read, each folder once.
     fn dir(&mut self, dir: &Path, depth: usize, matches: &dyn Fn(&Path) -> bool) -> Result<()> {
-        crate::check_cancel()?;
+        crate::check_limits()?;
         if depth > MAX_WALK_DEPTH {
             bail!("{}: folders nested deeper than {MAX_WALK_DEPTH} levels", dir.display());
         }

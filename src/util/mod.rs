@@ -2,6 +2,7 @@
 
 pub mod files;
 pub mod fs;
+pub mod fuzz;
 pub mod memory;
 pub mod permissions;
 

@@ -75,6 +75,11 @@ impl Policy {
     /// folder, the model caches) with the reason each is readable.
     pub fn new(grants: &Grants, read_roots: &[(PathBuf, &str)]) -> Self {
         let cwd = std::env::current_dir().ok().and_then(|d| d.canonicalize().ok()).unwrap_or_else(|| PathBuf::from("/"));
+        Self::new_in(grants, read_roots, cwd)
+    }
+
+    /// [`Policy::new`] with `cwd` standing for the working directory (fuzzing, tests).
+    pub fn new_in(grants: &Grants, read_roots: &[(PathBuf, &str)], cwd: PathBuf) -> Self {
         let p = Policy {
             all: grants.all,
             read_any: grants.read_any,
