@@ -130,7 +130,8 @@ fn rewrite_generation_tags(src: &str) -> String {
     while let Some(i) = rest.find("{%") {
         out.push_str(&rest[..i]);
         let tag = &rest[i..];
-        let Some(end) = tag.find("%}").map(|e| e + 2) else { break };
+        // The closing `%}` after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 4) else { break };
         let inner = &tag[2..end - 2];
         let (l, body) = match inner.strip_prefix(['-', '+']) {
             Some(b) => (&inner[..1], b),
@@ -411,4 +412,17 @@ fn json_str(s: &str, ensure_ascii: bool, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: in `{%}` the closing `%}` overlaps the opening `{%` (a slice panic).
+    #[test]
+    fn overlapping_tag_delimiters_are_a_syntax_error_not_a_panic() {
+        let e = ChatTemplate::new("{%} generation {{ x }}", "<s>", "</s>").err().expect("a syntax error");
+        assert!(e.to_string().starts_with("chat template syntax error"), "{e}");
+        assert_eq!(rewrite_generation_tags("a{% generation %}b{%- endgeneration +%}"), "a{% if true %}b{%- endif +%}");
+    }
 }
