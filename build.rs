@@ -1,5 +1,6 @@
 //! With feature `cuda`: compiles every `src/kernels/<op>/*.cu` to `<stem>.ptx` in OUT_DIR
-//! (loaded at run time through `kernels::launch`; the driver JITs it for the GPU). Shared
+//! (loaded at run time through `kernels::launch`; the driver JITs it for the GPU), with the nvcc
+//! of CUDA_HOME or PATH, for this machine's GPU (`nvidia-smi`) unless CUDA_COMPUTE_CAP says. Shared
 //! headers (`*.cuh`) sit in `src/kernels/` or beside the `.cu` files that include them, by
 //! relative path. Without the feature: nothing.
 
@@ -28,6 +29,22 @@ fn op_dirs(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// nvcc from CUDA_HOME / CUDA_PATH / CUDA_ROOT (the toolkit folder), else PATH, else
+/// /usr/local/cuda, where the toolkit's installers put it.
+fn find_nvcc() -> Option<PathBuf> {
+    let homes = ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"].into_iter().filter_map(std::env::var_os).map(PathBuf::from);
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).filter_map(|d| d.parent().map(Path::to_path_buf));
+    homes.chain(on_path).chain([PathBuf::from("/usr/local/cuda")]).map(|h| h.join("bin/nvcc")).find(|p| p.is_file())
+}
+
+/// The first GPU's compute capability as `nvidia-smi` reports it (`9.0` → `90`), so the PTX
+/// targets the GPU this machine has; None without a GPU (a cross-build).
+fn gpu_compute_cap() -> Option<String> {
+    let out = Command::new("nvidia-smi").args(["--query-gpu=compute_cap", "--format=csv,noheader"]).output().ok()?;
+    let first = String::from_utf8(out.stdout).ok()?.lines().next()?.trim().replace('.', "");
+    (out.status.success() && !first.is_empty() && first.chars().all(|c| c.is_ascii_digit())).then_some(first)
+}
+
 fn main() {
     // Without this line cargo would rerun the script whenever any file of the package changes.
     println!("cargo:rerun-if-changed=build.rs");
@@ -43,17 +60,16 @@ fn main() {
     for f in sources.iter().chain(&headers) {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    for var in ["CUDA_HOME", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
+    for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    let Some(home) = std::env::var_os("CUDA_HOME") else {
+    let nvcc = find_nvcc().unwrap_or_else(|| {
         panic!(
-            "feature `cuda` needs CUDA_HOME (the CUDA toolkit with bin/nvcc); \
-             on a machine without a GPU build with /work/shared/cuda/build-cuda.sh --features cuda"
-        );
-    };
-    let nvcc = PathBuf::from(home).join("bin/nvcc");
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+            "feature `cuda` needs the CUDA toolkit's nvcc: install the toolkit (12.x or 13.x) and put its bin/ on PATH, \
+             or set CUDA_HOME to its folder (e.g. CUDA_HOME=/usr/local/cuda)"
+        )
+    });
+    let cap = std::env::var("CUDA_COMPUTE_CAP").ok().or_else(gpu_compute_cap).unwrap_or_else(|| "90".into());
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let mut stems = std::collections::BTreeSet::new();
     for src in sources {

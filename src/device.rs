@@ -1,22 +1,70 @@
 //! Devices: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when this binary was built with the
-//! `cuda` feature and a GPU answers, else the CPU), and the CUDA
-//! allocator's peak memory (what `torch.cuda.max_memory_allocated` reports for PyTorch).
+//! `cuda` feature and a GPU answers, else the CPU); which one a `load_model` gets (its own
+//! `device` / `device_map`, `qscript --device` over every load of a run, "auto" otherwise) and the
+//! compute dtype that follows from it; the CUDA allocator's peak memory (what
+//! `torch.cuda.max_memory_allocated` reports for PyTorch).
 
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
+use std::sync::Mutex;
 
 /// Parses a device name.
 pub fn parse(s: &str) -> Result<Device> {
+    match check_name(s)? {
+        Name::Cpu => Ok(Device::Cpu),
+        Name::Auto => Ok(auto()),
+        Name::Cuda(n) => cuda(n, s),
+    }
+}
+
+/// A device name, checked but not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    Cpu,
+    Auto,
+    Cuda(usize),
+}
+
+/// Checks the spelling of a device name without touching a GPU (command-line flags, `check`).
+pub fn check_name(s: &str) -> Result<Name> {
     match s {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(auto()),
-        "cuda" => cuda(0, s),
+        "cpu" => Ok(Name::Cpu),
+        "auto" => Ok(Name::Auto),
+        "cuda" => Ok(Name::Cuda(0)),
         s if s.starts_with("cuda:") => match s["cuda:".len()..].parse::<usize>() {
-            Ok(n) => cuda(n, s),
+            Ok(n) => Ok(Name::Cuda(n)),
             Err(_) => bail!("device \"{s}\": expected cuda:N with N a GPU index"),
         },
         other => bail!("unknown device \"{other}\" (expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\")"),
     }
+}
+
+/// `qscript --device`: the device every `load_model` of this run uses, whatever the recipe says.
+static OVERRIDE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Sets (or clears) the run-wide device; the name is checked now, opened at the first load.
+pub fn set_override(name: Option<&str>) -> Result<()> {
+    if let Some(n) = name {
+        check_name(n).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    }
+    *OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) = name.map(String::from);
+    Ok(())
+}
+
+pub fn override_name() -> Option<String> {
+    OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The device name a load asks for: `--device` first, then the recipe's `device`, then "auto".
+pub fn requested(recipe: Option<&str>, cli: Option<&str>) -> String {
+    cli.or(recipe).unwrap_or("auto").to_string()
+}
+
+/// The compute dtype where the recipe leaves it to us (or says "auto"): bfloat16 on a GPU, as the
+/// Python stack's QLoRA recipes choose, float32 on the CPU (bf16 matmuls there are slow and
+/// lose precision for nothing).
+pub fn default_dtype(d: &Device) -> DType {
+    if d.is_cuda() { DType::BF16 } else { DType::F32 }
 }
 
 /// The first GPU when this binary has CUDA and one is present, else the CPU.
@@ -34,6 +82,18 @@ fn cuda(n: usize, name: &str) -> Result<Device> {
         bail!("device \"{name}\": this qscript was built without CUDA (build with `--features cuda`)");
     }
     open_cuda(n).map_err(|e| anyhow::anyhow!("device \"{name}\": no usable CUDA GPU ({e})"))
+}
+
+/// The device with its GPU's name, for the line that says where a model went: `cuda:0 (NVIDIA
+/// H200)`, `cpu`.
+pub fn describe(d: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = d {
+        if let Ok(gpu) = c.cuda_stream().context().name() {
+            return format!("{} ({gpu})", name(d));
+        }
+    }
+    name(d)
 }
 
 /// GPU `n` with one stream of its own that every host thread launches on. candle's
@@ -258,6 +318,31 @@ mod tests {
             assert!(parse("auto").unwrap().is_cpu());
             let e = parse("cuda:1").unwrap_err().to_string();
             assert!(e.contains("built without CUDA"), "{e}");
+        }
+    }
+
+    #[test]
+    fn cli_device_beats_recipe_beats_auto() {
+        assert_eq!(requested(None, None), "auto");
+        assert_eq!(requested(Some("cpu"), None), "cpu");
+        assert_eq!(requested(Some("cpu"), Some("cuda:1")), "cuda:1");
+        assert_eq!(requested(None, Some("cpu")), "cpu");
+    }
+
+    #[test]
+    fn names_check_without_opening() {
+        assert_eq!(check_name("cuda").unwrap(), Name::Cuda(0));
+        assert_eq!(check_name("cuda:3").unwrap(), Name::Cuda(3));
+        assert_eq!(check_name("auto").unwrap(), Name::Auto);
+        assert!(set_override(Some("gpu0")).unwrap_err().to_string().starts_with("--device: unknown device"));
+    }
+
+    #[test]
+    fn dtype_follows_device() {
+        assert_eq!(default_dtype(&Device::Cpu), DType::F32);
+        // The CPU build's "auto" is the CPU, so its default dtype stays float32.
+        if !cfg!(feature = "cuda") {
+            assert_eq!(default_dtype(&parse("auto").unwrap()), DType::F32);
         }
     }
 }

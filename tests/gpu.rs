@@ -492,6 +492,62 @@ fn peft_golden_logits_on_cuda() {
     assert!(d <= 1e-4, "max abs diff {d}");
 }
 
+/// Every model family's golden (`tests/golden/families`, see tests/families.rs for the CPU
+/// checks) on CUDA, base + peft adapter. In f32: the CPU's tolerances (logits 1e-4, loss 1e-5,
+/// LoRA gradients 1e-4 of their norm). In bf16 the error against the f32 golden is rounding, so
+/// it is bounded by the CPU's own bf16 error (candle's reference ops, other rounding points):
+/// CUDA within twice it plus a small floor. Measured on the H200 (2026-12-03) before this bound:
+/// gradients 0.033–0.050 of their norm for llama/qwen/mistral and 0.108 for gemma2, where the CPU's
+/// bf16 gives 0.034–0.075 and 0.089 (gemma3 0.097): Gemma's random (1+w) norms amplify rounding.
+#[test]
+fn families_on_cuda_match_the_golden() {
+    let Some(dev) = gpu("families_on_cuda_match_the_golden") else { return };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/families");
+    for f in ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"] {
+        let g = candle_core::safetensors::load(root.join(f).join("golden.safetensors"), &Device::Cpu).unwrap();
+        let ids: Vec<u32> = g["ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+        let labels = g["labels"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+        let (t, len1) = (ids.len() / 2, g["lengths"].to_vec1::<i64>().unwrap()[1] as usize);
+        // (adapted logits, loss, worst LoRA gradient relative to its norm) against the golden.
+        let errors = |dev: &Device, dtype: DType| -> [f64; 3] {
+            let opts = LoadOptions { dtype, device: dev.clone(), ..Default::default() };
+            let mut m = Model::load_hf_dir(f, &root.join(f).join("base"), &opts).unwrap();
+            qscript::model::adapter::load_adapter(&mut m.llama, &root.join(f).join("adapter")).unwrap();
+            let x = Tensor::from_vec(ids.clone(), (2, t), dev).unwrap();
+            let got = m.llama.forward(&x, None, false).unwrap().to_device(&Device::Cpu).unwrap();
+            let want = &g["logits_adapted"];
+            let d = |r: usize, n: usize| max_abs(&(got.get(r).unwrap().narrow(0, 0, n).unwrap() - want.get(r).unwrap().narrow(0, 0, n).unwrap()).unwrap());
+            let dl = d(0, t).max(d(1, len1));
+            let seg: Vec<u32> = (0..2 * t).map(|i| u32::from(i < t || i - t < len1)).collect();
+            let batch = TrainBatch::new(2, t, &ids, &labels, None, Some(&seg), dev).unwrap();
+            let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
+            let out = engine::forward_backward(&m.llama, &batch, &opts, &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+            let el = (out.mean_loss() - g["loss"].to_vec1::<f32>().unwrap()[0] as f64).abs();
+            let mut worst: f32 = 0.0;
+            for lg in &out.grads {
+                for (half, got) in [("lora_A", &lg.da), ("lora_B", &lg.db)] {
+                    let want = &g[&format!("grad.{}.{half}.weight", lg.id().path())];
+                    let got = got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                    let l2 = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                    worst = worst.max(l2(&(got - want).unwrap()) / l2(want).max(1e-12));
+                }
+            }
+            [dl as f64, el, worst as f64]
+        };
+        let names = ["adapted logits", "loss", "worst LoRA gradient (of its norm)"];
+        let e32 = errors(dev, DType::F32);
+        for ((e, tol), name) in e32.iter().zip([1e-4, 1e-5, 1e-4]).zip(names) {
+            assert!(*e <= tol, "{f} F32: {name} differs by {e:.3e}");
+        }
+        let (e16, cpu16) = (errors(dev, DType::BF16), errors(&Device::Cpu, DType::BF16));
+        for (((e, c), floor), name) in e16.iter().zip(cpu16).zip([0.01, 0.002, 0.02]).zip(names) {
+            assert!(*e <= 2.0 * c + floor, "{f} BF16: {name} differs by {e:.3e}, the CPU's bf16 by {c:.3e}");
+        }
+        let show = |e: [f64; 3]| format!("{:.2e} / {:.2e} / {:.2e}", e[0], e[1], e[2]);
+        eprintln!("{f} (logits / loss / gradients): F32 {}; BF16 {} (CPU bf16 {})", show(e32), show(e16), show(cpu16));
+    }
+}
+
 // ------------------------------------------------- LoRA linear and cross-entropy kernels
 
 use qscript::model::layers::{linear, lm_head as cross_entropy};
@@ -561,6 +617,160 @@ fn flash_attention_matches_the_cpu() {
             assert_eq!(g.dims(), w.dims());
             let e = tensor_rel_err(g, w);
             assert!(e <= 2e-2, "b {b} nh {nh} kvh {kvh} t {t} d {d}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
+/// The flash kernels with the families' features against the CPU's f32 attention (the fused
+/// kernel, the window in its mask): output and the three gradients for sliding windows (< t,
+/// not a multiple of the 64-row blocks, 2, ≥ t), soft-capping (a cap the logits reach),
+/// caller's scales, head sizes 64, 128 and 256, grouped-query, packed examples and padding.
+/// Inputs are rounded to bf16 for both sides; tolerance 2e-2 of each tensor's largest value
+/// (bf16 probabilities and outputs).
+#[test]
+fn flash_attention_families_match_the_cpu() {
+    use qscript::kernels::attention::AttnParams;
+    use qscript::model::layers::attention;
+    let Some(dev) = gpu("flash_attention_families_match_the_cpu") else { return };
+    // (b, nh, kvh, t, d, input scale, params)
+    let p = |scale: Option<f32>, softcap: Option<f32>, window: Option<usize>, d: usize| AttnParams { scale: scale.unwrap_or(AttnParams::plain(d).scale), softcap, window };
+    let cases = [
+        (2, 4, 2, 150, 64, 1.0, p(None, None, Some(40), 64)),
+        (1, 8, 4, 200, 256, 1.0, p(Some(1.0 / 16.0), None, Some(64), 256)),
+        (2, 4, 2, 130, 256, 6.0, p(Some(0.0625), Some(3.0), Some(33), 256)),
+        (1, 6, 2, 333, 128, 4.0, p(Some(0.1), Some(5.0), None, 128)),
+        // A window of 2 (of 1, dq would be 0 up to rounding: no relative error to take).
+        (2, 3, 3, 100, 64, 1.0, p(None, Some(10.0), Some(2), 64)),
+        (1, 2, 1, 70, 256, 1.0, p(None, None, None, 256)),
+        (1, 4, 2, 300, 128, 1.0, p(None, None, Some(1000), 128)),
+        (1, 4, 1, 520, 128, 3.0, p(Some(0.05), Some(2.0), Some(129), 128)),
+    ];
+    for (b, nh, kvh, t, d, amp, params) in cases {
+        // Row 0: two packed examples and trailing padding; row 1 (if any): one example.
+        let seg: Vec<u32> = (0..b * t).map(|i| (i / t, i % t)).map(|(r, i)| if r == 0 { if i < t / 3 { 1 } else if i < t - 9 { 2 } else { 0 } } else { 1 }).collect();
+        let q: Vec<f32> = values(b * nh * t * d, 51).iter().map(|x| x * amp).collect();
+        let (k, v, d_o) = (values(b * kvh * t * d, 52), values(b * kvh * t * d, 53), values(b * nh * t * d, 54));
+        let run = |dv: &Device, dt: DType| {
+            let ten = |x: &Vec<f32>, h: usize| Tensor::from_vec(x.clone(), (b, h, t, d), dv).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(dt).unwrap();
+            let mask = attention::build_window_mask(&seg, b, t, params.window, dv).unwrap();
+            let segments = Tensor::from_vec(seg.clone(), (b, t), dv).unwrap();
+            let (o, s) = attention::forward_segments_with(&ten(&q, nh), &ten(&k, kvh), &ten(&v, kvh), &mask, &segments, &params).unwrap();
+            assert_eq!(s.flash.is_some(), dv.is_cuda(), "the flash path runs exactly on CUDA");
+            let (dq, dk, dv) = attention::backward(&s, &ten(&d_o, nh)).unwrap();
+            [o, dq, dk, dv]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        let got = run(dev, DType::BF16);
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.dims(), w.dims());
+            let e = tensor_rel_err(g, w);
+            assert!(e <= 2e-2, "b {b} nh {nh} kvh {kvh} t {t} d {d} {params:?}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
+/// The tiled attention on CUDA in f32 (the masked-softmax kernel with soft-capping, the
+/// softmax-backward and soft-cap-backward kernels) against the CPU's f32 attention: a window in the mask, a cap, GQA,
+/// head size 96 (no flash kernel); f32 and bf16 (both from bf16-rounded inputs) to 1e-4 and
+/// 3e-2 of each tensor's largest value.
+#[test]
+fn tiled_attention_with_softcap_matches_the_cpu() {
+    use qscript::kernels::attention::AttnParams;
+    use qscript::model::layers::attention;
+    let Some(dev) = gpu("tiled_attention_with_softcap_matches_the_cpu") else { return };
+    let (b, nh, kvh, t, d) = (2, 4, 2, 90, 96);
+    let params = AttnParams { scale: 0.08, softcap: Some(2.5), window: Some(20) };
+    let seg: Vec<u32> = (0..b * t).map(|i| if i % t < 50 { 1 } else { 2 }).collect();
+    let q: Vec<f32> = values(b * nh * t * d, 61).iter().map(|x| x * 5.0).collect();
+    let (k, v, d_o) = (values(b * kvh * t * d, 62), values(b * kvh * t * d, 63), values(b * nh * t * d, 64));
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |dv: &Device, dt: DType| {
+            // Inputs rounded to bf16 on both sides (the bf16 run's rounding is not the kernel's).
+            let ten = |x: &Vec<f32>, h: usize| Tensor::from_vec(x.clone(), (b, h, t, d), dv).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(dt).unwrap();
+            let mask = attention::build_window_mask(&seg, b, t, params.window, dv).unwrap();
+            let (o, s) = attention::forward_with(&ten(&q, nh), &ten(&k, kvh), &ten(&v, kvh), &mask, &params, 32).unwrap();
+            let (dq, dk, dv) = attention::backward(&s, &ten(&d_o, nh)).unwrap();
+            [o, dq, dk, dv]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(run(dev, dtype).iter().zip(&want)) {
+            let e = tensor_rel_err(g, w);
+            assert!(e <= tol, "{dtype:?}: {name} off by {e:e} of its max");
+        }
+    }
+}
+
+/// The GeGLU kernels (tanh GELU; bf16 8 at a time, and the scalar fallback) against the CPU
+/// kernel in f32: f32 to 1e-5, bf16 to 2e-2 of each tensor's largest value.
+#[test]
+fn geglu_kernels_match_the_cpu() {
+    use qscript::kernels::glu::{self, Activation};
+    let Some(dev) = gpu("geglu_kernels_match_the_cpu") else { return };
+    for (rows, cols) in [(37, 64), (5, 7), (300, 1024)] {
+        let g: Vec<f32> = values(rows * cols, 71).iter().map(|x| x * 5.0).collect();
+        let (u, dh) = (values(rows * cols, 72), values(rows * cols, 73));
+        let run = |d: &Device, dt: DType| {
+            let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), (rows, cols), d).unwrap().to_dtype(dt).unwrap();
+            let h = glu::forward(&t(&g), &t(&u), Activation::GeluTanh).unwrap();
+            let (dg, du) = glu::backward(&t(&g), &t(&u), &t(&dh), Activation::GeluTanh).unwrap();
+            [h, dg, du]
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            for (name, (g, w)) in ["h", "dg", "du"].iter().zip(run(dev, dt).iter().zip(&want)) {
+                let e = tensor_rel_err(g, w);
+                assert!(e <= tol, "{rows}x{cols} {dt:?}: {name} off by {e:e} of its max");
+            }
+        }
+    }
+}
+
+/// The cross-entropy kernel with Gemma 2's final-logit soft-capping against candle's f64 on
+/// the CPU: loss sum and `dh`, untrained rows, several chunks; f32 to 1e-5 (dh 1e-4), bf16 to
+/// 2e-2 (dh 2e-1: bf16 logits through tanh, as the plain test's 10×).
+#[test]
+fn capped_cross_entropy_kernel_matches_the_cpu() {
+    let Some(dev) = gpu("capped_cross_entropy_kernel_matches_the_cpu") else { return };
+    let (n, hidden, vocab) = (300, 64, 5000);
+    let h: Vec<f32> = values(n * hidden, 81).iter().map(|x| x * 3.0).collect();
+    let head = values(vocab * hidden, 82);
+    let targets: Vec<i64> = (0..n as i64).map(|i| if i % 7 == 3 { -100 } else { (i * 7919) % vocab as i64 }).collect();
+    let run = |d: &Device, dt: DType| {
+        let h = Tensor::from_vec(h.clone(), (n, hidden), d).unwrap().to_dtype(dt).unwrap();
+        let head = Tensor::from_vec(head.clone(), (vocab, hidden), d).unwrap().to_dtype(dt).unwrap();
+        cross_entropy::forward_backward_capped(&h, &head, &targets, Some(0.01), 128, Some(4.0)).unwrap()
+    };
+    let want = run(&Device::Cpu, DType::F64);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let got = run(dev, dt);
+        assert_eq!(got.n_tokens, want.n_tokens);
+        let lerr = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs();
+        assert!(lerr <= tol, "{dt:?}: loss {} vs {}", got.loss_sum, want.loss_sum);
+        let e = tensor_rel_err(got.dh.as_ref().unwrap(), want.dh.as_ref().unwrap());
+        assert!(e <= tol as f32 * 10.0, "{dt:?}: dh off by {e:e} of its max");
+    }
+}
+
+/// The RMSNorm kernels with Gemma's (1 + w) (the 1 added in f32 inside the kernel) against
+/// candle's f64 on the CPU, forward and backward: f32 to 1e-5, bf16 to 2e-2.
+#[test]
+fn plus_one_norm_kernels_match_the_cpu() {
+    use qscript::model::layers::norm;
+    let Some(dev) = gpu("plus_one_norm_kernels_match_the_cpu") else { return };
+    let (rows, hdim) = (33, 2304);
+    let (x, w, dy) = (values(rows * hdim, 91), values(hdim, 92), values(rows * hdim, 93));
+    let run = |d: &Device, dt: DType| {
+        let t = |v: &Vec<f32>, s: &[usize]| Tensor::from_vec(v.clone(), s, d).unwrap().to_dtype(dt).unwrap();
+        let wt = t(&w, &[hdim]);
+        let (y, s) = norm::forward_with(&t(&x, &[rows, hdim]), &wt, 1e-6, true).unwrap();
+        [y, norm::backward(&s, &wt, &t(&dy, &[rows, hdim])).unwrap()]
+    };
+    let want = run(&Device::Cpu, DType::F64);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        for (name, (g, w)) in ["y", "dx"].iter().zip(run(dev, dt).iter().zip(&want)) {
+            let e = tensor_rel_err(g, w);
+            assert!(e <= tol, "{dt:?}: {name} off by {e:e} of its max");
         }
     }
 }
@@ -854,6 +1064,7 @@ fn decode_fused_matches_generic_path() {
 fn decode_profile() {
     use candle_core::Module;
     use qscript::model::llama::Weight;
+    use qscript::model::names::Proj;
     use std::time::Instant;
     fn g(lin: &Linear) -> &Quant4Gpu {
         match &lin.weight {
@@ -890,10 +1101,10 @@ fn decode_profile() {
             eprintln!("{shape} {what:>18}: host {:7.1} µs, with the GPU {:7.1} µs per call", enq * 1e6 / n as f64, all * 1e6 / n as f64);
         };
         let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
-        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(&a.q_proj), g(&a.k_proj), g(&a.v_proj)], &l.rope.cos, &l.rope.sin, len - 1, d, &qv, &kc, &vc).unwrap());
+        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(b.proj(Proj::Q)), g(b.proj(Proj::K)), g(b.proj(Proj::V))], &l.rope.cos, &l.rope.sin, len - 1, d, &qv, &kc, &vc).unwrap());
         time("attention", &mut || dec::attention(&qv, &kc, &vc, len, &att).unwrap());
         time("o_proj + residual", &mut || dec::residual(g(&a.o_proj), &att, &x).unwrap());
-        time("gate/up + swiglu", &mut || dec::gate_up(&x, &n2.weight, 1e-5, g(&f.gate_proj), g(&f.up_proj), &mlp).unwrap());
+        time("gate/up + swiglu", &mut || dec::gate_up(&x, &n2.weight, 1e-5, g(b.proj(Proj::Gate)), g(b.proj(Proj::Up)), &mlp).unwrap());
         time("down + residual", &mut || dec::residual(g(&f.down_proj), &mlp, &x).unwrap());
         let ids = Tensor::new(&[[5u32]], dev).unwrap();
         time("embedding", &mut || drop(candle_nn::Embedding::new(l.embed_tokens.clone(), hid).forward(&ids).unwrap()));
@@ -975,4 +1186,31 @@ fn heads_rope_kernel_matches_the_cpu() {
             assert!(e <= tol * 2.0, "{dt:?} rotate {rotate}: merge(split(x)) off by {e:e}");
         }
     }
+}
+
+/// A CUDA build puts a plain `load_model` on the GPU in bfloat16 (4-bit compute too), names the
+/// GPU, and `--device cpu` (the run-wide override) brings it back to the CPU in float32.
+#[test]
+fn load_model_defaults_to_the_gpu_in_bf16() {
+    use qscript::script::model_api::load;
+    let Some(_) = gpu("load_model_defaults_to_the_gpu_in_bf16") else { return };
+    let base = format!("{}/tests/golden/peft/1/base", env!("CARGO_MANIFEST_DIR"));
+    let m = load(&base, &rhai::Map::new()).unwrap();
+    let (dev, dtype) = (m.get().unwrap().llama.device.clone(), m.get().unwrap().llama.dtype);
+    assert!(dev.is_cuda() && dtype == DType::BF16, "{} {dtype:?}", qscript::device::name(&dev));
+    assert!(qscript::device::describe(&dev).starts_with("cuda:0 ("), "{}", qscript::device::describe(&dev));
+    let mut opts = rhai::Map::new();
+    let mut bnb = rhai::Map::new();
+    bnb.insert("load_in_4bit".into(), true.into());
+    opts.insert("quantization_config".into(), rhai::Dynamic::from(bnb));
+    let q = load(&base, &opts).unwrap();
+    assert_eq!(q.get().unwrap().llama.quantization.as_ref().unwrap().compute_dtype, DType::BF16);
+    let mut map = rhai::Map::new();
+    map.insert("device_map".into(), "auto".into());
+    assert!(load(&base, &map).unwrap().get().unwrap().llama.device.is_cuda());
+    qscript::device::set_override(Some("cpu")).unwrap();
+    let c = load(&base, &rhai::Map::new());
+    qscript::device::set_override(None).unwrap();
+    let c = c.unwrap();
+    assert!(c.get().unwrap().llama.device.is_cpu() && c.get().unwrap().llama.dtype == DType::F32);
 }

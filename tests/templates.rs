@@ -43,6 +43,29 @@ fn golden_renders() {
     }
 }
 
+/// The Qwen2.5, Qwen3, Mistral, Gemma 3, Phi-3 and Phi-4 templates as the models ship them,
+/// 24 conversations each, byte-identical to transformers' renders.
+#[test]
+fn golden_family_renders() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/templates/families.json");
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("golden families.json")).unwrap();
+    let mut templates = std::collections::HashMap::new();
+    for (name, t) in g["templates"].as_object().unwrap() {
+        let tpl = ChatTemplate::new(t["chat_template"].as_str().unwrap(), t["bos_token"].as_str().unwrap(), t["eos_token"].as_str().unwrap()).unwrap();
+        templates.insert(name.clone(), tpl);
+    }
+    let cases = g["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 144);
+    let mut per_template = std::collections::BTreeMap::new();
+    for (i, case) in cases.iter().enumerate() {
+        let name = case["template"].as_str().unwrap();
+        let out = templates[name].render(case["messages"].as_array().unwrap(), case["add_generation_prompt"].as_bool().unwrap(), &Map::new());
+        assert_eq!(out.unwrap(), case["rendered"].as_str().unwrap(), "case {i} ({name})");
+        *per_template.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(per_template.into_iter().collect::<Vec<_>>(), [("gemma3", 24), ("mistral", 24), ("phi3", 24), ("phi4", 24), ("qwen2.5", 24), ("qwen3", 24)]);
+}
+
 #[test]
 fn tojson_matches_python_json_dumps() {
     let data = json!({"b": [1, 2.5, {"ü": "naïve <&'>"}], "a": null, "t": true, "e": [], "o": {}, "s": "line\nq\"\\\u{1}"});

@@ -1,6 +1,7 @@
-//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `bench`, `quantize`.
+//! Command line: `qscript RECIPE`, `run`, `check`, `repl`, `chat`, `bench`, `quantize`.
 
 pub mod bench;
+pub mod chat;
 pub mod quantize;
 pub mod repl;
 
@@ -16,8 +17,12 @@ Examples:
   qscript recipes/chat.rhai                     run a recipe
   qscript recipes/chat.rhai --set MAX_NEW_TOKENS=64
                                                 override a recipe's `const MAX_NEW_TOKENS = ...;`
+  qscript recipes/customer_support.rhai --device cpu
+                                                run on the CPU even in a CUDA build (cuda:N: a GPU)
   qscript check recipes/chat.rhai               validate a recipe, list what it reads and writes
   qscript recipe.rhai --allow-read=~/data       let a recipe read a folder besides its own
+  qscript chat HuggingFaceTB/SmolLM2-135M-Instruct --adapter out/adapter
+                                                chat with a model (and a trained adapter)
   qscript                                       open the REPL (same as `qscript repl`)
 
 Permissions (deny by default): a recipe may read its own folder, its imports' folders and the
@@ -60,6 +65,10 @@ struct RunArgs {
     /// Stop a recipe whose memory (its values, datasets, models on the CPU) passes this size: 8G, 512M, none
     #[arg(long = "max-memory", value_name = "SIZE", value_parser = crate::util::memory::parse_size)]
     max_memory: Option<usize>,
+    /// Put every load_model of the run on this device: cpu, cuda, cuda:N or auto (default: what
+    /// each load_model says, else auto = the GPU in a CUDA build when one is present)
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 impl RunArgs {
@@ -108,9 +117,13 @@ enum Command {
     /// Interactive REPL (history, completion, :help)
     #[command(after_help = "Examples:\n  qscript repl\n  >> let model = load_model(\"HuggingFaceTB/SmolLM2-135M-Instruct\");\n  >> model.chat(\"Hi!\", #{ stream: true })\n  >> :help chat")]
     Repl {
-        #[command(flatten)]
-        run: RunArgs,
+        /// Put every load_model of the session on this device: cpu, cuda, cuda:N or auto
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
     },
+    /// Chat with a model in the terminal (chat template, streaming, /reset, /system)
+    #[command(after_help = chat::EXAMPLES)]
+    Chat(chat::ChatArgs),
     /// Benchmarks (print JSON lines)
     #[command(after_help = "Examples:\n  qscript bench generate\n  qscript bench generate --model path/to/model --new-tokens 128 --prompt-tokens 512")]
     Bench {
@@ -147,6 +160,7 @@ fn install_ctrlc() {
 }
 
 fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    crate::device::set_override(args.device.as_deref())?;
     Host::sandboxed(path, &args.limits(), &args.grants()).run_file(path, &args.set)
 }
 
@@ -248,14 +262,15 @@ fn cli_main() -> i32 {
     match (cli.command, cli.recipe) {
         (Some(Command::Run { recipe, run }), _) => report(run_recipe(&recipe, &run)),
         (Some(Command::Check { recipe, run }), _) => report(check_recipe(&recipe, &run)),
-        (Some(Command::Repl { run }), _) => {
+        (Some(Command::Repl { device }), _) => {
             EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
-            report(repl::run(&run))
+            report(repl::run(&RunArgs { device: device.or(cli.run.device.clone()), ..cli.run.clone() }))
         }
         (None, None) => {
             EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
             report(repl::run(&cli.run))
         }
+        (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),
         (None, Some(recipe)) => report(run_recipe(&recipe, &cli.run)),

@@ -1,15 +1,17 @@
-//! The interactive REPL: rustyline with history, multi-line input while brackets are open,
-//! completion of registered functions and variables, `:help`, Ctrl-C to cancel a running
-//! evaluation. Variables, functions and imports persist between lines.
+//! The interactive REPL: rustyline with history (saved after every input, capped), multi-line
+//! input while brackets are open (a `.. ` prompt), completion of functions, variables and, after
+//! `x.`, the methods of `x`'s type, `:help`, Ctrl-C to cancel a running evaluation. Values print
+//! readably (their `to_string`). Variables, functions and imports persist between lines.
 
 use super::RunArgs;
 use crate::script::{format_error, FnDoc, Host, Limits};
 use rhai::{Dynamic, Scope, AST};
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
-use rustyline::validate::{ValidationContext, ValidationResult, Validator};
-use rustyline::{Context, Helper, Highlighter, Hinter};
+use rustyline::history::{FileHistory, History};
+use rustyline::{Context, Helper, Highlighter, Hinter, Validator};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -18,36 +20,99 @@ const KEYWORDS: &[&str] = &[
     "import", "as", "true", "false", "print", "debug", "type_of", "throw", "try", "catch",
 ];
 
-#[derive(Helper, Highlighter, Hinter)]
+/// Entries kept in the history file (the oldest go first).
+pub const HISTORY_CAP: usize = 10_000;
+
+/// Each script type and the receiver its methods' signatures are written with (`model.chat(...)`).
+const RECEIVERS: &[(&str, &str)] = &[
+    ("Model", "model"),
+    ("Tokenizer", "tokenizer"),
+    ("Dataset", "dataset"),
+    ("TokenizedDataset", "tokenized"),
+    ("SFTTrainer", "trainer"),
+    ("BitsAndBytesConfig", "bnb_config"),
+    ("TrainingArguments", "args"),
+    ("LoraConfig", "lora_config"),
+];
+
+/// Rhai's own methods of its built-in types that a recipe uses most.
+const BUILTIN_METHODS: &[(&str, &[&str])] = &[
+    ("string", &["contains", "ends_with", "index_of", "len", "replace", "split", "starts_with", "sub_string", "to_lower", "to_upper", "trim"]),
+    ("array", &["contains", "drain", "filter", "index_of", "insert", "is_empty", "len", "map", "pop", "push", "reduce", "remove", "reverse", "sort", "split"]),
+    ("map", &["contains", "get", "is_empty", "keys", "len", "remove", "values"]),
+];
+
+#[derive(Helper, Highlighter, Hinter, Validator)]
 pub struct ReplHelper {
     functions: Vec<String>,
-    variables: Rc<RefCell<Vec<String>>>,
+    /// Method names by receiver word of their signatures (`model` → chat, generate, ...).
+    methods: BTreeMap<String, Vec<String>>,
+    /// The session's variables and their type names.
+    variables: Rc<RefCell<Vec<(String, String)>>>,
+}
+
+impl ReplHelper {
+    pub fn new(docs: &[FnDoc], variables: Rc<RefCell<Vec<(String, String)>>>) -> Self {
+        let mut functions: Vec<String> = docs.iter().map(|d| d.name.clone()).collect();
+        functions.sort();
+        functions.dedup();
+        let mut methods: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for d in docs {
+            if let Some((recv, _)) = d.signature.split_once('.').filter(|(r, _)| r.chars().all(|c| c.is_alphanumeric() || c == '_')) {
+                methods.entry(recv.to_string()).or_default().push(d.name.clone());
+            }
+        }
+        for m in methods.values_mut() {
+            m.sort();
+            m.dedup();
+        }
+        Self { functions, methods, variables }
+    }
+
+    /// The method names of variable `var`'s type, when its type is known.
+    fn methods_of(&self, var: &str) -> Option<Vec<String>> {
+        let ty = self.variables.borrow().iter().rev().find(|(n, _)| n == var).map(|(_, t)| t.clone())?;
+        let own = |m: &[&str]| m.iter().map(|s| s.to_string()).collect();
+        if let Some((_, recv)) = RECEIVERS.iter().find(|(t, _)| *t == ty) {
+            return self.methods.get(*recv).cloned();
+        }
+        BUILTIN_METHODS.iter().find(|(t, _)| *t == ty).map(|(_, m)| own(m))
+    }
+
+    /// What may complete `line` up to `pos`: where the word starts, and the candidates.
+    pub fn candidates(&self, line: &str, pos: usize) -> (usize, Vec<String>) {
+        let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+        let start = line[..pos].rfind(|c: char| !is_ident(c)).map_or(0, |i| i + 1);
+        let word = &line[start..pos];
+        let receiver = line[..start].strip_suffix('.').map(|before| {
+            let b = before.rfind(|c: char| !is_ident(c)).map_or(0, |i| i + 1);
+            &before[b..]
+        });
+        let mut names: Vec<String> = match receiver.and_then(|r| self.methods_of(r)) {
+            Some(m) => m,
+            None if word.is_empty() => return (pos, vec![]),
+            None => {
+                let mut all = self.functions.clone();
+                if receiver.is_none() {
+                    all.extend(self.variables.borrow().iter().map(|(n, _)| n.clone()));
+                    all.extend(KEYWORDS.iter().map(|k| k.to_string()));
+                }
+                all
+            }
+        };
+        names.retain(|n| n.starts_with(word));
+        names.sort_unstable();
+        names.dedup();
+        (start, names)
+    }
 }
 
 impl Completer for ReplHelper {
     type Candidate = Pair;
 
     fn complete(&self, line: &str, pos: usize, _ctx: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
-        let start = line[..pos].rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
-        let word = &line[start..pos];
-        if word.is_empty() {
-            return Ok((pos, vec![]));
-        }
-        let after_dot = line[..start].ends_with('.');
-        let vars = self.variables.borrow();
-        let mut names: Vec<&str> = self.functions.iter().map(String::as_str).collect();
-        if !after_dot {
-            names.extend(vars.iter().map(String::as_str));
-            names.extend(KEYWORDS);
-        }
-        names.sort_unstable();
-        names.dedup();
-        let pairs = names
-            .into_iter()
-            .filter(|n| n.starts_with(word))
-            .map(|n| Pair { display: n.to_string(), replacement: n.to_string() })
-            .collect();
-        Ok((start, pairs))
+        let (start, names) = self.candidates(line, pos);
+        Ok((start, names.into_iter().map(|n| Pair { display: n.clone(), replacement: n }).collect()))
     }
 }
 
@@ -90,12 +155,6 @@ pub fn brackets_open(src: &str) -> bool {
         }
     }
     depth > 0
-}
-
-impl Validator for ReplHelper {
-    fn validate(&self, ctx: &mut ValidationContext) -> rustyline::Result<ValidationResult> {
-        Ok(if brackets_open(ctx.input()) { ValidationResult::Incomplete } else { ValidationResult::Valid(None) })
-    }
 }
 
 /// `:help` text: everything, or the signatures and docs of one name.
@@ -167,76 +226,104 @@ impl Session {
         self.functions += ast.clone_functions_only();
         let mut run = self.functions.clone();
         run += ast;
+        crate::script::generate_api::take_streamed();
         let result = self.host.engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &run);
         crate::CANCEL.store(false, Ordering::SeqCst);
         let value = result.map_err(|e| format_error("repl", &e))?;
-        Ok(show(&self.host, &value))
+        Ok(show(&self.host, &value, crate::script::generate_api::take_streamed()))
     }
 
     pub fn variables(&self) -> Vec<String> {
         self.scope.iter().map(|(n, _, _)| n.to_string()).collect()
     }
+
+    /// The variables with their script type names (`Model`, `string`, `map`, ...), for completion.
+    pub fn typed_variables(&self) -> Vec<(String, String)> {
+        self.scope.iter().map(|(n, _, v)| (n.to_string(), self.host.engine.map_type_name(v.type_name()).to_string())).collect()
+    }
 }
 
-fn show(host: &Host, v: &Dynamic) -> Option<String> {
+/// What the REPL prints for a value: strings as they are (unless the answer was just streamed),
+/// other values through their `to_string` (our types' summary lines, arrays and maps as Rhai
+/// writes them); nothing for unit.
+pub fn show(host: &Host, v: &Dynamic, streamed: Option<String>) -> Option<String> {
     if v.is_unit() {
         return None;
     }
     if let Ok(s) = v.clone().into_string() {
-        return Some(s);
+        return (streamed.as_deref() != Some(s.as_str())).then_some(s);
     }
-    // Our own types print through their registered `to_string`.
-    if let Ok(s) = host.engine.call_fn::<String>(&mut Scope::new(), &AST::empty(), "to_string", (v.clone(),)) {
-        return Some(s);
+    let mut scope = Scope::new();
+    scope.push("__value", v.clone());
+    Some(host.engine.eval_with_scope::<String>(&mut scope, "to_string(__value)").unwrap_or_else(|_| v.to_string()))
+}
+
+/// One input: lines read until every bracket is closed (`.. ` prompts the continuation). None at
+/// Ctrl-D on an empty prompt; Ctrl-C drops what was typed.
+fn read_input(rl: &mut rustyline::Editor<ReplHelper, FileHistory>) -> rustyline::Result<Option<String>> {
+    let mut buf = String::new();
+    loop {
+        match rl.readline(if buf.is_empty() { ">> " } else { ".. " }) {
+            Ok(line) => {
+                buf.push_str(&line);
+                buf.push('\n');
+                if !brackets_open(&buf) {
+                    return Ok(Some(buf.trim().to_string()));
+                }
+            }
+            Err(ReadlineError::Interrupted) => buf.clear(),
+            Err(ReadlineError::Eof) if buf.is_empty() => return Ok(None),
+            Err(ReadlineError::Eof) => buf.clear(),
+            Err(e) => return Err(e),
+        }
     }
-    Some(format!("{v:?}"))
+}
+
+/// Runs a `:command`; false when it asks to leave.
+fn command(session: &Session, cmd: &str) -> bool {
+    let mut parts = cmd.split_whitespace();
+    match parts.next().unwrap_or("") {
+        "help" | "h" => print!("{}", help_text(&session.host.docs, parts.next())),
+        "vars" => println!("{}", session.variables().join(", ")),
+        "quit" | "q" | "exit" => return false,
+        other => println!("unknown command :{other} (try :help)"),
+    }
+    true
 }
 
 pub(super) fn run(args: &RunArgs) -> anyhow::Result<()> {
+    crate::device::set_override(args.device.as_deref())?;
     let mut session = Session::sandboxed(&args.limits(), &args.grants());
-    let mut functions: Vec<String> = session.host.docs.iter().map(|d| d.name.clone()).collect();
-    functions.sort();
-    functions.dedup();
     let variables = Rc::new(RefCell::new(Vec::new()));
-    let helper = ReplHelper { functions, variables: variables.clone() };
-    let mut rl: rustyline::Editor<ReplHelper, rustyline::history::FileHistory> = rustyline::Editor::new()?;
-    rl.set_helper(Some(helper));
+    let config = rustyline::Config::builder().max_history_size(HISTORY_CAP)?.history_ignore_dups(true)?.auto_add_history(false).build();
+    let mut rl: rustyline::Editor<ReplHelper, FileHistory> = rustyline::Editor::with_config(config)?;
+    rl.set_helper(Some(ReplHelper::new(&session.host.docs, variables.clone())));
     let history = crate::script::history_path();
     if let Some(dir) = history.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     let _ = rl.load_history(&history);
     println!("qscript {} REPL — :help for help, Ctrl-D to leave", env!("CARGO_PKG_VERSION"));
-    loop {
-        match rl.readline(">> ") {
-            Ok(line) => {
-                let input = line.trim();
-                if input.is_empty() {
-                    continue;
-                }
-                let _ = rl.add_history_entry(input);
-                if let Some(cmd) = input.strip_prefix(':') {
-                    let mut parts = cmd.split_whitespace();
-                    match parts.next().unwrap_or("") {
-                        "help" | "h" => print!("{}", help_text(&session.host.docs, parts.next())),
-                        "vars" => println!("{}", session.variables().join(", ")),
-                        "quit" | "q" | "exit" => break,
-                        other => println!("unknown command :{other} (try :help)"),
-                    }
-                    continue;
-                }
-                match session.eval(input) {
-                    Ok(Some(v)) => println!("{v}"),
-                    Ok(None) => {}
-                    Err(e) => eprintln!("error: {e}"),
-                }
-                *variables.borrow_mut() = session.variables();
-            }
-            Err(ReadlineError::Interrupted) => continue,
-            Err(ReadlineError::Eof) => break,
-            Err(e) => return Err(e.into()),
+    while let Some(input) = read_input(&mut rl)? {
+        if input.is_empty() {
+            continue;
         }
+        // Saved now, not at exit: a crash or a killed terminal keeps what was typed.
+        if rl.history_mut().add(&input).unwrap_or(false) {
+            let _ = rl.history_mut().append(&history);
+        }
+        if let Some(cmd) = input.strip_prefix(':') {
+            if !command(&session, cmd) {
+                break;
+            }
+            continue;
+        }
+        match session.eval(&input) {
+            Ok(Some(v)) => println!("{v}"),
+            Ok(None) => {}
+            Err(e) => eprintln!("error: {e}"),
+        }
+        *variables.borrow_mut() = session.typed_variables();
     }
-    let _ = rl.save_history(&history);
     Ok(())
 }

@@ -25,17 +25,22 @@ pub enum Record {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub record: Record,
-    /// Fields of the source record that the format did not consume.
+    /// Fields of the source record that the format did not consume (a `tools` list among them
+    /// goes to the chat template, as trl passes a dataset's `tools` column).
     pub extra: Map<String, Value>,
+    /// Per message, its fields besides role and content (OpenAI / transformers tool use:
+    /// `tool_calls`, `tool_call_id`, `name`; `content: null` of a call without text). Empty when
+    /// no message has any.
+    pub turn_fields: Vec<Map<String, Value>>,
 }
 
 impl Row {
     pub fn messages(messages: Vec<Message>) -> Self {
-        Row { record: Record::Messages(messages), extra: Map::new() }
+        Row { record: Record::Messages(messages), extra: Map::new(), turn_fields: Vec::new() }
     }
 
     pub fn text(text: impl Into<String>) -> Self {
-        Row { record: Record::Text(text.into()), extra: Map::new() }
+        Row { record: Record::Text(text.into()), extra: Map::new(), turn_fields: Vec::new() }
     }
 
     /// The normalised JSON form: `{"messages": [{role, content}...], ...extra}` or
@@ -43,17 +48,8 @@ impl Row {
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
         match &self.record {
-            Record::Messages(msgs) => {
-                let list = msgs
-                    .iter()
-                    .map(|x| {
-                        let mut o = Map::new();
-                        o.insert("role".into(), Value::String(x.role.clone()));
-                        o.insert("content".into(), Value::String(x.content.clone()));
-                        Value::Object(o)
-                    })
-                    .collect();
-                m.insert("messages".into(), Value::Array(list));
+            Record::Messages(_) => {
+                m.insert("messages".into(), Value::Array(self.template_messages()));
             }
             Record::Text(t) => {
                 m.insert("text".into(), Value::String(t.clone()));
@@ -63,6 +59,28 @@ impl Row {
             m.entry(k.clone()).or_insert_with(|| v.clone());
         }
         Value::Object(m)
+    }
+
+    /// The messages as the chat template gets them: role, content and each message's own fields.
+    pub fn template_messages(&self) -> Vec<Value> {
+        let Record::Messages(msgs) = &self.record else { return Vec::new() };
+        let mut out = Self::messages_json(msgs);
+        for (m, fields) in out.iter_mut().zip(&self.turn_fields) {
+            if let Value::Object(o) = m {
+                o.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        out
+    }
+
+    /// The template variables of this record beside its messages: `tools`, when it has them.
+    pub fn template_vars(&self) -> Map<String, Value> {
+        self.extra.iter().filter(|(k, v)| *k == "tools" && v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Whether message `i` calls tools.
+    pub fn has_tool_calls(&self, i: usize) -> bool {
+        self.turn_fields.get(i).and_then(|f| f.get("tool_calls")).is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()))
     }
 
     /// Messages as the chat template expects them.
@@ -149,6 +167,32 @@ impl Dataset {
             out.push(b'\n');
         }
         crate::util::fs::write(path, &out)
+    }
+
+    /// trl's `dataset_text_field`: rows that carry `field` (a string) become text records of it;
+    /// `"text"` is what loading already reads. An error when no row carries the field.
+    pub fn with_text_field(&self, field: &str) -> Result<Self> {
+        if field == "text" {
+            return Ok(self.clone());
+        }
+        let mut found = false;
+        let rows = self
+            .rows
+            .iter()
+            .map(|r| match r.extra.get(field) {
+                Some(Value::String(t)) => {
+                    found = true;
+                    let mut extra = r.extra.clone();
+                    extra.remove(field);
+                    Arc::new(Row { record: Record::Text(t.clone()), extra, turn_fields: Vec::new() })
+                }
+                _ => r.clone(),
+            })
+            .collect();
+        if !found {
+            bail!("dataset_text_field \"{field}\": no record has a string field `{field}`");
+        }
+        Ok(Dataset { rows })
     }
 
     /// How many records are conversations and how many plain text.

@@ -70,6 +70,9 @@ pub struct LoadOptions {
     pub on_error: OnError,
     /// For a JSON object holding several arrays: the key to read (`"train"`).
     pub split: Option<String>,
+    /// `(standard name, the dataset's name)`: `("prompt", "question")` reads `question` as
+    /// `prompt` (before the format is detected).
+    pub columns: Vec<(String, String)>,
 }
 
 /// Why a record (or file) was rejected; the label is what the summary line counts.
@@ -88,6 +91,8 @@ pub enum Reason {
     EmptyFile,
     /// A JSON document that is not an array of records (or an object holding one).
     FileStructure,
+    /// A parquet file that cannot be read (corrupt, or a codec this build lacks).
+    Parquet,
 }
 
 impl Reason {
@@ -105,6 +110,7 @@ impl Reason {
             Reason::EmptyConversation => "empty conversation",
             Reason::EmptyFile => "empty file",
             Reason::FileStructure => "unusable file",
+            Reason::Parquet => "unreadable parquet",
         }
     }
 }
@@ -163,7 +169,7 @@ impl LoadReport {
 }
 
 /// `load_dataset(path_or_glob)`: a file, a directory (recursively, every .jsonl / .json / .csv
-/// / .tsv in name order) or a glob pattern.
+/// / .tsv / .parquet in name order) or a glob pattern.
 pub fn load_dataset(spec: &str, opts: &LoadOptions) -> Result<(Dataset, LoadReport)> {
     let (files, ignored) = expand(spec)?;
     let mut l = Loader { opts, report: LoadReport { ignored_files: ignored, ..Default::default() }, rows: Vec::new(), file_format: None };
@@ -183,6 +189,7 @@ enum FileKind {
     Jsonl,
     Json,
     Csv(u8),
+    Parquet,
 }
 
 fn file_kind(p: &Path) -> Option<FileKind> {
@@ -192,6 +199,7 @@ fn file_kind(p: &Path) -> Option<FileKind> {
         "json" => FileKind::Json,
         "csv" => FileKind::Csv(b','),
         "tsv" => FileKind::Csv(b'\t'),
+        "parquet" => FileKind::Parquet,
         _ => return None,
     })
 }
@@ -202,10 +210,10 @@ fn expand(spec: &str) -> Result<(Vec<PathBuf>, usize)> {
     let (files, ignored) = crate::util::files::list(spec, &|f| file_kind(f).is_some())?;
     let explicit = !spec.contains(['*', '?', '[']) && !Path::new(spec).is_dir();
     if explicit && files.is_empty() {
-        bail!("{spec}: unsupported file type (expected .jsonl, .json, .csv or .tsv)");
+        bail!("{spec}: unsupported file type (expected .jsonl, .json, .csv, .tsv or .parquet)");
     }
     if files.is_empty() {
-        bail!("{spec}: no .jsonl, .json, .csv or .tsv files");
+        bail!("{spec}: no .jsonl, .json, .csv, .tsv or .parquet files");
     }
     Ok((files, ignored))
 }
@@ -242,6 +250,7 @@ impl Loader<'_> {
             FileKind::Jsonl => self.jsonl(&name, &bytes)?,
             FileKind::Json => self.json(&name, &bytes)?,
             FileKind::Csv(d) => self.csv(&name, &bytes, d)?,
+            FileKind::Parquet => self.parquet(&name, bytes)?,
         }
         if self.rows.len() + self.report.skipped_total() == before {
             self.fail(&name, err(Reason::EmptyFile, "empty file (no records)"))?;
@@ -250,7 +259,8 @@ impl Loader<'_> {
     }
 
     /// Detect (first record) or check the file's format, then normalise.
-    fn record(&mut self, loc: &str, v: Value) -> Result<()> {
+    fn record(&mut self, loc: &str, mut v: Value) -> Result<()> {
+        rename_columns(&mut v, &self.opts.columns);
         let fmt = match self.file_format {
             Some(f) => f,
             None => match v.as_object().and_then(detect) {
@@ -414,6 +424,71 @@ impl Loader<'_> {
     }
 }
 
+impl Loader<'_> {
+    /// A parquet file (as `datasets` writes a split): each row as the JSON record it would be
+    /// in a .jsonl export (nested lists and structs as arrays and objects, nulls as null), in
+    /// the file's column order. Codecs: snappy (pyarrow's default), gzip, lz4, uncompressed.
+    fn parquet(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        // The decoder may panic on a corrupt file: that is a bad file, not a crash.
+        let decoded = std::panic::catch_unwind(|| parquet_rows(bytes))
+            .unwrap_or_else(|_| Err("not a readable parquet file: corrupt (the decoder gave up)".into()));
+        let rows = match decoded {
+            Ok(rows) => rows,
+            Err(msg) => return self.fail(name, err(Reason::Parquet, msg)),
+        };
+        for (i, row) in rows.into_iter().enumerate() {
+            match row {
+                Ok(v) => self.record(&format!("{name}: row {i}"), v)?,
+                // A page that cannot be decoded ends the file: later rows are not reachable.
+                Err(msg) => return self.fail(&format!("{name}: row {i}"), err(Reason::Parquet, msg)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rows of a parquet file as JSON, or why the file cannot be opened; a row that cannot be
+/// decoded is the last entry.
+fn parquet_rows(bytes: Vec<u8>) -> Result<Vec<Result<Value, String>>, String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(|e| parquet_msg(&e))?;
+    let mut out = Vec::new();
+    for row in reader.get_row_iter(None).map_err(|e| parquet_msg(&e))? {
+        match row {
+            Ok(r) => out.push(Ok(r.to_json_value())),
+            Err(e) => {
+                out.push(Err(parquet_msg(&e)));
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A parquet error in one line; a codec this build lacks says how to convert.
+fn parquet_msg(e: &parquet::errors::ParquetError) -> String {
+    let s = e.to_string();
+    let s = s.strip_prefix("Parquet error: ").unwrap_or(&s);
+    if let Some(codec) = s.strip_prefix("Disabled feature at compile time: ") {
+        format!(
+            "compressed with {codec}, which qscript does not read (it reads snappy, the `datasets` / pyarrow default, gzip, lz4 and \
+             uncompressed); rewrite it, e.g. pyarrow.parquet.write_table(pyarrow.parquet.read_table(path), path, compression=\"snappy\")"
+        )
+    } else {
+        format!("not a readable parquet file: {s}")
+    }
+}
+
+/// `columns`: the dataset's field names renamed to the standard ones, where present.
+fn rename_columns(v: &mut Value, columns: &[(String, String)]) {
+    let Value::Object(o) = v else { return };
+    for (std, theirs) in columns {
+        if let Some(x) = o.remove(theirs) {
+            o.insert(std.clone(), x);
+        }
+    }
+}
+
 /// A CSV row as a JSON object; `messages` / `conversations` columns hold JSON arrays.
 fn csv_object(headers: &[String], record: &csv::ByteRecord) -> Result<Value, RecordError> {
     let mut o = Map::new();
@@ -486,7 +561,8 @@ pub fn parse_record(v: &Value, fmt: Option<Format>) -> Result<Row, RecordError> 
             return Err(err(
                 Reason::UnknownFormat,
                 format!(
-                    "record has none of the fields of a known format (messages, conversations, instruction/output, prompt/completion, text); it has: {}",
+                    "record has none of the fields of a known format (messages, conversations, instruction/output, prompt/completion, text); it has: {} \
+                     (map other names with `columns: #{{ prompt: \"question\", completion: \"answer\" }}`)",
                     if keys.is_empty() { "no fields".into() } else { keys.join(", ") }
                 ),
             ));
@@ -510,9 +586,10 @@ fn parse_record_as(v: &Value, fmt: Format, forced: bool) -> Result<Row, RecordEr
         return Err(err(Reason::MissingField, format!("missing field `{missing}` (format `{}`)", fmt.name())));
     }
     let mut used: &[&str] = fmt.required();
+    let mut turn_fields = Vec::new();
     let record = match fmt {
-        Format::Messages => Record::Messages(parse_messages(&o["messages"], "messages", false)?),
-        Format::Conversations => Record::Messages(parse_messages(&o["conversations"], "conversations", true)?),
+        Format::Messages => Record::Messages(parse_messages(&o["messages"], "messages", false, &mut turn_fields)?),
+        Format::Conversations => Record::Messages(parse_messages(&o["conversations"], "conversations", true, &mut turn_fields)?),
         Format::Text => Record::Text(string_field(o, "text")?),
         Format::Alpaca => {
             used = &["instruction", "input", "output", "system"];
@@ -529,20 +606,26 @@ fn parse_record_as(v: &Value, fmt: Format, forced: bool) -> Result<Row, RecordEr
             Record::Messages(msgs)
         }
         Format::PromptCompletion => {
-            let mut msgs = turns(&o["prompt"], "prompt", "user")?;
-            msgs.extend(turns(&o["completion"], "completion", "assistant")?);
+            let mut msgs = turns(&o["prompt"], "prompt", "user", &mut turn_fields)?;
+            msgs.extend(turns(&o["completion"], "completion", "assistant", &mut turn_fields)?);
             Record::Messages(msgs)
         }
     };
+    if turn_fields.iter().all(Map::is_empty) {
+        turn_fields.clear();
+    }
     let extra = o.iter().filter(|(k, _)| !used.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
-    Ok(Row { record, extra })
+    Ok(Row { record, extra, turn_fields })
 }
 
 /// A prompt / completion: a string (one turn with `role`) or a list of messages.
-fn turns(v: &Value, field: &str, role: &str) -> Result<Vec<Message>, RecordError> {
+fn turns(v: &Value, field: &str, role: &str, fields: &mut Vec<Map<String, Value>>) -> Result<Vec<Message>, RecordError> {
     match v {
-        Value::String(s) => Ok(vec![Message { role: role.into(), content: s.clone() }]),
-        Value::Array(_) => parse_messages(v, field, false),
+        Value::String(s) => {
+            fields.push(Map::new());
+            Ok(vec![Message { role: role.into(), content: s.clone() }])
+        }
+        Value::Array(_) => parse_messages(v, field, false, fields),
         other => Err(err(Reason::WrongType, format!("`{field}` must be a string or a list of messages, got {}", kind_of(other)))),
     }
 }
@@ -561,7 +644,9 @@ fn opt_string_field(o: &Map<String, Value>, k: &str) -> Result<Option<String>, R
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
-fn parse_messages(v: &Value, field: &str, sharegpt: bool) -> Result<Vec<Message>, RecordError> {
+/// The messages of a conversation; each message's other fields (tool use) go to `fields`, one
+/// map per message.
+fn parse_messages(v: &Value, field: &str, sharegpt: bool, fields: &mut Vec<Map<String, Value>>) -> Result<Vec<Message>, RecordError> {
     let Value::Array(items) = v else {
         return Err(err(Reason::WrongType, format!("`{field}` must be an array of messages, got {}", kind_of(v))));
     };
@@ -589,7 +674,15 @@ fn parse_messages(v: &Value, field: &str, sharegpt: bool) -> Result<Vec<Message>
                 return Err(err(Reason::UnknownRole, format!("`{field}` message {i}: unknown role \"{r}\" (expected one of: {expected})")));
             }
         };
+        let calls = role == "assistant" && m.get("tool_calls").is_some_and(|c| !c.is_null());
+        let mut own: Map<String, Value> =
+            m.iter().filter(|(k, v)| !matches!(k.as_str(), "role" | "content" | "from" | "value") && !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
         let content = match m.get(ck) {
+            // A tool call without text: the template gets the null it was given.
+            None | Some(Value::Null) if calls => {
+                own.insert("content".into(), Value::Null);
+                String::new()
+            }
             Some(Value::String(s)) => s.clone(),
             // OpenAI content parts: keep the text parts.
             Some(Value::Array(parts)) if parts.iter().all(|p| p.get("text").is_some_and(Value::is_string)) => {
@@ -599,6 +692,7 @@ fn parse_messages(v: &Value, field: &str, sharegpt: bool) -> Result<Vec<Message>
             None => return Err(err(Reason::MissingField, format!("`{field}` message {i}: missing field `{ck}`"))),
         };
         out.push(Message { role: role.into(), content });
+        fields.push(own);
     }
     Ok(out)
 }

@@ -11,10 +11,20 @@
 //! mask does), which also handles tokens that merge across the boundary.
 //!
 //! Trained per assistant turn: its content and the end-of-turn token(s) the template emits right
-//! after it, up to and including the last special token of the turn (`<|im_end|>` for ChatML,
-//! `<|eot_id|>` for Llama-3). Whitespace the template writes after that token (ChatML's "\n") is
-//! not trained: generation stops at the end-of-turn token, so the model never produces it, and
-//! trl's `{% generation %}` spans for ChatML end at `<|im_end|>` too.
+//! after it, up to and including the last special token of the turn (`<|im_end|>` for ChatML and
+//! Qwen, `<|eot_id|>` for Llama-3, `<end_of_turn>` for Gemma, `<|end|>` for Phi-3, `</s>` for
+//! Mistral). Whitespace the template writes after that token (ChatML's "\n") is not trained:
+//! generation stops at the end-of-turn token, so the model never produces it (trl's
+//! `{% generation %}` training templates also wrap that "\n"; the difference is one
+//! never-generated token per turn).
+//!
+//! Some templates render a turn differently once later messages follow: Qwen3 drops the
+//! reasoning (`<think>…</think>`) of assistant turns before the last user message and adds an
+//! empty think block to turns after it. There the rendering through the turn is not a prefix of
+//! the whole; the turn is trained as the whole conversation renders it: from where its
+//! generation prompt ends to the first end-of-turn token (a stop id or the template's own
+//! end-of-turn token) after that. Whatever the template wrote there (an empty think block
+//! included) is what the model generates after that prompt, so it is trained.
 //!
 //! Text records are tokenized with special tokens (e.g. BOS) and get EOS appended when missing
 //! (trl's `add_eos`); every token is trained.
@@ -92,8 +102,18 @@ pub struct Lint {
     pub examples: Vec<usize>,
 }
 
+impl Lint {
+    /// A fact worth knowing that asks for no action (printed once, as a note).
+    pub fn is_note(&self) -> bool {
+        matches!(self.kind, "pad-is-eos" | "no-pad-token" | "template-rewrites-turns")
+    }
+}
+
 impl std::fmt::Display for Lint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_note() {
+            return write!(f, "note: {}", self.message);
+        }
         write!(f, "warning [{}]: {}", self.kind, self.message)?;
         if !self.examples.is_empty() {
             let list: Vec<String> = self.examples.iter().map(|i| i.to_string()).collect();
@@ -165,11 +185,26 @@ pub struct ChatTokenizer<'a> {
     pub template: Option<ChatTemplate>,
     /// Token ids that end generation (EOS and generation_config's eos ids).
     pub stop_ids: Vec<u32>,
+    /// The special token the template writes right after an assistant turn's content
+    /// (`<|im_end|>`, `<end_of_turn>`, `<|end|>`, `</s>`, `<|eot_id|>`), if any.
+    pub end_of_turn: Option<u32>,
 }
 
 impl<'a> ChatTokenizer<'a> {
     pub fn new(tokenizer: &'a Tokenizer, template: Option<ChatTemplate>, stop_ids: Vec<u32>) -> Self {
-        Self { tokenizer, template, stop_ids }
+        let end_of_turn = template.as_ref().and_then(|t| end_of_turn_id(t, tokenizer));
+        Self { tokenizer, template, stop_ids, end_of_turn }
+    }
+
+    /// What chat generation stops on: the stop ids plus the template's end-of-turn token (a
+    /// checkpoint without generation_config.json, a GGUF or a random model still stops where
+    /// its template ends a turn).
+    pub fn chat_stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.stop_ids.clone();
+        if let Some(id) = self.end_of_turn.filter(|id| !ids.contains(id)) {
+            ids.push(id);
+        }
+        ids
     }
 
     /// The model's tokenizer, its chat template (with bos/eos strings) and EOS ids.
@@ -187,10 +222,32 @@ impl<'a> ChatTokenizer<'a> {
     }
 }
 
+/// The special (added) tokens of a tokenizer, and its EOS.
+fn special_ids(tok: &Tokenizer) -> HashSet<u32> {
+    let mut ids: HashSet<u32> = tok.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+    ids.extend(tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)));
+    ids
+}
+
+/// The first special token the template writes after an assistant turn's content: render a
+/// user turn and an assistant turn with probe contents and tokenize what follows the answer.
+/// None when the template rejects that conversation or writes no special token there.
+fn end_of_turn_id(tpl: &ChatTemplate, tok: &Tokenizer) -> Option<u32> {
+    const ANSWER: &str = "\u{E001}";
+    let msgs = [serde_json::json!({"role": "user", "content": "\u{E000}"}), serde_json::json!({"role": "assistant", "content": ANSWER})];
+    let text = tpl.render(&msgs, false, &serde_json::Map::new()).ok()?;
+    let tail = &text[text.rfind(ANSWER)? + ANSWER.len()..];
+    let specials = special_ids(tok);
+    let ids = tok.inner.encode(tail, false).ok()?.get_ids().to_vec();
+    ids.into_iter().find(|id| specials.contains(id))
+}
+
 /// Per-example facts the lints aggregate.
 #[derive(Default)]
 struct Flags {
     double_bos: bool,
+    /// Assistant turns the template renders differently once later messages follow.
+    rewritten_turns: usize,
     /// Assistant turns with no special token after the content.
     turns_without_end: usize,
     /// The special tokens that ended assistant turns.
@@ -212,6 +269,8 @@ struct Encoder<'a> {
     bare: tokenizers::Tokenizer,
     /// Special (added) tokens: what can end a turn.
     specials: HashSet<u32>,
+    /// What ends a turn the template re-renders: stop ids, EOS, the template's end-of-turn.
+    turn_ends: HashSet<u32>,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     train_on_inputs: bool,
@@ -221,11 +280,10 @@ impl<'a> Encoder<'a> {
     fn new(ct: &'a ChatTokenizer<'a>, train_on_inputs: bool) -> Self {
         let mut bare = ct.tokenizer.inner.clone();
         bare.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
-        let mut specials: HashSet<u32> =
-            ct.tokenizer.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        let specials = special_ids(ct.tokenizer);
         let eos_id = ct.id(&ct.tokenizer.eos_token);
-        specials.extend(eos_id);
-        Self { ct, bare, specials, bos_id: ct.id(&ct.tokenizer.bos_token), eos_id, train_on_inputs }
+        let turn_ends: HashSet<u32> = ct.chat_stop_ids().into_iter().chain(eos_id).collect();
+        Self { ct, bare, specials, turn_ends, bos_id: ct.id(&ct.tokenizer.bos_token), eos_id, train_on_inputs }
     }
 
     fn template(&self) -> Result<&ChatTemplate> {
@@ -236,7 +294,7 @@ impl<'a> Encoder<'a> {
         crate::check_limits()?; // a dataset is tokenized in one Rhai operation
         let mut e = match &row.record {
             Record::Text(t) => self.encode_text(t)?,
-            Record::Messages(m) => self.encode_messages(m)?,
+            Record::Messages(m) => self.encode_messages(m, row)?,
         };
         e.flags.double_bos = self.bos_id.is_some() && e.ids.len() >= 2 && e.ids[0] == e.ids[1] && Some(e.ids[0]) == self.bos_id;
         Ok(e)
@@ -253,10 +311,11 @@ impl<'a> Encoder<'a> {
         Ok(Encoded { ids, trained, flags: Flags { has_assistant: true, ..Default::default() } })
     }
 
-    fn encode_messages(&self, msgs: &[Message]) -> Result<Encoded> {
+    /// `row`'s messages `msgs` through the template (with the row's tool fields and `tools`).
+    fn encode_messages(&self, msgs: &[Message], row: &Row) -> Result<Encoded> {
         let tpl = self.template()?;
-        let values = Row::messages_json(msgs);
-        let none = serde_json::Map::new();
+        let values = row.template_messages();
+        let none = row.template_vars();
         let full = tpl.render(&values, false, &none)?;
         let enc = self.bare.encode(full.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?;
         let ids = enc.get_ids().to_vec();
@@ -274,42 +333,61 @@ impl<'a> Encoder<'a> {
             }
             flags.has_assistant = true;
             let upto = if i + 1 == msgs.len() { full.clone() } else { tpl.render(&values[..=i], false, &none)? };
-            if !full.starts_with(&upto) {
-                bail!(
-                    "message {i} (assistant): the chat template does not render this conversation incrementally \
-                     (the rendering up to the turn is not a prefix of the whole), so the turn cannot be located; \
-                     use train_on_inputs: true or a template that renders turns in order"
-                );
-            }
-            let a = content_start(tpl, &values[..i], &upto)?;
-            let b = upto.len();
-            // Tokens overlapping the turn's bytes [a, b); offsets are sorted by start.
+            let a = content_start(tpl, &values[..i], &full, &none)?;
+            // Tokens from the one overlapping byte `a` (offsets are sorted by start).
             let s = offsets.partition_point(|o| o.1 <= a);
-            let e = offsets.partition_point(|o| o.0 < b);
-            if s >= e {
-                continue;
-            }
-            let end = (s..e).rev().find(|&k| self.specials.contains(&ids[k]));
-            match end {
-                Some(k) => {
-                    flags.end_ids.push(ids[k]);
-                    trained[s..=k].iter_mut().for_each(|t| *t = true);
-                }
-                None => {
-                    flags.turns_without_end += 1;
-                    trained[s..e].iter_mut().for_each(|t| *t = true);
-                }
+            let span = if full.starts_with(&upto) {
+                self.turn_span(&ids, offsets, s, upto.len(), &mut flags)
+            } else {
+                flags.rewritten_turns += 1;
+                let span = self.rewritten_turn_span(&ids, s).ok_or_else(|| {
+                    anyhow!(
+                        "message {i} (assistant): the chat template renders this turn differently once later messages follow, \
+                         and no end-of-turn token follows it in the whole conversation, so the turn cannot be located; \
+                         use train_on_inputs: true"
+                    )
+                })?;
+                Some(span)
+            };
+            if let Some((s, e)) = span {
+                trained[s..e].iter_mut().for_each(|t| *t = true);
             }
         }
         Ok(Encoded { ids, trained, flags })
     }
 
+    /// The trained tokens `[s, e)` of a turn whose rendering ends at byte `b` of the whole:
+    /// through the last special token before `b` (the end-of-turn), else all of them.
+    fn turn_span(&self, ids: &[u32], offsets: &[(usize, usize)], s: usize, b: usize, flags: &mut Flags) -> Option<(usize, usize)> {
+        let e = offsets.partition_point(|o| o.0 < b);
+        if s >= e {
+            return None;
+        }
+        match (s..e).rev().find(|&k| self.specials.contains(&ids[k])) {
+            Some(k) => {
+                flags.end_ids.push(ids[k]);
+                Some((s, k + 1))
+            }
+            None => {
+                flags.turns_without_end += 1;
+                Some((s, e))
+            }
+        }
+    }
+
+    /// A turn the whole conversation renders differently (Qwen3's reasoning): from its content
+    /// start through the first end-of-turn token after it; None when there is none.
+    fn rewritten_turn_span(&self, ids: &[u32], s: usize) -> Option<(usize, usize)> {
+        let k = (s..ids.len()).find(|&k| self.turn_ends.contains(&ids[k]))?;
+        Some((s, k + 1))
+    }
+
     /// Roles the template renders nothing for: message j adds nothing to the rendering of the
     /// messages before it (render with and without each turn).
-    fn dropped_roles(&self, msgs: &[Message]) -> Vec<String> {
+    fn dropped_roles(&self, msgs: &[Message], row: &Row) -> Vec<String> {
         let Ok(tpl) = self.template() else { return vec![] };
-        let values = Row::messages_json(msgs);
-        let none = serde_json::Map::new();
+        let values = row.template_messages();
+        let none = row.template_vars();
         let mut prev = tpl.render(&[], false, &none).ok();
         let mut out = Vec::new();
         for j in 0..msgs.len() {
@@ -325,27 +403,27 @@ impl<'a> Encoder<'a> {
     }
 }
 
-/// Byte offset in `upto` (the rendering through assistant turn i) where the turn's content
+/// Byte offset in `full` (the whole conversation's rendering) where assistant turn i's content
 /// starts. Normally the end of the conversation before it rendered with the generation prompt
 /// (transformers' definition of the prompt). When that is not a prefix (e.g. an assistant turn
 /// first: SmolLM2 adds its default system prompt only inside the message loop), render the turn
 /// with two probe contents: their renderings agree exactly up to where the content goes.
-fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], upto: &str) -> Result<usize> {
-    let none = serde_json::Map::new();
-    let before = tpl.render(before_msgs, true, &none)?;
-    if upto.starts_with(&before) {
+fn content_start(tpl: &ChatTemplate, before_msgs: &[serde_json::Value], full: &str, vars: &serde_json::Map<String, serde_json::Value>) -> Result<usize> {
+    let none = vars;
+    let before = tpl.render(before_msgs, true, none)?;
+    if full.starts_with(&before) {
         return Ok(before.len());
     }
     let probe = |c: &str| {
         let mut v = before_msgs.to_vec();
         v.push(serde_json::json!({"role": "assistant", "content": c}));
-        tpl.render(&v, false, &none)
+        tpl.render(&v, false, none)
     };
     let (x, y) = (probe("\u{E000}")?, probe("\u{E001}")?);
     let Some(cp) = x.char_indices().zip(y.chars()).find(|((_, c), d)| c != d).map(|((i, _), _)| i) else {
         bail!("the chat template does not render assistant content; nothing to train");
     };
-    if !upto.starts_with(&x[..cp]) {
+    if !full.starts_with(&x[..cp]) {
         bail!("the chat template renders the assistant turn differently from its generation prompt; cannot locate the turn (use train_on_inputs: true)");
     }
     Ok(cp)
@@ -356,7 +434,12 @@ fn encode_all(ds: &Dataset, enc: &Encoder) -> Result<Vec<Encoded>> {
     let results: Vec<Result<Encoded>> = ds.rows.par_iter().with_min_len(64).map(|r| enc.encode(r)).collect();
     let mut out = Vec::with_capacity(results.len());
     for (i, r) in results.into_iter().enumerate() {
-        out.push(r.map_err(|e| anyhow!("example {i}: {e:#}"))?);
+        out.push(r.map_err(|e| {
+            // A template without tool support fails on a call's null content: say what it met.
+            let calls = (0..ds.rows[i].turn_fields.len()).any(|j| ds.rows[i].has_tool_calls(j));
+            let hint = if calls { " (this conversation has tool_calls: does the model's chat template render tool calls?)" } else { "" };
+            anyhow!("example {i}: {e:#}{hint}")
+        })?);
     }
     Ok(out)
 }
@@ -383,8 +466,14 @@ pub fn tokenize_dataset(ds: &Dataset, ct: &ChatTokenizer, opts: &TokenizeOptions
         if flags.turns_without_end > 0 {
             lints.add("no-end-of-turn", i);
         }
+        if flags.rewritten_turns > 0 {
+            lints.add("template-rewrites-turns", i);
+        }
         for id in &flags.end_ids {
             *end_ids.entry(*id).or_default() += 1;
+        }
+        for kind in turn_lints(&ds.rows[i]) {
+            lints.add(kind, i);
         }
         let mut truncated_from = None;
         if let Some(max) = opts.max_seq_length {
@@ -395,6 +484,9 @@ pub fn tokenize_dataset(ds: &Dataset, ct: &ChatTokenizer, opts: &TokenizeOptions
                         continue;
                     }
                     Truncation::Truncate => {
+                        if last_answer_cut(&trained, max) {
+                            lints.add("answer-truncated", i);
+                        }
                         truncated_from = Some(ids.len());
                         ids.truncate(max);
                         trained.truncate(max);
@@ -438,7 +530,7 @@ fn pad_id(ct: &ChatTokenizer, lints: &mut Vec<Lint>) -> u32 {
     };
     lints.push(Lint {
         kind: "no-pad-token",
-        message: format!("the tokenizer has no pad token; padding with {what} (padding is masked by attention_mask, never trained)"),
+        message: format!("the tokenizer has no pad token, so batches are padded with {what}. Nothing to do: padding is never trained on"),
         count: 0,
         examples: vec![],
     });
@@ -469,12 +561,57 @@ impl LintSet {
                     "no-end-of-turn" => "assistant turns have no EOS / end-of-turn token after their content: the model will not learn to stop".into(),
                     "no-assistant" => "examples have no assistant turn: nothing to train, dropped".into(),
                     "nothing-trained" => "examples lost every assistant token to truncation: dropped (raise max_seq_length?)".into(),
+                    "answer-truncated" => "examples longer than max_seq_length lose their whole last answer to truncation: \
+                        only earlier turns are trained (raise max_seq_length, or truncation: \"drop\")".into(),
+                    "empty-reply" => "assistant replies are empty: the model learns to answer with nothing".into(),
+                    "turn-order" => "turns are out of order (two user or two assistant turns in a row, a system turn after the start, \
+                        or a tool result without a tool call before it)".into(),
+                    "duplicate-system" => "conversations have more than one system turn (most templates keep only the first, or fail)".into(),
+                    "template-rewrites-turns" => "the chat template renders earlier assistant turns differently once later messages follow \
+                        (Qwen3 drops the reasoning of turns before the last user message): they are trained as the whole conversation renders them"
+                        .into(),
                     other => other.to_string(),
                 };
                 Lint { kind, message, count, examples }
             })
             .collect()
     }
+}
+
+/// Whether truncating to `max` tokens removes the last trained run (the last answer) whole
+/// while an earlier one stays (when none stays, the example is dropped and said so).
+fn last_answer_cut(trained: &[bool], max: usize) -> bool {
+    let Some(end) = trained.iter().rposition(|&t| t) else { return false };
+    let start = trained[..end].iter().rposition(|&t| !t).map_or(0, |k| k + 1);
+    // Label 0 predicts nothing, so a run must start after it to count as trained.
+    start >= max && trained.iter().take(max).skip(1).any(|&t| t)
+}
+
+/// Lints about one conversation's turns: empty replies, order, system turns.
+fn turn_lints(row: &Row) -> Vec<&'static str> {
+    let Record::Messages(msgs) = &row.record else { return vec![] };
+    let mut out = Vec::new();
+    let empty = |i: usize, m: &Message| m.role == "assistant" && m.content.trim().is_empty() && !row.has_tool_calls(i);
+    if msgs.iter().enumerate().any(|(i, m)| empty(i, m)) {
+        out.push("empty-reply");
+    }
+    if msgs.iter().filter(|m| m.role == "system").count() > 1 {
+        out.push("duplicate-system");
+    }
+    let misplaced = msgs.iter().enumerate().skip(1).any(|(i, m)| {
+        let prev = &msgs[i - 1];
+        match m.role.as_str() {
+            "system" => prev.role != "system",
+            "user" => prev.role == "user",
+            "assistant" => prev.role == "assistant" && !row.has_tool_calls(i - 1),
+            "tool" => !(prev.role == "tool" || prev.role == "assistant" && row.has_tool_calls(i - 1)),
+            _ => false,
+        }
+    });
+    if misplaced {
+        out.push("turn-order");
+    }
+    out
 }
 
 /// Lints about which tokens end assistant turns.
@@ -491,7 +628,8 @@ fn token_lints(ct: &ChatTokenizer, enc: &Encoder, pad_id: u32, end_ids: &BTreeMa
             out.push(Lint {
                 kind: "end-not-eos",
                 message: format!(
-                    "{n} assistant turns end with `{}`, which does not stop generation (stop tokens: {}): the trained model may run on",
+                    "{n} assistant turns end with `{}`, which does not stop generation (stop tokens: {}): the trained model may run on \
+                     in engines that stop on the model's eos ids only (add it to generation_config.json's eos_token_id)",
                     name(id),
                     if stop_names.is_empty() { "none".into() } else { stop_names.join(", ") }
                 ),
@@ -504,8 +642,8 @@ fn token_lints(ct: &ChatTokenizer, enc: &Encoder, pad_id: u32, end_ids: &BTreeMa
         out.push(Lint {
             kind: "pad-is-eos",
             message: format!(
-                "the pad token is the end-of-turn token `{}`: qscript masks padding by position (attention_mask / segment 0), so end-of-turn labels stay trained here, \
-                 but a collator that sets labels to -100 wherever input == pad would hide them from the loss",
+                "the pad token is the end-of-turn token `{}`. Nothing to do: qscript tells padding apart by position, so the model still \
+                 learns to end its turns (a Python collator that masks every pad-token id would hide them)",
                 name(pad_id)
             ),
             count: 0,
@@ -524,7 +662,7 @@ fn role_lints(ds: &Dataset, enc: &Encoder) -> Vec<Lint> {
     let mut by_role: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, row) in ds.rows.iter().enumerate().filter(|(_, r)| matches!(r.record, Record::Messages(_))).take(64) {
         if let Record::Messages(m) = &row.record {
-            for role in enc.dropped_roles(m) {
+            for role in enc.dropped_roles(m, row) {
                 by_role.entry(role).or_default().push(i);
             }
         }

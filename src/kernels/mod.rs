@@ -1,5 +1,5 @@
 //! The compute kernels behind the model's ops, one folder per op family: `norm` (RMSNorm),
-//! `rope` (heads split/merge + rotation), `attention`, `swiglu`, `cross_entropy` (LM head +
+//! `rope` (heads split/merge + rotation), `attention`, `glu` (gated activations: SwiGLU, GeGLU), `cross_entropy` (LM head +
 //! loss), `lora` (the LoRA linear, dropout), `quant4` (bitsandbytes 4-bit weights), `adamw`,
 //! `gemv` (batch-1 products) and `decode` (fused batch-1 CUDA decoding).
 //!
@@ -22,7 +22,7 @@ pub mod matmul;
 pub mod norm;
 pub mod quant4;
 pub mod rope;
-pub mod swiglu;
+pub mod glu;
 pub mod vecmath;
 
 use candle_core::{DType, Storage, StorageRef, Tensor};

@@ -1,5 +1,5 @@
 //! Vectorized elementwise math shared by the CPU kernels: `exp` for AVX-512 lanes, row max,
-//! and `exp(x − shift)` with its sum.
+//! `exp(x − shift)` with its sum, logit soft-capping.
 
 /// `exp(x)` for 16 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6
 /// polynomial, scale by 2ⁿ with `vscalefps`, which also underflows to 0 gracefully); within
@@ -25,6 +25,14 @@ pub unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     let r2 = _mm512_mul_ps(r, r);
     p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
     _mm512_scalef_ps(p, n)
+}
+
+/// `x ← cap·tanh(x/cap)`: logit soft-capping (Gemma 2's attention and final logits).
+pub fn softcap_inplace(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    for v in x {
+        *v = cap * (*v * inv).tanh();
+    }
 }
 
 /// Largest element (−∞ for an empty row).

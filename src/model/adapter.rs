@@ -101,6 +101,7 @@ pub fn config_to_json(cfg: &LoraConfig, base_model_name_or_path: &str) -> Value 
         TargetModules::Names(n) => json!(n),
         TargetModules::Regex(r) => json!(r),
         TargetModules::AllLinear => json!("all-linear"),
+        TargetModules::FamilyDefault => json!(names::LLAMA.default_target_names()),
     };
     let init = match cfg.init_lora_weights {
         InitLoraWeights::Default => json!(true),
@@ -153,7 +154,7 @@ pub fn config_from_json(v: &Value, origin: &str) -> Result<(LoraConfig, Vec<Stri
         cfg.use_rslora = v.as_bool().with_context(|| format!("{origin}: `use_rslora` must be true or false, got {v}"))?;
     }
     cfg.target_modules = match get("target_modules") {
-        None => TargetModules::Names(names::LLAMA.default_target_names()), // peft's Llama default
+        None => TargetModules::FamilyDefault, // peft's default for the model's family
         Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
         Some(Value::Array(a)) => TargetModules::Names(
@@ -272,7 +273,7 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
 /// that map to no module, missing A/B halves and shapes are one-line errors naming the file
 /// and tensor.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
-    let cfg = read_config(dir)?;
+    let cfg = read_config(dir)?.for_family(model.family());
     let wpath = dir.join(ADAPTER_WEIGHTS);
     if !wpath.is_file() {
         let hint = if dir.join("adapter_model.bin").is_file() { " (adapter_model.bin is a pickle; qscript reads safetensors only)" } else { "" };
@@ -336,7 +337,7 @@ fn check_targets(model: &Llama, cfg: &LoraConfig, cfg_path: &Path) -> Result<()>
                 bail!("{}: target_modules regex `{r}` matches no module of this model ({layers_desc})", cfg_path.display());
             }
         }
-        TargetModules::AllLinear => {}
+        TargetModules::AllLinear | TargetModules::FamilyDefault => {}
     }
     Ok(())
 }

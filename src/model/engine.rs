@@ -23,6 +23,9 @@ pub struct TrainBatch {
     pub segments: Tensor,
     /// `targets[i]` = the label token row `i` predicts (labels shifted left), −100 = ignored.
     pub targets: Vec<i64>,
+    /// The segment ids on the host, and the sliding layers' mask made from them on first use.
+    seg_host: Vec<u32>,
+    windowed: std::sync::OnceLock<(usize, Tensor)>,
 }
 
 impl TrainBatch {
@@ -70,9 +73,23 @@ impl TrainBatch {
             input_ids: Tensor::from_vec(input_ids.to_vec(), (b, t), device)?,
             positions: Tensor::from_vec(pos, (b, t), device)?,
             mask: attention::build_mask(&seg, b, t, device)?,
-            segments: Tensor::from_vec(seg, (b, t), device)?,
+            segments: Tensor::from_vec(seg.clone(), (b, t), device)?,
             targets,
+            seg_host: seg,
+            windowed: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The mask of a layer with this sliding `window` (`None`: [`TrainBatch::mask`]).
+    pub fn mask_for(&self, window: Option<usize>) -> Result<&Tensor> {
+        let Some(w) = window else { return Ok(&self.mask) };
+        if self.windowed.get().is_none() {
+            let m = attention::build_window_mask(&self.seg_host, self.b, self.t, Some(w), self.mask.device())?;
+            let _ = self.windowed.set((w, m));
+        }
+        let (w0, m) = self.windowed.get().expect("set above");
+        anyhow::ensure!(*w0 == w, "one sliding window per model ({w0} and {w})");
+        Ok(m)
     }
 
     pub fn n_targets(&self) -> usize {

@@ -2,7 +2,7 @@
 //! q/k row permutation undone, tokenizer rebuilt from the vocabulary and merges.
 
 use super::config::Config;
-use super::names::{self, Proj};
+use super::names::{self, Family, Proj};
 use super::tokenizer::{GgufVocab, Tokenizer};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
@@ -164,31 +164,7 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     let config_json = config_json(&content, &mut file).map_err(at)?;
     let config = Config::from_json(&config_json).map_err(at)?;
     let tokenizer = Tokenizer::from_gguf_vocab(&vocab(&md, Some(config.max_position_embeddings)).map_err(at)?).map_err(at)?;
-
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let mut tensors = HashMap::with_capacity(names.len());
-    for name in names {
-        crate::check_limits()?;
-        if name == "rope_freqs.weight" {
-            continue; // llama3 RoPE scaling, already turned into `rope_scaling` by config_json.
-        }
-        let hf = names::hf_key_from_gguf(name).with_context(|| format!("{}: unexpected tensor `{name}` for a llama GGUF", path.display()))?;
-        let q = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {}", path.display(), ce(e)))?;
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: cannot dequantize: {}", path.display(), ce(e)))?;
-        // llama.cpp permutes the rows of q and k (weights and biases) for its RoPE layout.
-        let proj = hf.rsplit_once('.').and_then(|(module, _)| names::LLAMA.parse_path(module)).map(|id| id.proj);
-        if proj == Some(Proj::Q) {
-            t = unpermute_qk(&t, config.num_attention_heads).map_err(|e| at(e.context(format!("tensor `{name}`"))))?;
-        } else if proj == Some(Proj::K) {
-            t = unpermute_qk(&t, config.num_key_value_heads).map_err(|e| at(e.context(format!("tensor `{name}`"))))?;
-        }
-        tensors.insert(hf, t);
-    }
+    let tensors = hf_tensors(&content, &mut file, &config_json).map_err(at)?;
     let embed = tensors
         .get(&names::weight_key(names::EMBED_TOKENS))
         .with_context(|| format!("{}: missing tensor `token_embd.weight`", path.display()))?;
@@ -209,6 +185,57 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     }
     Ok(GgufModel { config_json, config, tensors, tokenizer, generation_config: Value::Object(generation_config) })
 }
+
+/// The HF config.json equivalent and the tensors under HF names, undone from llama.cpp's
+/// layout, without building the model's config or tokenizer.
+pub fn read_weights(path: &Path) -> Result<(Value, HashMap<String, Tensor>)> {
+    let (content, mut file) = open(path)?;
+    let at = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+    let config_json = config_json(&content, &mut file).map_err(at)?;
+    let tensors = hf_tensors(&content, &mut file, &config_json).map_err(at)?;
+    Ok((config_json, tensors))
+}
+
+/// Every tensor of the file dequantized to f32 under its HF name, with what llama.cpp's
+/// converter did to it undone: Llama's q/k row permutation, Gemma's `1 + w` norms.
+fn hf_tensors(content: &Content, file: &mut std::fs::File, config_json: &Value) -> Result<HashMap<String, Tensor>> {
+    let arch = architecture(&Meta(&content.metadata))?;
+    let family = Family::of_gguf_arch(arch).context("architecture() admitted it")?;
+    let heads = |key: &str| config_json[key].as_u64().map(|n| n as usize).with_context(|| format!("config.json `{key}`"));
+    let (n_head, n_kv_head) = (heads("num_attention_heads")?, heads("num_key_value_heads")?);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = HashMap::with_capacity(names.len());
+    for name in names {
+        crate::check_limits()?;
+        if CONSUMED_BY_CONFIG.contains(&name.as_str()) {
+            continue;
+        }
+        let hf = family.hf_key_from_gguf(name).with_context(|| format!("unexpected tensor `{name}` for a {arch} GGUF"))?;
+        let at = |e: anyhow::Error| e.context(format!("tensor `{name}`"));
+        let q = content.tensor(file, name, &Device::Cpu).map_err(|e| anyhow::anyhow!("tensor `{name}`: {}", ce(e)))?;
+        let mut t = q.dequantize(&Device::Cpu).map_err(|e| anyhow::anyhow!("tensor `{name}`: cannot dequantize: {}", ce(e)))?;
+        if arch == "llama" {
+            // llama.cpp permutes the rows of q and k (weights and biases) for its RoPE layout.
+            let proj = hf.rsplit_once('.').and_then(|(module, _)| family.parse_path(module)).map(|id| id.proj);
+            if proj == Some(Proj::Q) {
+                t = unpermute_qk(&t, n_head).map_err(at)?;
+            } else if proj == Some(Proj::K) {
+                t = unpermute_qk(&t, n_kv_head).map_err(at)?;
+            }
+        }
+        // Gemma's RMSNorm multiplies by `1 + w`: llama.cpp's converter stores `1 + w` (its norm
+        // multiplies by the weight), transformers stores `w`.
+        if family.gemma && name.ends_with("norm.weight") {
+            t = t.affine(1.0, -1.0).map_err(|e| at(anyhow::anyhow!("{}", ce(e))))?;
+        }
+        tensors.insert(hf, t);
+    }
+    Ok(tensors)
+}
+
+/// Tensors whose content the config takes (RoPE factors); they are no weights of the model.
+const CONSUMED_BY_CONFIG: &[&str] = &["rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"];
 
 /// Only the tokenizer of a GGUF file (reads the header, not the tensors).
 pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
@@ -276,9 +303,10 @@ fn rows(w: &Tensor, n_head: usize) -> Result<(usize, usize)> {
 }
 
 /// Typed access to GGUF metadata, with errors that name the key.
+#[derive(Clone, Copy)]
 struct Meta<'a>(&'a HashMap<String, GValue>);
 
-impl Meta<'_> {
+impl<'a> Meta<'a> {
     fn u64(&self, key: &str) -> Result<Option<u64>> {
         let v = match self.0.get(key) {
             None => return Ok(None),
@@ -323,7 +351,7 @@ impl Meta<'_> {
         }
     }
 
-    fn str(&self, key: &str) -> Result<Option<&str>> {
+    fn str(&self, key: &str) -> Result<Option<&'a str>> {
         match self.0.get(key) {
             None => Ok(None),
             Some(GValue::String(s)) => Ok(Some(s)),
@@ -331,7 +359,7 @@ impl Meta<'_> {
         }
     }
 
-    fn array(&self, key: &str) -> Result<Option<&Vec<GValue>>> {
+    fn array(&self, key: &str) -> Result<Option<&'a Vec<GValue>>> {
         match self.0.get(key) {
             None => Ok(None),
             Some(GValue::Array(a)) => Ok(Some(a)),
@@ -356,60 +384,69 @@ fn arch_key(md: &Meta, key: &str) -> Result<String> {
     Ok(format!("{arch}.{key}"))
 }
 
-/// The HF config.json equivalent of the GGUF metadata.
+/// `general.architecture`, one of [`names::GGUF_ARCHS`] (Mistral's files say `llama`).
+fn architecture<'a>(md: &Meta<'a>) -> Result<&'a str> {
+    let arch = md.str("general.architecture")?.context("missing GGUF key `general.architecture`")?;
+    if Family::of_gguf_arch(arch).is_none() {
+        let supported: Vec<&str> = names::GGUF_ARCHS.iter().map(|(a, _)| *a).collect();
+        bail!("GGUF architecture `{arch}` is not supported (supported: {})", supported.join(", "));
+    }
+    Ok(arch)
+}
+
+/// The `{arch}.*` metadata of a file.
+struct Hparams<'a> {
+    md: Meta<'a>,
+    arch: &'a str,
+}
+
+impl<'a> Hparams<'a> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    fn opt(&self, k: &str) -> Result<Option<usize>> {
+        Ok(self.md.u64(&self.key(k))?.map(|n| n as usize))
+    }
+
+    fn req(&self, k: &str) -> Result<usize> {
+        self.opt(k)?.with_context(|| format!("missing GGUF key `{}`", self.key(k)))
+    }
+
+    fn f64(&self, k: &str) -> Result<Option<f64>> {
+        self.md.f64(&self.key(k))
+    }
+
+    fn str(&self, k: &str) -> Result<Option<&'a str>> {
+        self.md.str(&self.key(k))
+    }
+}
+
+/// The HF config.json equivalent of the GGUF metadata: the fields every family has, then the
+/// family's own.
 fn config_json(content: &Content, file: &mut std::fs::File) -> Result<Value> {
     let md = Meta(&content.metadata);
-    let arch = md.str("general.architecture")?.context("missing GGUF key `general.architecture`")?;
-    if arch != "llama" {
-        bail!("GGUF architecture `{arch}` is not supported (qscript converts `llama` GGUFs)");
-    }
-    let req = |k: &str| -> Result<usize> {
-        let key = format!("llama.{k}");
-        md.u64(&key)?.map(|n| n as usize).with_context(|| format!("missing GGUF key `{key}`"))
-    };
-    let opt = |k: &str| md.u64(&format!("llama.{k}")).map(|n| n.map(|n| n as usize));
-    let hidden = req("embedding_length")?;
-    let heads = req("attention.head_count")?;
-    let kv_heads = opt("attention.head_count_kv")?.unwrap_or(heads);
+    let h = Hparams { arch: architecture(&md)?, md };
+    let hidden = h.req("embedding_length")?;
+    let heads = h.req("attention.head_count")?;
     if heads == 0 {
-        bail!("GGUF key `llama.attention.head_count` must be positive");
+        bail!("GGUF key `{}` must be positive", h.key("attention.head_count"));
     }
-    let rope_dims = opt("rope.dimension_count")?;
-    let head_dim = opt("attention.key_length")?.or(rope_dims).unwrap_or(hidden / heads);
-    if rope_dims.is_some_and(|d| d != head_dim) {
-        bail!("partial rotary embeddings (`llama.rope.dimension_count` {rope_dims:?} != head dim {head_dim}) are not supported");
-    }
-    let vocab_size = match opt("vocab_size")? {
+    let vocab_size = match h.opt("vocab_size")? {
         Some(n) => n,
-        None => md.array("tokenizer.ggml.tokens")?.map(Vec::len).context("missing GGUF keys `llama.vocab_size` and `tokenizer.ggml.tokens`")?,
+        None => md.array("tokenizer.ggml.tokens")?.map(Vec::len).with_context(|| format!("missing GGUF keys `{}` and `tokenizer.ggml.tokens`", h.key("vocab_size")))?,
     };
-    let eps = md.f64("llama.attention.layer_norm_rms_epsilon")?.context("missing GGUF key `llama.attention.layer_norm_rms_epsilon`")?;
-    let rope_theta = md.f64("llama.rope.freq_base")?.unwrap_or(10000.0);
-    let scaling_type = md.str("llama.rope.scaling.type")?.unwrap_or("none");
-    if scaling_type != "none" {
-        bail!("RoPE scaling `llama.rope.scaling.type = {scaling_type}` is not supported");
-    }
-    let max_pos = opt("context_length")?.unwrap_or(2048);
+    let eps_key = "attention.layer_norm_rms_epsilon";
     let has = |n: &str| content.tensor_infos.contains_key(n);
     let mut c = serde_json::Map::new();
-    c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    c.insert("model_type".into(), "llama".into());
-    c.insert("attention_bias".into(), has("blk.0.attn_q.bias").into());
-    c.insert("mlp_bias".into(), has("blk.0.ffn_up.bias").into());
-    c.insert("hidden_act".into(), "silu".into());
     c.insert("hidden_size".into(), hidden.into());
-    c.insert("intermediate_size".into(), req("feed_forward_length")?.into());
-    c.insert("num_hidden_layers".into(), req("block_count")?.into());
+    c.insert("intermediate_size".into(), h.req("feed_forward_length")?.into());
+    c.insert("num_hidden_layers".into(), h.req("block_count")?.into());
     c.insert("num_attention_heads".into(), heads.into());
-    c.insert("num_key_value_heads".into(), kv_heads.into());
-    c.insert("head_dim".into(), head_dim.into());
+    c.insert("num_key_value_heads".into(), h.opt("attention.head_count_kv")?.unwrap_or(heads).into());
     c.insert("vocab_size".into(), vocab_size.into());
-    c.insert("max_position_embeddings".into(), max_pos.into());
-    c.insert("rms_norm_eps".into(), eps.into());
-    c.insert("rope_theta".into(), rope_theta.into());
-    if has("rope_freqs.weight") {
-        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim)?);
-    }
+    c.insert("max_position_embeddings".into(), h.opt("context_length")?.unwrap_or(2048).into());
+    c.insert("rms_norm_eps".into(), h.f64(eps_key)?.with_context(|| format!("missing GGUF key `{}`", h.key(eps_key)))?.into());
     c.insert("tie_word_embeddings".into(), (!has("output.weight")).into());
     for (key, gkey) in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")] {
         if let Some(id) = md.u32(&format!("tokenizer.ggml.{gkey}"))? {
@@ -417,7 +454,205 @@ fn config_json(content: &Content, file: &mut std::fs::File) -> Result<Value> {
         }
     }
     c.insert("torch_dtype".into(), "float32".into());
+    match h.arch {
+        "llama" => llama_config(&h, &mut c, content, file)?,
+        "qwen2" | "qwen3" => qwen_config(&h, &mut c, has("blk.0.attn_q.bias"))?,
+        "gemma2" | "gemma3" => gemma_config(&h, &mut c)?,
+        "phi3" => phi3_config(&h, &mut c, content, file)?,
+        other => unreachable!("architecture() admitted `{other}`"),
+    }
     Ok(Value::Object(c))
+}
+
+type Fields = serde_json::Map<String, Value>;
+
+fn usize_field(c: &Fields, key: &str) -> usize {
+    c[key].as_u64().unwrap_or(0) as usize
+}
+
+/// `head_dim`: `{arch}.attention.key_length`, else hidden / heads (what llama.cpp assumes).
+fn head_dim(h: &Hparams, c: &Fields) -> Result<usize> {
+    Ok(h.opt("attention.key_length")?.unwrap_or(usize_field(c, "hidden_size") / usize_field(c, "num_attention_heads")))
+}
+
+/// RoPE on every dimension of a head, or an error naming the key.
+fn full_rotary(h: &Hparams, head_dim: usize) -> Result<()> {
+    match h.opt("rope.dimension_count")? {
+        Some(d) if d != head_dim => bail!("partial rotary embeddings (`{}` {d} != head dim {head_dim}) are not supported", h.key("rope.dimension_count")),
+        _ => Ok(()),
+    }
+}
+
+/// Llama (and Mistral, which llama.cpp writes as Llama).
+fn llama_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::fs::File) -> Result<()> {
+    let rope_dims = h.opt("rope.dimension_count")?;
+    let head_dim = h.opt("attention.key_length")?.or(rope_dims).unwrap_or(usize_field(c, "hidden_size") / usize_field(c, "num_attention_heads"));
+    full_rotary(h, head_dim)?;
+    let rope_theta = h.f64("rope.freq_base")?.unwrap_or(10000.0);
+    let scaling_type = h.str("rope.scaling.type")?.unwrap_or("none");
+    if scaling_type != "none" {
+        bail!("RoPE scaling `llama.rope.scaling.type = {scaling_type}` is not supported");
+    }
+    let has = |n: &str| content.tensor_infos.contains_key(n);
+    c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+    c.insert("model_type".into(), "llama".into());
+    c.insert("attention_bias".into(), has("blk.0.attn_q.bias").into());
+    c.insert("mlp_bias".into(), has("blk.0.ffn_up.bias").into());
+    c.insert("hidden_act".into(), "silu".into());
+    c.insert("head_dim".into(), head_dim.into());
+    c.insert("rope_theta".into(), rope_theta.into());
+    if has("rope_freqs.weight") {
+        c.insert("rope_scaling".into(), llama3_scaling(content, file, rope_theta, head_dim)?);
+    }
+    Ok(())
+}
+
+/// transformers' `rope_parameters` of a layer with RoPE base `theta` and the file's scaling
+/// (`{arch}.rope.scaling.*`).
+fn rope_parameters(h: &Hparams, theta: f64) -> Result<Fields> {
+    let mut p = Fields::new();
+    p.insert("rope_theta".into(), theta.into());
+    let factor = || h.f64("rope.scaling.factor")?.with_context(|| format!("missing GGUF key `{}`", h.key("rope.scaling.factor")));
+    match h.str("rope.scaling.type")?.unwrap_or("none") {
+        "none" => {
+            p.insert("rope_type".into(), "default".into());
+        }
+        "linear" => {
+            p.insert("rope_type".into(), "linear".into());
+            p.insert("factor".into(), factor()?.into());
+        }
+        "yarn" => {
+            p.insert("rope_type".into(), "yarn".into());
+            p.insert("factor".into(), factor()?.into());
+            p.insert("original_max_position_embeddings".into(), h.req("rope.scaling.original_context_length")?.into());
+        }
+        other => bail!("RoPE scaling `{} = {other}` is not supported", h.key("rope.scaling.type")),
+    }
+    Ok(p)
+}
+
+/// Qwen2 (bias on q/k/v, always) and Qwen3 (per-head q/k norms, `attention_bias` optional).
+fn qwen_config(h: &Hparams, c: &mut Fields, qkv_bias: bool) -> Result<()> {
+    let head_dim = head_dim(h, c)?;
+    full_rotary(h, head_dim)?;
+    let (arch, model_type) = if h.arch == "qwen2" { ("Qwen2ForCausalLM", "qwen2") } else { ("Qwen3ForCausalLM", "qwen3") };
+    c.insert("architectures".into(), json!([arch]));
+    c.insert("model_type".into(), model_type.into());
+    if h.arch == "qwen3" {
+        c.insert("attention_bias".into(), qkv_bias.into());
+    }
+    c.insert("hidden_act".into(), "silu".into());
+    c.insert("head_dim".into(), head_dim.into());
+    c.insert("rope_parameters".into(), rope_parameters(h, h.f64("rope.freq_base")?.unwrap_or(10000.0))?.into());
+    c.insert("use_sliding_window".into(), false.into());
+    c.insert("sliding_window".into(), Value::Null);
+    Ok(())
+}
+
+/// Gemma 2 and Gemma 3 (`gemma3_text`): GeGLU, `(1 + w)` norms, sliding and global layers,
+/// soft-capping. Where the file is silent, llama.cpp's defaults: Gemma 2's window 4096 and
+/// soft-caps 50 / 30, the layer periods 2 and 6, Gemma 3's local RoPE base 10000.
+fn gemma_config(h: &Hparams, c: &mut Fields) -> Result<()> {
+    let gemma2 = h.arch == "gemma2";
+    let head_dim = head_dim(h, c)?;
+    full_rotary(h, head_dim)?;
+    let layers = usize_field(c, "num_hidden_layers");
+    // llama.cpp scales queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) in the 27B
+    // models, which it knows by their layer count (as gemma_pytorch's configs do).
+    let is_27b = layers == if gemma2 { 46 } else { 62 };
+    let scalar = if is_27b { usize_field(c, "hidden_size") / usize_field(c, "num_attention_heads") } else { head_dim };
+    let window = match gemma2 {
+        true => h.opt("attention.sliding_window")?.unwrap_or(4096),
+        false => h.req("attention.sliding_window")?,
+    };
+    let sliding = sliding_layers(h, layers, if gemma2 { 2 } else { 6 })?;
+    let layer_types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+    let theta = h.f64("rope.freq_base")?.unwrap_or(10000.0);
+    if gemma2 {
+        c.insert("architectures".into(), json!(["Gemma2ForCausalLM"]));
+        c.insert("model_type".into(), "gemma2".into());
+        c.insert("attn_logit_softcapping".into(), h.f64("attn_logit_softcapping")?.unwrap_or(50.0).into());
+        c.insert("final_logit_softcapping".into(), h.f64("final_logit_softcapping")?.unwrap_or(30.0).into());
+        c.insert("rope_parameters".into(), rope_parameters(h, theta)?.into());
+    } else {
+        c.insert("architectures".into(), json!(["Gemma3ForCausalLM"]));
+        c.insert("model_type".into(), "gemma3_text".into());
+        c.insert("attn_logit_softcapping".into(), Value::Null);
+        c.insert("final_logit_softcapping".into(), h.f64("final_logit_softcapping")?.into());
+        // RoPE scaling applies to the global layers only; the local ones have their own base.
+        let local = json!({"rope_type": "default", "rope_theta": h.f64("rope.freq_base_swa")?.unwrap_or(10000.0)});
+        c.insert("rope_parameters".into(), json!({"full_attention": rope_parameters(h, theta)?, "sliding_attention": local}));
+        c.insert("use_bidirectional_attention".into(), false.into());
+    }
+    c.insert("attention_bias".into(), false.into());
+    c.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+    c.insert("head_dim".into(), head_dim.into());
+    c.insert("query_pre_attn_scalar".into(), scalar.into());
+    c.insert("sliding_window".into(), window.into());
+    c.insert("layer_types".into(), json!(layer_types));
+    Ok(())
+}
+
+/// Which layers use the sliding window: `{arch}.attention.sliding_window_pattern` as llama.cpp
+/// reads it, one flag per layer or a period `n` (layer `i` slides when `i % n < n - 1`; 0: all
+/// slide), else the architecture's period.
+fn sliding_layers(h: &Hparams, layers: usize, default_period: u64) -> Result<Vec<bool>> {
+    let key = h.key("attention.sliding_window_pattern");
+    if let Some(GValue::Array(flags)) = h.md.0.get(&key) {
+        if flags.len() != layers {
+            bail!("GGUF key `{key}` has {} entries for {layers} layers", flags.len());
+        }
+        return flags
+            .iter()
+            .map(|v| match *v {
+                GValue::Bool(b) => Ok(b),
+                GValue::U8(n) => Ok(n != 0),
+                GValue::I32(n) => Ok(n != 0),
+                GValue::U32(n) => Ok(n != 0),
+                ref v => bail!("GGUF key `{key}` must hold bools, got {:?}", v.value_type()),
+            })
+            .collect();
+    }
+    let n = h.md.u64(&key)?.unwrap_or(default_period) as usize;
+    Ok((0..layers).map(|i| n == 0 || i % n < n - 1).collect())
+}
+
+/// Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv and gate_up projections, partial rotary embeddings
+/// (Phi-4-mini), long-context RoPE factors stored as tensors.
+fn phi3_config(h: &Hparams, c: &mut Fields, content: &Content, file: &mut std::fs::File) -> Result<()> {
+    let head_dim = usize_field(c, "hidden_size") / usize_field(c, "num_attention_heads");
+    let rope_dims = h.opt("rope.dimension_count")?.unwrap_or(head_dim);
+    let theta = h.f64("rope.freq_base")?.unwrap_or(10000.0);
+    let original = h.opt("rope.scaling.original_context_length")?.unwrap_or(usize_field(c, "max_position_embeddings"));
+    let mut factors = |name: &str| -> Result<Option<Vec<f32>>> {
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let t = content.tensor(file, name, &Device::Cpu).and_then(|q| q.dequantize(&Device::Cpu)).and_then(|t| t.flatten_all()?.to_vec1::<f32>());
+        t.map(Some).map_err(|e| anyhow::anyhow!("tensor `{name}`: {}", ce(e)))
+    };
+    let mut rope = match (factors("rope_factors_long.weight")?, factors("rope_factors_short.weight")?) {
+        (None, None) => rope_parameters(h, theta)?,
+        (Some(long), Some(short)) => {
+            let mut p = Fields::new();
+            p.insert("rope_type".into(), "longrope".into());
+            p.insert("rope_theta".into(), theta.into());
+            p.insert("long_factor".into(), json!(long));
+            p.insert("short_factor".into(), json!(short));
+            p
+        }
+        _ => bail!("tensors `rope_factors_long.weight` and `rope_factors_short.weight` come in pairs; this file has one"),
+    };
+    rope.insert("partial_rotary_factor".into(), (rope_dims as f64 / head_dim as f64).into());
+    c.insert("architectures".into(), json!(["Phi3ForCausalLM"]));
+    c.insert("model_type".into(), "phi3".into());
+    c.insert("hidden_act".into(), "silu".into());
+    c.insert("original_max_position_embeddings".into(), original.into());
+    c.insert("rope_parameters".into(), rope.into());
+    // The converter writes 0 where config.json had none (Phi-4).
+    let window = h.opt("attention.sliding_window")?.filter(|&w| w > 0);
+    c.insert("sliding_window".into(), window.map_or(Value::Null, Value::from));
+    Ok(())
 }
 
 /// llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (`rope_freqs.weight`).

@@ -1,12 +1,15 @@
-//! The Llama-family decoder as a stack of the layers in `model/layers/` (embedding, decoder
-//! blocks of RMSNorm, RoPE, grouped-query causal attention and SwiGLU MLP, final norm, LM head
-//! tied or not): loading, the inference forward with a KV cache, and the training forward and
-//! backward (loss, the adapters' gradients; with gradient checkpointing each layer is recomputed
-//! during backward from its input). Gradients flow only into LoRA adapters; the base is frozen.
+//! The decoder of every supported family as one stack of the layers in `model/layers/`
+//! (embedding, decoder blocks of RMSNorm, RoPE, grouped-query causal attention and a gated MLP,
+//! final norm, LM head tied or not), the family's variants chosen by its config (see
+//! `names.rs` and `config.rs`): loading, the inference forward with a KV cache, and the
+//! training forward and backward (loss, the adapters' gradients; with gradient checkpointing
+//! each layer is recomputed during backward from its input). Gradients flow only into LoRA
+//! adapters; the base is frozen.
 
 use super::config::Config;
 use super::engine::{LoraGrad, StepOptions, StepOutput, TrainBatch};
-use super::layers::attention::Step;
+use super::layers::attention::{AttnParams, QkvProj, Step};
+use super::layers::mlp::GateUpProj;
 use super::layers::rope::RopeAt;
 use super::layers::{embedding, lm_head};
 use super::names::{self, ModuleId, Norm, NormId, Proj};
@@ -87,6 +90,50 @@ impl TensorSource for std::collections::HashMap<String, Tensor> {
     }
 }
 
+/// A multimodal checkpoint's language model seen under a text model's names: `model.X` is
+/// `<prefix>X` (`model.language_model.` or `language_model.model.`), `lm_head.*` is
+/// `lm_head.*` or `language_model.lm_head.*`.
+pub struct LanguageModel<'a> {
+    pub inner: &'a dyn TensorSource,
+    prefix: &'static str,
+    head_prefix: &'static str,
+}
+
+impl<'a> LanguageModel<'a> {
+    /// The language model inside `inner`, by whichever of the two layouts it has.
+    pub fn new(inner: &'a dyn TensorSource) -> Result<Self> {
+        let embed = names::weight_key(names::EMBED_TOKENS);
+        for (prefix, head_prefix) in [("model.language_model.", ""), ("language_model.model.", "language_model.")] {
+            if inner.has(&format!("{prefix}{}", embed.trim_start_matches("model."))) {
+                return Ok(Self { inner, prefix, head_prefix });
+            }
+        }
+        anyhow::bail!("no language model weights (`model.language_model.*` or `language_model.model.*`) in this multimodal checkpoint")
+    }
+
+    fn rename(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) => format!("{}{rest}", self.prefix),
+            None => format!("{}{name}", self.head_prefix),
+        }
+    }
+}
+
+impl TensorSource for LanguageModel<'_> {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.inner.tensor(&self.rename(name), shape, dtype, device)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(&self.rename(name))
+    }
+    fn stored(&self, name: &str) -> Result<Option<Tensor>> {
+        self.inner.stored(&self.rename(name))
+    }
+    fn location(&self, name: &str) -> Option<String> {
+        self.inner.location(&self.rename(name))
+    }
+}
+
 /// A 4-bit weight saved by bitsandbytes under `name` (`...q_proj.weight`), if the checkpoint
 /// has one (its `quant_state` tensor marks it); shape checked against `[out, inp]`.
 fn load_bnb_weight(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Option<crate::quant::Quantized4bit>> {
@@ -125,7 +172,7 @@ impl Llama {
     /// Embeddings, norms and the LM head stay dense in `dtype`, as in transformers.
     pub fn load_with(config: &Config, src: &dyn TensorSource, dtype: DType, device: &Device, quant: Option<&super::bnb_config::BnbConfig>) -> Result<Self> {
         let c = config;
-        let (hd, h, kvh, d, inter) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+        let hd = c.hidden_size;
         let mut any_4bit = false;
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = names::weight_key(name);
@@ -151,32 +198,13 @@ impl Llama {
             }
             Ok(Linear::new(src.tensor(&w, &[out, inp], dtype, device)?, bias))
         };
-        let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: src.tensor(&names::weight_key(name), &[hd], dtype, device)?, eps: c.rms_norm_eps })
+        let norm = |name: &str, size: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: src.tensor(&names::weight_key(name), &[size], dtype, device)?, eps: c.rms_norm_eps, plus_one: c.norm_plus_one })
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             crate::check_limits()?;
-            // This layer's module paths, by projection and by norm.
-            let (p, n) = (|proj| ModuleId { layer: i, proj }.path(), |norm| NormId { layer: i, norm }.path());
-            layers.push(Block {
-                input_layernorm: norm(&n(Norm::Input))?,
-                self_attn: Attention {
-                    q_proj: linear(&p(Proj::Q), h * d, hd, c.attention_bias)?,
-                    k_proj: linear(&p(Proj::K), kvh * d, hd, c.attention_bias)?,
-                    v_proj: linear(&p(Proj::V), kvh * d, hd, c.attention_bias)?,
-                    o_proj: linear(&p(Proj::O), hd, h * d, c.attention_bias)?,
-                    n_heads: h,
-                    n_kv_heads: kvh,
-                    head_dim: d,
-                },
-                post_attention_layernorm: norm(&n(Norm::PostAttention))?,
-                mlp: Mlp {
-                    gate_proj: linear(&p(Proj::Gate), inter, hd, c.mlp_bias)?,
-                    up_proj: linear(&p(Proj::Up), inter, hd, c.mlp_bias)?,
-                    down_proj: linear(&p(Proj::Down), hd, inter, c.mlp_bias)?,
-                },
-            });
+            layers.push(load_block(c, i, &mut linear, &norm)?);
         }
         let embed_tokens = src.tensor(&names::weight_key(names::EMBED_TOKENS), &[c.vocab_size, hd], dtype, device)?;
         // Some checkpoints mark tied embeddings only by omitting lm_head.
@@ -202,7 +230,7 @@ impl Llama {
             config: c.clone(),
             embed_tokens,
             layers,
-            norm: norm(names::FINAL_NORM)?,
+            norm: norm(names::FINAL_NORM, hd)?,
             lm_head,
             // The cos/sin tables are built eagerly: at most ROPE_TABLE_MAX positions, not the
             // config's 16M, which would cost gigabytes before a token is read.
@@ -250,15 +278,24 @@ impl Llama {
 
     /// The embeddings of `ids` `[b, t]`: `[b, t, hidden]`.
     pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        embedding::lookup(&self.embed_tokens, ids)
+        self.scale_embeddings(embedding::lookup(&self.embed_tokens, ids)?)
+    }
+
+    /// Embeddings × the family's scale (Gemma: √hidden, rounded to the activations' dtype as
+    /// transformers' normalizer tensor is).
+    fn scale_embeddings(&self, x: Tensor) -> Result<Tensor> {
+        let Some(s) = self.config.embed_scale else { return Ok(x) };
+        let s = Tensor::new(s as f32, x.device())?.to_dtype(x.dtype())?;
+        Ok(x.broadcast_mul(&s)?)
     }
 
     /// Final norm and LM head: f32 logits for the hidden states `x` `[..., hidden]`.
     pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.norm.forward(x)?;
+        let cap = self.config.final_logit_softcapping;
         match &self.lm_head {
-            Some(head) => lm_head::logits(head, &x),
-            None => lm_head::logits(&Linear::new(self.embed_tokens.clone(), None), &x),
+            Some(head) => lm_head::capped_logits(head, &x, cap),
+            None => lm_head::capped_logits(&Linear::new(self.embed_tokens.clone(), None), &x, cap),
         }
     }
 
@@ -291,7 +328,7 @@ impl Llama {
     /// The embedding and the decoder layers' training forward: the last hidden rows `[b·t,
     /// hidden]`, the RoPE tables at the batch's positions and what each layer keeps.
     fn train_layers(&self, batch: &TrainBatch, train: bool, rng: &mut StdRng, keep: Keep) -> Result<(Tensor, RopeAt, Vec<Kept>)> {
-        let tables = || -> Result<_> { Ok((self.rope.gather(&batch.positions)?, embedding::forward(&self.embed_tokens, &batch.input_ids.flatten_all()?)?)) };
+        let tables = || -> Result<_> { Ok((self.rope.gather(&batch.positions)?, self.scale_embeddings(embedding::forward(&self.embed_tokens, &batch.input_ids.flatten_all()?)?)?)) };
         let (rope, mut x) = profile::time("embedding+rope tables", tables)?; // x [n, h]
         let mut kept = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -322,7 +359,8 @@ impl Llama {
             _ => Some(opts.grad_scale.unwrap_or(1.0 / n_targets.max(1) as f64)),
         };
         let chunk = lm_head::chunk_rows(hn.device());
-        let ce = profile::time("lm_head+cross_entropy", || lm_head::forward_backward(&hn, &head, &batch.targets, grad_scale, chunk))?;
+        let cap = self.config.final_logit_softcapping;
+        let ce = profile::time("lm_head+cross_entropy", || lm_head::forward_backward_capped(&hn, &head, &batch.targets, grad_scale, chunk, cap))?;
         let mut out = StepOutput { loss_sum: ce.loss_sum, n_tokens: ce.n_tokens, grads: Vec::new() };
         let Some(dh) = ce.dh else { return Ok(out) };
         let dx = self.norm.backward(&final_norm, &dh)?;
@@ -344,6 +382,41 @@ impl Llama {
     }
 }
 
+/// Decoder layer `i` of config `c`: its projections (separate or fused, biases as the family
+/// says), norms (the family's), attention parameters and window.
+fn load_block(c: &Config, i: usize, linear: &mut impl FnMut(&str, usize, usize, bool) -> Result<Linear>, norm: &impl Fn(&str, usize) -> Result<RmsNorm>) -> Result<Block> {
+    let (hd, h, kvh, d, inter) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size);
+    let family = c.family;
+    let mut lin = |proj: Proj, out: usize, inp: usize| linear(&ModuleId { layer: i, proj }.path(), out, inp, c.has_bias(proj));
+    let qkv = match family.position(Proj::Qkv) {
+        Some(_) => QkvProj::Fused { qkv_proj: lin(Proj::Qkv, (h + 2 * kvh) * d, hd)? },
+        None => QkvProj::Split { q_proj: lin(Proj::Q, h * d, hd)?, k_proj: lin(Proj::K, kvh * d, hd)?, v_proj: lin(Proj::V, kvh * d, hd)? },
+    };
+    let o_proj = lin(Proj::O, hd, h * d)?;
+    let gate_up = match family.position(Proj::GateUp) {
+        Some(_) => GateUpProj::Fused { gate_up_proj: lin(Proj::GateUp, 2 * inter, hd)? },
+        None => GateUpProj::Split { gate_proj: lin(Proj::Gate, inter, hd)?, up_proj: lin(Proj::Up, inter, hd)? },
+    };
+    let down_proj = lin(Proj::Down, hd, inter)?;
+    // This layer's norm `n` (sized for its input), if the family has it.
+    let n = |which: Norm| -> Result<Option<RmsNorm>> {
+        let size = if matches!(which, Norm::QNorm | Norm::KNorm) { d } else { hd };
+        family.has_norm(which).then(|| norm(&NormId { layer: i, norm: which }.path(), size)).transpose()
+    };
+    let window = c.window(i);
+    let params = AttnParams { scale: c.attn_scale as f32, softcap: c.attn_logit_softcapping.map(|x| x as f32), window };
+    let sliding = c.layer_types.get(i) == Some(&super::config::LayerType::Sliding);
+    let self_attn = Attention { qkv, o_proj, q_norm: n(Norm::QNorm)?, k_norm: n(Norm::KNorm)?, n_heads: h, n_kv_heads: kvh, head_dim: d, params, sliding };
+    Ok(Block {
+        input_layernorm: norm(&NormId { layer: i, norm: Norm::Input }.path(), hd)?,
+        self_attn,
+        post_attention_layernorm: norm(&NormId { layer: i, norm: Norm::PostAttention }.path(), hd)?,
+        pre_feedforward_layernorm: n(Norm::PreFeedforward)?,
+        post_feedforward_layernorm: n(Norm::PostFeedforward)?,
+        mlp: Mlp { gate_up, down_proj, act: c.hidden_act },
+    })
+}
+
 /// What the training forward keeps of each layer for a backward.
 #[derive(Clone, Copy)]
 enum Keep {
@@ -354,7 +427,9 @@ enum Keep {
     Inputs,
 }
 
-/// What one layer kept between forward and backward.
+/// What one layer kept between forward and backward (one per layer: the size difference of
+/// the variants does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Kept {
     All(super::layers::block::LayerActs),
     /// Gradient checkpointing: the layer input and the RNG as it was, to recompute identically.

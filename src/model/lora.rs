@@ -18,6 +18,10 @@ pub enum TargetModules {
     Regex(String),
     /// Every linear layer except the LM head.
     AllLinear,
+    /// Not given: peft's default for the model's family (its `default_lora_targets`, Llama's
+    /// q_proj and v_proj, Phi-3's qkv_proj), resolved by [`LoraConfig::for_family`] when the
+    /// adapters are attached or loaded.
+    FamilyDefault,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +80,15 @@ fn pattern_matches(pattern: &str, path: &str) -> bool {
 pub const MAX_RANK: usize = 1 << 14;
 
 impl LoraConfig {
+    /// This config with [`TargetModules::FamilyDefault`] resolved to `family`'s names.
+    pub fn for_family(&self, family: &names::Family) -> LoraConfig {
+        let mut c = self.clone();
+        if c.target_modules == TargetModules::FamilyDefault {
+            c.target_modules = TargetModules::Names(family.default_target_names());
+        }
+        c
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             bail!("LoraConfig: `r` must be positive");
@@ -104,6 +117,8 @@ impl LoraConfig {
             TargetModules::AllLinear => !path.ends_with(names::LM_HEAD),
             TargetModules::Regex(r) => regex::Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(path)),
             TargetModules::Names(list) => list.iter().any(|n| names::selects(path, n)),
+            // Unresolved (see `for_family`): Llama's.
+            TargetModules::FamilyDefault => names::LLAMA.default_lora_targets.iter().any(|p| names::selects(path, p.name())),
         }
     }
 
@@ -119,6 +134,7 @@ impl LoraConfig {
 /// Attach adapters to every targeted projection (replacing any already there). Returns how
 /// many were attached; none is an error naming what was asked for.
 pub fn attach(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<usize> {
+    let cfg = &cfg.for_family(model.family());
     cfg.validate()?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut n = 0;

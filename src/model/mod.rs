@@ -1,4 +1,5 @@
-//! Llama-family models: config, weights, the explicit forward, tokenizer, loading.
+//! Decoder models of every supported family (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3): config,
+//! weights, the explicit forward, tokenizer, loading.
 
 pub mod adapter;
 pub mod bnb_config;
@@ -100,7 +101,13 @@ impl Model {
         let config = Config::from_file(&cfg_path)?;
         let weights = weights::WeightFiles::open_dir(dir)?;
         let quant = Self::checkpoint_quantization(&config, &cfg_path, opts)?;
-        let llama = Llama::load_with(&config, &weights, opts.dtype, &opts.device, quant.as_ref())?;
+        let llama = if config.nested_text_config {
+            // A multimodal checkpoint: its language model only (the vision tower is skipped).
+            let lm = llama::LanguageModel::new(&weights).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            Llama::load_with(&config, &lm, opts.dtype, &opts.device, quant.as_ref())?
+        } else {
+            Llama::load_with(&config, &weights, opts.dtype, &opts.device, quant.as_ref())?
+        };
         let tokenizer = Tokenizer::from_dir(dir)?;
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
         Ok(Self { llama, tokenizer, generation_config, name_or_path: name.to_string(), source_path: dir.to_path_buf(), lora_config: None })

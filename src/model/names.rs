@@ -5,13 +5,16 @@
 //! modules in one fixed order — the order adapters, gradients, optimizer state and checkpoints
 //! use.
 //!
-//! Another family's modules (Phi-3's fused `qkv_proj` / `gate_up_proj`, Qwen3's and Gemma 3's
-//! per-head `q_norm` / `k_norm`, Gemma 2's pre/post feed-forward norms) are new [`Proj`] /
-//! [`Norm`] variants with their paths here, and a new [`Family`] listing them; callers iterate
-//! the family, they never list projections themselves.
+//! Each family's modules (Phi-3's fused `qkv_proj` / `gate_up_proj`, Qwen3's and Gemma 3's
+//! per-head `q_norm` / `k_norm`, Gemma 2's pre/post feed-forward norms) are [`Proj`] / [`Norm`]
+//! variants with their paths here, and its [`Family`] lists them with the config mapping that
+//! chooses its layer variants; callers iterate the family, they never list projections
+//! themselves.
 
-use crate::model::llama::{Block, Linear, Llama, RmsNorm};
+use crate::model::layers::attention::QkvProj;
 use crate::model::layers::linear::Lora;
+use crate::model::layers::mlp::GateUpProj;
+use crate::model::llama::{Block, Linear, Llama, RmsNorm};
 use candle_core::Tensor;
 
 // ---------------------------------------------------------------- module ids
@@ -26,6 +29,10 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    /// Phi-3's fused q/k/v projection (rows: q, then k, then v).
+    Qkv,
+    /// Phi-3's fused gate/up projection (rows: gate, then up).
+    GateUp,
 }
 
 impl Proj {
@@ -39,6 +46,8 @@ impl Proj {
             Proj::Gate => "mlp.gate_proj",
             Proj::Up => "mlp.up_proj",
             Proj::Down => "mlp.down_proj",
+            Proj::Qkv => "self_attn.qkv_proj",
+            Proj::GateUp => "mlp.gate_up_proj",
         }
     }
 
@@ -47,7 +56,8 @@ impl Proj {
         last_segment(self.path())
     }
 
-    /// llama.cpp's name of the module inside a GGUF block (`attn_q`, ...).
+    /// llama.cpp's name of the module inside a GGUF block (`attn_q`, ...; Phi-3's fused
+    /// projections are `attn_qkv` and `ffn_up`, the latter unambiguous within a family).
     pub fn gguf(self) -> &'static str {
         match self {
             Proj::Q => "attn_q",
@@ -57,6 +67,8 @@ impl Proj {
             Proj::Gate => "ffn_gate",
             Proj::Up => "ffn_up",
             Proj::Down => "ffn_down",
+            Proj::Qkv => "attn_qkv",
+            Proj::GateUp => "ffn_up",
         }
     }
 }
@@ -66,8 +78,16 @@ impl Proj {
 pub enum Norm {
     /// Before attention.
     Input,
-    /// Before the MLP.
+    /// Before the MLP (Llama); on the attention output (Gemma).
     PostAttention,
+    /// Gemma: before the MLP.
+    PreFeedforward,
+    /// Gemma: on the MLP output.
+    PostFeedforward,
+    /// Qwen3, Gemma 3: per-head norm of the queries (weight `[head_dim]`), before RoPE.
+    QNorm,
+    /// Per-head norm of the keys.
+    KNorm,
 }
 
 impl Norm {
@@ -76,16 +96,13 @@ impl Norm {
         match self {
             Norm::Input => "input_layernorm",
             Norm::PostAttention => "post_attention_layernorm",
+            Norm::PreFeedforward => "pre_feedforward_layernorm",
+            Norm::PostFeedforward => "post_feedforward_layernorm",
+            Norm::QNorm => "self_attn.q_norm",
+            Norm::KNorm => "self_attn.k_norm",
         }
     }
 
-    /// llama.cpp's name of the module inside a GGUF block.
-    pub fn gguf(self) -> &'static str {
-        match self {
-            Norm::Input => "attn_norm",
-            Norm::PostAttention => "ffn_norm",
-        }
-    }
 }
 
 fn last_segment(path: &str) -> &str {
@@ -137,29 +154,126 @@ pub fn layer_path(i: usize) -> String {
 
 // ---------------------------------------------------------------- families
 
-/// What a model family's decoder layer holds, in the order its modules are walked.
-#[derive(Debug)]
+/// What a model family's decoder layer holds, in the order its modules are walked, and the
+/// config mapping that picks its layer variants (`config.rs` reads these).
+#[derive(Debug, PartialEq)]
 pub struct Family {
     pub name: &'static str,
+    /// config.json's `model_type` values of the family.
+    pub model_types: &'static [&'static str],
     /// The layer's linears, in the order adapters, gradients' optimizer state and checkpoint
     /// tensors are listed (changing it breaks older checkpoints).
     pub projs: &'static [Proj],
     pub norms: &'static [Norm],
     /// The projections peft adapts when `target_modules` is not given.
     pub default_lora_targets: &'static [Proj],
+    /// Bias on q/k/v (not o) whatever config.json says (Qwen2 has no `attention_bias` key).
+    pub qkv_bias: bool,
+    /// Gemma's arithmetic: `(1 + w)` norms, embeddings × √hidden, `query_pre_attn_scalar`,
+    /// soft-capping, GELU (tanh) by default.
+    pub gemma: bool,
+    /// Which layers attend through a sliding window.
+    pub windows: Windows,
 }
+
+/// How a family's config says which layers use `sliding_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Windows {
+    /// Never (Llama).
+    Never,
+    /// Every layer when `sliding_window` is set, unless `layer_types` says otherwise (Mistral, Phi-3).
+    AllLayers,
+    /// Only with `use_sliding_window: true`; then `layer_types` (default: layers from
+    /// `max_window_layers` on) (Qwen2, Qwen3).
+    WhenEnabled,
+    /// `layer_types`, default every `n`-th layer full and the others sliding (Gemma 2: 2,
+    /// Gemma 3: `sliding_window_pattern`, default 6).
+    Pattern(usize),
+}
+
+const ATTN_MLP: &[Proj] = &[Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+const PRE_NORMS: &[Norm] = &[Norm::Input, Norm::PostAttention];
+const Q_V: &[Proj] = &[Proj::Q, Proj::V];
 
 pub const LLAMA: Family = Family {
     name: "llama",
-    projs: &[Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down],
-    norms: &[Norm::Input, Norm::PostAttention],
-    default_lora_targets: &[Proj::Q, Proj::V],
+    model_types: &["llama"],
+    projs: ATTN_MLP,
+    norms: PRE_NORMS,
+    default_lora_targets: Q_V,
+    qkv_bias: false,
+    gemma: false,
+    windows: Windows::Never,
 };
 
+pub const MISTRAL: Family = Family { name: "mistral", model_types: &["mistral"], windows: Windows::AllLayers, ..LLAMA };
+
+pub const QWEN2: Family = Family { name: "qwen2", model_types: &["qwen2"], qkv_bias: true, windows: Windows::WhenEnabled, ..LLAMA };
+
+pub const QWEN3: Family = Family {
+    name: "qwen3",
+    model_types: &["qwen3"],
+    norms: &[Norm::Input, Norm::PostAttention, Norm::QNorm, Norm::KNorm],
+    windows: Windows::WhenEnabled,
+    ..LLAMA
+};
+
+pub const GEMMA2: Family = Family {
+    name: "gemma2",
+    model_types: &["gemma2"],
+    norms: &[Norm::Input, Norm::PostAttention, Norm::PreFeedforward, Norm::PostFeedforward],
+    gemma: true,
+    windows: Windows::Pattern(2),
+    ..LLAMA
+};
+
+pub const GEMMA3: Family = Family {
+    name: "gemma3",
+    model_types: &["gemma3_text", "gemma3"],
+    norms: &[Norm::Input, Norm::PostAttention, Norm::PreFeedforward, Norm::PostFeedforward, Norm::QNorm, Norm::KNorm],
+    gemma: true,
+    windows: Windows::Pattern(6),
+    ..LLAMA
+};
+
+pub const PHI3: Family = Family {
+    name: "phi3",
+    model_types: &["phi3"],
+    projs: &[Proj::Qkv, Proj::O, Proj::GateUp, Proj::Down],
+    default_lora_targets: &[Proj::Qkv],
+    windows: Windows::AllLayers,
+    ..LLAMA
+};
+
+/// Every projection of every family, in an order each family's walk agrees with: reading a
+/// checkpoint's optimizer state before the model is known parses and sorts by [`ANY`].
+pub const ALL_PROJS: &[Proj] = &[Proj::Q, Proj::K, Proj::V, Proj::Qkv, Proj::O, Proj::Gate, Proj::Up, Proj::GateUp, Proj::Down];
+
+/// Not a model family: the union of their projections, for keys read without a model.
+pub const ANY: Family = Family { name: "any", model_types: &[], projs: ALL_PROJS, ..LLAMA };
+
+/// Every supported family.
+pub const FAMILIES: [&Family; 7] = [&LLAMA, &MISTRAL, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3, &PHI3];
+
 impl Family {
-    /// The family of a model with this config.json (Llama is the only one so far).
-    pub fn of(_config: &crate::model::Config) -> &'static Family {
-        &LLAMA
+    /// The family of a model with this config.json.
+    pub fn of(config: &crate::model::Config) -> &'static Family {
+        config.family
+    }
+
+    /// The family whose `model_type` is `model_type`.
+    pub fn named(model_type: &str) -> Option<&'static Family> {
+        FAMILIES.into_iter().find(|f| f.model_types.contains(&model_type))
+    }
+
+    /// The supported `model_type` values, for messages.
+    pub fn supported() -> String {
+        FAMILIES.iter().flat_map(|f| f.model_types.iter()).copied().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Whether the family's layers have `norm`.
+    pub fn has_norm(&self, norm: Norm) -> bool {
+        self.norms.contains(&norm)
     }
 
     /// Where `p` stands in [`Family::projs`] (`None`: the family has no such projection).
@@ -234,29 +348,60 @@ pub fn is_bnb_quant_state_key(key: &str) -> bool {
     key.contains(crate::quant::BNB_QUANT_STATE)
 }
 
-/// llama.cpp's GGUF tensor name → the HF key (`blk.3.attn_q.weight` →
-/// `model.layers.3.self_attn.q_proj.weight`), for the Llama family.
-pub fn hf_key_from_gguf(name: &str) -> Option<String> {
-    let (base, kind) = name.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
+// ---------------------------------------------------------------- GGUF names (llama.cpp)
+
+/// llama.cpp's architectures (`general.architecture`) and the family each holds. Mistral has
+/// none of its own: llama.cpp's converter writes it as `llama`.
+pub const GGUF_ARCHS: [(&str, &Family); 6] = [("llama", &LLAMA), ("qwen2", &QWEN2), ("qwen3", &QWEN3), ("gemma2", &GEMMA2), ("gemma3", &GEMMA3), ("phi3", &PHI3)];
+
+impl Family {
+    /// The family a llama.cpp architecture holds.
+    pub fn of_gguf_arch(arch: &str) -> Option<&'static Family> {
+        GGUF_ARCHS.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f)
     }
-    let path = match base {
-        "token_embd" => EMBED_TOKENS.to_string(),
-        "output_norm" => FINAL_NORM.to_string(),
-        "output" => LM_HEAD.to_string(),
-        _ => {
-            let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
-            let layer = parse_index(layer)?;
-            if let Some(&proj) = LLAMA.projs.iter().find(|p| p.gguf() == part) {
-                ModuleId { layer, proj }.path()
-            } else {
-                let &norm = LLAMA.norms.iter().find(|n| n.gguf() == part)?;
-                NormId { layer, norm }.path()
-            }
+
+    /// llama.cpp's name of norm `n` inside a block of this family: `ffn_norm` is the norm
+    /// before the MLP (Llama's post-attention norm, Gemma's pre-feed-forward one).
+    pub fn gguf_norm(&self, n: Norm) -> &'static str {
+        match n {
+            Norm::Input => "attn_norm",
+            Norm::PostAttention if self.has_norm(Norm::PreFeedforward) => "post_attention_norm",
+            Norm::PostAttention | Norm::PreFeedforward => "ffn_norm",
+            Norm::PostFeedforward => "post_ffw_norm",
+            Norm::QNorm => "attn_q_norm",
+            Norm::KNorm => "attn_k_norm",
         }
-    };
-    Some(format!("{path}.{kind}"))
+    }
+
+    /// llama.cpp's GGUF tensor name → the HF key of this family (`blk.3.attn_q.weight` →
+    /// `model.layers.3.self_attn.q_proj.weight`); `None` for a name the family has no module for.
+    pub fn hf_key_from_gguf(&self, name: &str) -> Option<String> {
+        let (base, kind) = name.rsplit_once('.')?;
+        if kind != "weight" && kind != "bias" {
+            return None;
+        }
+        let path = match base {
+            "token_embd" => EMBED_TOKENS.to_string(),
+            "output_norm" => FINAL_NORM.to_string(),
+            "output" => LM_HEAD.to_string(),
+            _ => {
+                let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+                let layer = parse_index(layer)?;
+                if let Some(&proj) = self.projs.iter().find(|p| p.gguf() == part) {
+                    ModuleId { layer, proj }.path()
+                } else {
+                    let &norm = self.norms.iter().find(|&&n| self.gguf_norm(n) == part)?;
+                    NormId { layer, norm }.path()
+                }
+            }
+        };
+        Some(format!("{path}.{kind}"))
+    }
+}
+
+/// [`Family::hf_key_from_gguf`] of the Llama family.
+pub fn hf_key_from_gguf(name: &str) -> Option<String> {
+    LLAMA.hf_key_from_gguf(name)
 }
 
 // ---------------------------------------------------------------- PEFT adapter keys
@@ -352,41 +497,72 @@ impl Family {
 
 // ---------------------------------------------------------------- walking the model
 
-/// `[(Proj, &Linear)]` or `[(Proj, &mut Linear)]` of a block: the one map from a projection to
-/// the field holding it.
-macro_rules! proj_fields {
-    ($b:expr, $($r:tt)+) => {{
-        let b = $b;
-        [
-            (Proj::Q, $($r)+ b.self_attn.q_proj),
-            (Proj::K, $($r)+ b.self_attn.k_proj),
-            (Proj::V, $($r)+ b.self_attn.v_proj),
-            (Proj::O, $($r)+ b.self_attn.o_proj),
-            (Proj::Gate, $($r)+ b.mlp.gate_proj),
-            (Proj::Up, $($r)+ b.mlp.up_proj),
-            (Proj::Down, $($r)+ b.mlp.down_proj),
-        ]
-    }};
-}
-
 impl Block {
+    /// The block's linears with their projection ids, as its fields hold them (separate or
+    /// fused q/k/v and gate/up): the one map from a projection to the field holding it.
+    pub fn proj_fields(&self) -> Vec<(Proj, &Linear)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let mut out = match &a.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => vec![(Proj::Q, q_proj), (Proj::K, k_proj), (Proj::V, v_proj)],
+            QkvProj::Fused { qkv_proj } => vec![(Proj::Qkv, qkv_proj)],
+        };
+        out.push((Proj::O, &a.o_proj));
+        match &m.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => out.extend([(Proj::Gate, gate_proj), (Proj::Up, up_proj)]),
+            GateUpProj::Fused { gate_up_proj } => out.push((Proj::GateUp, gate_up_proj)),
+        }
+        out.push((Proj::Down, &m.down_proj));
+        out
+    }
+
+    /// [`Block::proj_fields`], mutable.
+    pub fn proj_fields_mut(&mut self) -> Vec<(Proj, &mut Linear)> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let mut out = match &mut a.qkv {
+            QkvProj::Split { q_proj, k_proj, v_proj } => vec![(Proj::Q, q_proj), (Proj::K, k_proj), (Proj::V, v_proj)],
+            QkvProj::Fused { qkv_proj } => vec![(Proj::Qkv, qkv_proj)],
+        };
+        out.push((Proj::O, &mut a.o_proj));
+        match &mut m.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => out.extend([(Proj::Gate, gate_proj), (Proj::Up, up_proj)]),
+            GateUpProj::Fused { gate_up_proj } => out.push((Proj::GateUp, gate_up_proj)),
+        }
+        out.push((Proj::Down, &mut m.down_proj));
+        out
+    }
+
+    /// The linear of projection `p`, if the block has it.
+    pub fn try_proj(&self, p: Proj) -> Option<&Linear> {
+        self.proj_fields().into_iter().find(|(q, _)| *q == p).map(|(_, l)| l)
+    }
+
     /// The linear of projection `p`. Panics when the block has none (a projection outside its
     /// family: a caller bug).
     pub fn proj(&self, p: Proj) -> &Linear {
-        let found = proj_fields!(self, &).into_iter().find(|(q, _)| *q == p);
-        found.map(|(_, l)| l).unwrap_or_else(|| panic!("this decoder layer has no {}", p.name()))
+        self.try_proj(p).unwrap_or_else(|| panic!("this decoder layer has no {}", p.name()))
     }
 
     pub fn proj_mut(&mut self, p: Proj) -> &mut Linear {
-        let found = proj_fields!(self, &mut).into_iter().find(|(q, _)| *q == p);
+        let found = self.proj_fields_mut().into_iter().find(|(q, _)| *q == p);
         found.map(|(_, l)| l).unwrap_or_else(|| panic!("this decoder layer has no {}", p.name()))
     }
 
-    pub fn norm(&self, n: Norm) -> &RmsNorm {
+    /// The norm `n`, if the block has it.
+    pub fn try_norm(&self, n: Norm) -> Option<&RmsNorm> {
+        let a = &self.self_attn;
         match n {
-            Norm::Input => &self.input_layernorm,
-            Norm::PostAttention => &self.post_attention_layernorm,
+            Norm::Input => Some(&self.input_layernorm),
+            Norm::PostAttention => Some(&self.post_attention_layernorm),
+            Norm::PreFeedforward => self.pre_feedforward_layernorm.as_ref(),
+            Norm::PostFeedforward => self.post_feedforward_layernorm.as_ref(),
+            Norm::QNorm => a.q_norm.as_ref(),
+            Norm::KNorm => a.k_norm.as_ref(),
         }
+    }
+
+    /// The norm `n`. Panics when the block has none (a caller bug).
+    pub fn norm(&self, n: Norm) -> &RmsNorm {
+        self.try_norm(n).unwrap_or_else(|| panic!("this decoder layer has no {}", n.path()))
     }
 }
 
@@ -399,7 +575,7 @@ impl Family {
     /// [`Family::linears`], mutable.
     pub fn linears_mut<'a>(&'static self, layers: &'a mut [Block]) -> impl Iterator<Item = (ModuleId, &'a mut Linear)> {
         layers.iter_mut().enumerate().flat_map(move |(layer, b)| {
-            let mut fields = proj_fields!(b, &mut).map(|(p, l)| (p, Some(l)));
+            let mut fields: Vec<(Proj, Option<&mut Linear>)> = b.proj_fields_mut().into_iter().map(|(p, l)| (p, Some(l))).collect();
             self.projs.iter().filter_map(move |&proj| {
                 let slot = fields.iter_mut().find(|(q, _)| *q == proj)?;
                 Some((ModuleId { layer, proj }, slot.1.take()?))
@@ -441,12 +617,13 @@ impl Llama {
     /// The decoder linear `id`, if the model has it.
     pub fn linear(&self, id: ModuleId) -> Option<&Linear> {
         self.family().position(id.proj)?;
-        Some(self.layers.get(id.layer)?.proj(id.proj))
+        self.layers.get(id.layer)?.try_proj(id.proj)
     }
 
     pub fn linear_mut(&mut self, id: ModuleId) -> Option<&mut Linear> {
         self.family().position(id.proj)?;
-        Some(self.layers.get_mut(id.layer)?.proj_mut(id.proj))
+        let b = self.layers.get_mut(id.layer)?;
+        b.proj_fields_mut().into_iter().find(|(q, _)| *q == id.proj).map(|(_, l)| l)
     }
 
     /// Every decoder norm, layer-major in the family's norm order.
@@ -523,6 +700,38 @@ mod tests {
         assert_eq!(hf_key_from_gguf("blk.1.attn_q.scale"), None);
     }
 
+    /// Every module of every GGUF family has one llama.cpp name, unique within the family, and
+    /// the name leads back to the module; `ffn_norm` and `ffn_up` mean what the family says.
+    #[test]
+    fn gguf_names_per_family() {
+        for (arch, family) in GGUF_ARCHS {
+            assert_eq!(Family::of_gguf_arch(arch).map(|f| f.name), Some(family.name));
+            let mut seen = std::collections::HashSet::new();
+            for p in family.projs {
+                assert!(seen.insert(p.gguf()), "{arch}: {} twice", p.gguf());
+                let path = ModuleId::new(2, *p).path();
+                assert_eq!(family.hf_key_from_gguf(&format!("blk.2.{}.bias", p.gguf())), Some(bias_key(&path)), "{arch}");
+            }
+            for &n in family.norms {
+                let g = family.gguf_norm(n);
+                assert!(seen.insert(g), "{arch}: {g} twice");
+                let path = NormId { layer: 0, norm: n }.path();
+                assert_eq!(family.hf_key_from_gguf(&format!("blk.0.{g}.weight")), Some(weight_key(&path)), "{arch}");
+            }
+        }
+        let key = |f: &Family, n: &str| f.hf_key_from_gguf(n);
+        assert_eq!(key(&GEMMA2, "blk.1.ffn_norm.weight").as_deref(), Some("model.layers.1.pre_feedforward_layernorm.weight"));
+        assert_eq!(key(&GEMMA3, "blk.1.post_attention_norm.weight").as_deref(), Some("model.layers.1.post_attention_layernorm.weight"));
+        assert_eq!(key(&QWEN3, "blk.1.ffn_norm.weight").as_deref(), Some("model.layers.1.post_attention_layernorm.weight"));
+        assert_eq!(key(&PHI3, "blk.0.ffn_up.weight").as_deref(), Some("model.layers.0.mlp.gate_up_proj.weight"));
+        assert_eq!(key(&PHI3, "blk.0.attn_qkv.weight").as_deref(), Some("model.layers.0.self_attn.qkv_proj.weight"));
+        assert_eq!(key(&QWEN3, "blk.0.attn_k_norm.weight").as_deref(), Some("model.layers.0.self_attn.k_norm.weight"));
+        for (f, bad) in [(&PHI3, "blk.0.attn_q.weight"), (&PHI3, "blk.0.ffn_gate.weight"), (&QWEN2, "blk.0.attn_q_norm.weight"), (&LLAMA, "blk.0.post_ffw_norm.weight"), (&GEMMA2, "blk.0.attn_q_norm.weight")] {
+            assert_eq!(key(f, bad), None, "{}: {bad}", f.name);
+        }
+        assert_eq!(Family::of_gguf_arch("mistral"), None);
+    }
+
     #[test]
     fn target_names_select_by_trailing_segments() {
         let p = "model.layers.3.self_attn.q_proj";
@@ -554,6 +763,27 @@ mod tests {
         assert_eq!(walk[..3].iter().map(|p| p.state_key()).collect::<Vec<_>>(), ["layers.0.q_proj.lora_A", "layers.0.q_proj.lora_B", "layers.0.k_proj.lora_A"]);
     }
 
+    /// Each family's walk is a subsequence of [`ALL_PROJS`] (so sorting by [`ANY`] gives it),
+    /// and its fused projections round-trip through every key format.
+    #[test]
+    fn every_family_walks_in_the_order_of_all_projs() {
+        for f in FAMILIES {
+            let pos: Vec<usize> = f.projs.iter().map(|&p| ANY.position(p).unwrap()).collect();
+            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
+            for id in f.module_ids(3) {
+                assert_eq!(f.parse_path(&id.path()), Some(id));
+                let p = ParamId { module: id, half: LoraHalf::B };
+                assert_eq!(ANY.parse_state_key(&p.state_key()), Some(p));
+            }
+        }
+        assert_eq!(ModuleId::new(2, Proj::Qkv).path(), "model.layers.2.self_attn.qkv_proj");
+        assert_eq!(ModuleId::new(0, Proj::GateUp).path(), "model.layers.0.mlp.gate_up_proj");
+        assert_eq!(NormId { layer: 1, norm: Norm::QNorm }.path(), "model.layers.1.self_attn.q_norm");
+        assert_eq!(Family::named("gemma3_text").map(|f| f.name), Some("gemma3"));
+        assert_eq!(Family::named("gpt2"), None);
+        assert_eq!((Proj::Qkv.gguf(), GEMMA2.gguf_norm(Norm::PreFeedforward)), ("attn_qkv", "ffn_norm"));
+    }
+
     fn tiny() -> Llama {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base");
         crate::model::Model::load_hf_dir("tiny", &dir, &Default::default()).unwrap().llama
@@ -569,14 +799,18 @@ mod tests {
         assert_eq!(ids, LLAMA.module_ids(n).collect::<Vec<_>>());
         for (id, lin) in m.linears() {
             let b = &m.layers[id.layer];
+            let (QkvProj::Split { q_proj, k_proj, v_proj }, GateUpProj::Split { gate_proj, up_proj }) = (&b.self_attn.qkv, &b.mlp.gate_up) else {
+                panic!("a Llama block holds separate projections")
+            };
             let field = match id.proj {
-                Proj::Q => &b.self_attn.q_proj,
-                Proj::K => &b.self_attn.k_proj,
-                Proj::V => &b.self_attn.v_proj,
+                Proj::Q => q_proj,
+                Proj::K => k_proj,
+                Proj::V => v_proj,
                 Proj::O => &b.self_attn.o_proj,
-                Proj::Gate => &b.mlp.gate_proj,
-                Proj::Up => &b.mlp.up_proj,
+                Proj::Gate => gate_proj,
+                Proj::Up => up_proj,
                 Proj::Down => &b.mlp.down_proj,
+                Proj::Qkv | Proj::GateUp => unreachable!("not a Llama projection"),
             };
             assert!(std::ptr::eq(lin, field), "{id:?}");
             assert!(std::ptr::eq(m.linear(id).unwrap(), field));

@@ -10,22 +10,34 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-/// The benchmark shapes and their configs.
-pub const SHAPES: [&str; 3] = ["smollm2-135m", "llama-3.2-1b", "llama-3.2-3b"];
+/// The benchmark shapes and their configs: Llama's, then one real shape per other family (the
+/// anchor's `FAMILY_SHAPES`, same keys, so both sides build the same network).
+pub const SHAPES: [&str; 7] = ["smollm2-135m", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-3b", "qwen3-4b", "gemma-3-4b", "mistral-7b"];
 
 pub fn shape_config(name: &str) -> Result<Config> {
-    let v = match name {
-        "smollm2-135m" => serde_json::json!({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rope_theta": 100000.0, "tie_word_embeddings": true}),
-        "llama-3.2-1b" => serde_json::json!({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": true, "head_dim": 64}),
-        "llama-3.2-3b" => serde_json::json!({"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
-            "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": true, "head_dim": 128}),
+    use serde_json::json;
+    let (model_type, v) = match name {
+        "smollm2-135m" => ("llama", json!({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rope_theta": 100000.0, "tie_word_embeddings": true})),
+        "llama-3.2-1b" => ("llama", json!({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": true, "head_dim": 64})),
+        "llama-3.2-3b" => ("llama", json!({"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+            "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": true, "head_dim": 128})),
+        "qwen2.5-3b" => ("qwen2", json!({"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1000000.0, "tie_word_embeddings": true})),
+        "qwen3-4b" => ("qwen3", json!({"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000.0, "tie_word_embeddings": true})),
+        "mistral-7b" => ("mistral", json!({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32768, "rope_theta": 1000000.0, "sliding_window": null})),
+        "gemma-3-4b" => ("gemma3_text", json!({"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208, "query_pre_attn_scalar": 256,
+            "sliding_window": 1024, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "tie_word_embeddings": true, "hidden_activation": "gelu_pytorch_tanh"})),
         other => bail!("unknown shape \"{other}\" (expected one of {})", SHAPES.join(", ")),
     };
     let mut v = v;
     let o = v.as_object_mut().expect("a JSON object");
-    o.insert("model_type".into(), "llama".into());
+    o.insert("model_type".into(), model_type.into());
     o.insert("rms_norm_eps".into(), 1e-5.into());
     o.insert("max_position_embeddings".into(), 8192.into());
     Config::from_json(&v)

@@ -187,7 +187,14 @@ impl Tokenizer {
                     byte_level(false)]}),
                 true,
             ),
-            other => bail!("GGUF tokenizer pre-tokenizer `tokenizer.ggml.pre = {other}` is not supported yet (supported: smollm, gpt2, llama-bpe)"),
+            // Qwen2, Qwen2.5, Qwen3: Llama-3's split with single digits.
+            "qwen2" => (
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+                    byte_level(false)]}),
+                false,
+            ),
+            other => bail!("GGUF tokenizer pre-tokenizer `tokenizer.ggml.pre = {other}` is not supported yet (supported: smollm, gpt2, llama-bpe, qwen2)"),
         };
         let n = v.tokens.len();
         let mut vocab = Map::with_capacity(n);
@@ -298,6 +305,9 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// Qwen2's split regex (its tokenizer.json), which llama.cpp's `qwen2` pre-tokenizer mirrors.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Llama-3's split regex (its tokenizer.json), which llama.cpp's `llama-bpe` pre-tokenizer mirrors.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

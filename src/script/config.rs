@@ -209,9 +209,10 @@ impl Cfg<'_> {
 pub static LOAD_MODEL: Schema = Schema {
     name: "load_model options",
     keys: &[
-        key("dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"]), "compute dtype of the weights (default float32)"),
-        key("torch_dtype", Ty::OneOf(&["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"]), "transformers' name for `dtype`"),
-        key("device", Ty::Str, "\"cpu\", \"cuda\", \"cuda:N\" or \"auto\" (the GPU when built with `--features cuda` and one is present)"),
+        key("dtype", Ty::OneOf(DTYPES_AUTO), "compute dtype of the weights (default \"auto\": bfloat16 on a GPU, float32 on the CPU)"),
+        key("torch_dtype", Ty::OneOf(DTYPES_AUTO), "transformers' name for `dtype`"),
+        key("device", Ty::Str, "\"auto\" (default: the GPU when built with `--features cuda` and one is present, else the CPU), \"cpu\", \"cuda\" or \"cuda:N\"; `qscript --device` overrides it"),
+        key("device_map", Ty::Any, "transformers' spelling: \"auto\", \"cpu\", \"cuda:N\" or a GPU index (the whole model goes to one device)"),
         key("revision", Ty::Str, "hub revision (branch, tag or commit)"),
         key("quantization_config", Ty::Any, "BitsAndBytesConfig(#{ load_in_4bit: true, ... }) (or its map): decoder linears in 4 bits"),
     ],
@@ -269,6 +270,7 @@ pub static LOAD_DATASET: Schema = Schema {
         key("format", Ty::OneOf(crate::data::load::Format::NAMES), "record format (default: detected per file from its first record)"),
         key("on_error", Ty::OneOf(&["raise", "skip"]), "bad records: stop with an error (default) or skip, count and report them"),
         key("split", Ty::Str, "for a JSON object holding several arrays of records: the key to read, e.g. \"train\""),
+        key("columns", Ty::Map, "the dataset's own field names: #{ prompt: \"question\", completion: \"answer\" } reads `question` as `prompt`"),
     ],
 };
 
@@ -336,7 +338,8 @@ pub static LORA_CONFIG: Schema = Schema {
     ],
 };
 
-const DTYPES: &[&str] = &["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16"];
+/// A dtype, or "auto": the device's (bfloat16 on a GPU, float32 on the CPU).
+const DTYPES_AUTO: &[&str] = &["float32", "fp32", "f32", "bfloat16", "bf16", "float16", "fp16", "f16", "auto"];
 
 pub static BNB_CONFIG: Schema = Schema {
     name: "BitsAndBytesConfig",
@@ -345,15 +348,17 @@ pub static BNB_CONFIG: Schema = Schema {
         key("load_in_8bit", Ty::Bool, "8-bit LLM.int8() is not supported"),
         key("bnb_4bit_quant_type", Ty::OneOf(&["nf4", "fp4"]), "4-bit data type (default \"fp4\", as transformers; QLoRA uses \"nf4\")"),
         key("bnb_4bit_use_double_quant", Ty::Bool, "quantize the absmax statistics too (default false)"),
-        key("bnb_4bit_compute_dtype", Ty::OneOf(DTYPES), "dtype the 4-bit weights are dequantized to for matmuls (default float32)"),
+        key("bnb_4bit_compute_dtype", Ty::OneOf(DTYPES_AUTO), "dtype the 4-bit weights are dequantized to for matmuls (default \"auto\": bfloat16 on a GPU, float32 on the CPU)"),
         key("bnb_4bit_quant_storage", Ty::OneOf(&["uint8", "float32", "bfloat16", "float16"]), "dtype the packed weights are saved as (default uint8)"),
         key("llm_int8_skip_modules", Ty::StrOrList, "modules kept unquantized: names (\"down_proj\"), paths or prefixes (\"model.layers.0\")"),
     ],
 };
 
-pub static TRAINING_ARGS: Schema = Schema {
-    name: "TrainingArguments",
-    keys: &[
+/// The keys of `TrainingArguments` and of trl's `SFTConfig` (the same map under its trl name).
+pub static TRAINING_ARGS: Schema = Schema { name: "TrainingArguments", keys: TRAINING_ARGS_KEYS };
+pub static SFT_CONFIG: Schema = Schema { name: "SFTConfig", keys: TRAINING_ARGS_KEYS };
+
+const TRAINING_ARGS_KEYS: &[Key] = &[
         key("output_dir", Ty::Str, "where checkpoints, metrics.jsonl, loss.png go (required)"),
         key("num_train_epochs", Ty::Float, "epochs (default 3)"),
         key("max_steps", Ty::Int, "optimizer steps; > 0 overrides num_train_epochs (default -1)"),
@@ -383,8 +388,17 @@ pub static TRAINING_ARGS: Schema = Schema {
         key("train_on_inputs", Ty::Bool, "train on prompt tokens too (default false: assistant turns only)"),
         key("resume_from_checkpoint", Ty::Any, "true (latest checkpoint in output_dir) or a checkpoint path"),
         key("on_nan", Ty::OneOf(&["stop", "skip"]), "a NaN/Inf loss or gradient stops training (default) or skips the step"),
-    ],
-};
+        // The names a ported transformers / trl notebook carries (train/args.rs says what each does here).
+        key("max_length", Ty::Int, "trl's spelling of `max_seq_length`"),
+        key("dataset_text_field", Ty::Str, "trl: the field that holds a text record's text (default \"text\")"),
+        key("evaluation_strategy", Ty::OneOf(&["no", "steps", "epoch"]), "transformers' former name of `eval_strategy`"),
+        key("bf16", Ty::Bool, "train in bfloat16 (the model's compute dtype must be bf16: load_model dtype / bnb_4bit_compute_dtype)"),
+        key("fp16", Ty::Bool, "float16 mixed precision: needs a GPU (runs as bf16 there); an error on the CPU"),
+        key("optim", Ty::OneOf(crate::train::args::Optim::NAMES), "optimizer: AdamW; bitsandbytes' 8-bit names run 32-bit AdamW (a note says what 8 bits would save)"),
+        key("report_to", Ty::StrOrList, "\"none\", \"jsonl\" (metrics.jsonl, always written), \"tensorboard\" (event files under logging_dir), \"all\""),
+        key("logging_dir", Ty::Str, "TensorBoard's folder (default output_dir/runs/DATE_HOST, as transformers)"),
+        key("save_only_model", Ty::Bool, "checkpoints hold the adapter only, no optimizer state: smaller, but they cannot be resumed (default false)"),
+];
 
 pub static SFT_TRAINER: Schema = Schema {
     name: "SFTTrainer options",
@@ -400,6 +414,7 @@ pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
         "load_model" => &LOAD_MODEL,
         "LoraConfig" => &LORA_CONFIG,
         "TrainingArguments" => &TRAINING_ARGS,
+        "SFTConfig" => &SFT_CONFIG,
         "SFTTrainer" => &SFT_TRAINER,
         "generate" | "chat" => &GENERATE,
         "apply_chat_template" => &CHAT_TEMPLATE,
@@ -415,4 +430,38 @@ pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
         "BitsAndBytesConfig" => &BNB_CONFIG,
         _ => return None,
     })
+}
+
+/// The transformers / trl names a ported notebook carries, onto [`TrainingArguments`]
+/// (`train_api::training_arguments` fills the rest): `max_length` (trl's `max_seq_length`),
+/// `evaluation_strategy` (the former `eval_strategy`), `dataset_text_field`, `bf16` / `fp16`,
+/// `optim`, `report_to`, `logging_dir`, `save_only_model`.
+pub fn notebook_names(cfg: &Cfg, a: &mut crate::train::TrainingArguments) -> anyhow::Result<()> {
+    use crate::train::args::{Optim, ReportTo, Strategy};
+    if let Some(n) = cfg.usize("max_length").map_err(|e| anyhow::anyhow!("TrainingArguments: {e}"))? {
+        if cfg.has("max_seq_length") && a.max_seq_length != n {
+            anyhow::bail!("TrainingArguments: `max_length` ({n}) and `max_seq_length` ({}) are the same setting; give one", a.max_seq_length);
+        }
+        a.max_seq_length = n;
+    }
+    if let Some(s) = cfg.str("evaluation_strategy") {
+        if cfg.has("eval_strategy") && cfg.str("eval_strategy") != Some(s.clone()) {
+            anyhow::bail!("TrainingArguments: `evaluation_strategy` is the former name of `eval_strategy`; give one");
+        }
+        a.eval_strategy = Strategy::parse(&s)?;
+    }
+    if let Some(f) = cfg.str("dataset_text_field") {
+        a.dataset_text_field = f;
+    }
+    a.bf16 = cfg.bool("bf16").unwrap_or(false);
+    a.fp16 = cfg.bool("fp16").unwrap_or(false);
+    if let Some(o) = cfg.str("optim") {
+        a.optim = Optim::parse(&o)?;
+    }
+    if let Some(r) = cfg.str_list("report_to") {
+        a.report_to = ReportTo::parse(&r)?;
+    }
+    a.logging_dir = cfg.str("logging_dir").map(std::path::PathBuf::from);
+    a.save_only_model = cfg.bool("save_only_model").unwrap_or(false);
+    Ok(())
 }

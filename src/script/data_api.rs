@@ -41,6 +41,7 @@ pub fn load(spec: &str, opts: &Map) -> Result<DatasetHandle> {
         format: cfg.str("format").map(|f| Format::parse(&f)).transpose()?,
         on_error: if cfg.str("on_error").as_deref() == Some("skip") { OnError::Skip } else { OnError::Raise },
         split: cfg.str("split"),
+        columns: columns(cfg.get("columns"))?,
     };
     let (ds, report) = load_dataset(spec, &lo)?;
     if !quiet() {
@@ -49,12 +50,31 @@ pub fn load(spec: &str, opts: &Map) -> Result<DatasetHandle> {
     Ok(handle(ds))
 }
 
+/// `columns: #{ prompt: "question" }`: the standard name and the dataset's, in pairs.
+fn columns(v: Option<&Dynamic>) -> Result<Vec<(String, String)>> {
+    let Some(m) = v.and_then(|v| v.clone().try_cast::<Map>()) else { return Ok(Vec::new()) };
+    const NAMES: &[&str] = &["messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion", "text", "tools"];
+    m.into_iter()
+        .map(|(k, v)| {
+            if !NAMES.contains(&k.as_str()) {
+                let hint = crate::util::nearest(&k, NAMES.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+                bail!("load_dataset columns: `{k}` is not a field qscript reads ({}){hint}", NAMES.join(", "));
+            }
+            let theirs = v.into_string().map_err(|t| anyhow!("load_dataset columns: `{k}` must name the dataset's field as a string, got {t}"))?;
+            Ok((k.to_string(), theirs))
+        })
+        .collect()
+}
+
 fn row_to_dynamic(row: &Row) -> Dynamic {
-    rhai::serde::to_dynamic(row.to_json()).unwrap_or(Dynamic::UNIT)
+    let j = row.to_json();
+    // A row that goes back through `map` keeps its fields' order (tool schemas, tool calls).
+    super::key_order::record_json(&j);
+    rhai::serde::to_dynamic(j).unwrap_or(Dynamic::UNIT)
 }
 
 fn dynamic_to_row(v: &Dynamic) -> Result<Row> {
-    let j: serde_json::Value = rhai::serde::from_dynamic(v).map_err(|e| anyhow!("{e}"))?;
+    let j = super::key_order::to_json(v)?;
     crate::data::load::parse_record(&j, None).map_err(|e| anyhow!(e.msg))
 }
 
@@ -158,9 +178,7 @@ fn tokenized(ds: &DatasetHandle, model: &ModelHandle, opts: &Map) -> Result<Toke
     let t = crate::data::tokenize_dataset(&ds.0, &ct, &to)?;
     if !quiet() {
         eprintln!("{}", t.report.summary());
-        for l in &t.report.lints {
-            eprintln!("{l}");
-        }
+        crate::train::logging::print_lints(None, &t.report.lints);
     }
     Ok(TokenizedHandle(Arc::new(t)))
 }
@@ -245,13 +263,22 @@ fn batches(t: &TokenizedHandle, opts: &Map) -> Result<Array> {
     Ok(it.epoch(epoch).iter().map(|b| Dynamic::from(batch_to_map(b))).collect())
 }
 
+/// `Dataset(206 conversations; other fields: category, id)`: the size, what the records are, and
+/// the source fields no format consumed (what `filter` / `map` also see).
 fn describe(ds: &Dataset) -> String {
     let (conv, text) = ds.kinds();
-    match (conv, text) {
-        (_, 0) => format!("Dataset({} conversations)", conv),
-        (0, _) => format!("Dataset({} texts)", text),
-        _ => format!("Dataset({} records: {conv} conversations, {text} texts)", ds.len()),
+    let what = match (conv, text) {
+        (_, 0) => format!("{conv} conversations"),
+        (0, _) => format!("{text} texts"),
+        _ => format!("{} records: {conv} conversations, {text} texts", ds.len()),
+    };
+    let fields: std::collections::BTreeSet<&str> = ds.rows.iter().flat_map(|r| r.extra.keys().map(String::as_str)).collect();
+    let mut names: Vec<&str> = fields.iter().copied().take(8).collect();
+    if fields.len() > names.len() {
+        names.push("...");
     }
+    let other = if names.is_empty() { String::new() } else { format!("; other fields: {}", names.join(", ")) };
+    format!("Dataset({what}{other})")
 }
 
 pub fn register(api: &mut Api) {

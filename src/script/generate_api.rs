@@ -6,10 +6,21 @@ use super::{rt, Api};
 use crate::generate::sampling::SamplingParams;
 use crate::generate::{generate, GenerateOptions};
 use rhai::{Dynamic, Map};
+use std::cell::RefCell;
 use std::io::Write;
 
 /// The most tokens one `generate` / `chat` call produces.
 pub const MAX_NEW_TOKENS: usize = 32768;
+thread_local! {
+    /// The last answer printed as it came (`stream: true`), so that the REPL does not print the
+    /// returned value a second time.
+    static STREAMED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// The text of the last streamed answer since the previous call, if any.
+pub fn take_streamed() -> Option<String> {
+    STREAMED.with(|s| s.borrow_mut().take())
+}
 
 /// Defaults follow transformers: greedy unless `do_sample`/`temperature` (or the model's
 /// generation_config.json) ask for sampling; when sampling, top_k defaults to 50.
@@ -66,10 +77,22 @@ fn options(m: &ModelHandle, cfg: &Cfg) -> anyhow::Result<GenerateOptions> {
     })
 }
 
-fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg) -> anyhow::Result<String> {
-    let opts = options(m, cfg)?;
-    let stream = cfg.bool("stream").unwrap_or(false);
+/// Generates from `prompt_ids`; `on_text` gets each piece as it becomes final. A chat answer
+/// also ends at the template's end-of-turn token, when generation_config does not list it (GGUF,
+/// random or converted checkpoints).
+fn run_with(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg, chat: bool, on_text: &mut dyn FnMut(&str)) -> anyhow::Result<String> {
+    let mut opts = options(m, cfg)?;
     let model = m.get()?;
+    if chat {
+        opts.eos_token_ids = crate::data::tokenize::ChatTokenizer::for_model(&model)?.chat_stop_ids();
+    }
+    Ok(generate(&model, prompt_ids, &opts, on_text)?.text)
+}
+
+/// `stream: true` prints the pieces on stdout as they come (and remembers the answer, see
+/// [`take_streamed`]).
+fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg, chat: bool) -> anyhow::Result<String> {
+    let stream = cfg.bool("stream").unwrap_or(false);
     let mut out = std::io::stdout();
     let mut on_text = |piece: &str| {
         if stream {
@@ -77,30 +100,42 @@ fn run(m: &ModelHandle, prompt_ids: &[u32], cfg: &Cfg) -> anyhow::Result<String>
             let _ = out.flush();
         }
     };
-    let g = generate(&model, prompt_ids, &opts, &mut on_text)?;
+    let text = run_with(m, prompt_ids, cfg, chat, &mut on_text)?;
     if stream {
         println!();
+        STREAMED.with(|s| *s.borrow_mut() = Some(text.clone()));
     }
-    Ok(g.text)
+    Ok(text)
 }
 
 pub fn generate_text(m: &ModelHandle, prompt: &str, opts: &Map) -> anyhow::Result<String> {
     let cfg = config::GENERATE.check(opts).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(!cfg.has("system"), "generation options: `system` applies to chat(), not generate()");
     let ids = m.get()?.tokenizer()?.encode(prompt, cfg.bool("add_special_tokens").unwrap_or(true))?;
-    run(m, &ids, &cfg)
+    run(m, &ids, &cfg, false)
 }
 
-pub fn chat(m: &ModelHandle, messages: &Dynamic, opts: &Map) -> anyhow::Result<String> {
-    let cfg = config::GENERATE.check(opts).map_err(anyhow::Error::msg)?;
-    let mut msgs = messages_from_dynamic(messages)?;
+/// The conversation rendered with the chat template and its generation prompt, as token ids.
+fn chat_prompt(m: &ModelHandle, cfg: &Cfg, mut msgs: Vec<serde_json::Value>) -> anyhow::Result<Vec<u32>> {
     if let Some(system) = cfg.str("system") {
         msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
     }
     let text = m.render_chat(&msgs, true, &serde_json::Map::new())?;
     // The template wrote every special token itself.
-    let ids = m.get()?.tokenizer()?.encode(&text, false)?;
-    run(m, &ids, &cfg)
+    m.get()?.tokenizer()?.encode(&text, false)
+}
+
+pub fn chat(m: &ModelHandle, messages: &Dynamic, opts: &Map) -> anyhow::Result<String> {
+    let cfg = config::GENERATE.check(opts).map_err(anyhow::Error::msg)?;
+    let ids = chat_prompt(m, &cfg, messages_from_dynamic(messages)?)?;
+    run(m, &ids, &cfg, true)
+}
+
+/// The next assistant turn of `messages` (`qscript chat`), each piece handed to `on_text`.
+pub fn chat_turn(m: &ModelHandle, messages: &[serde_json::Value], opts: &Map, on_text: &mut dyn FnMut(&str)) -> anyhow::Result<String> {
+    let cfg = config::GENERATE.check(opts).map_err(anyhow::Error::msg)?;
+    let ids = chat_prompt(m, &cfg, messages.to_vec())?;
+    run_with(m, &ids, &cfg, true, on_text)
 }
 
 pub fn register(api: &mut Api) {

@@ -28,7 +28,8 @@ fn float_map(cfg: &Cfg, key: &str) -> anyhow::Result<std::collections::BTreeMap<
 
 pub fn lora_config(map: &Map) -> anyhow::Result<LoraConfig> {
     let cfg = config::LORA_CONFIG.check(map).map_err(anyhow::Error::msg)?;
-    let mut c = LoraConfig::default();
+    // No target_modules: peft's default for the model's family, resolved when attached.
+    let mut c = LoraConfig { target_modules: TargetModules::FamilyDefault, ..LoraConfig::default() };
     if let Some(r) = cfg.usize("r").map_err(anyhow::Error::msg)? {
         c.r = r;
         c.lora_alpha = r as f64; // peft: lora_alpha defaults to 8 = default r; keep alpha/r = 1 when only r is given
@@ -77,8 +78,9 @@ pub fn lora_config(map: &Map) -> anyhow::Result<LoraConfig> {
 
 pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<ModelHandle> {
     let mut model = m.get_mut()?;
-    lora::attach(&mut model.llama, cfg, SEED.load(Ordering::Relaxed))?;
-    model.lora_config = Some(cfg.clone());
+    let cfg = cfg.for_family(model.llama.family());
+    lora::attach(&mut model.llama, &cfg, SEED.load(Ordering::Relaxed))?;
+    model.lora_config = Some(cfg);
     drop(model);
     Ok(m.clone())
 }

@@ -5,7 +5,9 @@
 pub mod access;
 pub mod config;
 pub mod data_api;
+pub mod display_api;
 pub mod generate_api;
+pub mod key_order;
 pub mod lora_api;
 pub mod model_api;
 pub mod quant_api;
@@ -179,6 +181,7 @@ impl Host {
             .set_max_modules(256)
             .set_max_variables(10_000)
             .set_max_functions(10_000);
+        key_order::install(&mut engine);
         let max_ops = limits.max_operations;
         engine.on_progress(move |ops| {
             if crate::CANCEL.load(Ordering::Relaxed) {
@@ -208,6 +211,7 @@ impl Host {
             quant_api::register(&mut api);
             train_api::register(&mut api);
             data_api::register(&mut api);
+            display_api::register(&mut api);
         }
         Self { engine, docs, policy: None }
     }

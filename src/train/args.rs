@@ -61,6 +61,75 @@ pub enum OnNonFinite {
     Skip,
 }
 
+/// `optim`: transformers' optimizer names. Every one runs our AdamW (32-bit state); the
+/// bitsandbytes names are accepted so a ported notebook runs, and say so once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optim {
+    AdamwTorch,
+    AdamwTorchFused,
+    /// bitsandbytes' 8-bit AdamW (`adamw_8bit`, `adamw_bnb_8bit`, `paged_adamw_8bit`).
+    Adamw8bit { paged: bool },
+    PagedAdamw32bit,
+}
+
+impl Optim {
+    pub const NAMES: &'static [&'static str] =
+        &["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "adamw_torch" => Self::AdamwTorch,
+            "adamw_torch_fused" => Self::AdamwTorchFused,
+            "adamw_8bit" | "adamw_bnb_8bit" => Self::Adamw8bit { paged: false },
+            "paged_adamw_8bit" => Self::Adamw8bit { paged: true },
+            "paged_adamw_32bit" => Self::PagedAdamw32bit,
+            other => bail!("TrainingArguments: unknown optim \"{other}\" (one of {})", Self::NAMES.join(", ")),
+        })
+    }
+
+    /// One line for the bitsandbytes names: what runs instead, and what 8-bit state would have
+    /// saved on tensors of these sizes (bitsandbytes keeps tensors under 4096 elements in 32
+    /// bits; 8-bit state is 1 byte per element and moment plus an f32 absmax per 256 block).
+    pub fn note(self, trainable: &[usize]) -> Option<String> {
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        match self {
+            Self::AdamwTorch | Self::AdamwTorchFused => None,
+            Self::PagedAdamw32bit => Some("optim \"paged_adamw_32bit\": runs AdamW with the same 32-bit state (paging only moves it under memory pressure)".into()),
+            Self::Adamw8bit { paged } => {
+                let saved: usize = trainable.iter().filter(|&&n| n >= 4096).map(|&n| 2 * (4 * n) - 2 * (n + 4 * n.div_ceil(256))).sum();
+                let state: usize = trainable.iter().map(|&n| 8 * n).sum();
+                let name = if paged { "paged_adamw_8bit" } else { "adamw_8bit" };
+                Some(format!(
+                    "optim \"{name}\": runs AdamW with 32-bit state ({:.1} MiB for these adapters); 8-bit state would have saved {:.1} MiB",
+                    mib(state),
+                    mib(saved)
+                ))
+            }
+        }
+    }
+}
+
+/// `report_to`: where metrics go besides the console. `metrics.jsonl` is always written (it is
+/// the run's record, as transformers' trainer_state.json).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ReportTo {
+    pub tensorboard: bool,
+}
+
+impl ReportTo {
+    pub fn parse(names: &[String]) -> Result<Self> {
+        let mut r = Self::default();
+        for n in names {
+            match n.as_str() {
+                "none" | "jsonl" => {}
+                "tensorboard" | "all" => r.tensorboard = true,
+                other => bail!("TrainingArguments: unknown report_to \"{other}\" (none, jsonl, tensorboard, all)"),
+            }
+        }
+        Ok(r)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainingArguments {
     pub output_dir: PathBuf,
@@ -93,6 +162,16 @@ pub struct TrainingArguments {
     pub train_on_inputs: bool,
     pub resume_from_checkpoint: Resume,
     pub on_non_finite: OnNonFinite,
+    /// trl: the field a text record's text is read from (rows carrying it train on it).
+    pub dataset_text_field: String,
+    pub bf16: bool,
+    pub fp16: bool,
+    pub optim: Optim,
+    pub report_to: ReportTo,
+    /// TensorBoard's folder; None: `output_dir/runs/DATE_HOST`.
+    pub logging_dir: Option<PathBuf>,
+    /// Checkpoints without optimizer state (cannot be resumed).
+    pub save_only_model: bool,
 }
 
 impl TrainingArguments {
@@ -128,6 +207,13 @@ impl TrainingArguments {
             train_on_inputs: false,
             resume_from_checkpoint: Resume::No,
             on_non_finite: OnNonFinite::Stop,
+            dataset_text_field: "text".into(),
+            bf16: false,
+            fp16: false,
+            optim: Optim::AdamwTorch,
+            report_to: ReportTo::default(),
+            logging_dir: None,
+            save_only_model: false,
         }
     }
 
@@ -155,6 +241,55 @@ impl TrainingArguments {
             bail!("TrainingArguments: output_dir {} is a file", self.output_dir.display());
         }
         Ok(())
+    }
+
+    /// The mixed-precision flags against the dtype the model computes in and its device:
+    /// `fp16` needs a GPU (transformers refuses it on the CPU too); training computes in the
+    /// model's dtype (load_model's `dtype`), so the flags only say when that is not what they ask.
+    /// Returns the notes to print.
+    pub fn check_precision(&self, compute: candle_core::DType, on_gpu: bool) -> Result<Vec<String>> {
+        use candle_core::DType;
+        let mut notes = Vec::new();
+        if self.bf16 && self.fp16 {
+            bail!("TrainingArguments: `bf16` and `fp16` are both true; pick one");
+        }
+        if self.fp16 {
+            if !on_gpu {
+                bail!(
+                    "TrainingArguments: `fp16: true` needs a GPU: float16 mixed precision is a CUDA feature (transformers refuses it on the CPU too); \
+                     drop it (the CPU trains in float32) or use `bf16: true` with a bf16 model"
+                );
+            }
+            notes.push(format!(
+                "fp16: true: training computes in the model's {} (bf16 on a GPU needs no loss scaling; float16 is not used)",
+                crate::model::dtype_name(compute)
+            ));
+        }
+        if self.bf16 && compute != DType::BF16 {
+            notes.push(format!(
+                "bf16: true: the model computes in {}, and training follows it; load it with dtype: \"bf16\" (4-bit: bnb_4bit_compute_dtype: \"bf16\") to train in bf16",
+                crate::model::dtype_name(compute)
+            ));
+        }
+        Ok(notes)
+    }
+
+    /// The lines a run prints about the notebook flags for this model (precision, optimizer);
+    /// an error where a flag cannot hold (fp16 on the CPU).
+    pub fn notes_for(&self, model: &crate::model::Model) -> Result<Vec<String>> {
+        let l = &model.llama;
+        let mut notes = self.check_precision(l.dtype, l.device.is_cuda())?;
+        let sizes: Vec<usize> = l.adapters().flat_map(|(_, a)| [a.a.elem_count(), a.b.elem_count()]).collect();
+        notes.extend(self.optim.note(&sizes));
+        Ok(notes)
+    }
+
+    /// TensorBoard's folder: `logging_dir`, or transformers' default `output_dir/runs/DATE_HOST`.
+    pub fn tensorboard_dir(&self) -> PathBuf {
+        self.logging_dir.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+            self.output_dir.join("runs").join(format!("{}_{host}", chrono::Local::now().format("%b%d_%H-%M-%S")))
+        })
     }
 
     /// Warmup steps for `total` optimizer steps (warmup_steps wins over warmup_ratio).

@@ -92,6 +92,13 @@ pub fn save(output_dir: &Path, ck: &Checkpoint, write_adapter: &dyn Fn(&Path) ->
     Ok(final_dir)
 }
 
+/// `save_only_model`: the checkpoint keeps its adapter and trainer state, not the optimizer's
+/// moments (a third of a LoRA checkpoint's size, twice the adapter's); it cannot be resumed.
+pub fn drop_optimizer_state(dir: &Path) -> Result<()> {
+    let p = dir.join(OPTIMIZER_FILE);
+    std::fs::remove_file(&p).with_context(|| format!("{}: cannot remove", p.display()))
+}
+
 /// `checkpoint-N` directories of `output_dir`, oldest first.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
@@ -162,12 +169,15 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(STATE_FILE).display()))?;
     let manifest: Manifest = serde_json::from_value(read_json(MANIFEST_FILE)?)
         .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", dir.join(MANIFEST_FILE).display()))?;
+    if !dir.join(OPTIMIZER_FILE).exists() && dir.join(STATE_FILE).exists() {
+        bail!("{}: saved with save_only_model: true (no optimizer state), so it cannot be resumed; load its adapter instead", dir.display());
+    }
     let (optimizer_step, params) = read_optimizer(&dir.join(OPTIMIZER_FILE))?;
     Ok(Loaded { dir: dir.to_path_buf(), state, manifest, optimizer_step, params })
 }
 
 /// The optimizer file: its step and every parameter's state, in the model's adapter order
-/// (Llama's, the one family so far).
+/// (every family's walk order agrees with [`names::ANY`]'s).
 fn read_optimizer(opt_path: &Path) -> Result<(u64, Vec<ParamState>)> {
     let bytes = std::fs::read(opt_path).with_context(|| format!("{}: missing (corrupt checkpoint?)", opt_path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint file: {e}", opt_path.display()))?;
@@ -178,7 +188,7 @@ fn read_optimizer(opt_path: &Path) -> Result<(u64, Vec<ParamState>)> {
         .and_then(|m| m.get("step"))
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{}: no `step` in metadata", opt_path.display()))?;
-    let family = &names::LLAMA;
+    let family = &names::ANY;
     let mut ids: Vec<(ParamId, String)> = Vec::new();
     for n in st.names().into_iter().filter(|n| n.ends_with(".master")) {
         let key = n.trim_end_matches(".master");

@@ -9,6 +9,7 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use args::TrainingArguments;

@@ -125,11 +125,10 @@ impl Run {
 
 fn tokenize(model: &Model, ds: &Dataset, args: &TrainingArguments, what: &str) -> Result<Arc<TokenizedDataset>> {
     let opts = TokenizeOptions { max_seq_length: Some(args.max_seq_length), train_on_inputs: args.train_on_inputs, truncation: Truncation::Truncate };
+    let ds = &ds.with_text_field(&args.dataset_text_field)?;
     let t = tokenize_for_model(ds, model, &opts).with_context(|| format!("{what} dataset"))?;
     eprintln!("{what}: {}", t.report.summary());
-    for lint in &t.report.lints {
-        eprintln!("{what}: {lint}");
-    }
+    super::logging::print_lints(Some(what), &t.report.lints);
     if t.is_empty() {
         bail!("{what} dataset: no example left to train on after tokenization");
     }
@@ -169,6 +168,9 @@ impl SftTrainer {
         args.validate()?;
         if model.lora_config.is_none() {
             bail!("SFTTrainer: the model has no LoRA adapters; call get_peft_model(model, LoraConfig(...)) first");
+        }
+        for note in args.notes_for(model)? {
+            eprintln!("{note}");
         }
         let train_data = tokenize(model, train, &args, "train")?;
         let eval_data = match eval {
@@ -356,7 +358,10 @@ impl SftTrainer {
             crate::util::fs::write(&out_dir.join(name), src.as_bytes())?;
         }
         crate::util::fs::write(&out_dir.join("manifest.json"), serde_json::to_string_pretty(&run.manifest)?.as_bytes())?;
-        let log = RunLog::open(out_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        let mut log = RunLog::open(out_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        if a.report_to.tensorboard {
+            log.report_to_tensorboard(&a.tensorboard_dir())?;
+        }
         eprintln!(
             "training: {} examples, {} batches/epoch, {} steps (batch {} × accumulation {}), lr {:e} ({:?}, warmup {})",
             self.train_data.len(),
@@ -488,6 +493,9 @@ impl SftTrainer {
             },
             &|d: &Path| save_adapter(model, d),
         )?;
+        if a.save_only_model {
+            checkpoint::drop_optimizer_state(&dir)?;
+        }
         if let Some(limit) = a.save_total_limit {
             let best = run.state.best_model_checkpoint.as_ref().map(PathBuf::from);
             let run_id = run.manifest.run_id.clone().unwrap_or_default();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod autograd;
+pub mod pty;
 
 use std::path::{Path, PathBuf};
 

@@ -83,6 +83,13 @@ unsafe fn softmax_avx512(x: &mut [f32], scale: f32) {
 /// `out` `[n_heads·d]`. Parallel over heads when the cache is long enough to pay for it.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], head_stride: usize, s: usize, n_heads: usize, n_kv_heads: usize, d: usize, scale: f32, out: &mut [f32]) {
+    decode_attention_capped(q, k, v, head_stride, s, n_heads, n_kv_heads, d, scale, None, out)
+}
+
+/// [`decode_attention`] with Gemma 2's soft-capped logits `cap·tanh(scale·q·k/cap)` when
+/// `softcap` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_capped(q: &[f32], k: &[f32], v: &[f32], head_stride: usize, s: usize, n_heads: usize, n_kv_heads: usize, d: usize, scale: f32, softcap: Option<f32>, out: &mut [f32]) {
     assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0 && s > 0);
     assert!(q.len() == n_heads * d && out.len() == n_heads * d);
     assert!(s * d <= head_stride && k.len() >= (n_kv_heads - 1) * head_stride + s * d && v.len() >= (n_kv_heads - 1) * head_stride + s * d);
@@ -93,7 +100,14 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], head_stride: usize, s: 
         let qh = &q[h * d..(h + 1) * d];
         scores.clear();
         scores.extend(kh.chunks_exact(d).map(|kr| dot(qh, kr)));
-        softmax_prefix_inplace(scores, s, scale);
+        match softcap {
+            Some(cap) => {
+                scores.iter_mut().for_each(|x| *x *= scale);
+                crate::kernels::vecmath::softcap_inplace(scores, cap);
+                softmax_prefix_inplace(scores, s, 1.0);
+            }
+            None => softmax_prefix_inplace(scores, s, scale),
+        }
         weighted_rows(scores, vh, o);
     };
     if s * n_heads * d >= 64 * 1024 && rayon::current_num_threads() > 1 {
@@ -196,12 +210,13 @@ mod tests {
 
     /// Plain reference for one decode step with GQA: per head, scores over all `s` positions.
     #[allow(clippy::too_many_arguments)]
-    fn decode_reference(q: &[f32], k: &[f32], v: &[f32], stride: usize, s: usize, nh: usize, kvh: usize, d: usize, scale: f32) -> Vec<f32> {
+    fn decode_reference(q: &[f32], k: &[f32], v: &[f32], stride: usize, s: usize, nh: usize, kvh: usize, d: usize, scale: f32, cap: Option<f64>) -> Vec<f32> {
         let rep = nh / kvh;
         let mut out = vec![0f32; nh * d];
         for h in 0..nh {
             let g = h / rep;
             let sc: Vec<f64> = (0..s).map(|j| (0..d).map(|e| q[h * d + e] as f64 * k[g * stride + j * d + e] as f64).sum::<f64>() * scale as f64).collect();
+            let sc: Vec<f64> = sc.iter().map(|&x| cap.map_or(x, |c| c * (x / c).tanh())).collect();
             let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
             for e in 0..d {
@@ -223,7 +238,12 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             let mut out = vec![0f32; nh * d];
             decode_attention(&q, &k, &v, stride, s, nh, kvh, d, scale, &mut out);
-            assert_close(&out, &decode_reference(&q, &k, &v, stride, s, nh, kvh, d, scale), 2e-5);
+            assert_close(&out, &decode_reference(&q, &k, &v, stride, s, nh, kvh, d, scale, None), 2e-5);
+            // Soft-capped (a cap the scores of ±4 inputs reach), and the cap matters.
+            let plain = out.clone();
+            decode_attention_capped(&q, &k, &v, stride, s, nh, kvh, d, scale, Some(1.5), &mut out);
+            assert_close(&out, &decode_reference(&q, &k, &v, stride, s, nh, kvh, d, scale, Some(1.5)), 2e-5);
+            assert!(s == 1 || plain.iter().zip(&out).any(|(a, b)| (a - b).abs() > 1e-3), "the cap changed nothing");
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Flash attention for training on CUDA (feature `cuda`), from `flash.cu`: bf16, head size 64
-//! or 128, causal with segment (packing/padding) masks, grouped-query. The tiled candle
-//! formulation in `model::layers::attention` is the reference the GPU tests compare with.
+//! Flash attention for training on CUDA (feature `cuda`), from `flash.cu`: bf16, head size 64,
+//! 128 or 256, causal with segment (packing/padding) masks and an optional sliding window,
+//! grouped-query, the caller's softmax scale, optional logit soft-capping. The CPU's f32
+//! attention is the reference the GPU tests compare with.
 
 use crate::kernels::launch::{self, addr, config, device_of, ptx_module, view, wrap, Module};
+use super::AttnParams;
 use anyhow::{ensure, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, PushKernelArg};
@@ -23,25 +25,36 @@ fn kernel(q: &Tensor, name: &str, d: usize, tiles: usize, extra: usize) -> Resul
     Ok((func, bytes))
 }
 
-fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+/// The kernels' window argument (1 ≤ w ≤ t; t for none), scale arguments `(sl2, scale, capl2,
+/// scap)` (flash.cu's `Scales`) and the kernel name part of soft-capping, for `p`.
+fn args(p: &AttnParams, t: usize, d: usize) -> Result<(i32, [f32; 4], &'static str)> {
+    ensure!(p.window != Some(0), "flash attention: a sliding window of 0 keys");
+    ensure!(p.softcap.is_none_or(|c| c > 0.0), "flash attention: soft-cap {:?} (must be > 0)", p.softcap);
+    let w = p.window.map_or(t, |w| w.min(t)).max(1) as i32;
+    // Llama's 1/√d in f64 (the f32 field rounded would move its scale by an ulp).
+    let scale = if p.is_plain(d) { 1.0 / (d as f64).sqrt() } else { p.scale as f64 };
+    let l2 = std::f64::consts::LOG2_E;
+    let cap = p.softcap.unwrap_or(1.0) as f64;
+    let s = [(scale * l2) as f32, scale as f32, (cap * l2) as f32, (scale / cap) as f32];
+    Ok((w, s, if p.softcap.is_some() { "_cap" } else { "" }))
+}
+
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams) -> Result<(usize, usize, usize, usize, usize)> {
     let (b, nh, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     ensure!(k.dims() == [b, kvh, t, d] && v.dims() == k.dims() && kvh > 0 && nh % kvh == 0, "flash attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     ensure!(seg.dims() == [b, t] && seg.dtype() == DType::U32, "flash attention: segment ids {:?} {:?} for b {b}, t {t}", seg.dims(), seg.dtype());
-    ensure!(super::flash_fits(q) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64 or 128 only");
+    ensure!(super::flash_fits(q, p) && [k, v].iter().all(|x| x.dtype() == DType::BF16), "flash attention: bf16 with head size 64, 128 or 256 only, {p:?}");
     ensure!(i32::try_from(t).is_ok() && (b * nh * t * d) < (1 << 40), "flash attention: too long");
     Ok((b, nh, kvh, t, d))
 }
 
-fn scales(d: usize) -> (f32, f32) {
-    let scale = 1.0 / (d as f64).sqrt();
-    ((scale * std::f64::consts::LOG2_E) as f32, scale as f32)
-}
-
-/// `o = softmax(QKᵀ/√d + mask) V` and its log-sum-exp (f32 `[b, nh, t]`, base 2, for
+/// `o = softmax(L + mask) V` with the logits `L` of the scores `QKᵀ` under `p` (scale,
+/// soft-cap, sliding window: with the segments, the mask) and its log-sum-exp (f32 `[b, nh, t]`, base 2, for
 /// [`backward`]). `q` `[b, nh, t, d]`, `k`/`v` `[b, kvh, t, d]`, `seg` u32 `[b, t]`.
-pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (b, nh, kvh, t, d) = dims(q, k, v, seg)?;
+pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor)> {
+    let (b, nh, kvh, t, d) = dims(q, k, v, seg, p)?;
+    let (w, [sl2, scale, capl2, scap], cap) = args(p, t, d)?;
     let dev = device_of(q)?;
     let (q, k, v, seg) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, seg.contiguous()?);
     let (qg, ql) = q.storage_and_layout();
@@ -53,10 +66,11 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(Tens
     ensure!([addr(&qs, &stream), addr(&ks, &stream), addr(&vs, &stream)].iter().all(|p| p % 16 == 0), "flash attention: unaligned operands");
     // SAFETY: the kernel writes every row of o and lse.
     let (mut o, mut lse) = unsafe { (dev.alloc::<bf16>(b * nh * t * d)?, dev.alloc::<f32>(b * nh * t)?) };
-    let (func, shm) = kernel(&q, "flash_fwd", d, 5, 3 * BR * 4)?;
-    let (nhi, kvhi, ti, (sl2, _)) = (nh as i32, kvh as i32, t as i32, scales(d));
+    let (func, shm) = kernel(&q, &format!("flash_fwd{cap}"), d, 5, 3 * BR * 4)?;
+    let (nhi, kvhi, ti) = (nh as i32, kvh as i32, t as i32);
     let mut bld = stream.launch_builder(&func);
-    bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&mut o).arg(&mut lse).arg(&nhi).arg(&kvhi).arg(&ti).arg(&sl2);
+    bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&mut o).arg(&mut lse).arg(&nhi).arg(&kvhi).arg(&ti).arg(&w);
+    bld.arg(&sl2).arg(&scale).arg(&capl2).arg(&scap);
     // SAFETY: arguments as flash.cu's flash_fwd.
     unsafe { launch::launch(&mut bld, config((t.div_ceil(BR) as u32, nh as u32, b as u32), 128, shm)) }?;
     drop(bld);
@@ -66,8 +80,9 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<(Tens
 /// `(dq, dk, dv)` (bf16, the inputs' shapes) from the forward's inputs, its output `o` and
 /// log-sum-exp `lse`, and the output's gradient `d_o`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, nh, kvh, t, d) = dims(q, k, v, seg)?;
+pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, kvh, t, d) = dims(q, k, v, seg, p)?;
+    let (w, [sl2, scale, capl2, scap], cap) = args(p, t, d)?;
     ensure!(o.dims() == q.dims() && d_o.dims() == q.dims() && d_o.dtype() == DType::BF16 && lse.dims() == [b, nh, t], "flash attention backward: o {:?}, dO {:?}, lse {:?}", o.dims(), d_o.dims(), lse.dims());
     let dev = device_of(q)?;
     let (q, k, v, seg, o, lse, d_o) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, seg.contiguous()?, o.contiguous()?, lse.contiguous()?, d_o.contiguous()?);
@@ -94,16 +109,21 @@ pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, o: &Tensor, ls
     // SAFETY: arguments as flash.cu's flash_bwd_delta.
     unsafe { launch::launch(&mut bld, config(((b * nh * t).div_ceil(8) as u32, 1, 1), 256, 0)) }?;
     drop(bld);
-    let (nhi, kvhi, ti, (sl2, scale)) = (nh as i32, kvh as i32, t as i32, scales(d));
-    let (func, shm) = kernel(&q, "flash_bwd_dkdv", d, 6, 7 * BR * 4)?;
+    let (nhi, kvhi, ti) = (nh as i32, kvh as i32, t as i32);
+    // dK and dV in one kernel, or (head size 256: registers) one kernel each.
+    let dkdv: &[&str] = if d > 128 { &["flash_bwd_dk", "flash_bwd_dv"] } else { &["flash_bwd_dkdv"] };
+    for name in dkdv {
+        let (func, shm) = kernel(&q, &format!("{name}{cap}"), d, 6, 7 * BR * 4)?;
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&ds).arg(&ls).arg(&delta).arg(&mut dk).arg(&mut dv).arg(&nhi).arg(&kvhi).arg(&ti).arg(&w);
+        bld.arg(&sl2).arg(&scale).arg(&capl2).arg(&scap);
+        // SAFETY: arguments as flash.cu's flash_bwd_dkdv.
+        unsafe { launch::launch(&mut bld, config((t.div_ceil(BR) as u32, kvh as u32, b as u32), 128, shm)) }?;
+    }
+    let (func, shm) = kernel(&q, &format!("flash_bwd_dq{cap}"), d, 6, 3 * BR * 4)?;
     let mut bld = stream.launch_builder(&func);
-    bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&ds).arg(&ls).arg(&delta).arg(&mut dk).arg(&mut dv).arg(&nhi).arg(&kvhi).arg(&ti).arg(&sl2).arg(&scale);
-    // SAFETY: arguments as flash.cu's flash_bwd_dkdv.
-    unsafe { launch::launch(&mut bld, config((t.div_ceil(BR) as u32, kvh as u32, b as u32), 128, shm)) }?;
-    drop(bld);
-    let (func, shm) = kernel(&q, "flash_bwd_dq", d, 6, 3 * BR * 4)?;
-    let mut bld = stream.launch_builder(&func);
-    bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&ds).arg(&ls).arg(&delta).arg(&mut dq).arg(&nhi).arg(&kvhi).arg(&ti).arg(&sl2).arg(&scale);
+    bld.arg(&qs).arg(&ks).arg(&vs).arg(&ss).arg(&ds).arg(&ls).arg(&delta).arg(&mut dq).arg(&nhi).arg(&kvhi).arg(&ti).arg(&w);
+    bld.arg(&sl2).arg(&scale).arg(&capl2).arg(&scap);
     // SAFETY: arguments as flash.cu's flash_bwd_dq.
     unsafe { launch::launch(&mut bld, config((t.div_ceil(BR) as u32, nh as u32, b as u32), 128, shm)) }?;
     drop(bld);

@@ -11,12 +11,13 @@ const MODULE: Module = ptx_module!("xent");
 
 /// Logits `[c, V]` (f32 or bf16, contiguous) against `targets` `[c]` (u32, all in range):
 /// per-row losses `[c]` f32 and, with `grad_scale`, `grad_scale · (softmax − onehot)` in the
-/// logits' dtype.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, grad_scale: Option<f32>) -> Result<(Tensor, Option<Tensor>)> {
-    with_float!(logits.dtype(), "cross-entropy", T, t => xent_t::<T>(logits, targets, grad_scale, &format!("xent_{t}")))
+/// logits' dtype; with `softcap` of the logits `cap·tanh(z/cap)`, the gradient chained to `z`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, grad_scale: Option<f32>, softcap: Option<f32>) -> Result<(Tensor, Option<Tensor>)> {
+    anyhow::ensure!(softcap.is_none_or(|c| c > 0.0), "cross-entropy: soft-cap {softcap:?} (must be > 0)");
+    with_float!(logits.dtype(), "cross-entropy", T, t => xent_t::<T>(logits, targets, grad_scale, softcap.unwrap_or(0.0), &format!("xent_{t}")))
 }
 
-fn xent_t<T: CudaDType + DeviceRepr>(logits: &Tensor, targets: &Tensor, grad_scale: Option<f32>, name: &str) -> Result<(Tensor, Option<Tensor>)> {
+fn xent_t<T: CudaDType + DeviceRepr>(logits: &Tensor, targets: &Tensor, grad_scale: Option<f32>, cap: f32, name: &str) -> Result<(Tensor, Option<Tensor>)> {
     let dev = device_of(logits)?;
     let (c, v) = logits.dims2()?;
     anyhow::ensure!(targets.dims() == [c] && targets.dtype() == DType::U32, "cross-entropy: logits {:?}, targets {:?}", logits.dims(), targets.dims());
@@ -30,7 +31,7 @@ fn xent_t<T: CudaDType + DeviceRepr>(logits: &Tensor, targets: &Tensor, grad_sca
     let v32 = v as i32;
     let (func, stream) = (MODULE.function(&dev, name)?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
-    b.arg(&ls).arg(&ts).arg(&g).arg(&mut dl).arg(&mut loss).arg(&v32);
+    b.arg(&ls).arg(&ts).arg(&g).arg(&mut dl).arg(&mut loss).arg(&v32).arg(&cap);
     // SAFETY: arguments as xent.cu's xent.
     unsafe { launch::launch(&mut b, config((c as u32, 1, 1), 512, 0)) }?;
     drop(b);

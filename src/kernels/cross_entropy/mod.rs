@@ -1,7 +1,8 @@
 //! The LM head and softmax cross-entropy. Dispatch order: the fused CPU kernel takes the whole
 //! LM head + loss for f32 ([`lm_head_xent`]); elsewhere the caller projects chunks of rows
 //! (cuBLAS on a GPU) and [`xent_rows`] takes each chunk: the CUDA kernel (f32, bf16), else
-//! candle's ops in the statistics dtype.
+//! candle's ops in the statistics dtype. All three take final-logit soft-capping (Gemma 2:
+//! `z ← cap·tanh(z/cap)` before the softmax, its `1 − tanh²` chained into the gradient).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -24,24 +25,33 @@ pub fn chunk_rows(device: &Device) -> usize {
 /// The whole LM head + loss over the `rows` of `h` `[n, hidden]` (their `targets`) with `head`
 /// `[vocab, hidden]`, when a fused kernel takes them (the CPU kernel: contiguous f32), `chunk`
 /// rows at a time: `(Σ −log p(target), d(grad_scale · loss)/dh [n, hidden] with grad_scale)`.
-pub fn lm_head_xent(h: &Tensor, head: &Tensor, rows: &[u32], targets: &[u32], grad_scale: Option<f64>, chunk: usize) -> Result<Option<(f64, Option<Tensor>)>> {
+/// `softcap`: the logits are soft-capped first, `cap·tanh(z/cap)`.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_xent(h: &Tensor, head: &Tensor, rows: &[u32], targets: &[u32], grad_scale: Option<f64>, chunk: usize, softcap: Option<f64>) -> Result<Option<(f64, Option<Tensor>)>> {
     let (Some(hv), Some(wv)) = (f32_view(h), f32_view(head)) else { return Ok(None) };
     let (n, hidden) = h.dims2()?;
-    let (loss_sum, dh) = cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, rows, targets, grad_scale.map(|s| s as f32), chunk);
+    let (loss_sum, dh) = cpu::lm_head_xent(hv.slice(), wv.slice(), hidden, rows, targets, grad_scale.map(|s| s as f32), softcap.map(|c| c as f32), chunk);
     let dh = dh.map(|d| Tensor::from_vec(d, (n, hidden), h.device())).transpose()?;
     Ok(Some((loss_sum, dh)))
 }
 
 /// Per-row losses `[c]` (statistics dtype) of logits `[c, vocab]` against `tgt` `[c]` (u32),
 /// and with `grad_scale` the logits' gradient `scale · (softmax − onehot)` in their dtype.
-pub fn xent_rows(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+/// With `softcap` the loss is of `cap·tanh(logits/cap)` and the gradient is chained through it.
+pub fn xent_rows(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>, softcap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if super::cuda_float(logits) {
-        return cuda::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32));
+        return cuda::cross_entropy(&logits.contiguous()?, tgt, grad_scale.map(|g| g as f32), softcap.map(|c| c as f32));
     }
     let sd = stat_dtype(logits.dtype());
     let dtype = logits.dtype();
-    let logits = logits.to_dtype(sd)?;
+    let raw = logits.to_dtype(sd)?;
+    // tanh(z/cap), kept for the chain rule: d cap·tanh(z/cap) / dz = 1 − tanh².
+    let th = softcap.map(|c| (&raw / c)?.tanh()).transpose()?;
+    let logits = match (&th, softcap) {
+        (Some(th), Some(c)) => (th * c)?,
+        _ => raw,
+    };
     let tgt = tgt.unsqueeze(1)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let e = logits.broadcast_sub(&max)?.exp()?;
@@ -52,5 +62,9 @@ pub fn xent_rows(logits: &Tensor, tgt: &Tensor, grad_scale: Option<f64>) -> Resu
     // d loss / d logits = softmax − onehot(target).
     let p = e.broadcast_div(&sum)?;
     let minus_one = Tensor::full(-1f32, (tgt.dim(0)?, 1), logits.device())?.to_dtype(sd)?;
-    Ok((loss, Some((p.scatter_add(&tgt, &minus_one, 1)? * scale)?.to_dtype(dtype)?)))
+    let mut dz = (p.scatter_add(&tgt, &minus_one, 1)? * scale)?;
+    if let Some(th) = th {
+        dz = (dz * (1.0 - th.sqr()?)?)?;
+    }
+    Ok((loss, Some(dz.to_dtype(dtype)?)))
 }

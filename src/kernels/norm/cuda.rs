@@ -9,13 +9,13 @@ use candle_core::{Tensor, D};
 
 const MODULE: Module = ptx_module!("norm");
 
-/// Forward over the last axis: `(y, rstd [rows, 1] f32)`; `x` and `w` contiguous, the same
-/// dtype (f32 or bf16).
-pub fn forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    with_float!(x.dtype(), "RMSNorm", T, t => forward_t::<T>(x, w, eps, &format!("rms_fwd_{t}")))
+/// Forward over the last axis: `(y, rstd [rows, 1] f32)`, `y = x̂·(offset + w)` (Gemma's
+/// `1 + w` with offset 1, added in f32); `x` and `w` contiguous, the same dtype (f32 or bf16).
+pub fn forward(x: &Tensor, w: &Tensor, eps: f32, offset: f32) -> Result<(Tensor, Tensor)> {
+    with_float!(x.dtype(), "RMSNorm", T, t => forward_t::<T>(x, w, eps, offset, &format!("rms_fwd_{t}")))
 }
 
-fn forward_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, name: &str) -> Result<(Tensor, Tensor)> {
+fn forward_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, offset: f32, name: &str) -> Result<(Tensor, Tensor)> {
     let dev = device_of(x)?;
     let h = x.dim(D::Minus1)?;
     let rows = x.elem_count() / h.max(1);
@@ -27,19 +27,20 @@ fn forward_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, name: 
     let (mut y, mut r) = unsafe { (dev.alloc::<T>(rows * h)?, dev.alloc::<f32>(rows)?) };
     let (func, stream) = (MODULE.function(&dev, name)?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
-    b.arg(&xs).arg(&ws).arg(&mut y).arg(&mut r).arg(&h32).arg(&eps);
+    b.arg(&xs).arg(&ws).arg(&mut y).arg(&mut r).arg(&h32).arg(&eps).arg(&offset);
     // SAFETY: arguments as norm.cu's rms_fwd.
     unsafe { launch::launch(&mut b, per_row(rows, 256)) }?;
     drop(b);
     Ok((wrap(y, &dev, x.shape()), wrap(r, &dev, (rows, 1))))
 }
 
-/// Backward: `dx` from the saved `x`, `rstd` (f32) and `dy`; all contiguous.
-pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    with_float!(x.dtype(), "RMSNorm backward", T, t => backward_t::<T>(x, rstd, w, dy, &format!("rms_bwd_{t}")))
+/// Backward: `dx` from the saved `x`, `rstd` (f32) and `dy` (the weight `offset + w`); all
+/// contiguous.
+pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, offset: f32) -> Result<Tensor> {
+    with_float!(x.dtype(), "RMSNorm backward", T, t => backward_t::<T>(x, rstd, w, dy, offset, &format!("rms_bwd_{t}")))
 }
 
-fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, name: &str) -> Result<Tensor> {
+fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, offset: f32, name: &str) -> Result<Tensor> {
     let dev = device_of(x)?;
     let h = x.dim(D::Minus1)?;
     let rows = x.elem_count() / h.max(1);
@@ -53,7 +54,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, 
     let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
     let (func, stream) = (MODULE.function(&dev, name)?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
-    b.arg(&xs).arg(&rs).arg(&ws).arg(&ds).arg(&mut dx).arg(&h32);
+    b.arg(&xs).arg(&rs).arg(&ws).arg(&ds).arg(&mut dx).arg(&h32).arg(&offset);
     // SAFETY: arguments as norm.cu's rms_bwd.
     unsafe { launch::launch(&mut b, per_row(rows, 256)) }?;
     drop(b);

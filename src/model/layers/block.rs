@@ -1,6 +1,8 @@
-//! A decoder layer: pre-norm attention and pre-norm SwiGLU MLP, each added to the residual
-//! stream. Inference forward (with the KV cache), training forward (keeping what backward
-//! needs) and backward.
+//! A decoder layer: pre-norm attention and pre-norm gated MLP, each added to the residual
+//! stream; with Gemma's sandwich norms each sub-layer's output is normed too before the add
+//! (`post_attention_layernorm` on the attention output, `pre_feedforward_layernorm` before
+//! the MLP, `post_feedforward_layernorm` on its output). Inference forward (with the KV
+//! cache), training forward (keeping what backward needs) and backward.
 
 use super::attention::{self, Attention, Step};
 use super::kv_cache::LayerKv;
@@ -16,7 +18,11 @@ use rand::Rng;
 pub struct Block {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// Llama: before the MLP; Gemma: on the attention output.
     pub post_attention_layernorm: RmsNorm,
+    /// Gemma: before the MLP and on its output.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
 }
 
@@ -24,41 +30,87 @@ pub struct Block {
 pub struct LayerActs {
     pub attn_norm: norm::Saved,
     pub attn: attention::Acts,
+    /// The MLP's input norm (Llama: post_attention_layernorm; Gemma: pre_feedforward_layernorm).
     pub mlp_norm: norm::Saved,
     pub mlp: mlp::Acts,
+    /// Gemma: the norms on the attention and MLP outputs.
+    pub attn_out_norm: Option<norm::Saved>,
+    pub mlp_out_norm: Option<norm::Saved>,
 }
 
 impl Block {
+    /// The norms around the attention output and the MLP: `(before the MLP, on the attention
+    /// output, on the MLP output)`.
+    fn mlp_norms(&self) -> (&RmsNorm, Option<&RmsNorm>, Option<&RmsNorm>) {
+        match &self.pre_feedforward_layernorm {
+            Some(pre) => (pre, Some(&self.post_attention_layernorm), self.post_feedforward_layernorm.as_ref()),
+            None => (&self.post_attention_layernorm, None, None),
+        }
+    }
+
     /// Inference: `x` `[b, t, hidden]`, the new tokens of `step`.
     pub fn forward(&self, x: &Tensor, rope: &Rope, step: &Step, cache: Option<&mut LayerKv>) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, step, cache)?)?;
-        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let (pre_mlp, attn_out, mlp_out) = self.mlp_norms();
+        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, step, cache)?;
+        let a = match attn_out {
+            Some(n) => n.forward(&a)?,
+            None => a,
+        };
+        let h = (x + a)?;
+        let m = self.mlp.forward(&pre_mlp.forward(&h)?)?;
+        let m = match mlp_out {
+            Some(n) => n.forward(&m)?,
+            None => m,
+        };
+        Ok((&h + m)?)
     }
 
     /// Training forward of the rows `x` `[b·t, hidden]` of `batch` (RoPE tables at its positions).
     pub fn forward_train(&self, x: &Tensor, batch: &TrainBatch, rope: &RopeAt, train: bool, rng: &mut impl Rng) -> Result<(Tensor, LayerActs)> {
+        let (pre_mlp, attn_out, mlp_out) = self.mlp_norms();
         let (h1, attn_norm) = profile::time("rms_norm fwd", || self.input_layernorm.forward_train(x))?;
         let (ao, attn) = self.self_attn.forward_train(&h1, batch, rope, train, rng)?;
+        let (ao, attn_out_norm) = out_norm(attn_out, ao)?;
         let x2 = profile::time("heads+residual fwd", || x + ao)?;
-        let (h2, mlp_norm) = profile::time("rms_norm fwd", || self.post_attention_layernorm.forward_train(&x2))?;
+        let (h2, mlp_norm) = profile::time("rms_norm fwd", || pre_mlp.forward_train(&x2))?;
         let (dn, mlp) = self.mlp.forward_train(&h2, train, rng)?;
+        let (dn, mlp_out_norm) = out_norm(mlp_out, dn)?;
         let out = profile::time("heads+residual fwd", || x2 + dn)?;
-        Ok((out, LayerActs { attn_norm, attn, mlp_norm, mlp }))
+        Ok((out, LayerActs { attn_norm, attn, mlp_norm, mlp, attn_out_norm, mlp_out_norm }))
     }
 
     /// The input rows' gradient from the output's `d_out`; the adapters' gradients (layer `li`)
     /// are pushed onto `grads`.
     pub fn backward(&self, acts: &LayerActs, batch: &TrainBatch, rope: &RopeAt, d_out: &Tensor, li: usize, grads: &mut Vec<LoraGrad>) -> Result<Tensor> {
+        let (pre_mlp, attn_out, mlp_out) = self.mlp_norms();
         let mut push = |proj, g: Option<(Tensor, Tensor)>| {
             if let Some((da, db)) = g {
                 grads.push(LoraGrad { layer: li, proj, da, db });
             }
         };
-        // MLP half: out = x2 + mlp(h2), h2 = norm(x2).
-        let dh2 = self.mlp.backward(&acts.mlp, d_out, &mut push)?;
-        let dx2 = profile::time("rms_norm+residual bwd", || Ok::<_, anyhow::Error>((d_out + self.post_attention_layernorm.backward(&acts.mlp_norm, &dh2)?)?))?;
-        // Attention half: x2 = x + attn(h1), h1 = norm(x).
-        let dh1 = self.self_attn.backward(&acts.attn, batch, rope, &dx2, &mut push)?;
+        // MLP half: out = x2 + [norm](mlp(h2)), h2 = norm(x2).
+        let dm = out_norm_backward(mlp_out, acts.mlp_out_norm.as_ref(), d_out)?;
+        let dh2 = self.mlp.backward(&acts.mlp, &dm, &mut push)?;
+        let dx2 = profile::time("rms_norm+residual bwd", || Ok::<_, anyhow::Error>((d_out + pre_mlp.backward(&acts.mlp_norm, &dh2)?)?))?;
+        // Attention half: x2 = x + [norm](attn(h1)), h1 = norm(x).
+        let da = out_norm_backward(attn_out, acts.attn_out_norm.as_ref(), &dx2)?;
+        let dh1 = self.self_attn.backward(&acts.attn, batch, rope, &da, &mut push)?;
         profile::time("rms_norm+residual bwd", || Ok((dx2 + self.input_layernorm.backward(&acts.attn_norm, &dh1)?)?))
+    }
+}
+
+/// A sub-layer output through its (Gemma) output norm, if any.
+fn out_norm(n: Option<&RmsNorm>, y: Tensor) -> Result<(Tensor, Option<norm::Saved>)> {
+    match n {
+        Some(n) => profile::time("rms_norm fwd", || n.forward_train(&y)).map(|(y, s)| (y, Some(s))),
+        None => Ok((y, None)),
+    }
+}
+
+/// The backward of [`out_norm`].
+fn out_norm_backward(n: Option<&RmsNorm>, s: Option<&norm::Saved>, dy: &Tensor) -> Result<Tensor> {
+    match (n, s) {
+        (Some(n), Some(s)) => profile::time("rms_norm bwd", || n.backward(s, dy)),
+        _ => Ok(dy.clone()),
     }
 }

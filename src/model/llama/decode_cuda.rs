@@ -5,11 +5,14 @@
 //!
 //! [`forward`] takes over `Llama::forward` for one token with a cache when every decoder linear
 //! is a 4-bit weight on the GPU with compute dtype = activations dtype (f32 or bf16), no LoRA
-//! adapter and no bias; otherwise (and for prefill) the generic path runs. The prefill's cache
+//! adapter and no bias, in a plain Llama network (no family variant: q/k norms, soft-capping,
+//! windows, Gemma's norms, GeGLU, fused projections...); otherwise (and for prefill) the
+//! generic path runs. The prefill's cache
 //! tensors move into the buffers at the first decoding step; the generic path reads the
 //! buffers back if it runs again later.
 
 use super::{KvCache, LayerKv, Linear, Llama, Weight};
+use crate::model::names::LLAMA;
 use crate::kernels::decode::{self as k, GpuKv, LayerWeights, Scratch};
 use crate::kernels::quant4::Quant4Gpu;
 use anyhow::Result;
@@ -30,16 +33,14 @@ fn fused_weight(l: &Linear, dtype: DType) -> Option<&Quant4Gpu> {
 fn fused_weights(m: &Llama) -> Option<Vec<[&Quant4Gpu; 7]>> {
     let c = &m.config;
     let (h, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    if !k::applies(&m.device, m.dtype, h, kvh, d) {
+    if !c.is_plain_llama() || !k::applies(&m.device, m.dtype, h, kvh, d) {
         return None;
     }
     let layers: Vec<[&Quant4Gpu; 7]> = m
         .layers
         .iter()
         .map(|b| {
-            let (a, f) = (&b.self_attn, &b.mlp);
-            let ls = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj];
-            let ws: Vec<&Quant4Gpu> = ls.iter().map(|l| fused_weight(l, m.dtype)).collect::<Option<_>>()?;
+            let ws: Vec<&Quant4Gpu> = LLAMA.projs.iter().map(|&p| fused_weight(b.try_proj(p)?, m.dtype)).collect::<Option<_>>()?;
             ws.try_into().ok()
         })
         .collect::<Option<_>>()?;
