@@ -294,7 +294,11 @@ fn every_shipped_recipe_runs_with_no_flags_and_check_lists_its_accesses() {
         let listing = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success() && listing.contains("reads:") && listing.contains("writes:"), "{rel}: {listing}{}", stderr(&o));
         assert!(!listing.contains("denied"), "{rel}: {listing}");
-        let sets: &[&str] = if rel.ends_with("chat.rhai") { &["--set", "MAX_NEW_TOKENS=4"] } else { &["--set", "EPOCHS=0.05"] };
+        let sets: &[&str] = match rel.as_str() {
+            "recipes/chat.rhai" => &["--set", "MAX_NEW_TOKENS=4"],
+            "recipes/any_family.rhai" => &["--set", "MAX_STEPS=2"],
+            _ => &["--set", "EPOCHS=0.05"],
+        };
         let o = ws.qscript().arg(&rel).args(sets).output().unwrap();
         assert!(o.status.success(), "{rel}: {}", stderr(&o));
         if !rel.ends_with("chat.rhai") {
