@@ -311,3 +311,37 @@ fn save_pretrained_over_an_existing_adapter_survives_a_kill_at_any_moment() {
     let left: Vec<String> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".ad")).collect();
     assert!(left.is_empty(), "temporaries left beside the folder: {left:?}");
 }
+
+/// Ctrl-C wins at the first press even inside one long native call (a `generate` of many
+/// tokens is one Rhai operation): the generation loop checks it between tokens.
+#[cfg(unix)]
+#[test]
+fn the_first_ctrl_c_stops_a_long_native_call() {
+    let t = tempfile::tempdir().unwrap();
+    common::tiny_chat_model(&t.path().join("tiny"));
+    let cfg = std::fs::read_to_string(t.path().join("tiny/config.json")).unwrap().replace("\"max_position_embeddings\":1024", "\"max_position_embeddings\":40000");
+    std::fs::write(t.path().join("tiny/config.json"), cfg).unwrap();
+    let src = "let m = load_model(\"tiny\");\nprint(\"loaded\");\nm.generate(\"Hi\", #{ max_new_tokens: 32768, do_sample: true, seed: 1 });\nprint(\"finished\");";
+    let mut child = qscript(t.path()).arg(recipe(t.path(), src)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first, "loaded\n");
+    std::thread::sleep(Duration::from_millis(300)); // inside generate
+    let t0 = Instant::now();
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    while child.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "still running 10 s after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(e.contains("interrupted"), "{e}");
+    // Stopped by the check between tokens, well before the 2 s grace period ends the process.
+    assert!(took < Duration::from_millis(1500), "{took:?}: {e}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(!rest.contains("finished"));
+}
