@@ -2,7 +2,7 @@
 //! (loaded at run time through `kernels::launch`; the driver JITs it for the GPU), with the nvcc
 //! of CUDA_HOME or PATH, for this machine's GPU (`nvidia-smi`) unless CUDA_COMPUTE_CAP says. Shared
 //! headers (`*.cuh`) sit in `src/kernels/` or beside the `.cu` files that include them, by
-//! relative path. Without the feature: nothing.
+//! relative path. Without the feature: nothing. Always: the git commit, for run manifests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +29,24 @@ fn op_dirs(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `git` with `args` in the package's folder: its trimmed output, or `None` (no git, no checkout).
+fn git(args: &[&str]) -> Option<String> {
+    let o = Command::new("git").args(args).output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// `QSCRIPT_GIT_COMMIT` for run manifests: the checkout's commit, or `unknown`. The script
+/// reruns when HEAD or its branch moves (the files must exist: a missing one reruns always).
+fn git_commit() {
+    let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=QSCRIPT_GIT_COMMIT={commit}");
+    let head = git(&["rev-parse", "--git-path", "HEAD"]).map(PathBuf::from);
+    let branch = git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])).map(PathBuf::from);
+    for p in [head, branch].into_iter().flatten().filter(|p| p.is_file()) {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+}
+
 /// nvcc from CUDA_HOME / CUDA_PATH / CUDA_ROOT (the toolkit folder), else PATH, else
 /// /usr/local/cuda, where the toolkit's installers put it.
 fn find_nvcc() -> Option<PathBuf> {
@@ -48,6 +66,7 @@ fn gpu_compute_cap() -> Option<String> {
 fn main() {
     // Without this line cargo would rerun the script whenever any file of the package changes.
     println!("cargo:rerun-if-changed=build.rs");
+    git_commit();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

@@ -183,7 +183,8 @@ fn callbacks_may_read_the_model_but_not_change_it() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.matches("TOKENS:").count(), 2, "{out}");
     let r = recipe(tmp.path(), &model, &data, "", r#"on_step_end: |s| model.merge_and_unload()"#);
-    let (code, _, err) = run(&r, &[]);
+    // A fresh output_dir: the first run's holds a run.
+    let (code, _, err) = run(&r, &[&format!("OUT={}", tmp.path().join("out2").display())]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("the model is being trained") && err.contains("train.rhai:10:"), "{err}");
 }

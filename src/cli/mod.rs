@@ -17,6 +17,8 @@ Examples:
   qscript recipes/chat.rhai                     run a recipe
   qscript recipes/chat.rhai --set MAX_NEW_TOKENS=64
                                                 override a recipe's `const MAX_NEW_TOKENS = ...;`
+  qscript recipes/customer_support.rhai --resume
+                                                continue a run stopped by Ctrl-C from its checkpoint
   qscript recipes/customer_support.rhai --device cpu
                                                 run on the CPU even in a CUDA build (cuda:N: a GPU)
   qscript check recipes/chat.rhai               validate a recipe, list what it reads and writes
@@ -65,6 +67,9 @@ struct RunArgs {
     /// Stop a recipe whose memory (its values, datasets, models on the CPU) passes this size: 8G, 512M, none
     #[arg(long = "max-memory", value_name = "SIZE", value_parser = crate::util::memory::parse_size)]
     max_memory: Option<usize>,
+    /// Continue an interrupted run: every train() whose output_dir holds a checkpoint resumes from its latest
+    #[arg(long)]
+    resume: bool,
     /// Put every load_model of the run on this device: cpu, cuda, cuda:N or auto (default: what
     /// each load_model says, else auto = the GPU in a CUDA build when one is present)
     #[arg(long, value_name = "DEVICE")]
@@ -160,6 +165,13 @@ fn install_ctrlc() {
 }
 
 fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    // What the run's manifest records, and what the command that resumes it repeats.
+    crate::train::record::set_launch(crate::train::record::Launch {
+        argv: std::env::args().collect(),
+        recipe: path.to_path_buf(),
+        overrides: args.set.clone(),
+        resume: args.resume,
+    });
     crate::device::set_override(args.device.as_deref())?;
     Host::sandboxed(path, &args.limits(), &args.grants()).run_file(path, &args.set)
 }

@@ -192,6 +192,8 @@ pub struct Session {
 
 impl Session {
     pub fn new(limits: &Limits) -> Self {
+        // Ctrl-C pauses a training run here (trainer.resume() continues it).
+        crate::script::train_api::pause_on_interrupt(true);
         Self { host: Host::new(Some(std::path::Path::new(".")), limits), scope: Scope::new(), functions: AST::empty() }
     }
 

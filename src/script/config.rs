@@ -388,6 +388,12 @@ const TRAINING_ARGS_KEYS: &[Key] = &[
         key("train_on_inputs", Ty::Bool, "train on prompt tokens too (default false: assistant turns only)"),
         key("resume_from_checkpoint", Ty::Any, "true (latest checkpoint in output_dir) or a checkpoint path"),
         key("on_nan", Ty::OneOf(&["stop", "skip"]), "a NaN/Inf loss or gradient stops training (default) or skips the step"),
+        key("overwrite_output_dir", Ty::Bool, "start over in an output_dir that holds a run, removing its files (default false: refuse)"),
+        key("load_best_model_at_end", Ty::Bool, "at the end, load the checkpoint with the best metric_for_best_model (needs save_strategy = eval_strategy)"),
+        key("metric_for_best_model", Ty::OneOf(&["loss", "eval_loss", "perplexity", "eval_perplexity"]), "the metric of the best checkpoint (default eval_loss)"),
+        key("greater_is_better", Ty::Bool, "a larger metric_for_best_model is better (default false)"),
+        key("early_stopping_patience", Ty::Int, "stop after N evaluations without improvement (transformers' EarlyStoppingCallback)"),
+        key("early_stopping_threshold", Ty::Float, "the improvement that counts for early stopping (default 0)"),
         // The names a ported transformers / trl notebook carries (train/args.rs says what each does here).
         key("max_length", Ty::Int, "trl's spelling of `max_seq_length`"),
         key("dataset_text_field", Ty::Str, "trl: the field that holds a text record's text (default \"text\")"),
@@ -399,6 +405,11 @@ const TRAINING_ARGS_KEYS: &[Key] = &[
         key("logging_dir", Ty::Str, "TensorBoard's folder (default output_dir/runs/DATE_HOST, as transformers)"),
         key("save_only_model", Ty::Bool, "checkpoints hold the adapter only, no optimizer state: smaller, but they cannot be resumed (default false)"),
 ];
+
+pub static TRAIN: Schema = Schema {
+    name: "train",
+    keys: &[key("resume_from_checkpoint", Ty::Any, "true (latest checkpoint in output_dir) or a checkpoint path")],
+};
 
 pub static SFT_TRAINER: Schema = Schema {
     name: "SFTTrainer options",
@@ -416,6 +427,7 @@ pub fn schema_for_call(fn_name: &str) -> Option<&'static Schema> {
         "TrainingArguments" => &TRAINING_ARGS,
         "SFTConfig" => &SFT_CONFIG,
         "SFTTrainer" => &SFT_TRAINER,
+        "train" => &TRAIN,
         "generate" | "chat" => &GENERATE,
         "apply_chat_template" => &CHAT_TEMPLATE,
         "set_chat_template" => &SET_CHAT_TEMPLATE,

@@ -1,6 +1,7 @@
 //! `TrainingArguments(#{...})`, `SFTTrainer(model, train, args, #{eval_dataset, callbacks})`,
-//! `trainer.train()`, `trainer.evaluate()`. Callbacks are Rhai closures; one returning "stop"
-//! ends training cleanly. The script keeps the model handle; the trainer gets the model itself
+//! `trainer.train()` / `trainer.train(#{resume_from_checkpoint})`, `trainer.evaluate()`, and in
+//! the REPL, where Ctrl-C pauses training, `trainer.resume()` and `trainer.set_callbacks(...)`.
+//! Callbacks are Rhai closures; one returning "stop" ends training cleanly. The script keeps the model handle; the trainer gets the model itself
 //! for the length of `train()`; a callback may read it (evaluate, generate), never change it.
 
 use super::config::{self, Cfg};
@@ -9,11 +10,19 @@ use super::model_api::ModelHandle;
 use super::{rt, Api, RhaiResult};
 use crate::train::args::{OnNonFinite, Resume, Schedule, Strategy};
 use crate::model::Model;
-use crate::train::{Callbacks, Control, SftTrainer, TrainingArguments};
+use crate::train::{Callbacks, Control, OnInterrupt, SftTrainer, TrainingArguments};
 use rhai::{Dynamic, EvalAltResult, FnPtr, Map, NativeCallContext};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by the REPL: Ctrl-C pauses a `train()` instead of checkpointing and stopping the recipe.
+static PAUSE_ON_INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+pub fn pause_on_interrupt(on: bool) {
+    PAUSE_ON_INTERRUPT.store(on, Ordering::SeqCst);
+}
 
 #[derive(Clone)]
 pub struct TrainingArgumentsHandle(pub TrainingArguments);
@@ -77,22 +86,47 @@ pub fn training_arguments_as(schema: &'static config::Schema, map: &Map) -> anyh
         a.seed = s as u64;
     }
     if let Some(v) = cfg.get("resume_from_checkpoint") {
-        a.resume_from_checkpoint = match (v.as_bool().ok(), v.clone().into_string().ok()) {
-            (Some(true), _) => Resume::Latest,
-            (Some(false), _) => Resume::No,
-            (_, Some(p)) => {
-                crate::util::permissions::read(Path::new(&p))?;
-                Resume::Path(PathBuf::from(p))
-            }
-            _ => anyhow::bail!("TrainingArguments: `resume_from_checkpoint` must be true, false or a path"),
-        };
+        a.resume_from_checkpoint = resume_value(v, "TrainingArguments")?;
     }
+    best_model_keys(&cfg, &mut a)?;
     if let Some(s) = cfg.str("on_nan") {
         a.on_non_finite = if s == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop };
     }
     config::notebook_names(&cfg, &mut a)?;
     a.validate()?;
     Ok(a)
+}
+
+/// `resume_from_checkpoint`: true (the latest checkpoint of output_dir), false, or a path.
+fn resume_value(v: &Dynamic, what: &str) -> anyhow::Result<Resume> {
+    Ok(match (v.as_bool().ok(), v.clone().into_string().ok()) {
+        (Some(true), _) => Resume::Latest,
+        (Some(false), _) => Resume::No,
+        (_, Some(p)) => {
+            crate::util::permissions::read(Path::new(&p))?; // issue 17: a checkpoint outside is denied
+            Resume::Path(PathBuf::from(p))
+        }
+        _ => anyhow::bail!("{what}: `resume_from_checkpoint` must be true, false or a checkpoint path"),
+    })
+}
+
+/// `overwrite_output_dir`, the best checkpoint and early stopping.
+fn best_model_keys(cfg: &Cfg, a: &mut TrainingArguments) -> anyhow::Result<()> {
+    if let Some(v) = cfg.bool("overwrite_output_dir") {
+        a.overwrite_output_dir = v;
+    }
+    if let Some(v) = cfg.bool("load_best_model_at_end") {
+        a.load_best_model_at_end = v;
+    }
+    if let Some(m) = cfg.str("metric_for_best_model") {
+        a.set_metric_for_best_model(&m);
+    }
+    a.greater_is_better = cfg.bool("greater_is_better");
+    a.early_stopping_patience = cfg.usize("early_stopping_patience").map_err(|e| anyhow::anyhow!("TrainingArguments: {e}"))?;
+    if let Some(v) = cfg.float("early_stopping_threshold") {
+        a.early_stopping_threshold = v;
+    }
+    Ok(())
 }
 
 /// Forwards trainer events to Rhai closures; keeps a closure's own error to report it with its
@@ -141,24 +175,30 @@ impl Callbacks for RhaiCallbacks<'_> {
 
 const CALLBACKS: &[&str] = &["on_log", "on_evaluate", "on_save", "on_step_end"];
 
+/// `#{ on_log: |m| ..., ... }` → the named closures; unknown names are errors with a hint.
+fn callbacks_of(m: Map) -> anyhow::Result<Vec<(String, FnPtr)>> {
+    let mut callbacks = Vec::new();
+    for (k, v) in m {
+        if !CALLBACKS.contains(&k.as_str()) {
+            let hint = crate::util::nearest(&k, CALLBACKS.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+            anyhow::bail!("SFTTrainer callbacks: unknown key `{k}`{hint}");
+        }
+        let f = v.try_cast::<FnPtr>().ok_or_else(|| anyhow::anyhow!("SFTTrainer callbacks: `{k}` must be a closure like |m| ..."))?;
+        callbacks.push((k.to_string(), f));
+    }
+    Ok(callbacks)
+}
+
 fn sft_trainer(ctx: &NativeCallContext, model: &ModelHandle, train: &DatasetHandle, args: &TrainingArgumentsHandle, opts: &Map) -> anyhow::Result<TrainerHandle> {
     let cfg = config::SFT_TRAINER.check(opts).map_err(anyhow::Error::msg)?;
     let eval = match cfg.get("eval_dataset") {
         None => None,
         Some(d) => Some(d.clone().try_cast::<DatasetHandle>().ok_or_else(|| anyhow::anyhow!("SFTTrainer: `eval_dataset` must be a Dataset"))?),
     };
-    let mut callbacks = Vec::new();
-    if let Some(m) = cfg.get("callbacks") {
-        let m = m.clone().try_cast::<Map>().ok_or_else(|| anyhow::anyhow!("SFTTrainer: `callbacks` must be a map of closures"))?;
-        for (k, v) in m {
-            if !CALLBACKS.contains(&k.as_str()) {
-                let hint = crate::util::nearest(&k, CALLBACKS.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
-                anyhow::bail!("SFTTrainer callbacks: unknown key `{k}`{hint}");
-            }
-            let f = v.try_cast::<FnPtr>().ok_or_else(|| anyhow::anyhow!("SFTTrainer callbacks: `{k}` must be a closure like |m| ..."))?;
-            callbacks.push((k.to_string(), f));
-        }
-    }
+    let callbacks = match cfg.get("callbacks") {
+        Some(m) => callbacks_of(m.clone().try_cast::<Map>().ok_or_else(|| anyhow::anyhow!("SFTTrainer: `callbacks` must be a map of closures"))?)?,
+        None => Vec::new(),
+    };
     // The recipe that builds the trainer is copied into output_dir and hashed into the manifest.
     let recipe = ctx.call_source().map(PathBuf::from).filter(|p| p.is_file()).and_then(|p| std::fs::read_to_string(&p).ok().map(|s| (p, s)));
     let trainer = SftTrainer::new(
@@ -175,26 +215,54 @@ fn sft_trainer(ctx: &NativeCallContext, model: &ModelHandle, train: &DatasetHand
     Ok(TrainerHandle(Rc::new(RefCell::new(TrainerInner { trainer, model: model.clone(), callbacks }))))
 }
 
-fn train(ctx: NativeCallContext, t: &mut TrainerHandle) -> RhaiResult<Map> {
+/// How a `train()` call starts: the arguments' resume setting, an explicit one, or the paused run.
+enum Start {
+    Args,
+    Resume(Resume),
+    Paused,
+}
+
+fn run_training(ctx: &NativeCallContext, t: &mut TrainerHandle, start: Start) -> RhaiResult<Map> {
     let mut inner = rt(inner(t))?;
     let TrainerInner { trainer, model: handle, callbacks } = &mut *inner;
     let mut model = rt(handle.get_mut())?;
-    let mut cb = RhaiCallbacks { ctx: &ctx, handle, fns: callbacks, error: None };
-    let result = trainer.train(&mut model, &mut cb);
-    if let Some(e) = cb.error.take() {
+    trainer.on_interrupt = if PAUSE_ON_INTERRUPT.load(Ordering::SeqCst) { OnInterrupt::Pause } else { OnInterrupt::Checkpoint };
+    let mut cb = RhaiCallbacks { ctx, handle, fns: callbacks, error: None };
+    let result = match start {
+        Start::Args => trainer.train(&mut model, &mut cb),
+        Start::Resume(r) => trainer.train_resuming(&mut model, &mut cb, r),
+        Start::Paused => trainer.resume_paused(&mut model, &mut cb),
+    };
+    // A callback that Ctrl-C stopped is part of the interruption, not an error of its own.
+    let interrupted = result.as_ref().map_or(crate::CANCEL.load(Ordering::SeqCst), |s| s.paused);
+    if let Some(e) = cb.error.take().filter(|_| !interrupted) {
         return Err(e);
     }
-    let s = rt(result)?;
+    Ok(summary_map(&rt(result)?))
+}
+
+fn summary_map(s: &crate::train::TrainSummary) -> Map {
     let mut m = Map::new();
     m.insert("global_step".into(), Dynamic::from(s.global_step as rhai::INT));
+    m.insert("max_steps".into(), Dynamic::from(s.max_steps as rhai::INT));
     m.insert("train_loss".into(), Dynamic::from(s.train_loss));
     m.insert("seconds".into(), Dynamic::from(s.seconds));
     m.insert("tokens".into(), Dynamic::from(s.tokens as rhai::INT));
     m.insert("tokens_per_sec".into(), Dynamic::from(s.tokens_per_sec));
     m.insert("best_eval_loss".into(), s.best_eval_loss.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
-    m.insert("last_checkpoint".into(), s.last_checkpoint.map(|p| Dynamic::from(p.display().to_string())).unwrap_or(Dynamic::UNIT));
+    m.insert("last_checkpoint".into(), s.last_checkpoint.as_ref().map(|p| Dynamic::from(p.display().to_string())).unwrap_or(Dynamic::UNIT));
     m.insert("stopped_early".into(), Dynamic::from(s.stopped_early));
-    Ok(m)
+    m.insert("paused".into(), Dynamic::from(s.paused));
+    m
+}
+
+fn train_with(ctx: &NativeCallContext, t: &mut TrainerHandle, opts: &Map) -> RhaiResult<Map> {
+    let cfg = rt(config::TRAIN.check(opts).map_err(anyhow::Error::msg))?;
+    let start = match cfg.get("resume_from_checkpoint") {
+        Some(v) => Start::Resume(rt(resume_value(v, "train"))?),
+        None => Start::Args,
+    };
+    run_training(ctx, t, start)
 }
 
 pub fn register(api: &mut Api) {
@@ -212,7 +280,30 @@ pub fn register(api: &mut Api) {
     api.func("SFTTrainer", "SFTTrainer(model, train_dataset, args, #{eval_dataset, callbacks: #{on_log, on_evaluate, on_save, on_step_end}}) -> SFTTrainer",
         "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly. A callback may use the model to read or generate (model.chat in on_evaluate), not to change it.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle, o: Map| rt(sft_trainer(&ctx, &m, &d, &a, &o)));
-    api.func("train", "trainer.train() -> map", "Run training; returns #{global_step, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early}.", train);
+    api.func("train", "trainer.train() -> map",
+        "Run training; returns #{global_step, max_steps, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early, paused}. \
+         Ctrl-C ends the current step, then in a recipe run writes a checkpoint, loss.png and the metrics and prints the command that resumes \
+         (the same command with --resume); in the REPL it pauses (see trainer.resume()). A second Ctrl-C exits at once.",
+        |ctx: NativeCallContext, t: &mut TrainerHandle| run_training(&ctx, t, Start::Args));
+    api.func("train", "trainer.train(#{ resume_from_checkpoint: true | \"out/checkpoint-N\" }) -> map",
+        "As transformers' trainer.train(resume_from_checkpoint=...): true continues from the latest checkpoint in output_dir, a path from that checkpoint \
+         (adapters, optimizer state, data position, schedule: bit-identical to an uninterrupted run). Wins over TrainingArguments' key of the same name.",
+        |ctx: NativeCallContext, t: &mut TrainerHandle, o: Map| train_with(&ctx, t, &o));
+    api.func("resume", "trainer.resume() -> map",
+        "Continue a run that Ctrl-C paused in the REPL, exactly where it stopped (optimizer state, data position and schedule were kept in memory): \
+         the result is bit-identical to a run that was never paused.",
+        |ctx: NativeCallContext, t: &mut TrainerHandle| run_training(&ctx, t, Start::Paused));
+    api.func("set_callbacks", "trainer.set_callbacks(#{ on_log, on_evaluate, on_save, on_step_end })",
+        "Replace the trainer's callbacks (e.g. while a run is paused in the REPL); #{} removes them.",
+        |t: &mut TrainerHandle, m: Map| -> RhaiResult<()> {
+            let callbacks = rt(callbacks_of(m))?;
+            rt(inner(t))?.callbacks = callbacks;
+            Ok(())
+        });
+    api.func("paused_at", "trainer.paused_at() -> int or ()", "The step where Ctrl-C paused the trainer (the REPL), or () when it is not paused.",
+        |t: &mut TrainerHandle| -> RhaiResult<Dynamic> {
+            Ok(rt(inner(t))?.trainer.paused_at().map(|(s, _)| Dynamic::from(s as rhai::INT)).unwrap_or(Dynamic::UNIT))
+        });
     api.func("evaluate", "trainer.evaluate() -> map", "Eval loss and perplexity on the eval dataset: #{eval_loss, eval_perplexity, eval_tokens}.",
         |t: &mut TrainerHandle| -> RhaiResult<Map> {
             let inner = rt(inner(t))?;

@@ -162,6 +162,18 @@ pub struct TrainingArguments {
     pub train_on_inputs: bool,
     pub resume_from_checkpoint: Resume,
     pub on_non_finite: OnNonFinite,
+    /// Start over in an output_dir that already holds a run (its files are removed first).
+    pub overwrite_output_dir: bool,
+    /// At the end, load the checkpoint with the best `metric_for_best_model` into the model.
+    pub load_best_model_at_end: bool,
+    /// `eval_loss` or `eval_perplexity` (`loss` / `perplexity` accepted, as transformers).
+    pub metric_for_best_model: String,
+    /// `None`: false for both metrics (lower is better).
+    pub greater_is_better: Option<bool>,
+    /// transformers' EarlyStoppingCallback: stop after this many evaluations without an
+    /// improvement larger than `early_stopping_threshold`.
+    pub early_stopping_patience: Option<usize>,
+    pub early_stopping_threshold: f64,
     /// trl: the field a text record's text is read from (rows carrying it train on it).
     pub dataset_text_field: String,
     pub bf16: bool,
@@ -207,6 +219,12 @@ impl TrainingArguments {
             train_on_inputs: false,
             resume_from_checkpoint: Resume::No,
             on_non_finite: OnNonFinite::Stop,
+            overwrite_output_dir: false,
+            load_best_model_at_end: false,
+            metric_for_best_model: "eval_loss".into(),
+            greater_is_better: None,
+            early_stopping_patience: None,
+            early_stopping_threshold: 0.0,
             dataset_text_field: "text".into(),
             bf16: false,
             fp16: false,
@@ -215,6 +233,11 @@ impl TrainingArguments {
             logging_dir: None,
             save_only_model: false,
         }
+    }
+
+    /// `metric_for_best_model` as transformers spells it out: `loss` means `eval_loss`.
+    pub fn set_metric_for_best_model(&mut self, name: &str) {
+        self.metric_for_best_model = if name.starts_with("eval_") { name.to_string() } else { format!("eval_{name}") };
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -240,7 +263,43 @@ impl TrainingArguments {
         if self.output_dir.is_file() {
             bail!("TrainingArguments: output_dir {} is a file", self.output_dir.display());
         }
+        self.validate_best_model()
+    }
+
+    /// transformers' rules: the best model needs evaluations, and checkpoints saved when they run.
+    fn validate_best_model(&self) -> Result<()> {
+        if !matches!(self.metric_for_best_model.as_str(), "eval_loss" | "eval_perplexity") {
+            bail!("TrainingArguments: `metric_for_best_model` \"{}\" is not a metric qscript computes (eval_loss, eval_perplexity)", self.metric_for_best_model);
+        }
+        let wants = if self.load_best_model_at_end { Some("load_best_model_at_end") } else { self.early_stopping_patience.map(|_| "early_stopping_patience") };
+        if let Some(key) = wants {
+            if self.eval_strategy == Strategy::No {
+                bail!("TrainingArguments: `{key}` needs evaluations: set eval_strategy (\"steps\" or \"epoch\") and an eval_dataset");
+            }
+        }
+        if self.load_best_model_at_end {
+            if self.save_strategy != self.eval_strategy {
+                bail!("TrainingArguments: `load_best_model_at_end` needs save_strategy equal to eval_strategy (a checkpoint at every evaluation)");
+            }
+            let every = self.eval_steps.unwrap_or(self.logging_steps);
+            if self.save_strategy == Strategy::Steps && !self.save_steps.is_multiple_of(every) {
+                bail!("TrainingArguments: `load_best_model_at_end` needs save_steps ({}) to be a multiple of eval_steps ({every})", self.save_steps);
+            }
+        }
+        if self.early_stopping_patience == Some(0) {
+            bail!("TrainingArguments: `early_stopping_patience` must be at least 1");
+        }
         Ok(())
+    }
+
+    /// Whether a larger `metric_for_best_model` is better (both metrics qscript has: no).
+    pub fn greater_is_better(&self) -> bool {
+        self.greater_is_better.unwrap_or(false)
+    }
+
+    /// `a` is better than `b` by `metric_for_best_model`.
+    pub fn better(&self, a: f64, b: f64) -> bool {
+        if self.greater_is_better() { a > b } else { a < b }
     }
 
     /// The mixed-precision flags against the dtype the model computes in and its device:

@@ -20,6 +20,9 @@ pub struct Manifest {
     pub base_model_config_sha256: String,
     pub base_model: String,
     pub seed: u64,
+    /// How the run was started: command, `--set` values, device, dtypes, commit, weights hash.
+    #[serde(flatten)]
+    pub record: super::record::RunRecord,
     /// The run (a fresh training and its resumptions) that wrote it: pruning touches only the
     /// run's own checkpoints, and `resume_from_checkpoint: true` continues the latest run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,6 +48,19 @@ pub struct TrainerState {
     pub best_metric: Option<f64>,
     pub best_model_checkpoint: Option<String>,
     pub log_history: Vec<serde_json::Value>,
+    /// Finite losses since the last log entry, summed, and their count: a run resumed between
+    /// two log entries logs the same mean as one that was not stopped.
+    #[serde(default)]
+    pub window_loss: f64,
+    #[serde(default)]
+    pub window_steps: usize,
+    /// Evaluations since `metric_for_best_model` last improved (early stopping).
+    #[serde(default)]
+    pub early_stopping_patience_counter: usize,
+    /// Written when Ctrl-C cut a step's after-step work (its evaluation, a callback): where that
+    /// work stood, so the resumed run finishes it first (trainer.rs, `AfterStep`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_step: Option<serde_json::Value>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

@@ -1,13 +1,21 @@
 //! The SFT trainer, in named parts: setup (data iterator, totals, optimizer), resume, the step
 //! loop over [`StepState::train_step`], logging, evaluation and saving (checkpoints with exact
-//! resume), with callbacks that can stop training. The trainer works on the model it is given for
-//! the length of a `train()` / `evaluate()` call; it keeps no handle to it.
+//! resume), the best checkpoint and early stopping, with callbacks that can stop training. The
+//! trainer works on the model it is given for the length of a `train()` / `evaluate()` call; it
+//! keeps no handle to it.
+//!
+//! Ctrl-C ([`crate::CANCEL`]) ends the step in flight (a step the signal reaches inside the
+//! forward or backward pass is abandoned and its batches put back), then per [`OnInterrupt`]:
+//! a recipe run writes a checkpoint, `loss.png` and the metrics and prints the command that
+//! resumes; the REPL pauses, keeping the whole run (optimizer, data position, schedule) in
+//! memory for [`SftTrainer::resume_paused`], which continues exactly as if never paused.
 
 use super::args::{OnNonFinite, Resume, Strategy, TrainingArguments};
 use super::callbacks::{Callbacks, Control};
 use super::checkpoint::{self, Manifest, TrainerState};
 use super::logging::RunLog;
 use super::optim::ParamState;
+use super::record::{self, RunRecord};
 use super::step::{MicroBatch, StepState, StepStats};
 use crate::data::{tokenize_for_model, Batch, BatchIterator, BatchOptions, Dataset, TokenizeOptions, TokenizedDataset, Truncation};
 use crate::model::engine::{self, TrainBatch};
@@ -37,6 +45,20 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     pub stopped_early: bool,
     pub skipped_steps: usize,
+    /// Ctrl-C paused the run (the REPL): `resume_paused` continues it.
+    pub paused: bool,
+    pub max_steps: usize,
+}
+
+/// What Ctrl-C does to a running `train()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnInterrupt {
+    /// A recipe run: a checkpoint, `loss.png` and the metrics are written, the command that
+    /// resumes is printed, and `train()` fails with "interrupted".
+    #[default]
+    Checkpoint,
+    /// The REPL: the run stays in memory, `train()` returns (paused), `resume_paused` continues.
+    Pause,
 }
 
 pub struct SftTrainer {
@@ -46,6 +68,9 @@ pub struct SftTrainer {
     /// Source of the recipe that built this trainer (copied into output_dir, hashed).
     pub recipe: Option<(PathBuf, String)>,
     pub save_adapter: SaveAdapter,
+    pub on_interrupt: OnInterrupt,
+    /// The run Ctrl-C paused (with [`OnInterrupt::Pause`]).
+    paused: Option<Run>,
 }
 
 /// Writes the peft adapter files of the current model into a directory.
@@ -63,11 +88,73 @@ struct Run {
     tokens: u64,
     loss_sum: f64,
     loss_steps: usize,
-    /// Finite losses since the last log entry.
-    window_loss: f64,
-    window_steps: usize,
     last_checkpoint: Option<PathBuf>,
-    last_eval_loss: Option<f64>,
+    /// The step of the latest evaluation when it was the best so far (its checkpoint is the best).
+    best_eval_step: Option<usize>,
+    /// A finished step whose logging, evaluation, saving and callbacks did not all run (Ctrl-C
+    /// came between or inside them): a paused run does the rest first when it resumes.
+    pending: Option<AfterStep>,
+    /// The TensorBoard folder of this run (`report_to: "tensorboard"`): a paused run's events go
+    /// on in the same one.
+    tensorboard_dir: Option<PathBuf>,
+}
+
+/// The work after a step, in order: the log entry, `on_log`, the evaluation, `on_evaluate`, the
+/// checkpoint, `on_save`, `on_step_end`. Ctrl-C can land inside any part that runs a model or
+/// a callback; a paused run then redoes that part and goes on, so every part runs exactly once
+/// to completion, as in a run that was never paused.
+struct AfterStep {
+    stats: StepStats,
+    /// The next part to run (index into the order above).
+    next: u8,
+    control: Control,
+    log_entry: Option<Value>,
+    eval_entry: Option<Value>,
+    saved: Option<PathBuf>,
+}
+
+impl AfterStep {
+    fn new(stats: StepStats) -> Self {
+        Self { stats, next: 0, control: Control::Continue, log_entry: None, eval_entry: None, saved: None }
+    }
+
+    /// For the checkpoint a Ctrl-C writes (non-finite numbers as null, as JSON has no NaN).
+    fn to_json(&self) -> Value {
+        let s = &self.stats;
+        json!({"next": self.next, "stop": self.control == Control::Stop, "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm,
+               "lr": s.lr, "tokens": s.tokens, "n_targets": s.n_targets, "non_finite": s.non_finite})
+    }
+
+    /// Back from [`Self::to_json`]; the entries already written come from the log history.
+    fn from_json(v: &Value, state: &TrainerState) -> Result<Self> {
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let u = |k: &str| v[k].as_u64().with_context(|| format!("trainer state: after_step.{k} missing"));
+        let step = u("step")? as usize;
+        let stats = StepStats { step, loss: f("loss"), grad_norm: f("grad_norm"), lr: f("lr"), tokens: u("tokens")?, n_targets: u("n_targets")? as usize, non_finite: v["non_finite"].as_bool().unwrap_or(false) };
+        let entry = |key: &str| state.log_history.iter().rev().find(|e| e["step"].as_u64() == Some(step as u64) && e.get(key).is_some()).cloned();
+        let next = u("next")? as u8;
+        Ok(Self {
+            stats,
+            next,
+            control: if v["stop"].as_bool() == Some(true) { Control::Stop } else { Control::Continue },
+            log_entry: if next >= 1 { entry("loss") } else { None },
+            eval_entry: if next >= 3 { entry("eval_loss") } else { None },
+            saved: None,
+        })
+    }
+}
+
+/// How the step loop ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    Done,
+    /// A callback or early stopping.
+    Stopped,
+    Interrupted,
+}
+
+fn interrupted() -> bool {
+    crate::CANCEL.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 impl Run {
@@ -106,8 +193,8 @@ impl Run {
         self.state.train_tokens += s.tokens;
         self.tokens += s.tokens;
         if s.loss.is_finite() {
-            self.window_loss += s.loss;
-            self.window_steps += 1;
+            self.state.window_loss += s.loss;
+            self.state.window_steps += 1;
             self.loss_sum += s.loss;
             self.loss_steps += 1;
         }
@@ -144,7 +231,17 @@ fn same_adapters(a: &[ParamState], b: &[ParamState]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.layer == y.layer && x.proj == y.proj && x.is_b == y.is_b && x.shape == y.shape)
 }
 
+/// The model's adapters have the optimizer's modules and shapes (they were not replaced, merged
+/// or re-attached while a run was paused).
+fn model_matches(model: &Model, params: &[ParamState]) -> bool {
+    let now: Vec<_> = model.llama.adapters().flat_map(|(id, lo)| [(id, lo.a.dims().to_vec()), (id, lo.b.dims().to_vec())]).collect();
+    now.len() == params.len() && now.iter().zip(params).all(|((id, dims), p)| id.layer == p.layer && id.proj == p.proj && dims[..] == [p.shape.0, p.shape.1])
+}
+
 fn warn_if_changed(dir: &Path, saved: &Manifest, now: &Manifest) {
+    for change in saved.record.changes(&now.record) {
+        eprintln!("warning: resuming {}: {change}", dir.display());
+    }
     if saved.recipe_sha256 != now.recipe_sha256 {
         eprintln!("warning: resuming {} with a changed recipe", dir.display());
     }
@@ -180,7 +277,7 @@ impl SftTrainer {
         if args.eval_strategy != Strategy::No && eval_data.is_none() {
             bail!("TrainingArguments: eval_strategy is set but SFTTrainer got no eval_dataset");
         }
-        Ok(Self { train_data, eval_data, args, recipe, save_adapter })
+        Ok(Self { train_data, eval_data, args, recipe, save_adapter, on_interrupt: OnInterrupt::default(), paused: None })
     }
 
     fn batch_options(&self, eval: bool) -> BatchOptions {
@@ -228,11 +325,22 @@ impl SftTrainer {
             base_model: model.name_or_path.clone(),
             seed: self.args.seed,
             run_id: Some(checkpoint::new_run_id()),
+            record: RunRecord { recipe_file: self.recipe_file(), ..RunRecord::of(model) },
         }
     }
 
-    fn resume_dir(&self) -> Result<Option<PathBuf>> {
-        Ok(match &self.args.resume_from_checkpoint {
+    fn recipe_file(&self) -> Option<String> {
+        self.recipe.as_ref().map(|(path, _)| path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "recipe.rhai".into()))
+    }
+
+    /// `qscript RECIPE --resume`: a run whose output_dir holds a checkpoint continues from it.
+    fn with_cli_resume(&self, resume: Resume) -> Resume {
+        let cli = record::launch().is_some_and(|l| l.resume);
+        if resume == Resume::No && cli && !checkpoint::list(&self.args.output_dir).is_empty() { Resume::Latest } else { resume }
+    }
+
+    fn resume_dir(&self, resume: &Resume) -> Result<Option<PathBuf>> {
+        Ok(match resume {
             Resume::No => None,
             Resume::Path(p) => {
                 if !p.is_dir() {
@@ -247,32 +355,181 @@ impl SftTrainer {
         })
     }
 
-    /// Trains `model`'s adapters for the configured steps (resuming if asked); the loop only.
+    /// Trains `model`'s adapters for the configured steps, resuming if `resume_from_checkpoint`
+    /// says so.
     pub fn train(&mut self, model: &mut Model, callbacks: &mut dyn Callbacks) -> Result<TrainSummary> {
+        let resume = self.args.resume_from_checkpoint.clone();
+        self.train_resuming(model, callbacks, resume)
+    }
+
+    /// `train(resume_from_checkpoint=...)` as transformers: `resume` wins over the argument's.
+    pub fn train_resuming(&mut self, model: &mut Model, callbacks: &mut dyn Callbacks, resume: Resume) -> Result<TrainSummary> {
+        if let Some(run) = &self.paused {
+            bail!("the trainer is paused at step {} of {}: trainer.resume() continues it", run.state.global_step, run.total());
+        }
+        let resume = self.with_cli_resume(resume);
         let mut run = self.setup(model)?;
-        self.resume(model, &mut run)?;
-        let mut log = self.open_output(&run)?;
+        let resumed = self.resume(model, &mut run, &resume)?;
+        super::run_dir::prepare(&self.args.output_dir, self.args.overwrite_output_dir, resumed)?;
+        let log = self.open_output(&mut run)?;
+        self.drive(model, run, log, callbacks)
+    }
+
+    /// The step and total of a paused run.
+    pub fn paused_at(&self) -> Option<(usize, usize)> {
+        self.paused.as_ref().map(|r| (r.state.global_step, r.total()))
+    }
+
+    /// Continues the run Ctrl-C paused, exactly where it stopped (same optimizer state, data
+    /// position, schedule and dropout draws as an uninterrupted run).
+    pub fn resume_paused(&mut self, model: &mut Model, callbacks: &mut dyn Callbacks) -> Result<TrainSummary> {
+        let Some(mut run) = self.paused.take() else {
+            bail!("the trainer is not paused: trainer.train() starts a run");
+        };
+        if !model_matches(model, &run.steps.opt.params) {
+            let at = run.state.global_step;
+            self.paused = Some(run);
+            bail!("cannot resume: the model's adapters changed since the pause at step {at} (merged, replaced or re-attached)");
+        }
+        let mut log = RunLog::open(&self.args.output_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        if let Some(dir) = &run.tensorboard_dir {
+            log.report_to_tensorboard(dir)?;
+        }
+        log.say(&format!("resuming at step {}/{}", run.state.global_step, run.total()));
+        (run.tokens, run.loss_sum, run.loss_steps) = (0, 0.0, 0);
+        self.drive(model, run, log, callbacks)
+    }
+
+    /// The step loop, then what its end calls for: the summary (with the best checkpoint loaded
+    /// if asked), or the interrupted run's checkpoint or pause.
+    fn drive(&mut self, model: &mut Model, mut run: Run, mut log: RunLog, callbacks: &mut dyn Callbacks) -> Result<TrainSummary> {
         run.t0 = Instant::now();
-        let mut stopped = false;
-        while run.steps.step < run.total() {
-            crate::check_cancel()?;
-            let micro = self.next_micro_batches(model, &mut run.it)?;
-            let stats = run.steps.train_step(model, &micro)?;
-            self.on_non_finite(&mut run, &log, &stats)?;
-            run.record(&stats);
-            let tps = run.tokens_per_sec();
-            log.progress(stats.step, stats.loss, stats.lr, tps);
-            let mut control = self.log_step(model, &mut run, &mut log, &stats, tps, callbacks)?;
-            control = control.or(self.maybe_evaluate(model, &mut run, &mut log, callbacks)?);
-            control = control.or(self.maybe_save(model, &mut run, control, callbacks)?);
-            control = control.or(callbacks.on_step_end(model, &step_end_state(&run, &stats))?);
-            if control == Control::Stop {
-                log.say(&format!("training stopped by a callback at step {}", run.state.global_step));
-                stopped = true;
-                break;
+        match self.step_loop(model, &mut run, &mut log, callbacks)? {
+            Outcome::Interrupted => self.interrupted(model, run, log),
+            outcome => {
+                self.load_best(model, &mut run, &log)?;
+                Ok(self.finish(run, &log, outcome == Outcome::Stopped))
             }
         }
-        Ok(self.finish(run, &log, stopped))
+    }
+
+    fn step_loop(&self, model: &mut Model, run: &mut Run, log: &mut RunLog, callbacks: &mut dyn Callbacks) -> Result<Outcome> {
+        if let Some(a) = run.pending.take() {
+            if let Some(end) = self.after_step(model, run, log, a, callbacks)? {
+                return Ok(end);
+            }
+        }
+        while run.steps.step < run.total() {
+            if interrupted() {
+                return Ok(Outcome::Interrupted);
+            }
+            let at = run.it.position();
+            let stats = match self.next_micro_batches(model, &mut run.it).and_then(|micro| run.steps.train_step(model, &micro)) {
+                Ok(s) => s,
+                Err(_) if interrupted() => {
+                    // Stopped inside forward/backward, before the update: the step never happened.
+                    run.it.seek(at)?;
+                    log.say(&format!("Ctrl-C: step {} abandoned", run.state.global_step + 1));
+                    return Ok(Outcome::Interrupted);
+                }
+                Err(e) => return Err(e),
+            };
+            self.on_non_finite(run, log, &stats)?;
+            run.record(&stats);
+            log.progress(stats.step, stats.loss, stats.lr, run.tokens_per_sec());
+            if interrupted() {
+                run.pending = Some(AfterStep::new(stats));
+                return Ok(Outcome::Interrupted);
+            }
+            if let Some(end) = self.after_step(model, run, log, AfterStep::new(stats), callbacks)? {
+                return Ok(end);
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Logging, evaluation, saving and the callbacks of a finished step, from the part `a` is
+    /// at; `Some` when training ends there (stopped, or Ctrl-C reached one of them: the run
+    /// keeps `a` as pending, at the part that was cut).
+    fn after_step(&self, model: &Model, run: &mut Run, log: &mut RunLog, mut a: AfterStep, callbacks: &mut dyn Callbacks) -> Result<Option<Outcome>> {
+        while a.next < 7 {
+            match self.after_step_part(model, run, log, &mut a, callbacks) {
+                Ok(c) => {
+                    a.control = a.control.or(c);
+                    a.next += 1;
+                }
+                Err(_) if interrupted() => {
+                    run.pending = Some(a);
+                    return Ok(Some(Outcome::Interrupted));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if a.control == Control::Stop {
+            log.say(&format!("training stopped at step {}", run.state.global_step));
+            return Ok(Some(Outcome::Stopped));
+        }
+        Ok(None)
+    }
+
+    fn after_step_part(&self, model: &Model, run: &mut Run, log: &mut RunLog, a: &mut AfterStep, callbacks: &mut dyn Callbacks) -> Result<Control> {
+        let none = Control::Continue;
+        match a.next {
+            0 => a.log_entry = self.write_log_entry(run, log, &a.stats)?,
+            1 => return a.log_entry.as_ref().map_or(Ok(none), |e| callbacks.on_log(model, e)),
+            2 => {
+                let (entry, stop) = self.maybe_evaluate(model, run, log)?;
+                a.eval_entry = entry;
+                return Ok(stop);
+            }
+            3 => return a.eval_entry.as_ref().map_or(Ok(none), |e| callbacks.on_evaluate(model, e)),
+            4 => a.saved = self.maybe_save(model, run, a.control)?,
+            5 => return a.saved.as_ref().map_or(Ok(none), |d| callbacks.on_save(model, d)),
+            _ => return callbacks.on_step_end(model, &step_end_state(run, &a.stats)),
+        }
+        Ok(none)
+    }
+
+    /// Ctrl-C: pause (the REPL) or checkpoint and stop (a recipe run).
+    fn interrupted(&mut self, model: &Model, mut run: Run, mut log: RunLog) -> Result<TrainSummary> {
+        let (step, total) = (run.state.global_step, run.total());
+        if self.on_interrupt == OnInterrupt::Pause {
+            log.finish();
+            crate::CANCEL.store(false, std::sync::atomic::Ordering::SeqCst);
+            eprintln!(
+                "paused at step {step}/{total}: trainer.resume() continues exactly here; meanwhile model.chat(...), trainer.evaluate() \
+                 and trainer.set_callbacks(#{{...}}) work"
+            );
+            let summary = self.summary(&run, false, true);
+            self.paused = Some(run);
+            return Ok(summary);
+        }
+        // A recipe run stops here: the step's log entry is written; what else its after-step work
+        // had left (an evaluation, callbacks) goes into the checkpoint, for the resumed run to do
+        // first, as the run that never stopped did.
+        if let Some(mut a) = run.pending.take() {
+            if a.next == 0 {
+                a.log_entry = self.write_log_entry(&mut run, &mut log, &a.stats)?;
+                a.next = 1;
+            }
+            run.state.after_step = (a.next < 5).then(|| a.to_json());
+        }
+        log.finish();
+        if step == 0 {
+            bail!("interrupted (Ctrl-C) before the first step finished; no checkpoint was written");
+        }
+        let done = !self.args.save_only_model && run.last_checkpoint.as_ref().is_some_and(|c| c.ends_with(format!("checkpoint-{step}")));
+        let dir = if done { run.last_checkpoint.clone().unwrap_or_default() } else { self.save_checkpoint(model, &mut run, true)? };
+        run.state.after_step = None;
+        self.draw_loss(&run);
+        let how = record::resume_command()
+            .unwrap_or_else(|| "resume_from_checkpoint: true in TrainingArguments, or trainer.train(#{ resume_from_checkpoint: true })".into());
+        eprintln!(
+            "interrupted at step {step}/{total}: checkpoint {}, metrics and loss.png in {}\nresume with: {how}",
+            dir.display(),
+            self.args.output_dir.display()
+        );
+        bail!("interrupted (Ctrl-C) at step {step} of {total}; checkpoint {}", dir.display())
     }
 
     /// The data iterator, the step totals, a fresh optimizer and trainer state.
@@ -303,6 +560,7 @@ impl SftTrainer {
             best_metric: None,
             best_model_checkpoint: None,
             log_history: vec![],
+            ..Default::default()
         };
         Ok(Run {
             it,
@@ -314,17 +572,18 @@ impl SftTrainer {
             tokens: 0,
             loss_sum: 0.0,
             loss_steps: 0,
-            window_loss: 0.0,
-            window_steps: 0,
             last_checkpoint: None,
-            last_eval_loss: None,
+            best_eval_step: None,
+            pending: None,
+            tensorboard_dir: None,
         })
     }
 
     /// With `resume_from_checkpoint`: restores the adapters and the optimizer exactly, the data
-    /// position and the trainer state; warns when the recipe, data or base model changed.
-    fn resume(&self, model: &mut Model, run: &mut Run) -> Result<()> {
-        let Some(dir) = self.resume_dir()? else { return Ok(()) };
+    /// position and the trainer state; warns when the recipe, data, base model or `--set`
+    /// values changed. Whether it resumed.
+    fn resume(&self, model: &mut Model, run: &mut Run, resume: &Resume) -> Result<bool> {
+        let Some(dir) = self.resume_dir(resume)? else { return Ok(false) };
         let ck = checkpoint::load(&dir)?;
         if !same_adapters(&ck.params, &run.steps.opt.params) {
             bail!("{}: its adapters do not match the model's (different LoraConfig?)", dir.display());
@@ -340,27 +599,31 @@ impl SftTrainer {
         opt.write_back(&mut model.llama)?;
         run.it.seek(ck.state.position)?;
         run.state = ck.state;
+        if let Some(v) = run.state.after_step.take() {
+            run.pending = Some(AfterStep::from_json(&v, &run.state)?);
+        }
         run.state.max_steps = run.total();
         run.steps.step = run.state.global_step;
         eprintln!("resumed from {} at step {}", dir.display(), run.state.global_step);
-        Ok(())
+        Ok(true)
     }
 
     /// output_dir with the recipe's copy and the manifest, `metrics.jsonl`, the progress bar, and
     /// the line that says what will run.
-    fn open_output(&self, run: &Run) -> Result<RunLog> {
+    fn open_output(&self, run: &mut Run) -> Result<RunLog> {
         let (a, out_dir) = (&self.args, &self.args.output_dir);
         crate::util::permissions::write(out_dir)?;
         crate::util::fs::remove_dead_temps(out_dir);
         std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
-        if let Some((path, src)) = &self.recipe {
-            let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "recipe.rhai".into());
+        if let (Some((_, src)), Some(name)) = (&self.recipe, self.recipe_file()) {
             crate::util::fs::write(&out_dir.join(name), src.as_bytes())?;
         }
         crate::util::fs::write(&out_dir.join("manifest.json"), serde_json::to_string_pretty(&run.manifest)?.as_bytes())?;
         let mut log = RunLog::open(out_dir, &run.state.log_history, run.state.global_step, run.total())?;
         if a.report_to.tensorboard {
-            log.report_to_tensorboard(&a.tensorboard_dir())?;
+            let dir = a.tensorboard_dir();
+            log.report_to_tensorboard(&dir)?;
+            run.tensorboard_dir = Some(dir);
         }
         eprintln!(
             "training: {} examples, {} batches/epoch, {} steps (batch {} × accumulation {}), lr {:e} ({:?}, warmup {})",
@@ -410,75 +673,96 @@ impl SftTrainer {
     }
 
     /// Every `logging_steps` (and at the last step): a metrics entry (mean loss since the last
-    /// one), its line, and `on_log`.
-    fn log_step(&self, model: &Model, run: &mut Run, log: &mut RunLog, s: &StepStats, tps: f64, callbacks: &mut dyn Callbacks) -> Result<Control> {
+    /// one) and its line.
+    fn write_log_entry(&self, run: &mut Run, log: &mut RunLog, s: &StepStats) -> Result<Option<Value>> {
         if !run.due(Strategy::Steps, self.args.logging_steps) {
-            return Ok(Control::Continue);
+            return Ok(None);
         }
+        let tps = run.tokens_per_sec();
+        let st = &mut run.state;
         let entry = json!({
-            "step": run.state.global_step,
-            "epoch": run.epoch_rounded(),
-            "loss": if run.window_steps > 0 { run.window_loss / run.window_steps as f64 } else { f64::NAN },
+            "step": st.global_step,
+            "epoch": (st.epoch * 1000.0).round() / 1000.0,
+            "loss": if st.window_steps > 0 { st.window_loss / st.window_steps as f64 } else { f64::NAN },
             "learning_rate": s.lr,
             "grad_norm": s.grad_norm,
             "tokens_per_sec": tps,
         });
-        run.window_loss = 0.0;
-        run.window_steps = 0;
+        (st.window_loss, st.window_steps) = (0.0, 0);
         log.write(&entry)?;
         log.say(&format!(
             "step {}/{} | epoch {:.2} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
-            run.state.global_step,
-            run.total(),
-            run.state.epoch,
+            st.global_step,
+            run.steps.total,
+            st.epoch,
             entry["loss"].as_f64().unwrap_or(f64::NAN),
             entry["learning_rate"].as_f64().unwrap_or(0.0),
             s.grad_norm,
             tps
         ));
-        run.state.log_history.push(entry.clone());
-        callbacks.on_log(model, &entry)
+        st.log_history.push(entry.clone());
+        Ok(Some(entry))
     }
 
     /// When `eval_strategy` says so: eval loss and perplexity, their entry and line, the best
-    /// metric, and `on_evaluate`.
-    fn maybe_evaluate(&self, model: &Model, run: &mut Run, log: &mut RunLog, callbacks: &mut dyn Callbacks) -> Result<Control> {
+    /// metric and early stopping (which may say stop).
+    fn maybe_evaluate(&self, model: &Model, run: &mut Run, log: &mut RunLog) -> Result<(Option<Value>, Control)> {
         let a = &self.args;
         if !run.due(a.eval_strategy, a.eval_steps.unwrap_or(a.logging_steps)) {
-            return Ok(Control::Continue);
+            return Ok((None, Control::Continue));
         }
         let m = self.evaluate(model)?;
-        run.last_eval_loss = Some(m.loss);
         let step = run.state.global_step;
         let entry = json!({"step": step, "epoch": run.epoch_rounded(), "eval_loss": m.loss, "eval_perplexity": m.perplexity, "eval_tokens": m.tokens});
         log.write(&entry)?;
         log.say(&format!("step {step}/{} | eval_loss {:.4} | eval_perplexity {:.2}", run.total(), m.loss, m.perplexity));
         run.state.log_history.push(entry.clone());
-        if run.state.best_metric.is_none_or(|b| m.loss < b) {
-            run.state.best_metric = Some(m.loss);
+        let value = if a.metric_for_best_model == "eval_perplexity" { m.perplexity } else { m.loss };
+        let previous = run.state.best_metric;
+        let best = value.is_finite() && previous.is_none_or(|b| a.better(value, b));
+        if best {
+            run.state.best_metric = Some(value);
         }
-        callbacks.on_evaluate(model, &entry)
+        run.best_eval_step = best.then_some(step);
+        let stop = self.early_stopping(run, log, value, previous);
+        Ok((Some(entry), stop))
     }
 
-    /// When `save_strategy` says so, or a callback stops a run that saves: a checkpoint, and
-    /// `on_save`.
-    fn maybe_save(&self, model: &Model, run: &mut Run, control: Control, callbacks: &mut dyn Callbacks) -> Result<Control> {
+    /// transformers' EarlyStoppingCallback: an evaluation that does not beat the best before it
+    /// by more than `early_stopping_threshold` counts; `early_stopping_patience` of them stop.
+    fn early_stopping(&self, run: &mut Run, log: &RunLog, value: f64, previous: Option<f64>) -> Control {
+        let a = &self.args;
+        let Some(patience) = a.early_stopping_patience else { return Control::Continue };
+        let improved = previous.is_none_or(|b| a.better(value, b) && (value - b).abs() > a.early_stopping_threshold);
+        let counter = &mut run.state.early_stopping_patience_counter;
+        *counter = if improved { 0 } else { *counter + 1 };
+        if *counter < patience {
+            return Control::Continue;
+        }
+        log.say(&format!("early stopping: {} did not improve in {patience} evaluation(s)", a.metric_for_best_model));
+        Control::Stop
+    }
+
+    /// When `save_strategy` says so, or a callback stops a run that saves: a checkpoint.
+    fn maybe_save(&self, model: &Model, run: &mut Run, control: Control) -> Result<Option<PathBuf>> {
         let a = &self.args;
         let stopping = control == Control::Stop && a.save_strategy != Strategy::No;
         if !(run.due(a.save_strategy, a.save_steps) || stopping) {
-            return Ok(Control::Continue);
+            return Ok(None);
         }
-        let dir = self.save_checkpoint(model, run)?;
+        let dir = self.save_checkpoint(model, run, false)?;
         run.last_checkpoint = Some(dir.clone());
-        callbacks.on_save(model, &dir)
+        Ok(Some(dir))
     }
 
     /// `checkpoint-<step>` (adapters, optimizer, trainer state, manifest, scheduler), then the
     /// oldest beyond `save_total_limit` pruned, the best one kept.
-    fn save_checkpoint(&self, model: &Model, run: &mut Run) -> Result<PathBuf> {
+    /// `resumable`: with the optimizer state even under `save_only_model` (the checkpoint Ctrl-C
+    /// writes is there to be resumed).
+    fn save_checkpoint(&self, model: &Model, run: &mut Run, resumable: bool) -> Result<PathBuf> {
         let (a, out_dir) = (&self.args, &self.args.output_dir);
         let (step, total, warmup) = (run.state.global_step, run.total(), run.steps.warmup);
-        if run.last_eval_loss.is_some() && run.state.best_metric == run.last_eval_loss {
+        if run.best_eval_step == Some(step) {
             run.state.best_model_checkpoint = Some(out_dir.join(format!("checkpoint-{step}")).display().to_string());
         }
         run.steps.opt.sync_to_host()?;
@@ -493,7 +777,7 @@ impl SftTrainer {
             },
             &|d: &Path| save_adapter(model, d),
         )?;
-        if a.save_only_model {
+        if a.save_only_model && !resumable {
             checkpoint::drop_optimizer_state(&dir)?;
         }
         if let Some(limit) = a.save_total_limit {
@@ -504,26 +788,61 @@ impl SftTrainer {
         Ok(dir)
     }
 
-    /// Clears the bar, draws loss.png, prints and returns the summary.
-    fn finish(&self, run: Run, log: &RunLog, stopped: bool) -> TrainSummary {
-        log.finish();
+    /// `load_best_model_at_end`: the best checkpoint's adapters (its exact f32 master weights)
+    /// into the model.
+    fn load_best(&self, model: &mut Model, run: &mut Run, log: &RunLog) -> Result<()> {
+        if !self.args.load_best_model_at_end {
+            return Ok(());
+        }
+        let Some(best) = run.state.best_model_checkpoint.clone() else {
+            log.say("load_best_model_at_end: no checkpoint was saved at an evaluation; the model keeps its last weights");
+            return Ok(());
+        };
+        let ck = checkpoint::load(Path::new(&best))?;
+        if !same_adapters(&ck.params, &run.steps.opt.params) {
+            bail!("{best}: its adapters do not match the model's");
+        }
+        run.steps.opt.params = ck.params;
+        run.steps.opt.write_back(&mut model.llama)?;
+        log.say(&format!(
+            "load_best_model_at_end: loaded {best} ({} {:.4}, step {})",
+            self.args.metric_for_best_model,
+            run.state.best_metric.unwrap_or(f64::NAN),
+            ck.state.global_step
+        ));
+        Ok(())
+    }
+
+    fn draw_loss(&self, run: &Run) {
+        if let Err(e) = super::plot::loss_png(&self.args.output_dir.join("loss.png"), &run.state.log_history) {
+            eprintln!("warning: could not draw loss.png: {e:#}");
+        }
+    }
+
+    fn summary(&self, run: &Run, stopped: bool, paused: bool) -> TrainSummary {
         let seconds = run.t0.elapsed().as_secs_f64();
-        let summary = TrainSummary {
+        let best_eval_loss = run.state.log_history.iter().filter_map(|e| e.get("eval_loss")?.as_f64()).filter(|l| l.is_finite()).reduce(f64::min);
+        TrainSummary {
             global_step: run.state.global_step,
             train_loss: if run.loss_steps > 0 { run.loss_sum / run.loss_steps as f64 } else { f64::NAN },
             seconds,
             tokens: run.tokens,
             tokens_per_sec: run.tokens as f64 / seconds.max(1e-9),
-            best_eval_loss: run.state.best_metric,
-            last_checkpoint: run.last_checkpoint,
+            best_eval_loss,
+            last_checkpoint: run.last_checkpoint.clone(),
             stopped_early: stopped,
             skipped_steps: run.state.skipped_steps,
-        };
-        let out_dir = &self.args.output_dir;
-        if let Err(e) = super::plot::loss_png(&out_dir.join("loss.png"), &run.state.log_history) {
-            eprintln!("warning: could not draw loss.png: {e:#}");
+            paused,
+            max_steps: run.total(),
         }
-        eprintln!("{}", summary.describe(out_dir));
+    }
+
+    /// Clears the bar, draws loss.png, prints and returns the summary.
+    fn finish(&self, run: Run, log: &RunLog, stopped: bool) -> TrainSummary {
+        log.finish();
+        let summary = self.summary(&run, stopped, false);
+        self.draw_loss(&run);
+        eprintln!("{}", summary.describe(&self.args.output_dir));
         summary
     }
 }

@@ -8,6 +8,7 @@
 //! - [`install_file`]: a file from a writer that wants a path (safetensors, image encoders).
 //! - [`install_dir`]: a directory built by a closure, then swapped or merged into place.
 //! - [`Temp`]: a temporary file or directory removed on drop.
+//! - [`remove_entry`]: a file or directory removed without a half-removed state.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -402,6 +403,20 @@ fn swap_renames(new: &Temp, target: &Path) -> Result<()> {
     }
     sync_parent(target);
     drop(old);
+    Ok(())
+}
+
+/// Remove a file or a directory tree (an earlier run's output that a new run replaces): it is
+/// renamed to a temporary name first, in one step, so nothing is ever left half-removed under
+/// its own name. Absent: nothing to do.
+pub fn remove_entry(path: &Path) -> Result<()> {
+    if path.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    let doomed = Temp::next_to(path, "del")?;
+    std::fs::rename(path, doomed.path()).with_context(|| format!("{}: cannot remove", path.display()))?;
+    sync_parent(path);
+    drop(doomed);
     Ok(())
 }
 
