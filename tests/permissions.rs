@@ -198,28 +198,34 @@ fn pruning_never_touches_another_runs_checkpoints() {
         v
     };
     assert_eq!(names("runs/a"), ["checkpoint-5", "checkpoint-6"]);
-    // A killed run's temporary (its pid is gone) is removed by the next run in the folder.
+    // A second run, 3 steps (checkpoint-2, -3), in its own folder; then an older run's stale
+    // checkpoint-5/6 appear beside its own (a folder copied over, say), and a killed run's
+    // temporary (its pid is gone).
+    let o = run("runs/b", 3);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(names("runs/b"), ["checkpoint-2", "checkpoint-3"]);
+    for c in ["checkpoint-5", "checkpoint-6"] {
+        copy_dir(&ws.root.join("work/runs/a").join(c), &ws.root.join("work/runs/b").join(c));
+    }
     let mut c = Command::new("true").spawn().unwrap();
     let dead = c.id();
     c.wait().unwrap();
-    let stale = ws.root.join(format!("work/runs/a/.checkpoint-9.tmp-{dead}-1-0"));
+    let stale = ws.root.join(format!("work/runs/b/.checkpoint-9.tmp-{dead}-1-0"));
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("optimizer.safetensors"), vec![0u8; 4096]).unwrap();
-    // A new run into the same folder with fewer steps keeps its own two newest and leaves the
-    // older run's alone (before: checkpoint-5/6 survived and the new run's own were deleted).
-    let o = run("runs/a", 3);
-    assert!(!stale.exists(), "the dead run's temporary is gone");
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(names("runs/a"), ["checkpoint-2", "checkpoint-3", "checkpoint-5", "checkpoint-6"]);
-    // Resuming continues the latest run (step 3), not the stale step 6.
+    // Resuming continues the run's own latest (step 3), not the stale step 6 (before: it
+    // "finished" at once), and pruning removes only its own checkpoint-2, never the older
+    // run's 5 and 6 (before: those survived and the run's own new ones were deleted).
     let src = "let m = get_peft_model(load_model(\"recipes/tiny\"), LoraConfig(#{ r: 2 }));\n\
                let d = load_dataset(\"recipes/data/chat.jsonl\");\n\
-               let s = SFTTrainer(m, d, TrainingArguments(#{ output_dir: \"runs/a\", max_steps: 4, per_device_train_batch_size: 4, \
+               let s = SFTTrainer(m, d, TrainingArguments(#{ output_dir: \"runs/b\", max_steps: 4, per_device_train_batch_size: 4, \
                save_steps: 1, save_total_limit: 2, resume_from_checkpoint: true })).train();\nprint(s.global_step);";
     let o = ws.run(src, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stale.exists(), "the dead run's temporary is gone");
     assert!(stderr(&o).contains("checkpoint-3 at step 3"), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "4");
+    assert_eq!(names("runs/b"), ["checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-6"]);
     // A run pointed at a folder outside the working directory cannot prune anything there.
     let o = run("../outside/runs", 2);
     assert_denied(&o, "outside/runs", "--allow-write=");
