@@ -27,3 +27,14 @@ pub fn check_cancel() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// [`check_cancel`], and the memory limit (`--max-memory`): long native work (generation,
+/// tokenization, loading, walks) calls this between items, so a recipe cannot get past the
+/// limits inside what Rhai counts as one operation.
+pub fn check_limits() -> anyhow::Result<()> {
+    check_cancel()?;
+    if let Some(msg) = util::memory::over_limit() {
+        anyhow::bail!(msg);
+    }
+    Ok(())
+}

@@ -1,5 +1,6 @@
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// Counting live bytes for `--max-memory` (one thread-local add per allocation).
+static ALLOC: qscript::util::memory::Counting<mimalloc::MiMalloc> = qscript::util::memory::Counting(mimalloc::MiMalloc);
 
 extern "C" {
     // mimalloc's C API (linked in by the `mimalloc` crate).

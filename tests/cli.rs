@@ -18,7 +18,8 @@ fn run_recipe(src: &str) -> (i32, String, String) {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("bad.rhai");
     std::fs::write(&p, src).unwrap();
-    let out = qscript().arg(&p).output().unwrap();
+    // Error formatting, not permissions (tests/permissions.rs): every access granted.
+    let out = qscript().arg(&p).arg("--allow-all").output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),

@@ -47,6 +47,9 @@ fn run_family(family: &str, tokenizer: &str, template: &str) {
         .args(set("MAX_STEPS", "20"))
         .args(set("MAX_SEQ_LENGTH", "64"))
         .args(set("LEARNING_RATE", "0.01"))
+        // The model and the run folder live outside the repository (issue 17's permissions).
+        .arg(format!("--allow-read={}", tmp.path().display()))
+        .arg(format!("--allow-write={}", tmp.path().display()))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);

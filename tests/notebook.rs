@@ -17,7 +17,10 @@ fn qscript() -> Command {
 fn run_script(dir: &Path, src: &str) -> (i32, String, String) {
     let p = dir.join("recipe.rhai");
     std::fs::write(&p, src).unwrap();
-    let o = qscript().arg(&p).output().unwrap();
+    // Issue 17's permissions: the test's folder is granted for writing (files go straight into
+    // it, which an undeclared recipe may not do), the repository's test data for reading.
+    let grants = [format!("--allow-write={}", dir.display()), format!("--allow-read={}", Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").display())];
+    let o = qscript().current_dir(dir).arg(&p).args(grants).output().unwrap();
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
 }
 

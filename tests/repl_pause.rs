@@ -71,7 +71,8 @@ fn ctrl_c_pauses_training_in_the_repl_and_resume_is_bit_identical() {
     let (ref_out, out) = (tmp.path().join("ref"), tmp.path().join("run"));
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qscript"));
-    cmd.arg("repl").env("XDG_DATA_HOME", tmp.path().join("xdg")).env("QSCRIPT_QUIET", "1");
+    // Run in the temp folder: the REPL reads and writes inside its working directory (issue 17).
+    cmd.current_dir(tmp.path()).arg("repl").env("XDG_DATA_HOME", tmp.path().join("xdg")).env("QSCRIPT_QUIET", "1");
     let mut p = Pty::spawn(cmd);
     let n = &mut 0;
     p.expect(">> ", 60);

@@ -93,9 +93,15 @@ model.save_pretrained(OUT + "/adapter");
     p
 }
 
+/// The fixture's folder (model, data, runs), granted to its recipes.
+fn grants(recipe: &Path) -> [String; 2] {
+    let tmp = recipe.parent().unwrap().parent().unwrap().display().to_string();
+    [format!("--allow-read={tmp}"), format!("--allow-write={tmp}")]
+}
+
 fn run(recipe: &Path, sets: &[&str]) -> (i32, String, String) {
     let mut c = qscript();
-    c.arg(recipe);
+    c.arg(recipe).args(grants(recipe));
     for s in sets {
         c.args(["--set", s]);
     }
@@ -120,7 +126,7 @@ fn resume_after_sigkill_is_bit_identical() {
         let dir = tmp.path().join(format!("trial{trial}"));
         std::fs::create_dir_all(&dir).unwrap();
         let r = recipe(&dir, &model, &data, "", "");
-        let mut child = qscript().arg(&r).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = qscript().arg(&r).args(grants(&r)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         for line in BufReader::new(stderr).lines() {
             let line = line.unwrap();

@@ -15,6 +15,9 @@ fn qscript(home: &Path) -> Command {
     // The REPL's history goes to $XDG_DATA_HOME/qscript/history.txt. The load lines are part of
     // what is tested: no QSCRIPT_QUIET from the environment.
     c.env("XDG_DATA_HOME", home.join("data")).env_remove("QSCRIPT_QUIET");
+    // Run where the files are: recipes and the REPL may write only inside the working directory
+    // and read the recipe's folder (issue 17's permissions).
+    c.current_dir(home);
     c
 }
 

@@ -7,8 +7,11 @@ pub mod quantize;
 pub mod repl;
 
 use crate::script::{parse_set, Host, Limits};
+use crate::util::permissions::Grants;
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const MAIN_EXAMPLES: &str = "\
 Examples:
@@ -19,10 +22,16 @@ Examples:
                                                 continue a run stopped by Ctrl-C from its checkpoint
   qscript recipes/customer_support.rhai --device cpu
                                                 run on the CPU even in a CUDA build (cuda:N: a GPU)
-  qscript check recipes/chat.rhai               validate a recipe without loading weights
+  qscript check recipes/chat.rhai               validate a recipe, list what it reads and writes
+  qscript recipe.rhai --allow-read=~/data       let a recipe read a folder besides its own
   qscript chat HuggingFaceTB/SmolLM2-135M-Instruct --adapter out/adapter
                                                 chat with a model (and a trained adapter)
-  qscript                                       open the REPL (same as `qscript repl`)";
+  qscript                                       open the REPL (same as `qscript repl`)
+
+Permissions (deny by default): a recipe may read its own folder, its imports' folders and the
+model caches; write only inside the output folders it declares (output_dir, save_pretrained,
+to_jsonl) within the working directory; fetch from the hub only model ids written literally in
+it or given with --set. --allow-read=PATH, --allow-write=PATH, --allow-net, --allow-all grant more.";
 
 #[derive(Parser)]
 #[command(name = "qscript", version, about = "Fine-tune and run Llama-family models with Rhai recipes",
@@ -44,6 +53,21 @@ struct RunArgs {
     /// Stop a recipe after this many script operations (guards against runaway loops)
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_operations)]
     max_operations: u64,
+    /// Let the recipe read PATH besides its own folder (repeatable, comma-separated; no PATH: any)
+    #[arg(long = "allow-read", value_name = "PATH", num_args = 0..=1, require_equals = true, value_delimiter = ',', default_missing_value = "")]
+    allow_read: Vec<PathBuf>,
+    /// Let the recipe write under PATH besides its output folders in the working directory (no PATH: anywhere)
+    #[arg(long = "allow-write", value_name = "PATH", num_args = 0..=1, require_equals = true, value_delimiter = ',', default_missing_value = "")]
+    allow_write: Vec<PathBuf>,
+    /// Let the recipe fetch any model id from the hub (not only ids written literally in it)
+    #[arg(long = "allow-net")]
+    allow_net: bool,
+    /// Lift every permission check (for your own recipes)
+    #[arg(long = "allow-all", short = 'A')]
+    allow_all: bool,
+    /// Stop a recipe whose memory (its values, datasets, models on the CPU) passes this size: 8G, 512M, none
+    #[arg(long = "max-memory", value_name = "SIZE", value_parser = crate::util::memory::parse_size)]
+    max_memory: Option<usize>,
     /// Continue an interrupted run: every train() whose output_dir holds a checkpoint resumes from its latest
     #[arg(long)]
     resume: bool,
@@ -51,6 +75,33 @@ struct RunArgs {
     /// each load_model says, else auto = the GPU in a CUDA build when one is present)
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+}
+
+impl RunArgs {
+    pub(crate) fn grants(&self) -> Grants {
+        let paths = |v: &[PathBuf]| v.iter().filter(|p| !p.as_os_str().is_empty()).map(|p| expand_tilde(p)).collect();
+        Grants {
+            read: paths(&self.allow_read),
+            read_any: self.allow_read.iter().any(|p| p.as_os_str().is_empty()),
+            write: paths(&self.allow_write),
+            write_any: self.allow_write.iter().any(|p| p.as_os_str().is_empty()),
+            net: self.allow_net,
+            all: self.allow_all,
+        }
+    }
+
+    /// The engine's limits; sets the process's memory limit (default: 3/4 of the machine's).
+    pub(crate) fn limits(&self) -> Limits {
+        crate::util::memory::set_limit(self.max_memory.unwrap_or_else(crate::util::memory::default_limit));
+        Limits { max_operations: self.max_operations }
+    }
+}
+
+fn expand_tilde(p: &Path) -> PathBuf {
+    match (p.strip_prefix("~"), dirs::home_dir()) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => p.to_path_buf(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -109,12 +160,26 @@ enum Command {
     },
 }
 
+/// A recipe run (not the REPL): the first Ctrl-C wins even inside long native work.
+static EXIT_ON_CANCEL: AtomicBool = AtomicBool::new(true);
+/// How long the first Ctrl-C waits for the work to stop cleanly before the process exits.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn install_ctrlc() {
-    // First Ctrl-C cancels the running work cleanly; a second one exits at once.
+    // The first Ctrl-C cancels the running work; a recipe that has not stopped after the grace
+    // period (a long native call) is ended then. A second Ctrl-C exits at once. Whatever a
+    // kill interrupts is left as temporaries the next run removes (`util::fs`).
     let _ = ctrlc::set_handler(|| {
-        if crate::CANCEL.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("\ninterrupted");
+        if crate::CANCEL.swap(true, Ordering::SeqCst) {
+            let _ = writeln!(std::io::stderr(), "\ninterrupted");
             std::process::exit(130);
+        }
+        if EXIT_ON_CANCEL.load(Ordering::SeqCst) {
+            std::thread::spawn(|| {
+                std::thread::sleep(CANCEL_GRACE);
+                let _ = writeln!(std::io::stderr(), "\ninterrupted");
+                std::process::exit(130);
+            });
         }
     });
 }
@@ -128,21 +193,96 @@ fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
         resume: args.resume,
     });
     crate::device::set_override(args.device.as_deref())?;
-    let host = Host::for_recipe(path, &Limits { max_operations: args.max_operations });
-    host.run_file(path, &args.set)
+    Host::sandboxed(path, &args.limits(), &args.grants()).run_file(path, &args.set)
 }
+
+fn check_recipe(recipe: &Path, run: &RunArgs) -> anyhow::Result<()> {
+    let host = Host::sandboxed(recipe, &run.limits(), &run.grants());
+    let r = host.check_file(recipe, &run.set)?;
+    println!(
+        "{}: ok ({} config map{} checked; constants: {})",
+        recipe.display(),
+        r.maps_checked,
+        if r.maps_checked == 1 { "" } else { "s" },
+        if r.constants.is_empty() { "none".to_string() } else { r.constants.join(", ") }
+    );
+    print!("{}", crate::script::access::describe(&r.accesses));
+    Ok(())
+}
+
+/// Exit statuses besides 0, 1 (an error), 2 (usage) and 130 (Ctrl-C).
+const EXIT_INTERNAL: i32 = 70; // EX_SOFTWARE: a bug
+const EXIT_IO: i32 = 74; // EX_IOERR: stderr cannot be written
+const EXIT_BROKEN_PIPE: i32 = 141; // 128 + SIGPIPE, as a tool killed by the signal
 
 fn report(r: anyhow::Result<()>) -> i32 {
     match r {
         Ok(()) => 0,
+        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {
+            EXIT_BROKEN_PIPE
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if crate::CANCEL.load(std::sync::atomic::Ordering::Relaxed) { 130 } else { 1 }
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            if crate::CANCEL.load(Ordering::Relaxed) { 130 } else { 1 }
         }
     }
 }
 
+/// The recipe engine's thread: deep recursion (nested values, Rhai's evaluator) gets room.
+pub const STACK_SIZE: usize = 256 << 20;
+
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The command line, on a thread with a large stack, behind the top-level panic handler: an
+/// unexpected panic becomes one line (`internal error`, exit 70); a panic from printing into a
+/// closed pipe ends quietly (141, as `head` expects), and one from an unwritable stderr with 74.
 pub fn main() -> i32 {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = match (info.payload().downcast_ref::<&str>(), info.payload().downcast_ref::<String>()) {
+            (Some(s), _) => s.to_string(),
+            (_, Some(s)) => s.clone(),
+            _ => "panic".to_string(),
+        };
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(format!("{msg}{at}"));
+        }
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            let _ = writeln!(std::io::stderr(), "{}", std::backtrace::Backtrace::force_capture());
+        }
+    }));
+    let worker = std::thread::Builder::new().name("qscript".into()).stack_size(STACK_SIZE).spawn(|| std::panic::catch_unwind(cli_main));
+    match worker.map(|w| w.join()) {
+        Ok(Ok(Ok(code))) => code,
+        Ok(Ok(Err(_))) | Ok(Err(_)) => panicked(),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: cannot start: {e}");
+            EXIT_INTERNAL
+        }
+    }
+}
+
+fn panicked() -> i32 {
+    let msg = LAST_PANIC.lock().ok().and_then(|mut m| m.take()).unwrap_or_else(|| "panic".into());
+    if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+        return EXIT_BROKEN_PIPE;
+    }
+    if msg.contains("failed printing to stderr") {
+        return EXIT_IO;
+    }
+    let msg = msg.replace('\n', " ");
+    let _ = writeln!(
+        std::io::stderr(),
+        "error: internal error: {msg} (a bug in qscript: please report it with the command, the recipe and this line)"
+    );
+    EXIT_INTERNAL
+}
+
+fn cli_main() -> i32 {
+    // Exercises the handler above (tests/robustness.rs): an unexpected panic, on purpose.
+    if std::env::var_os("QSCRIPT_DEBUG_PANIC").is_some() {
+        panic!("QSCRIPT_DEBUG_PANIC is set");
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -153,20 +293,15 @@ pub fn main() -> i32 {
     install_ctrlc();
     match (cli.command, cli.recipe) {
         (Some(Command::Run { recipe, run }), _) => report(run_recipe(&recipe, &run)),
-        (Some(Command::Check { recipe, run }), _) => report((|| {
-            let host = Host::for_recipe(&recipe, &Limits { max_operations: run.max_operations });
-            let r = host.check_file(&recipe, &run.set)?;
-            println!(
-                "{}: ok ({} config map{} checked; constants: {})",
-                recipe.display(),
-                r.maps_checked,
-                if r.maps_checked == 1 { "" } else { "s" },
-                if r.constants.is_empty() { "none".to_string() } else { r.constants.join(", ") }
-            );
-            Ok(())
-        })()),
-        (Some(Command::Repl { device }), _) => report(repl::run(&RunArgs { device: device.or(cli.run.device.clone()), ..cli.run.clone() })),
-        (None, None) => report(repl::run(&cli.run)),
+        (Some(Command::Check { recipe, run }), _) => report(check_recipe(&recipe, &run)),
+        (Some(Command::Repl { device }), _) => {
+            EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
+            report(repl::run(&RunArgs { device: device.or(cli.run.device.clone()), ..cli.run.clone() }))
+        }
+        (None, None) => {
+            EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
+            report(repl::run(&cli.run))
+        }
         (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),
         (Some(Command::Quantize(args)), _) => report(quantize::run(args)),

@@ -197,6 +197,14 @@ impl Session {
         Self { host: Host::new(Some(std::path::Path::new(".")), limits), scope: Scope::new(), functions: AST::empty() }
     }
 
+    /// The command line's REPL: the permissions of a recipe living in the working directory
+    /// (read it and the model caches, write output folders inside it, fetch the hub ids typed
+    /// at the prompt), plus what the flags grant.
+    pub fn sandboxed(limits: &Limits, grants: &crate::util::permissions::Grants) -> Self {
+        let host = Host::sandboxed(std::path::Path::new("./repl"), limits, grants);
+        Self { host, scope: Scope::new(), functions: AST::empty() }
+    }
+
     /// Evaluate one input; returns the value to show (None for unit).
     pub fn eval(&mut self, input: &str) -> Result<Option<String>, String> {
         crate::CANCEL.store(false, Ordering::SeqCst);
@@ -204,6 +212,8 @@ impl Session {
             let pos = e.position();
             format!("repl:{}:{}: syntax error: {}", pos.line().unwrap_or(0), pos.position().unwrap_or(0), e.err_type())
         })?;
+        self.host.allow_literals_of(&ast);
+        let _active = self.host.enter();
         // Imports made at the prompt stay available: register them as static modules.
         for stmt in ast.statements() {
             if let rhai::Stmt::Import(x, pos) = stmt {
@@ -285,7 +295,7 @@ fn command(session: &Session, cmd: &str) -> bool {
 
 pub(super) fn run(args: &RunArgs) -> anyhow::Result<()> {
     crate::device::set_override(args.device.as_deref())?;
-    let mut session = Session::new(&Limits { max_operations: args.max_operations });
+    let mut session = Session::sandboxed(&args.limits(), &args.grants());
     let variables = Rc::new(RefCell::new(Vec::new()));
     let config = rustyline::Config::builder().max_history_size(HISTORY_CAP)?.history_ignore_dups(true)?.auto_add_history(false).build();
     let mut rl: rustyline::Editor<ReplHelper, FileHistory> = rustyline::Editor::with_config(config)?;

@@ -14,6 +14,8 @@ use serde_json::Value;
 use std::fmt::Write as _;
 
 const NAME: &str = "chat_template";
+/// Instructions one render may run (minijinja fuel).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
 
 pub struct ChatTemplate {
     pub source: String,
@@ -86,6 +88,9 @@ fn describe(err: &Error, source: &str) -> String {
         }
         cause = e.source();
     }
+    if err.kind() == ErrorKind::OutOfFuel {
+        return format!("chat template stopped: more than {TEMPLATE_FUEL} instructions in one render (a runaway loop?)");
+    }
     let detail = err.detail().map(str::to_string).unwrap_or_else(|| err.kind().to_string());
     let what = if err.kind() == ErrorKind::SyntaxError { "syntax error" } else { "error" };
     match err.line() {
@@ -99,6 +104,10 @@ fn describe(err: &Error, source: &str) -> String {
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    // A template is code from a model's files: one render runs at most this many
+    // instructions (a real chat template uses a few hundred per message), so a loop in it
+    // ends with an error instead of running inside one Rhai operation.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);
@@ -131,7 +140,8 @@ fn rewrite_generation_tags(src: &str) -> String {
     while let Some(i) = rest.find("{%") {
         out.push_str(&rest[..i]);
         let tag = &rest[i..];
-        let Some(end) = tag.find("%}").map(|e| e + 2) else { break };
+        // The closing `%}` after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 4) else { break };
         let inner = &tag[2..end - 2];
         let (l, body) = match inner.strip_prefix(['-', '+']) {
             Some(b) => (&inner[..1], b),
@@ -412,4 +422,17 @@ fn json_str(s: &str, ensure_ascii: bool, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: in `{%}` the closing `%}` overlaps the opening `{%` (a slice panic).
+    #[test]
+    fn overlapping_tag_delimiters_are_a_syntax_error_not_a_panic() {
+        let e = ChatTemplate::new("{%} generation {{ x }}", "<s>", "</s>").err().expect("a syntax error");
+        assert!(e.to_string().starts_with("chat template syntax error"), "{e}");
+        assert_eq!(rewrite_generation_tags("a{% generation %}b{%- endgeneration +%}"), "a{% if true %}b{%- endif +%}");
+    }
 }

@@ -204,52 +204,18 @@ fn file_kind(p: &Path) -> Option<FileKind> {
     })
 }
 
-/// Files to read and how many others were passed over.
+/// Files to read and how many others were passed over (`util::files`: permissions, regular
+/// files only, no hidden entries unless named, bounded walks).
 fn expand(spec: &str) -> Result<(Vec<PathBuf>, usize)> {
-    let p = Path::new(spec);
-    let (candidates, explicit) = if p.is_dir() {
-        let mut out = Vec::new();
-        walk(p, &mut out)?;
-        (out, false)
-    } else if p.exists() {
-        (vec![p.to_path_buf()], true)
-    } else if spec.contains(['*', '?', '[']) {
-        let paths = glob::glob(spec).map_err(|e| anyhow::anyhow!("{spec}: bad glob pattern: {e}"))?;
-        let mut out: Vec<PathBuf> = paths.filter_map(|r| r.ok()).filter(|p| p.is_file()).collect();
-        out.sort();
-        if out.is_empty() {
-            bail!("{spec}: no files match");
-        }
-        (out, false)
-    } else {
-        bail!("{spec}: no such file or directory");
-    };
-    let total = candidates.len();
-    let files: Vec<PathBuf> = candidates.into_iter().filter(|f| file_kind(f).is_some()).collect();
+    let (files, ignored) = crate::util::files::list(spec, &|f| file_kind(f).is_some())?;
+    let explicit = !spec.contains(['*', '?', '[']) && !Path::new(spec).is_dir();
     if explicit && files.is_empty() {
         bail!("{spec}: unsupported file type (expected .jsonl, .json, .csv, .tsv or .parquet)");
     }
     if files.is_empty() {
         bail!("{spec}: no .jsonl, .json, .csv, .tsv or .parquet files");
     }
-    Ok((files.clone(), total - files.len()))
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot read directory", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
-        .collect();
-    entries.sort();
-    for e in entries {
-        if e.is_dir() {
-            walk(&e, out)?;
-        } else {
-            out.push(e);
-        }
-    }
-    Ok(())
+    Ok((files, ignored))
 }
 
 struct Loader<'a> {

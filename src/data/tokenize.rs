@@ -291,6 +291,7 @@ impl<'a> Encoder<'a> {
     }
 
     fn encode(&self, row: &Row) -> Result<Encoded> {
+        crate::check_limits()?; // a dataset is tokenized in one Rhai operation
         let mut e = match &row.record {
             Record::Text(t) => self.encode_text(t)?,
             Record::Messages(m) => self.encode_messages(m, row)?,

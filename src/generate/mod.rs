@@ -75,6 +75,9 @@ pub struct UserOptions {
     pub stop: Vec<String>,
 }
 
+/// The most tokens one `generate` / `chat` call (or server request) produces.
+pub const MAX_NEW_TOKENS: usize = 32768;
+
 /// The generation options of `u` for `model`. Defaults follow transformers: greedy unless
 /// `do_sample`/`temperature` (or the model's generation_config.json) ask for sampling; when
 /// sampling, top_k defaults to 50; 256 new tokens.
@@ -108,7 +111,12 @@ pub fn options(model: &Model, u: &UserOptions) -> Result<GenerateOptions> {
     if let Some(r) = repetition_penalty {
         anyhow::ensure!(r > 0.0, "`repetition_penalty` must be > 0, got {r}");
     }
-    let max_new_tokens = u.max_new_tokens.unwrap_or_else(|| gc.get("max_new_tokens").and_then(|v| v.as_u64()).map_or(256, |n| n as usize));
+    // Bounded: one `generate` call is one Rhai operation (and one server request), whatever it asks for.
+    let max_new_tokens = match u.max_new_tokens {
+        Some(n) if n > MAX_NEW_TOKENS => anyhow::bail!("`max_new_tokens` = {n} is more than {MAX_NEW_TOKENS}, the most one call generates"),
+        Some(n) => n,
+        None => gc.get("max_new_tokens").and_then(|v| v.as_u64()).map_or(256, |n| (n as usize).min(MAX_NEW_TOKENS)),
+    };
     Ok(GenerateOptions {
         max_new_tokens,
         sampling: SamplingParams {
@@ -138,7 +146,7 @@ pub fn generate(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_te
 pub fn generate_while(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
     anyhow::ensure!(!prompt_ids.is_empty(), "generate: the prompt is empty (no tokens)");
     model.check_ids(prompt_ids)?;
-    let max_pos = model.config().max_position_embeddings;
+    let max_pos = model.config().max_position_embeddings.min(crate::model::llama::ROPE_TABLE_MAX);
     anyhow::ensure!(
         prompt_ids.len() < max_pos,
         "prompt has {} tokens, the model's context is {max_pos}",
@@ -159,7 +167,7 @@ pub fn generate_while(model: &Model, prompt_ids: &[u32], opts: &GenerateOptions,
     let mut input = Tensor::new(prompt_ids, &llama.device)?.unsqueeze(0)?;
     let mut prefill_secs = 0.0;
     for step in 0..max_new {
-        crate::check_cancel()?;
+        crate::check_limits()?;
         let logits = llama.forward(&input, Some(&mut cache), true)?;
         let mut row = logits.flatten_all()?.to_vec1::<f32>()?;
         if step == 0 {

@@ -80,8 +80,14 @@ impl Fields<'_> {
     fn get(&self, k: &str) -> Option<&Value> {
         self.0.get(k).filter(|v| !v.is_null())
     }
+    /// Sizes are checked against [`bound`] before anything is allocated from them (a
+    /// `num_hidden_layers` of 10^12 once sized a Vec).
     fn usize(&self, k: &str) -> Result<Option<usize>> {
-        self.get(k).map(|v| v.as_u64().map(|x| x as usize).with_context(|| format!("field `{k}` must be a non-negative integer, got {v}"))).transpose()
+        let n = self.get(k).map(|v| v.as_u64().map(|x| x as usize).with_context(|| format!("field `{k}` must be a non-negative integer, got {v}"))).transpose()?;
+        match n {
+            Some(n) if n > bound(k) => bail!("field `{k}` = {n} is larger than qscript supports ({})", bound(k)),
+            n => Ok(n),
+        }
     }
     fn f64(&self, k: &str) -> Result<Option<f64>> {
         self.get(k).map(|v| v.as_f64().with_context(|| format!("field `{k}` must be a number, got {v}"))).transpose()
@@ -101,6 +107,20 @@ impl Fields<'_> {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
             _ => vec![],
         }
+    }
+}
+
+/// The largest value qscript accepts for a size field of config.json (or GGUF metadata): a
+/// few times the largest supported model's, small enough that tables sized from them fit.
+pub fn bound(field: &str) -> usize {
+    match field {
+        "hidden_size" => 1 << 16,
+        "intermediate_size" => 1 << 18,
+        "num_hidden_layers" => 1024,
+        "num_attention_heads" | "num_key_value_heads" | "head_dim" => 1024,
+        "vocab_size" => 1 << 22,
+        "max_position_embeddings" => 1 << 24,
+        _ => usize::MAX,
     }
 }
 

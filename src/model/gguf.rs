@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// A GGUF model read into memory under HF names (`model.layers.0.self_attn.q_proj.weight`, ...).
@@ -27,9 +28,134 @@ pub struct GgufModel {
 /// Header of a GGUF file (metadata and tensor table, no tensor data).
 fn open(path: &Path) -> Result<(Content, std::fs::File)> {
     let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {}", path.display(), ce(e)))?;
+    let bad = |e: String| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display());
+    let len = file.metadata().with_context(|| format!("{}: cannot open", path.display()))?.len();
+    check_header(&mut std::io::BufReader::new(&file), len).map_err(|e| bad(format!("{e:#}")))?;
+    file.seek(SeekFrom::Start(0)).with_context(|| format!("{}: cannot read", path.display()))?;
+    let content = Content::read(&mut file).map_err(|e| bad(ce(e)))?;
+    check_tensor_infos(&content, len).map_err(|e| bad(format!("{e:#}")))?;
     Ok((content, file))
+}
+
+/// What candle's header reader does not check, checked before it runs: `general.alignment`
+/// (candle divides by it; 0 crashed) must be a power of two. The walk bounds every length by
+/// the bytes left in the file, so a hostile header cannot make it allocate or loop long.
+fn check_header(r: &mut impl Read, file_len: u64) -> Result<()> {
+    let mut h = Header { r, pos: 0, len: file_len, wide: true };
+    let magic = h.u32()?;
+    anyhow::ensure!(magic == 0x4655_4747 || magic == 0x4747_5546, "unknown magic 0x{magic:08x}");
+    let version = h.u32()?;
+    anyhow::ensure!((1..=3).contains(&version), "unsupported GGUF version {version}");
+    h.wide = version > 1;
+    let _tensors = h.length()?;
+    let kvs = h.length()?;
+    for _ in 0..kvs {
+        let n = h.length()?;
+        let key = h.bytes(n)?;
+        let ty = h.u32()?;
+        if key == b"general.alignment" && (0..=5).contains(&ty) {
+            let size = [1, 1, 2, 2, 4, 4][ty as usize];
+            let mut b = [0u8; 8];
+            b[..size].copy_from_slice(&h.bytes(size as u64)?);
+            let signed_negative = ty % 2 == 1 && b[size - 1] & 0x80 != 0; // candle then uses its default
+            let a = u64::from_le_bytes(b);
+            if !signed_negative {
+                anyhow::ensure!(a.is_power_of_two() && a <= 1 << 20, "`general.alignment` = {a} is not a power of two up to 1 MiB");
+            }
+        } else {
+            h.skip_value(ty, 0)?;
+        }
+    }
+    Ok(())
+}
+
+struct Header<'a, R> {
+    r: &'a mut R,
+    pos: u64,
+    len: u64,
+    /// GGUF v2+: lengths are u64 (v1: u32).
+    wide: bool,
+}
+
+impl<R: Read> Header<'_, R> {
+    fn bytes(&mut self, n: u64) -> Result<Vec<u8>> {
+        anyhow::ensure!(n <= self.len.saturating_sub(self.pos), "truncated header: {n} bytes wanted at offset {}", self.pos);
+        let mut v = Vec::new();
+        (&mut *self.r).take(n).read_to_end(&mut v)?;
+        anyhow::ensure!(v.len() as u64 == n, "truncated header at offset {}", self.pos);
+        self.pos += n;
+        Ok(v)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().unwrap_or_default()))
+    }
+
+    fn length(&mut self) -> Result<u64> {
+        if self.wide {
+            Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap_or_default()))
+        } else {
+            self.u32().map(u64::from)
+        }
+    }
+
+    /// Skip a metadata value of GGUF type `ty`.
+    fn skip_value(&mut self, ty: u32, depth: usize) -> Result<()> {
+        anyhow::ensure!(depth <= 64, "metadata arrays nested deeper than 64");
+        let fixed = |ty: u32| -> Option<u64> {
+            Some(match ty {
+                0 | 1 | 7 => 1,
+                2 | 3 => 2,
+                4..=6 => 4,
+                10..=12 => 8,
+                _ => return None,
+            })
+        };
+        match ty {
+            8 => {
+                let n = self.length()?;
+                self.skip(n)
+            }
+            9 => {
+                let et = self.u32()?;
+                let n = self.length()?;
+                match fixed(et) {
+                    Some(size) => self.skip(n.checked_mul(size).context("array size overflows")?),
+                    None => {
+                        // Each element takes at least one byte: `n` is bounded by the file.
+                        anyhow::ensure!(n <= self.len.saturating_sub(self.pos), "array of {n} elements is longer than the file");
+                        (0..n).try_for_each(|_| self.skip_value(et, depth + 1))
+                    }
+                }
+            }
+            t => match fixed(t) {
+                Some(size) => self.skip(size),
+                None => bail!("unknown metadata value type {t}"),
+            },
+        }
+    }
+
+    fn skip(&mut self, n: u64) -> Result<()> {
+        anyhow::ensure!(n <= self.len.saturating_sub(self.pos), "truncated header: {n} bytes wanted at offset {}", self.pos);
+        let got = std::io::copy(&mut (&mut *self.r).take(n), &mut std::io::sink())?;
+        anyhow::ensure!(got == n, "truncated header at offset {}", self.pos);
+        self.pos += n;
+        Ok(())
+    }
+}
+
+/// Every tensor's size computed without overflow and within the file, before any is read.
+fn check_tensor_infos(content: &Content, file_len: u64) -> Result<()> {
+    for (name, t) in &content.tensor_infos {
+        let elems = t.shape.dims().iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let block = t.ggml_dtype.block_size();
+        let bytes = elems.filter(|e| e % block == 0).and_then(|e| (e / block).checked_mul(t.ggml_dtype.type_size()));
+        match bytes {
+            Some(b) if (b as u64) <= file_len.saturating_sub(content.tensor_data_offset) => {}
+            _ => bail!("tensor `{name}` of shape {:?} ({:?}) does not fit in the file", t.shape.dims(), t.ggml_dtype),
+        }
+    }
+    Ok(())
 }
 
 pub fn read_gguf(path: &Path) -> Result<GgufModel> {
@@ -85,7 +211,7 @@ fn hf_tensors(content: &Content, file: &mut std::fs::File, config_json: &Value) 
     names.sort();
     let mut tensors = HashMap::with_capacity(names.len());
     for name in names {
-        crate::check_cancel()?;
+        crate::check_limits()?;
         if CONSUMED_BY_CONFIG.contains(&name.as_str()) {
             continue;
         }
@@ -183,7 +309,7 @@ fn ce(e: candle_core::Error) -> String {
 
 fn rows(w: &Tensor, n_head: usize) -> Result<(usize, usize)> {
     let out = w.dim(0)?;
-    if n_head == 0 || out % (2 * n_head) != 0 {
+    if n_head == 0 || out == 0 || out % (2 * n_head) != 0 {
         bail!("{out} rows cannot be split into {n_head} heads of even size");
     }
     Ok((out, w.elem_count() / out))

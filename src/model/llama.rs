@@ -27,6 +27,9 @@ pub use super::layers::mlp::Mlp;
 pub use super::layers::norm::RmsNorm;
 pub use super::layers::rope::Rope;
 
+/// Positions the RoPE tables cover at most (sequences are limited to this many tokens).
+pub const ROPE_TABLE_MAX: usize = 1 << 17;
+
 mod decode_cuda;
 
 pub struct Llama {
@@ -200,7 +203,7 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            crate::check_cancel()?;
+            crate::check_limits()?;
             layers.push(load_block(c, i, &mut linear, &norm)?);
         }
         let embed_tokens = src.tensor(&names::weight_key(names::EMBED_TOKENS), &[c.vocab_size, hd], dtype, device)?;
@@ -229,7 +232,9 @@ impl Llama {
             layers,
             norm: norm(names::FINAL_NORM, hd)?,
             lm_head,
-            rope: Rope::new(c, c.max_position_embeddings.max(1), dtype, device)?,
+            // The cos/sin tables are built eagerly: at most ROPE_TABLE_MAX positions, not the
+            // config's 16M, which would cost gigabytes before a token is read.
+            rope: Rope::new(c, c.max_position_embeddings.clamp(1, ROPE_TABLE_MAX), dtype, device)?,
             dtype,
             device: device.clone(),
             quantization,

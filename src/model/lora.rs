@@ -75,6 +75,10 @@ fn pattern_matches(pattern: &str, path: &str) -> bool {
     regex::Regex::new(&format!(r"^(.*\.)?(?:{pattern})$")).is_ok_and(|re| re.is_match(path))
 }
 
+/// The largest LoRA rank accepted (`r`, `rank_pattern`): a stated bound checked before the
+/// adapters' matrices are allocated.
+pub const MAX_RANK: usize = 1 << 14;
+
 impl LoraConfig {
     /// This config with [`TargetModules::FamilyDefault`] resolved to `family`'s names.
     pub fn for_family(&self, family: &names::Family) -> LoraConfig {
@@ -89,6 +93,10 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("LoraConfig: `r` must be positive");
         }
+        // Before any adapter matrix is sized from it.
+        if self.r > MAX_RANK {
+            bail!("LoraConfig: `r` = {} is larger than {MAX_RANK}, the largest rank qscript makes", self.r);
+        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("LoraConfig: `lora_dropout` must be in [0, 1), got {}", self.lora_dropout);
         }
@@ -96,8 +104,8 @@ impl LoraConfig {
             regex::Regex::new(r).map_err(|e| anyhow::anyhow!("LoraConfig: `target_modules` regex: {e}"))?;
         }
         for (k, &r) in &self.rank_pattern {
-            if r == 0 {
-                bail!("LoraConfig: rank_pattern `{k}` must be positive");
+            if r == 0 || r > MAX_RANK {
+                bail!("LoraConfig: rank_pattern `{k}` must be between 1 and {MAX_RANK}, got {r}");
             }
         }
         Ok(())

@@ -212,7 +212,7 @@ fn quantize_file(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, 
     let mut report = QuantizeReport::default();
     let mut tensors = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        crate::check_cancel()?;
+        crate::check_limits()?;
         let (shape, dtype) = w.info(name)?;
         let floating = matches!(dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F64);
         if floating && shape.len() == 2 {
@@ -258,7 +258,7 @@ fn quantize_dir(src: &std::path::Path, out: &std::path::Path, cfg: &BnbConfig, f
     let mut report = QuantizeReport::default();
     let mut tensors = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        crate::check_cancel()?;
+        crate::check_limits()?;
         if targets.contains(name) {
             tensors.extend(quantize_stored(&w, name, cfg, &mut report)?);
         } else {

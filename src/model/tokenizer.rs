@@ -62,6 +62,8 @@ const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 const TOKEN_UNUSED: i32 = 5;
 const TOKEN_BYTE: i32 = 6;
+/// The longest text (bytes) one `encode` takes: a 60 MB string once crashed the tokenizer.
+pub const MAX_ENCODE_BYTES: usize = 16 << 20;
 
 impl Tokenizer {
     /// Load `tokenizer.json` + `tokenizer_config.json` (+ `chat_template.jinja`) from an HF
@@ -251,6 +253,14 @@ impl Tokenizer {
     /// Encode; `add_special_tokens` applies the tokenizer's post-processor (e.g. Llama-3's BOS).
     /// Special tokens written in the text (`<|im_start|>`) are parsed as special tokens.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        // Checked before the tokenizer allocates per byte (offsets, pre-token splits).
+        if text.len() > MAX_ENCODE_BYTES {
+            anyhow::bail!(
+                "tokenizer: the text is {} MiB, more than the {} MiB tokenized at once; split it",
+                text.len() >> 20,
+                MAX_ENCODE_BYTES >> 20
+            );
+        }
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }

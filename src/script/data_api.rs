@@ -329,7 +329,15 @@ pub fn register(api: &mut Api) {
     api.func("concat", "dataset.concat(other) -> Dataset", "The records of both datasets, this one first.",
         |ds: &mut DatasetHandle, other: DatasetHandle| handle(ds.0.concat(&other.0)));
     api.func("to_jsonl", "dataset.to_jsonl(path)", "Write the normalised records as JSON Lines (atomically).",
-        |ds: &mut DatasetHandle, path: &str| rt(ds.0.to_jsonl(std::path::Path::new(path))));
+        |ds: &mut DatasetHandle, path: &str| {
+            let path = std::path::Path::new(path);
+            rt(crate::util::permissions::write_file(path).and_then(|_| {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: cannot create directory: {e}", dir.display()))?;
+                }
+                ds.0.to_jsonl(path)
+            }))
+        });
     api.func("stats", "dataset.stats(model) -> map",
         "Token-length statistics after rendering with the model's chat template: count, tokens, trained_tokens, min, mean, \
          p50/p90/p95/p99, max, and how many exceed max_seq_length (default 1024).",

@@ -60,7 +60,14 @@ pub fn lora_config(map: &Map) -> anyhow::Result<LoraConfig> {
             _ => anyhow::bail!("LoraConfig: `init_lora_weights` must be true, false or \"gaussian\", got {v}"),
         };
     }
-    c.rank_pattern = float_map(&cfg, "rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect();
+    // Whole numbers only; 1e20 must not saturate into a huge usize unseen (validate bounds it).
+    c.rank_pattern = float_map(&cfg, "rank_pattern")?
+        .into_iter()
+        .map(|(k, v)| match v {
+            v if v.fract() == 0.0 && v >= 1.0 && v <= crate::model::lora::MAX_RANK as f64 => Ok((k, v as usize)),
+            v => Err(anyhow::anyhow!("LoraConfig: rank_pattern `{k}` must be a whole number between 1 and {}, got {v}", crate::model::lora::MAX_RANK)),
+        })
+        .collect::<anyhow::Result<_>>()?;
     c.alpha_pattern = float_map(&cfg, "alpha_pattern")?;
     if let Some(t) = cfg.str("task_type") {
         c.task_type = Some(t);
@@ -83,6 +90,7 @@ pub fn get_peft_model(m: &ModelHandle, cfg: &LoraConfig) -> anyhow::Result<Model
 pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
     let model = m.get()?;
     let dir = std::path::Path::new(dir);
+    crate::util::permissions::write_dir(dir)?;
     match &model.lora_config {
         Some(cfg) if lora::parameter_counts(&model.llama).0 > 0 => {
             crate::model::adapter::save_adapter(&model.llama, cfg, &model.name_or_path, dir)
@@ -92,6 +100,7 @@ pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
 }
 
 pub fn load_adapter(m: &ModelHandle, dir: &str) -> anyhow::Result<ModelHandle> {
+    crate::util::permissions::read(std::path::Path::new(dir))?;
     let mut model = m.get_mut()?;
     let cfg = crate::model::adapter::load_adapter(&mut model.llama, std::path::Path::new(dir))?;
     model.lora_config = Some(cfg);

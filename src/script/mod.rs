@@ -2,6 +2,7 @@
 //! `recipe.rhai:LINE:COL: message`, stdlib modules embedded in the binary, `--set` overrides
 //! and the static checker behind `qscript check`.
 
+pub mod access;
 pub mod config;
 pub mod data_api;
 pub mod export_api;
@@ -17,7 +18,9 @@ pub mod util_api;
 use anyhow::{bail, Context, Result};
 use rhai::module_resolvers::{FileModuleResolver, ModuleResolversCollection};
 use rhai::{Dynamic, Engine, EvalAltResult, Position, Scope, AST};
+use crate::util::permissions::{self, Grants, Policy};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 pub type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
@@ -86,6 +89,49 @@ impl rhai::ModuleResolver for StdlibResolver {
     }
 }
 
+/// `import "file"`: Rhai's file resolver behind the permission checker. The module's string
+/// literals join the recipe's (hub ids it names may be fetched) and its folder becomes readable.
+struct CheckedFiles(FileModuleResolver);
+
+impl rhai::ModuleResolver for CheckedFiles {
+    fn resolve(&self, engine: &Engine, source: Option<&str>, path: &str, pos: Position) -> RhaiResult<rhai::Shared<rhai::Module>> {
+        let file = self.0.get_file_path(path, source.map(Path::new).and_then(Path::parent));
+        // Rhai's resolver collection accepts only module errors.
+        let denied = |e: anyhow::Error| -> Box<EvalAltResult> {
+            let inner = EvalAltResult::ErrorRuntime(format!("{e:#}").into(), Position::NONE);
+            EvalAltResult::ErrorInModule(path.into(), inner.into(), pos).into()
+        };
+        if let Some(policy) = permissions::current() {
+            policy.check_read(&file).map_err(denied)?;
+            if file.symlink_metadata().is_ok() && !file.is_file() {
+                return Err(denied(anyhow::anyhow!("{}: not a regular file", file.display())));
+            }
+            if let Ok(ast) = engine.compile_file(file.clone()) {
+                policy.add_literals(string_literals(&ast));
+            }
+            if let Some(dir) = file.parent() {
+                policy.add_read_root(dir, "an imported module's folder");
+            }
+        }
+        self.0.resolve(engine, source, path, pos)
+    }
+}
+
+/// Every string literal of `ast` (functions included): the only model ids and revisions a
+/// recipe may send to the hub without `--allow-net`. A string built at run time is never one.
+pub fn string_literals(ast: &AST) -> Vec<String> {
+    let mut out = Vec::new();
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        match nodes.last() {
+            Some(rhai::ASTNode::Expr(rhai::Expr::StringConstant(s, _))) => out.push(s.to_string()),
+            Some(rhai::ASTNode::Expr(rhai::Expr::DynamicConstant(d, _))) if d.is_string() => out.push(d.to_string()),
+            _ => {}
+        }
+        true
+    });
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Script operations before a run is stopped (native calls count as one).
@@ -101,6 +147,16 @@ impl Default for Limits {
 pub struct Host {
     pub engine: Engine,
     pub docs: Vec<FnDoc>,
+    /// The permissions recipes run under; `None` (the library used from Rust): no checks.
+    pub policy: Option<Rc<Policy>>,
+}
+
+/// The folders a recipe may read without a flag besides its own: the model caches.
+pub fn cache_roots() -> Vec<(PathBuf, &'static str)> {
+    vec![
+        (crate::model::hub::hf_cache().path().clone(), "the HF hub cache"),
+        (crate::model::hub::qscript_cache_dir(), "qscript's model cache"),
+    ]
 }
 
 impl Host {
@@ -109,13 +165,20 @@ impl Host {
         let mut engine = Engine::new();
         // Compile unoptimized (see `compile_source`); runs optimize explicitly.
         engine.set_optimization_level(rhai::OptimizationLevel::None);
+        // Operators resolve through functions, so `util_api`'s bounded string `+` / `+=` apply.
+        engine.set_fast_operators(false);
         let mut docs = Vec::new();
+        // Rhai's array / map / string size limits are off: it checks them by walking the whole
+        // value after every call that may change it, so `a.push(x)` in a loop costs O(n²)
+        // and never reaches a 10M limit in practice. The memory limit (`util::memory`,
+        // checked at every operation below) bounds what a recipe makes instead, native
+        // objects included.
         engine
             .set_max_call_levels(64)
             .set_max_expr_depths(128, 64)
-            .set_max_string_size(64 << 20)
-            .set_max_array_size(10_000_000)
-            .set_max_map_size(1_000_000)
+            .set_max_string_size(0)
+            .set_max_array_size(0)
+            .set_max_map_size(0)
             .set_max_modules(256)
             .set_max_variables(10_000)
             .set_max_functions(10_000);
@@ -124,6 +187,8 @@ impl Host {
         engine.on_progress(move |ops| {
             if crate::CANCEL.load(Ordering::Relaxed) {
                 Some(Dynamic::from("interrupted (Ctrl-C)"))
+            } else if let Some(msg) = crate::util::memory::over_limit() {
+                Some(Dynamic::from(msg))
             } else if ops > max_ops {
                 Some(Dynamic::from(format!(
                     "stopped after {max_ops} operations (a runaway loop?); raise the limit with --max-operations"
@@ -136,7 +201,7 @@ impl Host {
         resolvers.push(StdlibResolver);
         let mut files = FileModuleResolver::new_with_path(base_dir.unwrap_or(Path::new(".")));
         files.enable_cache(true);
-        resolvers.push(files);
+        resolvers.push(CheckedFiles(files));
         engine.set_module_resolver(resolvers);
         {
             let mut api = Api { engine: &mut engine, docs: &mut docs };
@@ -150,15 +215,41 @@ impl Host {
             export_api::register(&mut api);
             display_api::register(&mut api);
         }
-        Self { engine, docs }
+        Self { engine, docs, policy: None }
     }
 
     pub fn for_recipe(path: &Path, limits: &Limits) -> Self {
         Self::new(path.parent(), limits)
     }
 
+    /// A host for a recipe run from the command line: deny by default, `grants` from the
+    /// flags; the recipe's folder and the model caches are readable.
+    pub fn sandboxed(recipe: &Path, limits: &Limits, grants: &Grants) -> Self {
+        let dir = recipe.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut roots = vec![(dir.to_path_buf(), "the recipe's folder")];
+        roots.extend(cache_roots());
+        let mut host = Self::new(recipe.parent(), limits);
+        host.policy = Some(Rc::new(Policy::new(grants, &roots)));
+        host
+    }
+
+    /// Put this host's permissions in force on this thread while the guard lives.
+    pub fn enter(&self) -> Option<permissions::Active> {
+        self.policy.clone().map(permissions::activate)
+    }
+
+    /// The recipe's literals may be sent to the hub as model ids.
+    pub fn allow_literals_of(&self, ast: &AST) {
+        if let Some(p) = &self.policy {
+            p.add_literals(string_literals(ast));
+        }
+    }
+
     /// Compile a recipe; syntax errors come back as `file:LINE:COL: message`.
     pub fn compile_file(&self, path: &Path) -> Result<AST> {
+        if path.symlink_metadata().is_ok() && !path.is_file() {
+            bail!("{}: not a regular file", path.display());
+        }
         let src = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read recipe", path.display()))?;
         self.compile_source(&src, &path.display().to_string())
     }
@@ -188,6 +279,8 @@ impl Host {
     pub fn run_file(&self, path: &Path, overrides: &[(String, String)]) -> Result<()> {
         let ast = self.compile_file(path)?;
         let ast = apply_overrides(ast, overrides).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        self.allow_literals_of(&ast);
+        let _active = self.enter();
         let ast = self.optimize(ast);
         let mut scope = Scope::new();
         self.engine
@@ -224,6 +317,10 @@ impl Host {
             bail!(errors.join("\n"));
         }
         report.constants = top_level_constants(&ast).into_iter().map(|(n, _)| n).collect();
+        if let Some(p) = &self.policy {
+            p.add_literals(string_literals(&ast));
+            report.accesses = access::accesses(&ast, p);
+        }
         Ok(report)
     }
 }
@@ -232,6 +329,8 @@ impl Host {
 pub struct CheckReport {
     pub maps_checked: usize,
     pub constants: Vec<String>,
+    /// What the recipe reads, writes and fetches, judged by the host's permissions.
+    pub accesses: Vec<access::Access>,
 }
 
 fn literal_of(e: &rhai::Expr) -> Option<config::Literal> {

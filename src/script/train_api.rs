@@ -50,6 +50,7 @@ pub fn training_arguments(map: &Map) -> anyhow::Result<TrainingArguments> {
 pub fn training_arguments_as(schema: &'static config::Schema, map: &Map) -> anyhow::Result<TrainingArguments> {
     let cfg: Cfg = schema.check(map).map_err(anyhow::Error::msg)?;
     let out = cfg.str("output_dir").ok_or_else(|| anyhow::anyhow!("TrainingArguments: `output_dir` is required"))?;
+    crate::util::permissions::output_dir(Path::new(&out))?;
     let mut a = TrainingArguments::new(out);
     let us = |k: &str| cfg.usize(k).map_err(|e| anyhow::anyhow!("TrainingArguments: {e}"));
     if let Some(v) = cfg.float("num_train_epochs") {
@@ -101,7 +102,10 @@ fn resume_value(v: &Dynamic, what: &str) -> anyhow::Result<Resume> {
     Ok(match (v.as_bool().ok(), v.clone().into_string().ok()) {
         (Some(true), _) => Resume::Latest,
         (Some(false), _) => Resume::No,
-        (_, Some(p)) => Resume::Path(PathBuf::from(p)),
+        (_, Some(p)) => {
+            crate::util::permissions::read(Path::new(&p))?; // issue 17: a checkpoint outside is denied
+            Resume::Path(PathBuf::from(p))
+        }
         _ => anyhow::bail!("{what}: `resume_from_checkpoint` must be true, false or a checkpoint path"),
     })
 }

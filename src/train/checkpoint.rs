@@ -23,6 +23,16 @@ pub struct Manifest {
     /// How the run was started: command, `--set` values, device, dtypes, commit, weights hash.
     #[serde(flatten)]
     pub record: super::record::RunRecord,
+    /// The run (a fresh training and its resumptions) that wrote it: pruning touches only the
+    /// run's own checkpoints, and `resume_from_checkpoint: true` continues the latest run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
+/// A new run's id: unique per process start and time.
+pub fn new_run_id() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:x}-{:x}-{:x}", t.as_secs(), t.subsec_nanos(), std::process::id())
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -132,15 +142,34 @@ pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
-/// Keep the newest `limit` checkpoints (and the best one, as transformers does).
-pub fn prune(output_dir: &Path, limit: usize, keep: Option<&Path>) -> Result<()> {
+/// The run id in a checkpoint's (or an output_dir's) `manifest.json`.
+pub fn run_id_of(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).ok()?;
+    serde_json::from_str::<Manifest>(&text).ok()?.run_id
+}
+
+/// The checkpoint `resume_from_checkpoint: true` continues: the newest of the run that last
+/// wrote `output_dir/manifest.json`, else the highest step (a stale `checkpoint-20` of an
+/// older run does not win over the latest run's own).
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
     let all = list(output_dir);
-    let excess = all.len().saturating_sub(limit);
-    for (_, dir) in all.into_iter().take(excess) {
+    let run = run_id_of(output_dir);
+    let ours = all.iter().rev().find(|(_, p)| run.is_some() && run_id_of(p) == run);
+    ours.or(all.last()).map(|(_, p)| p.clone())
+}
+
+/// Keep the newest `limit` checkpoints of run `run_id` (and the best one, as transformers
+/// does). Checkpoints of other runs are neither counted nor removed. A removed checkpoint
+/// vanishes in one rename, so none is ever left half-deleted under its name.
+pub fn prune(output_dir: &Path, limit: usize, keep: Option<&Path>, run_id: &str) -> Result<()> {
+    let ours: Vec<(usize, PathBuf)> = list(output_dir).into_iter().filter(|(_, p)| run_id_of(p).as_deref() == Some(run_id)).collect();
+    let excess = ours.len().saturating_sub(limit);
+    for (_, dir) in ours.into_iter().take(excess) {
         if Some(dir.as_path()) == keep {
             continue;
         }
-        std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot remove old checkpoint", dir.display()))?;
+        crate::util::permissions::write(&dir)?;
+        crate::util::fs::remove_dir(&dir).with_context(|| format!("{}: cannot remove old checkpoint", dir.display()))?;
     }
     Ok(())
 }

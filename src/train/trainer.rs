@@ -324,6 +324,7 @@ impl SftTrainer {
             base_model_config_sha256: checkpoint::config_sha256(model.config()),
             base_model: model.name_or_path.clone(),
             seed: self.args.seed,
+            run_id: Some(checkpoint::new_run_id()),
             record: RunRecord { recipe_file: self.recipe_file(), ..RunRecord::of(model) },
         }
     }
@@ -347,8 +348,8 @@ impl SftTrainer {
                 }
                 Some(p.clone())
             }
-            Resume::Latest => match checkpoint::list(&self.args.output_dir).pop() {
-                Some((_, p)) => Some(p),
+            Resume::Latest => match checkpoint::latest(&self.args.output_dir) {
+                Some(p) => Some(p),
                 None => bail!("resume_from_checkpoint: no checkpoint-* directory in {}", self.args.output_dir.display()),
             },
         })
@@ -588,6 +589,10 @@ impl SftTrainer {
             bail!("{}: its adapters do not match the model's (different LoraConfig?)", dir.display());
         }
         warn_if_changed(&dir, &ck.manifest, &run.manifest);
+        // The resumed run continues the checkpoint's run (its checkpoints stay its own).
+        if ck.manifest.run_id.is_some() {
+            run.manifest.run_id = ck.manifest.run_id.clone();
+        }
         let opt = &mut run.steps.opt;
         opt.params = ck.params;
         opt.step = ck.optimizer_step;
@@ -607,6 +612,8 @@ impl SftTrainer {
     /// the line that says what will run.
     fn open_output(&self, run: &mut Run) -> Result<RunLog> {
         let (a, out_dir) = (&self.args, &self.args.output_dir);
+        crate::util::permissions::write(out_dir)?;
+        crate::util::fs::remove_dead_temps(out_dir);
         std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
         if let (Some((_, src)), Some(name)) = (&self.recipe, self.recipe_file()) {
             crate::util::fs::write(&out_dir.join(name), src.as_bytes())?;
@@ -775,7 +782,8 @@ impl SftTrainer {
         }
         if let Some(limit) = a.save_total_limit {
             let best = run.state.best_model_checkpoint.as_ref().map(PathBuf::from);
-            checkpoint::prune(out_dir, limit.max(1), best.as_deref())?;
+            let run_id = run.manifest.run_id.clone().unwrap_or_default();
+            checkpoint::prune(out_dir, limit.max(1), best.as_deref(), &run_id)?;
         }
         Ok(dir)
     }

@@ -22,9 +22,11 @@ pub enum Existing {
     /// Put the new one in its place whole: a file by one rename; a directory (or a file over
     /// a directory) by moving the old one aside, renaming the new one in, removing the old one.
     Replace,
-    /// Directories: move each new entry into the existing directory by its own rename (data
-    /// first, `.json` last, so a reader that sees a new config also sees the new weights);
-    /// other entries stay. A file behaves as with `Replace`.
+    /// Directories: the new entries replace those of the same name, other entries stay; the
+    /// result is installed whole as with `Replace` (the kept entries are hard-linked into the
+    /// new directory first), so a kill never leaves new weights beside an old config. Where the
+    /// directory cannot be swapped (a mount point), each entry is renamed in (data first,
+    /// `.json` last). A file behaves as with `Replace`.
     Merge,
     /// Keep what is there (another writer finished first) and drop the new one.
     Keep,
@@ -65,24 +67,81 @@ pub fn install_dir(dir: &Path, existing: Existing, write: impl FnOnce(&Path) -> 
     check(&dir, existing, true)?;
     let (parent, name) = split(&dir)?;
     std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create directory", parent.display()))?;
+    remove_stale_temps(&dir, STALE_AGE);
     let tmp = Temp::dir_in(parent, &name)?;
     write(tmp.path())?;
     seal(tmp.path())?;
     put_in_place(tmp, &dir, existing)
 }
 
-/// Remove `.<name>.tmp-…` entries next to `target` older than `age`: left-overs of writers
-/// that crashed (a model conversion's holds a full copy of the model).
+/// Temporaries of a live process are left alone this long (another host may share the folder).
+pub const STALE_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Clean up after writers that died next to `target`: their `.<name>.tmp-…` / `.del-…`
+/// entries are removed, and a swap cut short (the old one moved aside, the new one not yet in)
+/// is finished — the complete new one (`.<name>.new-…`) goes in, else the old one comes back.
+/// A writer is dead when its process is gone (the pid is in the name), or after `age`.
 pub fn remove_stale_temps(target: &Path, age: Duration) {
     let Ok((parent, name)) = split(target) else { return };
-    let prefix = format!(".{name}.tmp-");
+    sweep(parent, Some(&name), age);
+}
+
+/// [`remove_stale_temps`] for every target in `dir` (an output folder at the start of a run).
+pub fn remove_dead_temps(dir: &Path) {
+    sweep(dir, None, STALE_AGE);
+}
+
+fn sweep(parent: &Path, only: Option<&str>, age: Duration) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let mut left: Vec<(String, String, PathBuf)> = Vec::new();
     for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some((target, tag, pid)) = parse_temp(&file) else { continue };
+        if only.is_some_and(|n| n != target) {
+            continue;
+        }
         let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > age);
-        if old && e.file_name().to_string_lossy().starts_with(&prefix) {
-            remove(&e.path());
+        if old || pid.is_some_and(is_dead) {
+            left.push((target.to_string(), tag.to_string(), e.path()));
         }
     }
+    // Finish interrupted swaps first (new over old), then remove the rest.
+    left.sort_by_key(|(_, tag, _)| match tag.as_str() { "new" => 0, "old" => 1, _ => 2 });
+    for (target, tag, path) in left {
+        let to = parent.join(&target);
+        if (tag == "new" || tag == "old") && to.symlink_metadata().is_err() && std::fs::rename(&path, &to).is_ok() {
+            continue;
+        }
+        remove(&path);
+    }
+}
+
+/// `.<target>.<tag>-<pid>-…` → (target, tag, pid) for qscript's temporary names.
+fn parse_temp(file: &str) -> Option<(&str, &str, Option<u32>)> {
+    let rest = file.strip_prefix('.')?;
+    for tag in ["tmp", "old", "new", "del"] {
+        if let Some(i) = rest.rfind(&format!(".{tag}-")) {
+            let pid = rest[i + tag.len() + 2..].split('-').next().and_then(|p| p.parse().ok());
+            return Some((&rest[..i], tag, pid));
+        }
+    }
+    None
+}
+
+/// A process that no longer runs on this host (unknowable without `/proc`: then alive).
+fn is_dead(pid: u32) -> bool {
+    pid != std::process::id() && Path::new("/proc/self").exists() && !Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Remove a directory so that no reader ever sees part of it: renamed to a temporary name
+/// first (one atomic step), then deleted; a kill in between leaves only the temporary, which
+/// the next run in that folder removes.
+pub fn remove_dir(dir: &Path) -> Result<()> {
+    let doomed = Temp::next_to(dir, "del")?;
+    std::fs::rename(dir, doomed.path()).with_context(|| format!("{}: cannot remove", dir.display()))?;
+    sync_parent(dir);
+    drop(doomed);
+    Ok(())
 }
 
 /// A temporary file or directory next to where its content will end up; removed on drop
@@ -222,8 +281,52 @@ fn put_in_place(tmp: Temp, target: &Path, existing: Existing) -> Result<()> {
     }
 }
 
-/// Rename every entry of `tmp` into the directory `dir`, data files first and `.json` last.
+/// Merge `tmp` into the directory `dir`: the entries of `dir` that `tmp` lacks are hard-linked
+/// (copied where links fail) into `tmp`, which then replaces `dir` whole.
 fn merge(tmp: Temp, dir: &Path) -> Result<()> {
+    link_missing(dir, tmp.path())?;
+    sync_dir(tmp.path());
+    match swap_dir(&tmp, dir) {
+        Ok(()) => {
+            tmp.persist();
+            Ok(())
+        }
+        // A directory that cannot be renamed (a mount point): entry by entry.
+        Err(_) if dir.is_dir() => merge_entries(tmp, dir),
+        Err(e) => Err(e),
+    }
+}
+
+/// Hard-link (or copy) into `to` every entry of `from` that `to` does not have, recursively.
+fn link_missing(from: &Path, to: &Path) -> Result<()> {
+    for e in std::fs::read_dir(from).with_context(|| format!("{}: cannot list", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let kind = e.file_type()?;
+        if parse_temp(&e.file_name().to_string_lossy()).is_some() {
+            continue; // another writer's temporary
+        }
+        if kind.is_dir() {
+            if dst.symlink_metadata().is_err() {
+                std::fs::create_dir(&dst)?;
+            }
+            if dst.is_dir() {
+                link_missing(&src, &dst)?;
+            }
+        } else if dst.symlink_metadata().is_err() {
+            if kind.is_symlink() {
+                #[cfg(unix)]
+                std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+            } else if std::fs::hard_link(&src, &dst).is_err() {
+                std::fs::copy(&src, &dst).with_context(|| format!("{}: cannot copy", src.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rename every entry of `tmp` into the directory `dir`, data files first and `.json` last.
+fn merge_entries(tmp: Temp, dir: &Path) -> Result<()> {
     let mut names = std::fs::read_dir(tmp.path())?.map(|e| e.map(|e| e.file_name())).collect::<std::io::Result<Vec<_>>>()?;
     names.sort_by_key(|f| (f.to_string_lossy().ends_with(".json"), f.clone()));
     for f in names {
@@ -234,12 +337,62 @@ fn merge(tmp: Temp, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Replace `target` whole: the old one is moved aside, the new one renamed in, the old one
-/// removed. If the new one cannot go in, the old one is put back (or, failing that, kept aside).
+/// Replace `target` whole with `tmp`.
 fn swap(tmp: Temp, target: &Path) -> Result<()> {
+    swap_dir(&tmp, target)?;
+    tmp.persist();
+    Ok(())
+}
+
+/// Replace `target` with `tmp`'s content in one atomic exchange where the system has one
+/// (Linux `renameat2(RENAME_EXCHANGE)`; the old content, now at `tmp`'s name, is removed).
+/// Elsewhere: `tmp` is renamed `.<name>.new-…` (marking it complete), the old one moved aside,
+/// the new one renamed in, the old one removed; a kill in between is finished by the next
+/// [`remove_stale_temps`]. If the new one cannot go in, the old one is put back.
+fn swap_dir(tmp: &Temp, target: &Path) -> Result<()> {
+    if exchange(tmp.path(), target).is_ok() {
+        sync_parent(target);
+        remove(tmp.path());
+        return Ok(());
+    }
+    let new = Temp::next_to(target, "new")?;
+    std::fs::rename(tmp.path(), new.path()).with_context(|| format!("{}: cannot move into place", target.display()))?;
+    let r = swap_renames(&new, target);
+    if r.is_err() {
+        let _ = std::fs::rename(new.path(), tmp.path());
+    }
+    new.persist();
+    r
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    extern "C" {
+        fn renameat2(olddirfd: i32, oldpath: *const std::ffi::c_char, newdirfd: i32, newpath: *const std::ffi::c_char, flags: u32) -> i32;
+    }
+    const AT_FDCWD: i32 = -100;
+    const RENAME_EXCHANGE: u32 = 2;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+    if unsafe { renameat2(AT_FDCWD, a.as_ptr(), AT_FDCWD, b.as_ptr(), RENAME_EXCHANGE) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// The two-rename swap of a complete `new` into `target`.
+fn swap_renames(new: &Temp, target: &Path) -> Result<()> {
     let old = Temp::next_to(target, "old")?;
     std::fs::rename(target, old.path()).with_context(|| format!("{}: cannot move the old one aside", target.display()))?;
-    if let Err(e) = std::fs::rename(tmp.path(), target) {
+    if let Err(e) = std::fs::rename(new.path(), target) {
         let restored = std::fs::rename(old.path(), target).is_ok();
         let aside = old.path().display().to_string();
         old.persist();
@@ -248,7 +401,6 @@ fn swap(tmp: Temp, target: &Path) -> Result<()> {
         }
         bail!("{}: cannot move into place: {e}", target.display());
     }
-    tmp.persist();
     sync_parent(target);
     drop(old);
     Ok(())
@@ -469,5 +621,81 @@ mod tests {
         let left = names(t.path());
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(!stale.exists() && left.contains(&".other.tmp-1".to_string()), "{left:?}");
+    }
+
+    /// The pid of a process that has exited.
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn merge_installs_the_whole_directory_in_one_step() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("adapter");
+        make_dir(&d, &[("adapter_config.json", "alpha 8"), ("adapter_model.safetensors", "old"), ("README.md", "mine")]);
+        let (dir_ino, readme_ino) = (std::fs::metadata(&d).unwrap().ino(), std::fs::metadata(d.join("README.md")).unwrap().ino());
+        install_dir(&d, Existing::Merge, |tmp| {
+            write(&tmp.join("adapter_model.safetensors"), b"new")?;
+            // Until the swap, a reader sees the old pair only.
+            assert_eq!(std::fs::read_to_string(d.join("adapter_model.safetensors")).unwrap(), "old");
+            write(&tmp.join("adapter_config.json"), b"alpha 16")
+        })
+        .unwrap();
+        assert_eq!(names(&d), ["README.md", "adapter_config.json", "adapter_model.safetensors"]);
+        assert_eq!(std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), "alpha 16");
+        assert_eq!(std::fs::read_to_string(d.join("README.md")).unwrap(), "mine");
+        assert_ne!(std::fs::metadata(&d).unwrap().ino(), dir_ino, "a new directory was swapped in (not renamed into file by file)");
+        assert_eq!(std::fs::metadata(d.join("README.md")).unwrap().ino(), readme_ino, "kept files are linked, not copied");
+        assert_eq!(names(t.path()), ["adapter"]);
+    }
+
+    /// A kill between the two renames of a swap (where the exchange is not available): the
+    /// next sweep puts the complete new one in, or the old one back; never a mix.
+    #[test]
+    fn an_interrupted_swap_is_finished_by_the_next_sweep() {
+        let t = tempfile::tempdir().unwrap();
+        let pid = dead_pid();
+        let m = t.path().join("m");
+        // Killed after moving the old one aside, with the new one complete.
+        make_dir(&t.path().join(format!(".m.old-{pid}-1-0")), &[("config.json", "old"), ("w", "old")]);
+        make_dir(&t.path().join(format!(".m.new-{pid}-1-1")), &[("config.json", "new"), ("w", "new")]);
+        remove_stale_temps(&m, STALE_AGE);
+        assert_eq!(names(t.path()), ["m"]);
+        assert_eq!((std::fs::read_to_string(m.join("config.json")).unwrap(), std::fs::read_to_string(m.join("w")).unwrap()), ("new".into(), "new".into()));
+        // Killed after moving the old one aside, before the new one was complete: old back.
+        std::fs::rename(&m, t.path().join(format!(".m.old-{pid}-2-0"))).unwrap();
+        make_dir(&t.path().join(format!(".m.tmp-{pid}-2-1")), &[("w", "half")]);
+        remove_stale_temps(&m, STALE_AGE);
+        assert_eq!(names(t.path()), ["m"]);
+        assert_eq!(std::fs::read_to_string(m.join("w")).unwrap(), "new");
+        // A live writer's temporaries (this process's) stay until they are old.
+        let live = t.path().join(format!(".m.tmp-{}-3-0", std::process::id()));
+        make_dir(&live, &[("w", "writing")]);
+        remove_stale_temps(&m, STALE_AGE);
+        assert!(live.exists());
+        // A whole output folder is swept at a run's start.
+        make_dir(&t.path().join(format!(".checkpoint-4.tmp-{pid}-4-0")), &[("x", "1")]);
+        std::fs::write(t.path().join(format!(".metrics.jsonl.tmp-{pid}-4-1.jsonl")), "x").unwrap();
+        remove_dead_temps(t.path());
+        assert_eq!(names(t.path()).len(), 2, "{:?}", names(t.path()));
+    }
+
+    #[test]
+    fn remove_dir_never_leaves_a_partial_directory_under_its_name() {
+        let t = tempfile::tempdir().unwrap();
+        let c = t.path().join("checkpoint-3");
+        make_dir(&c, &[("trainer_state.json", "{}"), ("optimizer.safetensors", "x")]);
+        remove_dir(&c).unwrap();
+        assert_eq!(names(t.path()), Vec::<String>::new());
+        // A kill during the deletion leaves only the renamed temporary, swept by the next run.
+        let pid = dead_pid();
+        make_dir(&t.path().join(format!(".checkpoint-3.del-{pid}-1-0")), &[("optimizer.safetensors", "x")]);
+        remove_dead_temps(t.path());
+        assert_eq!(names(t.path()), Vec::<String>::new());
     }
 }

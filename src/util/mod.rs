@@ -1,6 +1,10 @@
 //! Small shared helpers.
 
+pub mod files;
 pub mod fs;
+pub mod fuzz;
+pub mod memory;
+pub mod permissions;
 
 /// The closest of `candidates` to `word` (for "unknown key `x`; did you mean `y`?").
 pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
