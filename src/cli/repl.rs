@@ -201,6 +201,7 @@ impl Session {
     /// (read it and the model caches, write output folders inside it, fetch the hub ids typed
     /// at the prompt), plus what the flags grant.
     pub fn sandboxed(limits: &Limits, grants: &crate::util::permissions::Grants) -> Self {
+        crate::script::train_api::pause_on_interrupt(true);
         let host = Host::sandboxed(std::path::Path::new("./repl"), limits, grants);
         Self { host, scope: Scope::new(), functions: AST::empty() }
     }
