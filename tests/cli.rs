@@ -131,3 +131,33 @@ fn every_shipped_recipe_passes_check() {
     }
     assert!(n >= 5, "chat + four training recipes, found {n}");
 }
+
+/// `qscript repl` takes the permission flags of a recipe run: a dataset outside the working
+/// directory is denied by default and readable with `--allow-read=DIR`.
+#[test]
+fn repl_takes_the_permission_flags() {
+    let (cwd, outside, home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let data = outside.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello\"}\n{\"text\": \"world\"}\n").unwrap();
+    let repl = |extra: &[String]| {
+        let mut child = qscript()
+            .current_dir(cwd.path())
+            .arg("repl")
+            .args(extra)
+            .env("HOME", home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = format!("\"N=\" + load_dataset(\"{}\").len()\n:quit\n", data.display());
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (stdout, stderr) = repl(&[]);
+    assert!(!stdout.contains("N=2"), "{stdout}");
+    assert!(stderr.contains("--allow-read"), "the denial names the flag: {stderr}");
+    let (stdout, stderr) = repl(&[format!("--allow-read={}", outside.path().display())]);
+    assert!(stdout.contains("N=2"), "{stdout}\n{stderr}");
+}

@@ -123,9 +123,9 @@ enum Command {
     /// Interactive REPL (history, completion, :help)
     #[command(after_help = "Examples:\n  qscript repl\n  >> let model = load_model(\"HuggingFaceTB/SmolLM2-135M-Instruct\");\n  >> model.chat(\"Hi!\", #{ stream: true })\n  >> :help chat")]
     Repl {
-        /// Put every load_model of the session on this device: cpu, cuda, cuda:N or auto
-        #[arg(long, value_name = "DEVICE")]
-        device: Option<String>,
+        /// The same permission, limit and device flags as a recipe run (`qscript repl --allow-all`)
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Chat with a model in the terminal (chat template, streaming, /reset, /system)
     #[command(after_help = chat::EXAMPLES)]
@@ -294,9 +294,9 @@ fn cli_main() -> i32 {
     match (cli.command, cli.recipe) {
         (Some(Command::Run { recipe, run }), _) => report(run_recipe(&recipe, &run)),
         (Some(Command::Check { recipe, run }), _) => report(check_recipe(&recipe, &run)),
-        (Some(Command::Repl { device }), _) => {
+        (Some(Command::Repl { run }), _) => {
             EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
-            report(repl::run(&RunArgs { device: device.or(cli.run.device.clone()), ..cli.run.clone() }))
+            report(repl::run(&run))
         }
         (None, None) => {
             EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
