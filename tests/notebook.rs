@@ -24,15 +24,6 @@ fn run_script(dir: &Path, src: &str) -> (i32, String, String) {
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
 }
 
-fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    common::tiny_chat_model(&model);
-    let data = tmp.path().join("data.jsonl");
-    common::write_conversations(&data, 24);
-    (tmp, model, data)
-}
-
 /// A recipe that trains 4 steps with `args` added to TrainingArguments (or SFTConfig).
 fn train_recipe(model: &Path, data: &Path, out: &Path, ctor: &str, args: &str) -> String {
     format!(
@@ -139,7 +130,7 @@ fn crc32c_matches_the_standard_check_values() {
 
 #[test]
 fn report_to_tensorboard_writes_event_files_with_the_metrics() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let out = tmp.path().join("out");
     let tb = tmp.path().join("tb");
     let src = train_recipe(&model, &data, &out, "SFTConfig", &format!(r#", report_to: ["tensorboard"], logging_dir: "{}", eval_strategy: "steps", eval_steps: 2"#, tb.display()))
@@ -240,7 +231,7 @@ fn max_length_sets_max_seq_length() {
 
 #[test]
 fn fp16_on_the_cpu_is_an_error_that_says_why() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let src = train_recipe(&model, &data, &tmp.path().join("out"), "TrainingArguments", ", fp16: true");
     let (code, _, stderr) = run_script(tmp.path(), &src);
     assert_ne!(code, 0);
@@ -250,7 +241,7 @@ fn fp16_on_the_cpu_is_an_error_that_says_why() {
 
 #[test]
 fn eight_bit_optimizers_run_adamw_and_say_what_they_would_save() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let src = train_recipe(&model, &data, &tmp.path().join("out"), "SFTConfig", ", optim: \"paged_adamw_8bit\", bf16: true");
     let (code, stdout, stderr) = run_script(tmp.path(), &src);
     assert_eq!(code, 0, "{stderr}");
@@ -276,7 +267,7 @@ fn optimizer_note_counts_bitsandbytes_state() {
 
 #[test]
 fn save_only_model_checkpoints_have_no_optimizer_and_refuse_to_resume() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let out = tmp.path().join("out");
     let src = train_recipe(&model, &data, &out, "TrainingArguments", ", save_only_model: true");
     let (code, _, stderr) = run_script(tmp.path(), &src);
@@ -290,7 +281,7 @@ fn save_only_model_checkpoints_have_no_optimizer_and_refuse_to_resume() {
 
 #[test]
 fn dataset_text_field_trains_on_that_field() {
-    let (tmp, model, _) = fixture();
+    let (tmp, model, _) = common::chat_fixture();
     let data = tmp.path().join("notes.jsonl");
     let lines: Vec<String> = (0..8).map(|i| serde_json::json!({"body": format!("note {i}: restart the router"), "text": ""}).to_string()).collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
@@ -333,7 +324,7 @@ fn rhai_literal(v: &serde_json::Value) -> String {
 
 #[test]
 fn tool_schemas_written_in_a_recipe_render_as_transformers_renders_them() {
-    let (tmp, model, _) = fixture();
+    let (tmp, model, _) = common::chat_fixture();
     let cases = tool_golden();
     let mut src = format!("let model = load_model(\"{}\");\n", model.display());
     for (i, c) in cases.iter().enumerate() {
@@ -362,7 +353,7 @@ fn tool_schemas_written_in_a_recipe_render_as_transformers_renders_them() {
 
 /// The golden conversations as dataset rows (`messages` + `tools`), a tiny model with `tpl`.
 fn tool_rows(tpl: &str) -> (tempfile::TempDir, qscript::model::Model, qscript::data::Dataset, Vec<serde_json::Value>) {
-    let (tmp, model_dir, _) = fixture();
+    let (tmp, model_dir, _) = common::chat_fixture();
     let cases: Vec<serde_json::Value> = tool_golden().into_iter().filter(|c| c["template"] == tpl).collect();
     let data = tmp.path().join("tools.jsonl");
     let lines: Vec<String> = cases.iter().map(|c| serde_json::json!({"messages": c["messages"], "tools": c["tools"]}).to_string()).collect();
@@ -408,7 +399,7 @@ fn tool_call_rows_render_and_mask_as_transformers() {
 
 #[test]
 fn rows_through_a_recipe_map_keep_their_field_order() {
-    let (tmp, model, _) = fixture();
+    let (tmp, model, _) = common::chat_fixture();
     let _ = model;
     let cases = tool_golden();
     let data = tmp.path().join("tools.jsonl");
@@ -458,7 +449,7 @@ fn load_dataset_columns_map_other_field_names() {
 }
 
 fn lint_kinds(rows: &[serde_json::Value], max: Option<usize>) -> Vec<(String, Vec<usize>)> {
-    let (tmp, model_dir, _) = fixture();
+    let (tmp, model_dir, _) = common::chat_fixture();
     let m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
     let data = tmp.path().join("d.jsonl");
     std::fs::write(&data, rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
@@ -494,7 +485,7 @@ fn a_template_without_tool_support_fails_naming_the_tool_calls() {
     use serde_json::json;
     // The tiny model's SmolLM2 template concatenates `content`: a call's null content fails there
     // (as in transformers); the error says what the row holds.
-    let (tmp, model_dir, _) = fixture();
+    let (tmp, model_dir, _) = common::chat_fixture();
     let m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
     let data = tmp.path().join("d.jsonl");
     let row = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]});
@@ -597,7 +588,7 @@ fn parquet_with_columns_and_a_codec_it_lacks_through_a_recipe() {
 #[test]
 fn parquet_tool_rows_train_their_calls() {
     // The parquet tool conversation through a Qwen2.5 template: the call is trained, the result is not.
-    let (_tmp, model_dir, _) = fixture();
+    let (_tmp, model_dir, _) = common::chat_fixture();
     let (ds, _) = qscript::data::load_dataset(&parquet_fixture("chat.parquet"), &Default::default()).unwrap();
     let mut m = qscript::model::Model::load_hf_dir("tiny", &model_dir, &Default::default()).unwrap();
     m.tokenizer.as_mut().unwrap().chat_template = Some(template("qwen2.5"));

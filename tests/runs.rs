@@ -17,15 +17,6 @@ fn qscript() -> Command {
     c
 }
 
-fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    common::tiny_chat_model(&model);
-    let data = tmp.path().join("data.jsonl");
-    common::write_conversations(&data, 24);
-    (tmp, model, data)
-}
-
 /// A training recipe writing into `dir/out`; `args` are extra TrainingArguments keys, `callbacks`
 /// the body of the callbacks map.
 fn recipe(dir: &Path, model: &Path, data: &Path, args: &str, callbacks: &str) -> PathBuf {
@@ -75,7 +66,7 @@ fn without_timing(v: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
 
 #[test]
 fn an_output_dir_holding_a_run_is_refused_or_replaced_whole() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", "");
     let out = tmp.path().join("out");
     let (code, _, err) = run(&r, &["--set", "MAX_STEPS=4", "--set", "SAVE_STEPS=2"]);
@@ -104,7 +95,7 @@ fn an_output_dir_holding_a_run_is_refused_or_replaced_whole() {
 
 #[test]
 fn the_manifest_records_set_values_and_the_build_and_resume_warns_when_they_change() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", "");
     let out = tmp.path().join("out");
     let (code, _, err) = run(&r, &["--set", "MAX_STEPS=2", "--set", "SAVE_STEPS=2"]);
@@ -155,7 +146,7 @@ fn interrupt_at(recipe: &Path, extra: &[&str], k: usize) -> (i32, String) {
 
 #[test]
 fn ctrl_c_checkpoints_and_the_printed_command_resumes_bit_identically() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     // A callback that takes a while, so the signal lands mid-run.
     let slow = "on_step_end: |s| { let i = 0; while i < 300000 { i += 1; } }";
     let ref_dir = tmp.path().join("ref");
@@ -194,7 +185,7 @@ fn ctrl_c_checkpoints_and_the_printed_command_resumes_bit_identically() {
 
 #[test]
 fn early_stopping_and_the_best_checkpoint_loaded_at_the_end() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     // Training on the eval data lowers eval_loss at every step; with greater_is_better the first
     // evaluation stays the best, so patience 2 stops at step 3 and step 1's adapters come back.
     let args = ", eval_strategy: \"steps\", eval_steps: 1, load_best_model_at_end: true, \
@@ -222,7 +213,7 @@ fn early_stopping_and_the_best_checkpoint_loaded_at_the_end() {
 
 #[test]
 fn train_takes_resume_from_checkpoint_as_transformers() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", "");
     let out = tmp.path().join("out");
     let (code, _, err) = run(&r, &["--set", "MAX_STEPS=2", "--set", "SAVE_STEPS=1"]);
@@ -243,7 +234,7 @@ fn train_takes_resume_from_checkpoint_as_transformers() {
 
 #[test]
 fn a_second_ctrl_c_exits_at_once() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     // on_step_end prints 1.3 MB to a stdout nobody reads: the recipe blocks inside train(), in
     // work that the first Ctrl-C cannot cut short (as a stuck callback or a hung write would).
     let stuck = "on_step_end: |s| { let x = \"xxxxxxxxxx\"; for i in 0..17 { x += x; } print(x); }";
@@ -291,7 +282,7 @@ fn a_second_ctrl_c_exits_at_once() {
 
 #[test]
 fn ctrl_c_inside_the_work_after_a_step_is_finished_by_the_resumed_run() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     // on_log of step SPIN_AT spins until Ctrl-C cuts it: the step's evaluation and checkpoint
     // (due at step 4) did not run yet; the resumed run must do them as the uninterrupted one did.
     let spin = "on_log: |e| { if e.step == SPIN_AT { let i = 0; while i < 200000000 { i += 1; } } }";
@@ -339,7 +330,7 @@ fn ctrl_c_inside_the_work_after_a_step_is_finished_by_the_resumed_run() {
 
 #[test]
 fn the_checkpoint_ctrl_c_writes_resumes_even_with_save_only_model() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let slow = "on_step_end: |s| { let i = 0; while i < 300000 { i += 1; } }";
     let r = recipe(tmp.path(), &model, &data, ", save_only_model: true", slow);
     let (code, err) = interrupt_at(&r, &["--set", "MAX_STEPS=8", "--set", "SAVE_STEPS=2"], 3);

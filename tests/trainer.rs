@@ -17,15 +17,6 @@ fn qscript() -> Command {
     c
 }
 
-fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    common::tiny_chat_model(&model);
-    let data = tmp.path().join("data.jsonl");
-    common::write_conversations(&data, 24);
-    (tmp, model, data)
-}
-
 fn adapter_after_one_step(model_dir: &Path, data: &Path, out: &Path, batch: usize, accum: usize) -> Vec<Vec<f32>> {
     let mut m = Model::load_hf_dir("tiny", model_dir, &LoadOptions::default()).unwrap();
     let cfg = LoraConfig { r: 4, lora_alpha: 8.0, target_modules: TargetModules::AllLinear, ..Default::default() };
@@ -52,7 +43,7 @@ fn adapter_after_one_step(model_dir: &Path, data: &Path, out: &Path, batch: usiz
 
 #[test]
 fn accumulation_4x1_equals_batch_4() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let a = adapter_after_one_step(&model, &data, &tmp.path().join("a"), 4, 1);
     let b = adapter_after_one_step(&model, &data, &tmp.path().join("b"), 1, 4);
     let mut max_rel = 0f32;
@@ -111,7 +102,7 @@ fn run(recipe: &Path, sets: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn resume_after_sigkill_is_bit_identical() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     // Uninterrupted reference run.
     let ref_dir = tmp.path().join("ref");
     std::fs::create_dir_all(&ref_dir).unwrap();
@@ -154,7 +145,7 @@ fn resume_after_sigkill_is_bit_identical() {
 
 #[test]
 fn callback_returning_stop_ends_training() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", r#"on_log: |m| if m.step >= 3 { "stop" } else { () }"#);
     let (code, out, err) = run(&r, &[]);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -165,7 +156,7 @@ fn callback_returning_stop_ends_training() {
 
 #[test]
 fn callback_error_points_at_the_recipe_line() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", r#"on_log: |m| throw "callback exploded""#);
     let (code, _, err) = run(&r, &[]);
     assert_eq!(code, 1, "{err}");
@@ -177,7 +168,7 @@ fn callbacks_may_read_the_model_but_not_change_it() {
     // train() holds the model: a callback reads it through the trainer's (as transformers
     // passes `model` to callbacks: evaluate, generate a sample), and a change is an error, not a
     // panic.
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", r#"on_log: |m| print("TOKENS:" + model.tokenize("hi").len() + ":" + model.generate("hi", #{ max_new_tokens: 2 }).len())"#);
     let (code, out, err) = run(&r, &["MAX_STEPS=2"]);
     assert_eq!(code, 0, "{err}");
@@ -191,7 +182,7 @@ fn callbacks_may_read_the_model_but_not_change_it() {
 
 #[test]
 fn bad_training_input_is_a_clear_error_and_overwrites_nothing() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, "", "");
     // Missing checkpoint.
     let (code, _, err) = run(&r, &["RESUME=true"]);
@@ -228,7 +219,7 @@ fn bad_training_input_is_a_clear_error_and_overwrites_nothing() {
 
 #[test]
 fn batch_larger_than_dataset_is_an_error() {
-    let (tmp, model, _) = fixture();
+    let (tmp, model, _) = common::chat_fixture();
     let small = tmp.path().join("small.jsonl");
     common::write_conversations(&small, 3);
     let r = recipe(tmp.path(), &model, &small, "", "");
@@ -239,7 +230,7 @@ fn batch_larger_than_dataset_is_an_error() {
 
 #[test]
 fn non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint() {
-    let (tmp, model, data) = fixture();
+    let (tmp, model, data) = common::chat_fixture();
     let r = recipe(tmp.path(), &model, &data, ", max_grad_norm: 0.0", "");
     // A learning rate this large makes the adapters infinite after the first update.
     let src = std::fs::read_to_string(&r).unwrap().replace("learning_rate: 1e-3", "learning_rate: 1e38");

@@ -81,3 +81,13 @@ pub fn write_conversations(path: &Path, n: usize) {
     }
     std::fs::write(path, out).unwrap();
 }
+
+/// A temp folder holding the tiny chat model (`tiny/`) and 24 conversations (`data.jsonl`).
+pub fn chat_fixture() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_chat_model(&model);
+    let data = tmp.path().join("data.jsonl");
+    write_conversations(&data, 24);
+    (tmp, model, data)
+}
