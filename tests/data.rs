@@ -101,7 +101,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
 }
 
 fn load_err(spec: &str, opts: LoadOptions) -> String {
-    format!("{:#}", load_dataset(spec, &opts).err().expect("must fail"))
+    format!("{:#}", load_dataset(spec, &opts).expect_err("must fail"))
 }
 
 fn skip() -> LoadOptions {

@@ -492,7 +492,7 @@ fn a_template_without_tool_support_fails_naming_the_tool_calls() {
     std::fs::write(&data, row.to_string()).unwrap();
     let (ds, _) = qscript::data::load_dataset(data.to_str().unwrap(), &Default::default()).unwrap();
     let ct = qscript::data::tokenize::ChatTokenizer::for_model(&m).unwrap();
-    let e = qscript::data::tokenize_dataset(&ds, &ct, &Default::default()).err().expect("the template cannot render it").to_string();
+    let e = qscript::data::tokenize_dataset(&ds, &ct, &Default::default()).expect_err("the template cannot render it").to_string();
     assert!(e.starts_with("example 0:") && e.contains("tool_calls"), "{e}");
 }
 

@@ -81,7 +81,7 @@ fn writes_outside_the_output_folders_are_denied() {
         (format!("{lora}m.save_pretrained(\"../../outside/adapter\");"), "outside/adapter".into()),
         (format!("{model}m.save_pretrained(\"{}\");", ws.root.join("outside/home").display()), "outside/home".into()),
         // A 4-bit ("quantize") output goes through the same check.
-        (format!("let q = load_model(\"recipes/tiny\", #{{ quantization_config: BitsAndBytesConfig(#{{ load_in_4bit: true }}) }});\nq.save_pretrained(\"../q4\");"), "../q4".into()),
+        ("let q = load_model(\"recipes/tiny\", #{ quantization_config: BitsAndBytesConfig(#{ load_in_4bit: true }) });\nq.save_pretrained(\"../q4\");".to_string(), "../q4".into()),
         ("TrainingArguments(#{ output_dir: \"../../outside/run\" });".into(), "outside/run".into()),
         ("TrainingArguments(#{ output_dir: \".\" });".into(), "working directory itself".into()),
         ("TrainingArguments(#{ output_dir: \".config/x\" });".into(), "hidden".into()),

@@ -268,7 +268,7 @@ impl Loader<'_> {
                     self.file_format = Some(f);
                     f
                 }
-                None => return self.fail(loc, parse_record(&v, None).err().expect("undetectable record is an error")),
+                None => return self.fail(loc, parse_record(&v, None).expect_err("undetectable record is an error")),
             },
         };
         let forced = self.opts.format.is_some();

@@ -349,7 +349,7 @@ fn default_layer_type(f: &Fields, family: &Family, i: usize) -> Result<LayerType
         Windows::WhenEnabled => i >= f.usize("max_window_layers")?.unwrap_or(28),
         Windows::Pattern(default) => {
             let n = f.usize("sliding_window_pattern")?.or(f.usize("_sliding_window_pattern")?).unwrap_or(default).max(1);
-            (i + 1) % n != 0
+            !(i + 1).is_multiple_of(n)
         }
     };
     Ok(if sliding { LayerType::Sliding } else { LayerType::Full })

@@ -140,7 +140,7 @@ fn adapter_tensors(llama: &Llama, content: &Content, file: &mut std::fs::File) -
         None => bail!("missing GGUF key `adapter.lora.alpha`"),
     };
     let mut halves: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
-    for (name, _) in &content.tensor_infos {
+    for name in content.tensor_infos.keys() {
         let (base, half) = match (name.strip_suffix(SUFFIX_A), name.strip_suffix(SUFFIX_B)) {
             (Some(b), _) => (b, 0),
             (_, Some(b)) => (b, 1),

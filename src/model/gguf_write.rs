@@ -129,7 +129,7 @@ fn tensor_type(q: Quantization, s: &Slot) -> GgmlDType {
 /// llama.cpp's fallbacks for rows its blocks do not divide: q4_K → q5_0, q5_K → q5_1,
 /// q6_K → q8_0, then f16.
 fn fallback(t: GgmlDType, cols: usize) -> GgmlDType {
-    if cols % t.block_size() == 0 {
+    if cols.is_multiple_of(t.block_size()) {
         return t;
     }
     let t = match t {
@@ -138,7 +138,7 @@ fn fallback(t: GgmlDType, cols: usize) -> GgmlDType {
         GgmlDType::Q6K => GgmlDType::Q8_0,
         t => t,
     };
-    if cols % t.block_size() == 0 { t } else { GgmlDType::F16 }
+    if cols.is_multiple_of(t.block_size()) { t } else { GgmlDType::F16 }
 }
 
 /// What a written file holds, for reports.

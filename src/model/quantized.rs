@@ -16,7 +16,7 @@ pub fn bnb_weight_tensors(q: &crate::quant::Quantized4bit, name: &str, storage: 
     let mut out = q.to_bnb_tensors(name)?;
     if storage != DType::U8 {
         let size = storage.size_in_bytes();
-        if q.packed.len() % size != 0 {
+        if !q.packed.len().is_multiple_of(size) {
             bail!("{name}: {} packed bytes cannot be stored as {storage:?}", q.packed.len());
         }
         out[0].1 = Tensor::from_raw_buffer(&q.packed, storage, &[q.packed.len() / size, 1], &Device::Cpu)?;

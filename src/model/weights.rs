@@ -149,7 +149,7 @@ impl WeightFiles {
     fn copy_out(&self, name: &str, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
         fn typed<T: candle_core::WithDType + Default>(w: &WeightFiles, name: &str, data: &[u8], shape: &[usize]) -> Result<Tensor> {
             let size = std::mem::size_of::<T>();
-            anyhow::ensure!(data.len() % size == 0 && data.len() / size == shape.iter().product::<usize>(), "{} bytes do not hold shape {shape:?}", data.len());
+            anyhow::ensure!(data.len().is_multiple_of(size) && data.len() / size == shape.iter().product::<usize>(), "{} bytes do not hold shape {shape:?}", data.len());
             let mut v = vec![T::default(); data.len() / size];
             // SAFETY: T is a plain number type (no padding, every bit pattern valid); the byte
             // view covers exactly v's elements. safetensors stores little-endian, as this host.

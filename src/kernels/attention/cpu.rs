@@ -90,7 +90,7 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], head_stride: usize, s: 
 /// `softcap` is given.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention_capped(q: &[f32], k: &[f32], v: &[f32], head_stride: usize, s: usize, n_heads: usize, n_kv_heads: usize, d: usize, scale: f32, softcap: Option<f32>, out: &mut [f32]) {
-    assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0 && s > 0);
+    assert!(n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && s > 0);
     assert!(q.len() == n_heads * d && out.len() == n_heads * d);
     assert!(s * d <= head_stride && k.len() >= (n_kv_heads - 1) * head_stride + s * d && v.len() >= (n_kv_heads - 1) * head_stride + s * d);
     let rep = n_heads / n_kv_heads;

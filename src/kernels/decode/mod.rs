@@ -99,7 +99,7 @@ pub struct LayerWeights<'a> {
 /// Whether the fused path can run a model of this shape on `device` with activations in
 /// `dtype`: CUDA, f32 or bf16, head size 32 to 256 (a power of two), grouped-query heads.
 pub fn applies(device: &Device, dtype: DType, heads: usize, kv_heads: usize, head_dim: usize) -> bool {
-    device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) && matches!(head_dim, 32 | 64 | 128 | 256) && kv_heads > 0 && heads % kv_heads == 0
+    device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) && matches!(head_dim, 32 | 64 | 128 | 256) && kv_heads > 0 && heads.is_multiple_of(kv_heads)
 }
 
 /// The device copy of a 4-bit weight if the fused kernels take it (2-D, whole 32-element chunks

@@ -116,7 +116,7 @@ pub fn swiglu_bwd(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
 // σ(z) + x·σ(z)(1 − σ(z))·z′, z′ = 2·√(2/π)·(1 + 3·0.044715·x²).
 
 /// `2·√(2/π)`: z's factor.
-pub const GELU_K: f32 = 1.595_769_1;
+pub const GELU_K: f32 = 1.595_769;
 /// The cubic term's coefficient of the tanh GELU.
 pub const GELU_A: f32 = 0.044_715;
 

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 /// position's `cos`/`sin` `[d/2]`: the same arithmetic as candle's `rope` kernel.
 pub fn rope_row_inplace(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
     let half = d / 2;
-    assert!(cos.len() == half && sin.len() == half && x.len() % d == 0);
+    assert!(cos.len() == half && sin.len() == half && x.len().is_multiple_of(d));
     for hx in x.chunks_exact_mut(d) {
         let (x1, x2) = hx.split_at_mut(half);
         for i in 0..half {
@@ -26,7 +26,7 @@ pub fn split_heads_rope(x: &[f32], b: usize, t: usize, heads: usize, d: usize, r
     assert_eq!(x.len(), b * t * heads * d, "split heads: {} elements for [{b}, {t}, {heads}·{d}]", x.len());
     let half = d / 2;
     if let Some((cos, sin)) = rope {
-        assert!(d % 2 == 0 && cos.len() == b * t * half && sin.len() == b * t * half, "split heads: rope tables of {} for {b}×{t} tokens", cos.len());
+        assert!(d.is_multiple_of(2) && cos.len() == b * t * half && sin.len() == b * t * half, "split heads: rope tables of {} for {b}×{t} tokens", cos.len());
     }
     let mut out = vec![0f32; x.len()];
     if t * d == 0 {

@@ -132,7 +132,7 @@ pub fn parse_config(raw: &Map<String, Value>, head_dim: usize, max_pos: usize) -
     };
     let partial = params.and_then(|p| p.get("partial_rotary_factor")).or_else(|| raw.get("partial_rotary_factor")).and_then(Value::as_f64).unwrap_or(1.0);
     let rot = (head_dim as f64 * partial) as usize;
-    if !(partial > 0.0 && partial <= 1.0) || rot % 2 != 0 || rot == 0 {
+    if !(partial > 0.0 && partial <= 1.0) || !rot.is_multiple_of(2) || rot == 0 {
         bail!("field `partial_rotary_factor` ({partial}) must give an even rotary dimension ≤ head_dim {head_dim}, got {rot}");
     }
     Ok((full, local, partial))
