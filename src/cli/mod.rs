@@ -34,7 +34,7 @@ to_jsonl) within the working directory; fetch from the hub only model ids writte
 it or given with --set. --allow-read=PATH, --allow-write=PATH, --allow-net, --allow-all grant more.";
 
 #[derive(Parser)]
-#[command(name = "qscript", version, about = "Fine-tune and run Llama-family models with Rhai recipes",
+#[command(name = "qscript", version, about = "Fine-tune, run, export and serve LLMs (Llama, Mistral, Qwen, Gemma, Phi) with Rhai recipes",
     after_help = MAIN_EXAMPLES, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Recipe to run (same as `qscript run RECIPE`)
