@@ -2,6 +2,9 @@
 //! label masks (SmolLM2 / Llama-3 / Llama-3.1 templates), lints, truncation, padding, packing,
 //! deterministic and resumable batch order, and the Rhai API.
 
+mod common;
+use common::chat::{chat_tokenizer, msgs, owned, runs};
+
 use qscript::data::load::Reason;
 use qscript::data::tokenize::{tokenize_example, ChatTokenizer};
 use qscript::data::*;
@@ -64,34 +67,6 @@ fn llama_tokenizer(template: &str) -> Tokenizer {
     t.eos_token = Some("<|eot_id|>".into());
     t.pad_token = Some("<|end_of_text|>".into());
     t
-}
-
-fn chat_tokenizer(tok: &Tokenizer) -> ChatTokenizer<'_> {
-    let tpl = tok.chat_template.as_deref().map(|s| {
-        ChatTemplate::new(s, tok.bos_token.as_deref().unwrap_or(""), tok.eos_token.as_deref().unwrap_or("")).unwrap()
-    });
-    let eos = tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)).into_iter().collect();
-    ChatTokenizer::new(tok, tpl, eos)
-}
-
-fn msgs(turns: &[(&str, &str)]) -> Row {
-    Row::messages(turns.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect())
-}
-
-/// The example as runs of (trained, decoded text).
-fn runs(ex: &TokenizedExample, tok: &Tokenizer) -> Vec<(bool, String)> {
-    let mut out: Vec<(bool, Vec<u32>)> = Vec::new();
-    for (&id, &t) in ex.input_ids.iter().zip(&ex.trained) {
-        match out.last_mut() {
-            Some((lt, ids)) if *lt == t => ids.push(id),
-            _ => out.push((t, vec![id])),
-        }
-    }
-    out.into_iter().map(|(t, ids)| (t, tok.decode(&ids, false).unwrap())).collect()
-}
-
-fn owned(v: &[(bool, &str)]) -> Vec<(bool, String)> {
-    v.iter().map(|(t, s)| (*t, s.to_string())).collect()
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {

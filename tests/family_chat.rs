@@ -6,9 +6,11 @@
 //! whose tokenizer is absent prints why and returns. The template under test is always the
 //! golden one of `tests/golden/templates/families.json` (as the models ship it).
 
-use qscript::data::chat_template::ChatTemplate;
+mod common;
+use common::chat::{chat_tokenizer, msgs, owned, runs};
+
 use qscript::data::tokenize::{tokenize_dataset, tokenize_example, ChatTokenizer, TokenizeOptions, TokenizedExample};
-use qscript::data::{Dataset, Message, Row};
+use qscript::data::{Dataset, Row};
 use qscript::model::Tokenizer;
 use serde_json::Value;
 use std::path::Path;
@@ -31,32 +33,6 @@ fn tokenizer(family: &str, template: &str) -> Option<Tokenizer> {
     let mut t = Tokenizer::from_dir(&dir).unwrap().unwrap();
     t.chat_template = Some(golden_template(template));
     Some(t)
-}
-
-fn chat_tokenizer(tok: &Tokenizer) -> ChatTokenizer<'_> {
-    let tpl = ChatTemplate::new(tok.chat_template.as_deref().unwrap(), tok.bos_token.as_deref().unwrap_or(""), tok.eos_token.as_deref().unwrap_or("")).unwrap();
-    let eos = tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)).into_iter().collect();
-    ChatTokenizer::new(tok, Some(tpl), eos)
-}
-
-fn msgs(turns: &[(&str, &str)]) -> Row {
-    Row::messages(turns.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect())
-}
-
-/// The example as runs of (trained, decoded text).
-fn runs(ex: &TokenizedExample, tok: &Tokenizer) -> Vec<(bool, String)> {
-    let mut out: Vec<(bool, Vec<u32>)> = Vec::new();
-    for (&id, &t) in ex.input_ids.iter().zip(&ex.trained) {
-        match out.last_mut() {
-            Some((lt, ids)) if *lt == t => ids.push(id),
-            _ => out.push((t, vec![id])),
-        }
-    }
-    out.into_iter().map(|(t, ids)| (t, tok.decode(&ids, false).unwrap())).collect()
-}
-
-fn owned(v: &[(bool, &str)]) -> Vec<(bool, String)> {
-    v.iter().map(|(t, s)| (*t, s.to_string())).collect()
 }
 
 /// The trained ids must be exactly each answer tokenized alone plus the end-of-turn token:

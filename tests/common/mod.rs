@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod autograd;
+pub mod chat;
 pub mod families;
 pub mod pty;
 
