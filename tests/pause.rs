@@ -47,18 +47,6 @@ fn adapters(m: &Model) -> Vec<Vec<u32>> {
     m.llama.adapters().flat_map(|(_, lo)| [&lo.a, &lo.b]).map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()).collect()
 }
 
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_sec");
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn a_paused_run_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
@@ -70,7 +58,7 @@ fn a_paused_run_resumes_bit_identically() {
     let (mut m, mut t) = setup(&model_dir, &data, &tmp.path().join("ref"));
     let whole = t.train(&mut m, &mut NoCallbacks).unwrap();
     assert!(!whole.paused && whole.global_step == 9);
-    let (want, want_metrics) = (adapters(&m), metrics(&tmp.path().join("ref")));
+    let (want, want_metrics) = (adapters(&m), common::metrics_without_timing(&tmp.path().join("ref")));
 
     // Paused after step 4 (between a log at 4 and a save at 6, mid-window of nothing pending).
     let out = tmp.path().join("paused");
@@ -97,5 +85,5 @@ fn a_paused_run_resumes_bit_identically() {
     assert_eq!(t.paused_at(), None);
     assert!(t.resume_paused(&mut m, &mut NoCallbacks).unwrap_err().to_string().contains("not paused"));
     assert!(adapters(&m) == want, "paused and resumed adapters differ from the uninterrupted run");
-    assert_eq!(metrics(&out), want_metrics);
+    assert_eq!(common::metrics_without_timing(&out), want_metrics);
 }

@@ -27,18 +27,6 @@ fn logged(out: &Path) -> usize {
     std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count()).unwrap_or(0)
 }
 
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_sec");
-            v
-        })
-        .collect()
-}
-
 /// A model, a trainer writing into `out` (logs every step, evaluates every 4, saves every 5; a
 /// slow on_step_end so a Ctrl-C lands mid-run), under names suffixed with `k`.
 fn setup(p: &mut Pty, n: &mut usize, k: &str, model: &Path, out: &Path) {
@@ -82,7 +70,7 @@ fn ctrl_c_pauses_training_in_the_repl_and_resume_is_bit_identical() {
     setup(&mut p, n, "0", &model, &ref_out);
     step(&mut p, n, &format!("let r0 = t0.train(); m0.save_pretrained(\"{}/adapter\");", ref_out.display()), 300);
     let want = std::fs::read(ref_out.join("adapter/adapter_model.safetensors")).unwrap();
-    let want_metrics = metrics(&ref_out);
+    let want_metrics = common::metrics_without_timing(&ref_out);
     assert_eq!(want_metrics.iter().filter(|e| e.get("eval_loss").is_some()).count(), 3);
 
     // Ctrl-C once three steps are logged.
@@ -129,7 +117,7 @@ fn ctrl_c_pauses_training_in_the_repl_and_resume_is_bit_identical() {
     assert!(done.contains("LOGGED 12") && done.contains(&format!("LOGGED {}", at + 1)), "the new on_log ran: {done}");
     let got = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(got == want, "adapter after pause + resume differs from the uninterrupted run");
-    assert_eq!(metrics(&out), want_metrics, "losses, learning rates, gradient norms and evaluations of every step");
+    assert_eq!(common::metrics_without_timing(&out), want_metrics, "losses, learning rates, gradient norms and evaluations of every step");
     for s in [5, 10, 12] {
         let a = std::fs::read(out.join(format!("checkpoint-{s}/adapter_model.safetensors"))).unwrap();
         assert!(a == std::fs::read(ref_out.join(format!("checkpoint-{s}/adapter_model.safetensors"))).unwrap(), "checkpoint-{s}");

@@ -50,20 +50,6 @@ fn run(recipe: &Path, extra: &[&str]) -> (i32, String, String) {
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
 }
 
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-/// Each entry without its timing (the only field that differs between equal runs).
-fn without_timing(v: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
-    v.into_iter()
-        .map(|mut e| {
-            e.as_object_mut().unwrap().remove("tokens_per_sec");
-            e
-        })
-        .collect()
-}
-
 #[test]
 fn an_output_dir_holding_a_run_is_refused_or_replaced_whole() {
     let (tmp, model, data) = common::chat_fixture();
@@ -89,7 +75,7 @@ fn an_output_dir_holding_a_run_is_refused_or_replaced_whole() {
     assert!(err.contains("overwrite_output_dir: removed the earlier run"), "{err}");
     assert!(!out.join("checkpoint-2").exists() && !out.join("checkpoint-4").exists() && out.join("checkpoint-1").is_dir());
     assert!(!out.join("adapter/stale.txt").exists() && out.join("adapter/adapter_model.safetensors").is_file());
-    assert_eq!(metrics(&out).len(), 1);
+    assert_eq!(common::metrics(&out).len(), 1);
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine", "files that are not the run's stay");
 }
 
@@ -119,7 +105,7 @@ fn the_manifest_records_set_values_and_the_build_and_resume_warns_when_they_chan
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("resumed from") && err.contains("--set values changed"), "{err}");
     assert!(err.contains("MAX_STEPS=2") && err.contains("MAX_STEPS=3"), "{err}");
-    assert_eq!(metrics(&out).iter().filter(|e| e.get("loss").is_some()).count(), 3);
+    assert_eq!(common::metrics(&out).iter().filter(|e| e.get("loss").is_some()).count(), 3);
 }
 
 /// Starts `recipe`, sends SIGINT (a terminal's Ctrl-C) once the line of step `k` appears, and
@@ -155,7 +141,7 @@ fn ctrl_c_checkpoints_and_the_printed_command_resumes_bit_identically() {
     let (code, _, err) = run(&r, &["--set", "MAX_STEPS=12"]);
     assert_eq!(code, 0, "{err}");
     let want_adapter = std::fs::read(ref_dir.join("out/adapter/adapter_model.safetensors")).unwrap();
-    let want_metrics = without_timing(metrics(&ref_dir.join("out")));
+    let want_metrics = common::metrics_without_timing(&ref_dir.join("out"));
     assert_eq!(want_metrics.len(), 12);
 
     let dir = tmp.path().join("cut");
@@ -168,7 +154,7 @@ fn ctrl_c_checkpoints_and_the_printed_command_resumes_bit_identically() {
     let step: usize = at.split('/').next().unwrap().parse().unwrap();
     assert!((4..12).contains(&step), "{err}");
     assert!(out.join(format!("checkpoint-{step}/optimizer.safetensors")).is_file() && out.join("loss.png").is_file(), "{err}");
-    assert_eq!(metrics(&out).len(), step, "{err}");
+    assert_eq!(common::metrics(&out).len(), step, "{err}");
     assert!(!out.join("adapter").exists(), "the recipe stopped at train()");
     // The printed command resumes (it is the same command with --resume).
     let cmd = err.lines().find_map(|l| l.strip_prefix("resume with: ")).unwrap_or_else(|| panic!("{err}"));
@@ -179,7 +165,7 @@ fn ctrl_c_checkpoints_and_the_printed_command_resumes_bit_identically() {
     let err2 = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err2}");
     assert!(err2.contains(&format!("resumed from {}", out.join(format!("checkpoint-{step}")).display())), "{err2}");
-    assert_eq!(without_timing(metrics(&out)), want_metrics, "losses, learning rates and gradient norms of every step");
+    assert_eq!(common::metrics_without_timing(&out), want_metrics, "losses, learning rates and gradient norms of every step");
     assert!(std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap() == want_adapter, "resumed adapter differs from the uninterrupted run");
 }
 
@@ -196,7 +182,7 @@ fn early_stopping_and_the_best_checkpoint_loaded_at_the_end() {
     assert!(out_text.contains("STEP:3") && out_text.contains("STOPPED:true"), "{out_text}\n{err}");
     assert!(err.contains("early stopping") && err.contains("load_best_model_at_end: loaded"), "{err}");
     let out = tmp.path().join("out");
-    let evals: Vec<f64> = metrics(&out).iter().filter_map(|e| e.get("eval_loss")?.as_f64()).collect();
+    let evals: Vec<f64> = common::metrics(&out).iter().filter_map(|e| e.get("eval_loss")?.as_f64()).collect();
     assert!(evals.len() == 3 && evals[0] > evals[1] && evals[1] > evals[2], "{evals:?}");
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint-3/trainer_state.json")).unwrap()).unwrap();
     assert!(state["best_model_checkpoint"].as_str().unwrap().ends_with("checkpoint-1"), "{state}");
@@ -224,7 +210,7 @@ fn train_takes_resume_from_checkpoint_as_transformers() {
     let (code, _, err) = run(&r, &["--set", "MAX_STEPS=3", "--set", "SAVE_STEPS=1"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("resumed from {} at step 1", ck1.display())), "{err}");
-    assert_eq!(metrics(&out).iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(common::metrics(&out).iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
     // A misspelt key is an error with the recipe's position and a hint.
     std::fs::write(&r, src.replace("trainer.train()", "trainer.train(#{ resume_from_checkpont: true })")).unwrap();
     let (code, _, err) = run(&r, &[]);
@@ -297,7 +283,7 @@ fn ctrl_c_inside_the_work_after_a_step_is_finished_by_the_resumed_run() {
     let ref_dir = tmp.path().join("ref");
     let (code, _, err) = run(&make(&ref_dir), &["--set", "SAVE_STEPS=4"]);
     assert_eq!(code, 0, "{err}");
-    let want_metrics = without_timing(metrics(&ref_dir.join("out")));
+    let want_metrics = common::metrics_without_timing(&ref_dir.join("out"));
     assert_eq!(want_metrics.iter().filter(|e| e.get("eval_loss").is_some()).count(), 3);
 
     let dir = tmp.path().join("cut");
@@ -306,10 +292,10 @@ fn ctrl_c_inside_the_work_after_a_step_is_finished_by_the_resumed_run() {
     assert_eq!(code, 130, "{err}");
     assert!(err.contains("interrupted at step 4/6"), "{err}");
     let out = dir.join("out");
-    assert_eq!(metrics(&out).iter().filter(|e| e.get("eval_loss").is_some()).count(), 1, "step 4's evaluation was cut: {err}");
+    assert_eq!(common::metrics(&out).iter().filter(|e| e.get("eval_loss").is_some()).count(), 1, "step 4's evaluation was cut: {err}");
     let (code, _, err) = run(&r, &["--set", "SAVE_STEPS=4", "--resume"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(without_timing(metrics(&out)), want_metrics, "the evaluation at step 4 ran on resume");
+    assert_eq!(common::metrics_without_timing(&out), want_metrics, "the evaluation at step 4 ran on resume");
     for f in ["checkpoint-4/adapter_model.safetensors", "checkpoint-4/trainer_state.json", "adapter/adapter_model.safetensors"] {
         let (a, b) = (std::fs::read(out.join(f)).unwrap(), std::fs::read(ref_dir.join("out").join(f)).unwrap());
         if f.ends_with(".json") {

@@ -92,3 +92,17 @@ pub fn chat_fixture() -> (tempfile::TempDir, std::path::PathBuf, std::path::Path
     write_conversations(&data, 24);
     (tmp, model, data)
 }
+
+/// The entries of `out/metrics.jsonl`.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// [`metrics`] without their timing (the only field that differs between equal runs).
+pub fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
+    let mut v = metrics(out);
+    for e in &mut v {
+        e.as_object_mut().unwrap().remove("tokens_per_sec");
+    }
+    v
+}
