@@ -4,21 +4,13 @@
 //! the fused LM-head cross-entropy, and Gemma's (1 + w) RMSNorm. Each test also checks that the
 //! feature changes the result, so that a kernel ignoring it would fail.
 
+mod common;
+use common::values;
+
 use candle_core::{DType, Device, Tensor};
 use qscript::kernels::attention::AttnParams;
 use qscript::kernels::glu::{self, Activation};
 use qscript::model::layers::{attention, lm_head, norm};
-
-/// Deterministic values in [-1, 1) (splitmix-style hash), as tests/gpu.rs.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut z = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
-}
 
 fn host(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -4,6 +4,9 @@
 //! passes when CUDA device 0 cannot be opened.
 #![cfg(feature = "cuda")]
 
+mod common;
+use common::values;
+
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use qscript::kernels::quant4::Quant4Gpu;
@@ -75,17 +78,6 @@ fn check_dequant(dev: &Device, q: &Quantized4bit, what: &str, bad: &mut Vec<Stri
         out.insert(dtype, got);
     }
     out
-}
-
-/// Deterministic values in [-1, 1) (splitmix-style hash).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut z = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
 }
 
 #[test]

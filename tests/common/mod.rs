@@ -106,3 +106,15 @@ pub fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
     }
     v
 }
+
+/// Deterministic values in [-1, 1) (splitmix-style hash): kernel test inputs, the same on the CPU
+/// and GPU sides.
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let mut z = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
