@@ -192,17 +192,19 @@ pub struct Session {
 
 impl Session {
     pub fn new(limits: &Limits) -> Self {
-        // Ctrl-C pauses a training run here (trainer.resume() continues it).
-        crate::script::train_api::pause_on_interrupt(true);
-        Self { host: Host::new(Some(std::path::Path::new(".")), limits), scope: Scope::new(), functions: AST::empty() }
+        Self::with_host(Host::new(Some(std::path::Path::new(".")), limits))
     }
 
     /// The command line's REPL: the permissions of a recipe living in the working directory
     /// (read it and the model caches, write output folders inside it, fetch the hub ids typed
     /// at the prompt), plus what the flags grant.
     pub fn sandboxed(limits: &Limits, grants: &crate::util::permissions::Grants) -> Self {
+        Self::with_host(Host::sandboxed(std::path::Path::new("./repl"), limits, grants))
+    }
+
+    fn with_host(host: Host) -> Self {
+        // Ctrl-C pauses a training run here (trainer.resume() continues it).
         crate::script::train_api::pause_on_interrupt(true);
-        let host = Host::sandboxed(std::path::Path::new("./repl"), limits, grants);
         Self { host, scope: Scope::new(), functions: AST::empty() }
     }
 
