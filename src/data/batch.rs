@@ -78,6 +78,8 @@ pub struct BatchIterator {
     /// Row order of the current epoch, cut into batches.
     plan: Vec<Vec<usize>>,
     pos: Position,
+    /// (rank, world size): each batch is this rank's rows of the global batch (data-parallel).
+    shard: (usize, usize),
 }
 
 impl BatchIterator {
@@ -101,12 +103,20 @@ impl BatchIterator {
         } else {
             (0..data.len()).map(|i| vec![i]).collect()
         };
-        let mut it = Self { data, opts, rows, plan: vec![], pos: Position::default() };
+        let mut it = Self { data, opts, rows, plan: vec![], pos: Position::default(), shard: (0, 1) };
         it.plan = it.epoch_plan(0);
         if it.plan.is_empty() {
             bail!("no full batch of {} rows (drop_last with {} rows)", it.opts.batch_size, it.rows.len());
         }
         Ok(it)
+    }
+
+    /// Data-parallel: every batch is then rank `rank`'s share of the global batch of
+    /// `batch_size` rows ([`crate::train::distributed::shard`]): the ranks' batches are disjoint,
+    /// their union is the batch one process draws, the order and positions are the same.
+    pub fn with_shard(mut self, rank: usize, world: usize) -> Self {
+        self.shard = (rank, world.max(1));
+        self
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -140,14 +150,14 @@ impl BatchIterator {
             self.pos = Position { epoch: self.pos.epoch + 1, index: 0 };
             self.plan = self.epoch_plan(self.pos.epoch);
         }
-        let b = self.build(&self.plan[self.pos.index]);
+        let b = self.build_shard(&self.plan[self.pos.index]);
         self.pos.index += 1;
         b
     }
 
     /// Every batch of one epoch, in order.
     pub fn epoch(&self, epoch: usize) -> Vec<Batch> {
-        self.epoch_plan(epoch).iter().map(|rows| self.build(rows)).collect()
+        self.epoch_plan(epoch).iter().map(|rows| self.build_shard(rows)).collect()
     }
 
     /// Row order of an epoch, cut into batches: a pure function of (seed, epoch).
@@ -176,6 +186,15 @@ impl BatchIterator {
             }
         }
         batches
+    }
+
+    /// This rank's rows of a global batch.
+    fn build_shard(&self, rows: &[usize]) -> Batch {
+        let (rank, world) = self.shard;
+        if world == 1 {
+            return self.build(rows);
+        }
+        self.build(&rows[crate::train::distributed::shard(rows.len(), rank, world)])
     }
 
     fn build(&self, rows: &[usize]) -> Batch {

@@ -409,6 +409,7 @@ const TRAINING_ARGS_KEYS: &[Key] = &[
         key("greater_is_better", Ty::Bool, "a larger metric_for_best_model is better (default false)"),
         key("early_stopping_patience", Ty::Int, "stop after N evaluations without improvement (transformers' EarlyStoppingCallback)"),
         key("early_stopping_threshold", Ty::Float, "the improvement that counts for early stopping (default 0)"),
+        key("ddp_timeout", Ty::Float, "seconds a data-parallel rank waits for the others before it fails naming them (default 1800)"),
         // The names a ported transformers / trl notebook carries (train/args.rs says what each does here).
         key("max_length", Ty::Int, "trl's spelling of `max_seq_length`"),
         key("dataset_text_field", Ty::Str, "trl: the field that holds a text record's text (default \"text\")"),

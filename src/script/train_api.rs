@@ -66,7 +66,7 @@ pub fn training_arguments_as(schema: &'static config::Schema, map: &Map) -> anyh
     macro_rules! set_f64 {
         ($($k:ident),*) => { $( if let Some(v) = cfg.float(stringify!($k)) { a.$k = v; } )* };
     }
-    set_f64!(learning_rate, warmup_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm);
+    set_f64!(learning_rate, warmup_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, ddp_timeout);
     macro_rules! set_bool {
         ($($k:ident),*) => { $( if let Some(v) = cfg.bool(stringify!($k)) { a.$k = v; } )* };
     }

@@ -184,6 +184,8 @@ pub struct TrainingArguments {
     pub logging_dir: Option<PathBuf>,
     /// Checkpoints without optimizer state (cannot be resumed).
     pub save_only_model: bool,
+    /// Seconds a data-parallel rank waits for the others in a reduction (torch's default 1800).
+    pub ddp_timeout: f64,
 }
 
 impl TrainingArguments {
@@ -232,6 +234,7 @@ impl TrainingArguments {
             report_to: ReportTo::default(),
             logging_dir: None,
             save_only_model: false,
+            ddp_timeout: 1800.0,
         }
     }
 
@@ -259,6 +262,9 @@ impl TrainingArguments {
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             bail!("TrainingArguments: `warmup_ratio` must be in [0, 1]");
+        }
+        if !(self.ddp_timeout > 0.0 && self.ddp_timeout < 1e9) {
+            bail!("TrainingArguments: `ddp_timeout` must be a positive number of seconds");
         }
         if self.output_dir.is_file() {
             bail!("TrainingArguments: output_dir {} is a file", self.output_dir.display());

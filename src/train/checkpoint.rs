@@ -61,6 +61,12 @@ pub struct TrainerState {
     /// work stood, so the resumed run finishes it first (trainer.rs, `AfterStep`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_step: Option<serde_json::Value>,
+    /// Rows of one global batch (per_device_train_batch_size × WORLD_SIZE) and the WORLD_SIZE that
+    /// trained: `position` counts global batches, so a resume on another number of ranks keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

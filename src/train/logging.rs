@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 pub struct RunLog {
-    metrics: File,
+    /// None on the ranks of a data-parallel run other than 0: they say and write nothing.
+    metrics: Option<File>,
     bar: indicatif::ProgressBar,
     tty: bool,
     clock: Clock,
@@ -72,11 +73,20 @@ impl RunLog {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_position(start_step as u64);
-        Ok(Self { metrics, bar, tty, clock: Clock::new(start_step, total), tensorboard: None })
+        Ok(Self { metrics: Some(metrics), bar, tty, clock: Clock::new(start_step, total), tensorboard: None })
+    }
+
+    /// The log of a rank other than 0: no file, no line, no bar.
+    pub fn silent(start_step: usize, total: usize) -> Self {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::hidden());
+        Self { metrics: None, bar, tty: false, clock: Clock::new(start_step, total), tensorboard: None }
     }
 
     /// A line on stderr: above the bar on a terminal; else with elapsed time and ETA.
     pub fn say(&self, s: &str) {
+        if self.metrics.is_none() {
+            return;
+        }
         if self.tty {
             self.bar.println(s)
         } else {
@@ -85,6 +95,9 @@ impl RunLog {
     }
 
     pub fn progress(&mut self, step: usize, loss: f64, lr: f64, tokens_per_sec: f64) {
+        if self.metrics.is_none() {
+            return;
+        }
         if self.tty && self.bar.is_hidden() {
             self.bar.reset_elapsed();
             self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -96,7 +109,8 @@ impl RunLog {
 
     /// Appends an entry to `metrics.jsonl` (and to the TensorBoard events, when reporting there).
     pub fn write(&mut self, entry: &Value) -> Result<()> {
-        writeln!(self.metrics, "{entry}")?;
+        let Some(metrics) = &mut self.metrics else { return Ok(()) };
+        writeln!(metrics, "{entry}")?;
         if let Some(tb) = &mut self.tensorboard {
             tb.entry(entry)?;
         }

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod callbacks;
 pub mod checkpoint;
+pub mod distributed;
 pub mod logging;
 pub mod optim;
 pub mod plot;

@@ -2,14 +2,18 @@
 //! backward over the step's micro-batches (gradients normalised by the trained tokens of the whole
 //! step, dropout drawn from an RNG that is a pure function of (seed, step)), accumulation,
 //! clipping, the learning-rate schedule and the AdamW update. Needs no dataset or output_dir.
+//! Data-parallel: the trained-token count, the loss sum and the gradients (one flat bucket) are
+//! summed over the ranks of [`StepState::comm`], so every rank applies the same update.
 
 use super::args::TrainingArguments;
+use super::distributed::{self, Collective};
 use super::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 use super::schedule::lr_at;
 use crate::model::engine::{self, LoraGrad, StepOptions, TrainBatch};
 use crate::model::Model;
 use anyhow::Result;
 use rand::{rngs::StdRng, SeedableRng};
+use std::sync::Arc;
 
 /// One micro-batch of a step: the batch on the model's device and its real (non-padding) tokens.
 pub struct MicroBatch {
@@ -46,6 +50,8 @@ pub struct StepState {
     /// The schedule's total steps and warmup.
     pub total: usize,
     pub warmup: usize,
+    /// The ranks the step's sums are reduced over ([`distributed::Single`]: none).
+    pub comm: Arc<dyn Collective>,
 }
 
 /// Sum per-adapter gradients of micro-batches.
@@ -71,7 +77,7 @@ impl StepState {
             AdamWConfig { lr: a.learning_rate, beta1: a.adam_beta1, beta2: a.adam_beta2, eps: a.adam_epsilon, weight_decay: a.weight_decay },
         )?;
         let warmup = args.warmup_for(total);
-        Ok(Self { args, opt, step: 0, total, warmup })
+        Ok(Self { args, opt, step: 0, total, warmup, comm: Arc::new(distributed::Single) })
     }
 
     /// The learning rate of step `step` (0-based).
@@ -87,7 +93,8 @@ impl StepState {
         let mut rng = StdRng::seed_from_u64(self.args.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut grads = None;
         let mut loss_sum = 0.0;
-        for mb in micro_batches {
+        // A rank whose share of a short last batch is empty has nothing to run.
+        for mb in micro_batches.iter().filter(|mb| mb.batch.b > 0) {
             let o = engine::forward_backward(&model.llama, &mb.batch, &opts, &mut rng)?;
             loss_sum += o.loss_sum;
             accumulate(&mut grads, o.grads)?;
@@ -98,8 +105,23 @@ impl StepState {
     /// One optimizer step over `micro_batches` (the accumulation steps): the update is applied
     /// when loss and gradient norm are finite and some token is trained.
     pub fn train_step(&mut self, model: &mut Model, micro_batches: &[MicroBatch]) -> Result<StepStats> {
-        let n_targets: usize = micro_batches.iter().map(|mb| mb.batch.n_targets()).sum();
-        let (loss_sum, mut grads) = self.forward_backward(model, micro_batches, n_targets)?;
+        let mut n_targets: usize = micro_batches.iter().map(|mb| mb.batch.n_targets()).sum();
+        let mut tokens: u64 = micro_batches.iter().map(|mb| mb.tokens as u64).sum();
+        let world = self.comm.world_size() > 1;
+        if world {
+            // The normaliser is the global step's trained tokens (exact in f64).
+            let mut v = [n_targets as f64, tokens as f64];
+            self.comm.all_reduce_f64(&mut v)?;
+            (n_targets, tokens) = (v[0] as usize, v[1] as u64);
+        }
+        let (mut loss_sum, mut grads) = self.forward_backward(model, micro_batches, n_targets)?;
+        if world {
+            let mut l = [loss_sum];
+            self.comm.all_reduce_f64(&mut l)?;
+            loss_sum = l[0];
+            let _p = crate::profile::scope("all_reduce");
+            grads = distributed::all_reduce_grads(&*self.comm, &model.llama, grads)?;
+        }
         let loss = loss_sum / n_targets.max(1) as f64;
         let max_norm = self.args.max_grad_norm;
         let norm = if max_norm > 0.0 { clip_grad_norm(&mut grads, max_norm)? } else { grad_norm(&grads)? };
@@ -110,7 +132,6 @@ impl StepState {
             self.opt.step(&mut model.llama, &grads, lr)?;
         }
         self.step += 1;
-        let tokens = micro_batches.iter().map(|mb| mb.tokens as u64).sum();
         Ok(StepStats { step: self.step, loss, grad_norm: norm, lr, tokens, n_targets, non_finite })
     }
 }

@@ -13,6 +13,7 @@
 use super::args::{OnNonFinite, Resume, Strategy, TrainingArguments};
 use super::callbacks::{Callbacks, Control};
 use super::checkpoint::{self, Manifest, TrainerState};
+use super::distributed::{self, Collective};
 use super::logging::RunLog;
 use super::optim::ParamState;
 use super::record::{self, RunRecord};
@@ -71,6 +72,9 @@ pub struct SftTrainer {
     pub on_interrupt: OnInterrupt,
     /// The run Ctrl-C paused (with [`OnInterrupt::Pause`]).
     paused: Option<Run>,
+    /// The data-parallel group (the process's, [`distributed::world`]): each rank trains on its
+    /// share of every global batch; rank 0 alone writes the output_dir.
+    pub comm: Arc<dyn Collective>,
 }
 
 /// Writes the peft adapter files of the current model into a directory.
@@ -277,13 +281,25 @@ impl SftTrainer {
         if args.eval_strategy != Strategy::No && eval_data.is_none() {
             bail!("TrainingArguments: eval_strategy is set but SFTTrainer got no eval_dataset");
         }
-        Ok(Self { train_data, eval_data, args, recipe, save_adapter, on_interrupt: OnInterrupt::default(), paused: None })
+        Ok(Self { train_data, eval_data, args, recipe, save_adapter, on_interrupt: OnInterrupt::default(), paused: None, comm: distributed::world() })
     }
 
-    fn batch_options(&self, eval: bool) -> BatchOptions {
+    /// Rank 0 (or one process) writes the output_dir.
+    fn is_main(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Rows of one global batch: per_device_train_batch_size × WORLD_SIZE.
+    fn global_batch(&self) -> usize {
+        self.args.per_device_train_batch_size * self.comm.world_size()
+    }
+
+    /// The options of the global batches (`global`: the train batch's rows); each rank's iterator
+    /// takes its shard of them.
+    fn batch_options(&self, eval: bool, global: usize) -> BatchOptions {
         let a = &self.args;
         BatchOptions {
-            batch_size: if eval { a.per_device_eval_batch_size } else { a.per_device_train_batch_size },
+            batch_size: if eval { a.per_device_eval_batch_size * self.comm.world_size() } else { global },
             seed: a.seed,
             shuffle: !eval,
             packing: a.packing && !eval,
@@ -296,13 +312,18 @@ impl SftTrainer {
     /// Eval loss (mean over trained tokens) and perplexity of `model` on the eval dataset.
     pub fn evaluate(&self, model: &Model) -> Result<EvalMetrics> {
         let data = self.eval_data.clone().context("evaluate: SFTTrainer has no eval_dataset")?;
-        let it = BatchIterator::new(data, self.batch_options(true))?;
+        let it = BatchIterator::new(data, self.batch_options(true, 0))?.with_shard(self.comm.rank(), self.comm.world_size());
         let (mut sum, mut n) = (0.0, 0usize);
-        for b in it.epoch(0) {
+        for b in it.epoch(0).iter().filter(|b| b.batch > 0) {
             crate::check_cancel()?;
-            let out = engine::loss(&model.llama, &to_train_batch(&b, model)?)?;
+            let out = engine::loss(&model.llama, &to_train_batch(b, model)?)?;
             sum += out.loss_sum;
             n += out.n_tokens;
+        }
+        if self.comm.world_size() > 1 {
+            let mut v = [sum, n as f64];
+            self.comm.all_reduce_f64(&mut v)?;
+            (sum, n) = (v[0], v[1] as usize);
         }
         let loss = if n == 0 { f64::NAN } else { sum / n as f64 };
         Ok(EvalMetrics { loss, perplexity: loss.exp(), tokens: n })
@@ -368,10 +389,14 @@ impl SftTrainer {
             bail!("the trainer is paused at step {} of {}: trainer.resume() continues it", run.state.global_step, run.total());
         }
         let resume = self.with_cli_resume(resume);
-        let mut run = self.setup(model)?;
+        let mut run = self.setup(model, self.global_batch())?;
         let resumed = self.resume(model, &mut run, &resume)?;
-        super::run_dir::prepare(&self.args.output_dir, self.args.overwrite_output_dir, resumed)?;
-        let log = self.open_output(&mut run)?;
+        let log = if self.is_main() {
+            super::run_dir::prepare(&self.args.output_dir, self.args.overwrite_output_dir, resumed)?;
+            self.open_output(&mut run)?
+        } else {
+            RunLog::silent(run.state.global_step, run.total())
+        };
         self.drive(model, run, log, callbacks)
     }
 
@@ -391,7 +416,11 @@ impl SftTrainer {
             self.paused = Some(run);
             bail!("cannot resume: the model's adapters changed since the pause at step {at} (merged, replaced or re-attached)");
         }
-        let mut log = RunLog::open(&self.args.output_dir, &run.state.log_history, run.state.global_step, run.total())?;
+        let mut log = if self.is_main() {
+            RunLog::open(&self.args.output_dir, &run.state.log_history, run.state.global_step, run.total())?
+        } else {
+            RunLog::silent(run.state.global_step, run.total())
+        };
         if let Some(dir) = &run.tensorboard_dir {
             log.report_to_tensorboard(dir)?;
         }
@@ -420,7 +449,8 @@ impl SftTrainer {
             }
         }
         while run.steps.step < run.total() {
-            if interrupted() {
+            // Data-parallel: every rank stops at the same step.
+            if distributed::any(&*self.comm, interrupted())? {
                 return Ok(Outcome::Interrupted);
             }
             let at = run.it.position();
@@ -465,7 +495,7 @@ impl SftTrainer {
                 Err(e) => return Err(e),
             }
         }
-        if a.control == Control::Stop {
+        if distributed::any(&*self.comm, a.control == Control::Stop)? {
             log.say(&format!("training stopped at step {}", run.state.global_step));
             return Ok(Some(Outcome::Stopped));
         }
@@ -533,15 +563,15 @@ impl SftTrainer {
     }
 
     /// The data iterator, the step totals, a fresh optimizer and trainer state.
-    fn setup(&self, model: &Model) -> Result<Run> {
+    /// `global`: rows of a global batch (per_device_train_batch_size × WORLD_SIZE, or the
+    /// checkpoint's when a run resumes on another number of ranks).
+    fn setup(&self, model: &Model, global: usize) -> Result<Run> {
         let a = &self.args;
-        let it = BatchIterator::new(self.train_data.clone(), self.batch_options(false))?;
-        if a.per_device_train_batch_size > it.rows_per_epoch() {
-            bail!(
-                "per_device_train_batch_size ({}) is larger than the training set ({} rows)",
-                a.per_device_train_batch_size,
-                it.rows_per_epoch()
-            );
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let it = BatchIterator::new(self.train_data.clone(), self.batch_options(false, global))?.with_shard(rank, world);
+        if global > it.rows_per_epoch() {
+            let times = if world > 1 { format!(" × WORLD_SIZE ({world})") } else { String::new() };
+            bail!("per_device_train_batch_size ({}){times} is larger than the training set ({} rows)", global / world, it.rows_per_epoch());
         }
         let bpe = it.batches_per_epoch();
         let total = match a.max_steps {
@@ -549,8 +579,12 @@ impl SftTrainer {
             None => ((a.num_train_epochs * bpe as f64) / a.gradient_accumulation_steps as f64).ceil().max(1.0) as usize,
         };
         let manifest = self.manifest(model);
-        let steps = StepState::new(model, a.clone(), total)?;
+        let mut steps = StepState::new(model, a.clone(), total)?;
+        steps.comm = self.comm.clone();
+        self.comm.set_timeout(std::time::Duration::from_secs_f64(a.ddp_timeout));
         let state = TrainerState {
+            global_batch_size: Some(global),
+            world_size: Some(world),
             global_step: 0,
             max_steps: total,
             epoch: 0.0,
@@ -589,6 +623,16 @@ impl SftTrainer {
             bail!("{}: its adapters do not match the model's (different LoraConfig?)", dir.display());
         }
         warn_if_changed(&dir, &ck.manifest, &run.manifest);
+        let world = self.comm.world_size();
+        if let Some(g) = ck.state.global_batch_size.filter(|&g| g != self.global_batch()) {
+            // Positions count global batches: a resumed run keeps the checkpoint's (another
+            // WORLD_SIZE, or per_device_train_batch_size changed), each rank taking its share.
+            if self.is_main() {
+                let w = ck.state.world_size.unwrap_or(1);
+                eprintln!("resuming {} (trained with WORLD_SIZE {w}) with WORLD_SIZE {world}: the global batch stays {g} rows", dir.display());
+            }
+            *run = self.setup(model, g)?;
+        }
         // The resumed run continues the checkpoint's run (its checkpoints stay its own).
         if ck.manifest.run_id.is_some() {
             run.manifest.run_id = ck.manifest.run_id.clone();
@@ -598,7 +642,9 @@ impl SftTrainer {
         opt.step = ck.optimizer_step;
         opt.write_back(&mut model.llama)?;
         run.it.seek(ck.state.position)?;
+        let global = run.state.global_batch_size;
         run.state = ck.state;
+        (run.state.global_batch_size, run.state.world_size) = (global, Some(world));
         if let Some(v) = run.state.after_step.take() {
             run.pending = Some(AfterStep::from_json(&v, &run.state)?);
         }
@@ -751,6 +797,8 @@ impl SftTrainer {
             return Ok(None);
         }
         let dir = self.save_checkpoint(model, run, false)?;
+        // The other ranks read it (load_best_model_at_end) only once rank 0 has written it whole.
+        distributed::barrier(&*self.comm)?;
         run.last_checkpoint = Some(dir.clone());
         Ok(Some(dir))
     }
@@ -764,6 +812,9 @@ impl SftTrainer {
         let (step, total, warmup) = (run.state.global_step, run.total(), run.steps.warmup);
         if run.best_eval_step == Some(step) {
             run.state.best_model_checkpoint = Some(out_dir.join(format!("checkpoint-{step}")).display().to_string());
+        }
+        if !self.is_main() {
+            return Ok(out_dir.join(format!("checkpoint-{step}")));
         }
         run.steps.opt.sync_to_host()?;
         let save_adapter = &self.save_adapter;
@@ -814,6 +865,9 @@ impl SftTrainer {
     }
 
     fn draw_loss(&self, run: &Run) {
+        if !self.is_main() {
+            return;
+        }
         if let Err(e) = super::plot::loss_png(&self.args.output_dir.join("loss.png"), &run.state.log_history) {
             eprintln!("warning: could not draw loss.png: {e:#}");
         }
@@ -842,7 +896,9 @@ impl SftTrainer {
         log.finish();
         let summary = self.summary(&run, stopped, false);
         self.draw_loss(&run);
-        eprintln!("{}", summary.describe(&self.args.output_dir));
+        if self.is_main() {
+            eprintln!("{}", summary.describe(&self.args.output_dir));
+        }
         summary
     }
 }
