@@ -180,3 +180,143 @@ fn shards_are_disjoint_and_their_union_is_the_global_batch_in_order() {
         }
     }
 }
+
+// ---- the command line: `--nproc-per-node`, torchrun's environment, a rank that dies ----
+
+fn qscript() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_qscript"));
+    c.env("QSCRIPT_QUIET", "1");
+    for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"] {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn cli_recipe(tmp: &Path) -> PathBuf {
+    let src = format!(
+        r#"
+const OUT = "{out}";
+const PER_DEVICE = 4;
+const MAX_STEPS = 4;
+let model = load_model("{model}");
+let model = get_peft_model(model, LoraConfig(#{{ r: 4, lora_alpha: 8, target_modules: "all-linear", init_lora_weights: false }}));
+let data = load_dataset("{data}");
+let args = TrainingArguments(#{{ output_dir: OUT, max_steps: MAX_STEPS, per_device_train_batch_size: PER_DEVICE,
+    learning_rate: 1e-3, logging_steps: 1, save_steps: 2, save_total_limit: 2, ddp_timeout: 60 }});
+let trainer = SFTTrainer(model, data, args);
+let s = trainer.train();
+print("STEP:" + s.global_step);
+model.save_pretrained(OUT + "/adapter");
+"#,
+        out = tmp.join("runs/out").display(),
+        model = tmp.join("tiny").display(),
+        data = tmp.join("data.jsonl").display()
+    );
+    let r = tmp.join("train.rhai");
+    std::fs::write(&r, src).unwrap();
+    r
+}
+
+fn cli(tmp: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let r = cli_recipe(tmp);
+    let t = tmp.display();
+    let mut c = qscript();
+    c.arg(&r).arg(format!("--allow-read={t}")).arg(format!("--allow-write={t}")).args(extra).current_dir(tmp);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+fn adapter_values(path: &Path) -> Vec<f32> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    let mut keys: Vec<_> = t.keys().cloned().collect();
+    keys.sort();
+    keys.iter().flat_map(|k| t[k].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+#[test]
+fn launched_cpu_ranks_equal_one_process_and_world_size_1_is_the_plain_run() {
+    let (tmp, _) = fixture();
+    let t = tmp.path();
+    let out = t.join("runs/out");
+    let (code, o, e) = cli(t, &[], &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    let plain = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let plain_metrics = t.join("plain");
+    std::fs::rename(&out, &plain_metrics).unwrap();
+    // torchrun's environment for one process: the same run, bit for bit.
+    let (code, o, e) = cli(t, &[], &[("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    assert!(std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap() == plain, "WORLD_SIZE=1 changed the adapter");
+    std::fs::remove_dir_all(&out).unwrap();
+    // Two ranks of 2 rows: the run of one process with 4 (the TCP reduction on the CPU build).
+    let (code, o, e) = cli(t, &["--nproc-per-node", "2", "--set", "PER_DEVICE=2"], &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    assert!(e.contains("launching 2 rank(s) on this machine (WORLD_SIZE 2"), "{e}");
+    assert_eq!(o.matches("STEP:4").count(), 2, "{o}");
+    let two = adapter_values(&out.join("adapter/adapter_model.safetensors"));
+    let d = max_diff(&two, &adapter_values(&plain_metrics.join("adapter/adapter_model.safetensors")));
+    eprintln!("--nproc-per-node 2 vs 1 process: max adapter difference {d:e}");
+    assert!(d < 1e-6, "{d}");
+    assert_metrics_close(&out, &plain_metrics, 1e-6);
+    // Bad environments are one line naming the variable.
+    let (code, _, e) = cli(t, &[], &[("WORLD_SIZE", "2"), ("RANK", "2")]);
+    assert_eq!((code, e.trim()), (1, "error: RANK=2 is not below WORLD_SIZE=2"));
+}
+
+/// The pid of the launcher's child that has `RANK=rank`.
+fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{launcher}/task")).ok()?;
+    for t in tasks.flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for pid in kids.split_whitespace() {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if env.split(|&b| b == 0).any(|kv| kv == format!("RANK={rank}").as_bytes()) {
+                return pid.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_rank_that_dies_stops_the_launch_naming_it_and_the_last_checkpoint_resumes() {
+    let (tmp, _) = fixture();
+    let t = tmp.path();
+    let r = cli_recipe(t);
+    let out = t.join("runs/out");
+    let mut c = qscript();
+    c.arg(&r).arg(format!("--allow-read={}", t.display())).arg(format!("--allow-write={}", t.display()));
+    c.args(["--nproc-per-node", "2", "--set", "PER_DEVICE=2", "--set", "MAX_STEPS=100000"]).current_dir(t);
+    let mut launcher = c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("checkpoint-2").is_dir() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint-2 after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = rank_pid(launcher.id(), 1).expect("rank 1's process");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        assert!(killed.elapsed().as_secs() < 20, "the launcher did not stop within 20 s of rank 1's death");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("error: rank 1 was killed by signal 9 (the first rank to fail); the other ranks stopped too"), "{err}");
+    // Rank 0 saw it go, naming it, and exited with 75 (failed because of another rank).
+    assert!(err.contains("distributed: rank 1 left the group"), "{err}");
+    // The latest checkpoint resumes, in one process (keeping the global batch of 4).
+    let latest = qscript::train::checkpoint::latest(&out).unwrap();
+    let step: usize = latest.file_name().unwrap().to_string_lossy()["checkpoint-".len()..].parse().unwrap();
+    let (code, o, e) = cli(t, &["--resume", "--set", "PER_DEVICE=2", "--set", &format!("MAX_STEPS={}", step + 2)], &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    assert!(e.contains("resumed from") && e.contains("the global batch stays 4 rows"), "{e}");
+    assert!(o.contains(&format!("STEP:{}", step + 2)), "{o}");
+}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod export;
 pub mod chat;
+pub mod launch;
 pub mod quantize;
 pub mod repl;
 
@@ -20,6 +21,8 @@ Examples:
                                                 override a recipe's `const MAX_NEW_TOKENS = ...;`
   qscript recipes/customer_support.rhai --resume
                                                 continue a run stopped by Ctrl-C from its checkpoint
+  qscript recipes/customer_support.rhai --nproc-per-node 2
+                                                train data-parallel on 2 GPUs (torchrun's RANK/WORLD_SIZE/... are honoured too)
   qscript recipes/customer_support.rhai --device cpu
                                                 run on the CPU even in a CUDA build (cuda:N: a GPU)
   qscript check recipes/chat.rhai               validate a recipe, list what it reads and writes
@@ -75,6 +78,8 @@ struct RunArgs {
     /// each load_model says, else auto = the GPU in a CUDA build when one is present)
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+    #[command(flatten)]
+    launch: launch::LaunchArgs,
 }
 
 impl RunArgs {
@@ -185,6 +190,11 @@ fn install_ctrlc() {
 }
 
 fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
+    if args.launch.nproc_per_node.is_some() {
+        // The launcher waits for its ranks, which get Ctrl-C from the terminal themselves.
+        EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
+        return launch::run(&args.launch, &|| crate::CANCEL.load(Ordering::SeqCst));
+    }
     // What the run's manifest records, and what the command that resumes it repeats.
     crate::train::record::set_launch(crate::train::record::Launch {
         argv: std::env::args().collect(),
@@ -193,10 +203,18 @@ fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
         resume: args.resume,
     });
     crate::device::set_override(args.device.as_deref())?;
+    // A rank of a data-parallel run (torchrun's environment): meet the others first, then train
+    // on GPU LOCAL_RANK unless --device says otherwise.
+    if let Some(env) = crate::train::distributed::init_from_env()? {
+        if cfg!(feature = "cuda") && args.device.is_none() {
+            crate::device::set_override(Some(&format!("cuda:{}", env.local_rank)))?;
+        }
+    }
     Host::sandboxed(path, &args.limits(), &args.grants()).run_file(path, &args.set)
 }
 
 fn check_recipe(recipe: &Path, run: &RunArgs) -> anyhow::Result<()> {
+    not_launched(run)?;
     let host = Host::sandboxed(recipe, &run.limits(), &run.grants());
     let r = host.check_file(recipe, &run.set)?;
     println!(
@@ -207,6 +225,14 @@ fn check_recipe(recipe: &Path, run: &RunArgs) -> anyhow::Result<()> {
         if r.constants.is_empty() { "none".to_string() } else { r.constants.join(", ") }
     );
     print!("{}", crate::script::access::describe(&r.accesses));
+    Ok(())
+}
+
+/// `--nproc-per-node` and its companions launch a recipe run, nothing else.
+fn not_launched(run: &RunArgs) -> anyhow::Result<()> {
+    if run.launch.nproc_per_node.is_some() {
+        anyhow::bail!("--nproc-per-node: only a recipe run is launched on several processes (qscript RECIPE --nproc-per-node N)");
+    }
     Ok(())
 }
 
@@ -223,7 +249,13 @@ fn report(r: anyhow::Result<()>) -> i32 {
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
-            if crate::CANCEL.load(Ordering::Relaxed) { 130 } else { 1 }
+            if crate::CANCEL.load(Ordering::Relaxed) {
+                130
+            } else if crate::train::distributed::PEER_LOST.load(Ordering::Relaxed) {
+                crate::train::distributed::EXIT_PEER_LOST
+            } else {
+                1
+            }
         }
     }
 }
@@ -296,11 +328,11 @@ fn cli_main() -> i32 {
         (Some(Command::Check { recipe, run }), _) => report(check_recipe(&recipe, &run)),
         (Some(Command::Repl { run }), _) => {
             EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
-            report(repl::run(&run))
+            report(not_launched(&run).and_then(|_| repl::run(&run)))
         }
         (None, None) => {
             EXIT_ON_CANCEL.store(false, Ordering::SeqCst);
-            report(repl::run(&cli.run))
+            report(not_launched(&cli.run).and_then(|_| repl::run(&cli.run)))
         }
         (Some(Command::Chat(args)), _) => report(chat::run(args)),
         (Some(Command::Bench { what }), _) => report(bench::run(what)),

@@ -332,6 +332,9 @@ pub fn register(api: &mut Api) {
         |ds: &mut DatasetHandle, path: &str| {
             let path = std::path::Path::new(path);
             rt(crate::util::permissions::write_file(path).and_then(|_| {
+                if !crate::train::distributed::is_main_process() {
+                    return Ok(()); // rank 0 writes
+                }
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: cannot create directory: {e}", dir.display()))?;
                 }

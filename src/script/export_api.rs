@@ -22,6 +22,9 @@ pub fn save_gguf(m: &ModelHandle, path: &str, opts: &Map) -> anyhow::Result<()> 
     o.modelfile = cfg.bool("modelfile").unwrap_or(true);
     o.prompts = cfg.str_list("prompts").unwrap_or_default();
     let path = export::output_path(path)?;
+    if !crate::train::distributed::is_main_process() {
+        return Ok(()); // rank 0 writes
+    }
     let model = m.get()?;
     let done = export::save_gguf(&model, &path, &o)?;
     if !quiet() {
@@ -34,6 +37,9 @@ pub fn save_gguf_adapter(m: &ModelHandle, path: &str, opts: &Map) -> anyhow::Res
     let cfg = config::SAVE_GGUF_ADAPTER.check(opts).map_err(anyhow::Error::msg)?;
     let path = export::output_path(path)?;
     let base = cfg.str("base_gguf").map(std::path::PathBuf::from);
+    if !crate::train::distributed::is_main_process() {
+        return Ok(()); // rank 0 writes
+    }
     let model = m.get()?;
     let done = export::save_gguf_adapter(&model, &path, base.as_deref())?;
     if !quiet() {

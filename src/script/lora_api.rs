@@ -91,6 +91,10 @@ pub fn save_pretrained(m: &ModelHandle, dir: &str) -> anyhow::Result<()> {
     let model = m.get()?;
     let dir = std::path::Path::new(dir);
     crate::util::permissions::write_dir(dir)?;
+    // Data-parallel: every rank holds the same weights; rank 0 writes them.
+    if !crate::train::distributed::is_main_process() {
+        return Ok(());
+    }
     match &model.lora_config {
         Some(cfg) if lora::parameter_counts(&model.llama).0 > 0 => {
             crate::model::adapter::save_adapter(&model.llama, cfg, &model.name_or_path, dir)

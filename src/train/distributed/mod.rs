@@ -191,6 +191,13 @@ pub fn rendezvous_timeout() -> Result<Duration> {
     }
 }
 
+/// Set when a reduction failed because another rank left, stalled or broke the protocol: the
+/// process then exits with [`EXIT_PEER_LOST`], so a launcher can tell the rank that failed first
+/// from the ranks that failed because of it.
+pub static PEER_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// EX_TEMPFAIL.
+pub const EXIT_PEER_LOST: i32 = 75;
+
 static WORLD: OnceLock<Arc<dyn Collective>> = OnceLock::new();
 static ENV: OnceLock<Env> = OnceLock::new();
 
@@ -203,6 +210,10 @@ pub fn init_from_env() -> Result<Option<Env>> {
     }
     if WORLD.get().is_some() {
         return Ok(ENV.get().cloned());
+    }
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        // NVLink multicast off (it fails on the machines this runs on); set before NCCL starts.
+        std::env::set_var("NCCL_NVLS_ENABLE", "0");
     }
     let group = tcp::rendezvous(&env.master_addr, env.master_port, env.rank, env.world_size, rendezvous_timeout()?)?;
     let group: Arc<dyn Collective> = Arc::new(ProcessGroup::new(group));

@@ -213,8 +213,10 @@ impl TcpGroup {
         }
     }
 
-    /// A one-line error about rank `peer`.
+    /// A one-line error about rank `peer` (and [`super::PEER_LOST`] set: this rank fails because
+    /// of another).
     fn peer_error(&self, peer: usize, e: std::io::Error) -> anyhow::Error {
+        super::PEER_LOST.store(true, std::sync::atomic::Ordering::SeqCst);
         let t = *self.timeout.lock().unwrap_or_else(|e| e.into_inner());
         match e.kind() {
             ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
