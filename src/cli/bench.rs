@@ -41,6 +41,9 @@ pub enum BenchCommand {
         /// Timed steps (after one warm-up step)
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Data-parallel: N ranks of --batch rows each (as `qscript RECIPE --nproc-per-node N`)
+        #[command(flatten)]
+        launch: super::launch::LaunchArgs,
     },
     /// Load time, prefill time and greedy decode speed of a model on this machine
     #[command(after_help = "Examples:\n  qscript bench generate\n  qscript bench generate --shape llama-3.2-3b --device cuda --quant nf4 --dtype bfloat16")]
@@ -179,7 +182,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, gradient_accumulation_steps, steps } => {
+        BenchCommand::Train { launch, .. } if launch.nproc_per_node.is_some() => {
+            super::EXIT_ON_CANCEL.store(false, std::sync::atomic::Ordering::SeqCst);
+            super::launch::run(&launch, &|| crate::CANCEL.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, gradient_accumulation_steps, steps, .. } => {
+            // A rank of a data-parallel run: meet the others; "cuda" / "auto" is GPU LOCAL_RANK.
+            let env = crate::train::distributed::init_from_env()?;
+            let device = match &env {
+                Some(e) if cfg!(feature = "cuda") && (device == "cuda" || device == "auto") => format!("cuda:{}", e.local_rank),
+                _ => device,
+            };
             let device = crate::device::parse(&device)?;
             let dtype = match dtype {
                 Some(d) => parse_dtype(&d)?,
@@ -457,7 +470,9 @@ fn bench_train_step(m: &Model, c: &TrainCase) -> anyhow::Result<(Vec<crate::trai
     args.gradient_checkpointing = c.ckpt;
     args.validate()?;
     let vocab = m.config().vocab_size as u32;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    // Each data-parallel rank its own rows (rank 0's are the single-process run's).
+    let comm = crate::train::distributed::world();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(comm.rank() as u64);
     let mut micro = Vec::new();
     for _ in 0..c.accumulation {
         let ids: Vec<u32> = (0..c.batch * c.seq).map(|_| rng.random_range(0..vocab)).collect();
@@ -466,7 +481,9 @@ fn bench_train_step(m: &Model, c: &TrainCase) -> anyhow::Result<(Vec<crate::trai
         micro.push(MicroBatch { batch, tokens: ids.len() });
     }
     // The total only shapes a schedule; this one is constant.
-    Ok((micro, StepState::new(m, args, c.steps + 2)?))
+    let mut st = StepState::new(m, args, c.steps + 2)?;
+    st.comm = comm;
+    Ok((micro, st))
 }
 
 /// Seconds and mean loss of `steps` timed trainer steps, after the warm-up steps. GPU work is
@@ -504,7 +521,9 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
     let (micro, mut st) = bench_train_step(&m, c)?;
     let (times, losses) = time_train_steps(&mut m, &mut st, &micro, c.steps)?;
     let step = median(times.clone());
-    let tokens_per_sec = (c.batch * c.seq * c.accumulation) as f64 / step;
+    let world = crate::train::distributed::world().world_size();
+    // Every rank's tokens (the global batch).
+    let tokens_per_sec = (c.batch * c.seq * c.accumulation * world) as f64 / step;
     // Matmul FLOPs per token of a frozen-base LoRA step: forward 2·P, input gradients 2·P
     // (no weight gradients), P = the linear and LM-head weights; attention not counted.
     let cfgm = m.config();
@@ -517,20 +536,22 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
         "bench": "train", "model": c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}")),
         "device": crate::device::name(&m.llama.device), "dtype": crate::model::dtype_name(m.llama.dtype),
         "quant": c.quant, "batch": c.batch, "seq": c.seq, "rank": c.rank, "gradient_accumulation_steps": c.accumulation,
-        "gradient_checkpointing": c.ckpt, "threads": candle_core::utils::get_num_threads(),
+        "gradient_checkpointing": c.ckpt, "threads": candle_core::utils::get_num_threads(), "world_size": world,
         "trainable_params": crate::model::lora::parameter_counts(&m.llama).0,
         "load_secs": load_secs,
         "step_secs_median": step, "step_secs_best": times.iter().cloned().fold(f64::INFINITY, f64::min),
         "tokens_per_sec": tokens_per_sec,
         "matmul_tflops_per_sec": tflops,
-        "mfu": peak_gpu.map(|_| tflops / GPU_PEAK_TFLOPS),
+        "mfu": peak_gpu.map(|_| tflops / (GPU_PEAK_TFLOPS * world as f64)),
         "peak_gpu_gib": peak_gpu.map(|b| b as f64 / (1u64 << 30) as f64),
         "loss_first": losses.first(), "loss_last": losses.last(),
         "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         "rss_before_load_mib": rss0.map(|b| b as f64 / 1048576.0),
         "rss_after_load_mib": rss_loaded.map(|b| b as f64 / 1048576.0),
     });
-    println!("{line}");
+    if crate::train::distributed::is_main_process() {
+        println!("{line}");
+    }
     if crate::profile::enabled() {
         eprint!("{}", crate::profile::report());
     }
