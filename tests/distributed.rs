@@ -320,3 +320,41 @@ fn a_rank_that_dies_stops_the_launch_naming_it_and_the_last_checkpoint_resumes()
     assert!(e.contains("resumed from") && e.contains("the global batch stays 4 rows"), "{e}");
     assert!(o.contains(&format!("STEP:{}", step + 2)), "{o}");
 }
+
+#[test]
+fn ctrl_c_to_a_launched_run_leaves_a_checkpoint_that_resumes_to_the_same_adapter() {
+    use std::os::unix::process::CommandExt;
+    let (tmp, _) = fixture();
+    let t = tmp.path();
+    let steps = "MAX_STEPS=200";
+    // The reference: one process, the same global batch of 4.
+    let (code, o, e) = cli(t, &["--set", steps], &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    let want = adapter_values(&t.join("runs/out/adapter/adapter_model.safetensors"));
+    std::fs::remove_dir_all(t.join("runs/out")).unwrap();
+    let r = cli_recipe(t);
+    let out = t.join("runs/out");
+    let mut c = qscript();
+    c.arg(&r).arg(format!("--allow-read={}", t.display())).arg(format!("--allow-write={}", t.display()));
+    c.args(["--nproc-per-node", "2", "--set", "PER_DEVICE=2", "--set", steps]).current_dir(t);
+    // Its own process group, as a terminal's foreground job: Ctrl-C reaches the launcher and every rank.
+    let mut launcher = c.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("checkpoint-4").is_dir() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint-4 after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(unsafe { libc::kill(-(launcher.id() as i32), libc::SIGINT) }, 0);
+    let status = launcher.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("resume with: ") && err.contains("--nproc-per-node 2"), "{err}");
+    let (code, o, e) = cli(t, &["--nproc-per-node", "2", "--resume", "--set", "PER_DEVICE=2", "--set", steps], &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    assert!(e.contains("resumed from"), "{e}");
+    let got = adapter_values(&out.join("adapter/adapter_model.safetensors"));
+    let d = max_diff(&got, &want);
+    eprintln!("Ctrl-C + resume on 2 ranks vs 1 process: max adapter difference {d:e}");
+    assert!(d < 1e-5, "{d}");
+}

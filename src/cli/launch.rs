@@ -31,6 +31,17 @@ pub struct LaunchArgs {
     pub master_port: Option<u16>,
 }
 
+/// The launcher's own command line, passed to its ranks (fields split by U+001F).
+pub const LAUNCHER_ARGV: &str = "QSCRIPT_LAUNCHER_ARGV";
+
+/// The command line a run records: the launcher's for a rank it started, else this process's.
+pub fn recorded_argv() -> Vec<String> {
+    match std::env::var(LAUNCHER_ARGV) {
+        Ok(s) if std::env::var_os("RANK").is_some() => s.split('\u{1f}').map(String::from).collect(),
+        _ => std::env::args().collect(),
+    }
+}
+
 /// Flags the children do not get (they are the ranks, not launchers).
 const LAUNCHER_FLAGS: [&str; 5] = ["--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"];
 
@@ -91,7 +102,9 @@ pub fn run(l: &LaunchArgs, cancelled: &dyn Fn() -> bool) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("GROUP_RANK", node.to_string())
             .env("MASTER_ADDR", &addr)
-            .env("MASTER_PORT", port.to_string());
+            .env("MASTER_PORT", port.to_string())
+            // What the run records as its command (and repeats in the command that resumes it).
+            .env(LAUNCHER_ARGV, std::env::args().collect::<Vec<_>>().join("\u{1f}"));
         if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
             c.env("NCCL_NVLS_ENABLE", "0");
         }

@@ -197,7 +197,7 @@ fn run_recipe(path: &Path, args: &RunArgs) -> anyhow::Result<()> {
     }
     // What the run's manifest records, and what the command that resumes it repeats.
     crate::train::record::set_launch(crate::train::record::Launch {
-        argv: std::env::args().collect(),
+        argv: launch::recorded_argv(),
         recipe: path.to_path_buf(),
         overrides: args.set.clone(),
         resume: args.resume,

@@ -90,7 +90,12 @@ impl StepState {
     fn forward_backward(&self, model: &Model, micro_batches: &[MicroBatch], n_targets: usize) -> Result<(f64, Vec<LoraGrad>)> {
         let opts = StepOptions { train: true, gradient_checkpointing: self.args.gradient_checkpointing, grad_scale: Some(1.0 / n_targets.max(1) as f64) };
         // Dropout draws from an RNG that is a pure function of (seed, step): resume is exact.
-        let mut rng = StdRng::seed_from_u64(self.args.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut seed = self.args.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        if self.comm.world_size() > 1 {
+            // Each data-parallel rank its own draws (rank 0's are those of one process).
+            seed ^= (self.comm.rank() as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
         let mut grads = None;
         let mut loss_sum = 0.0;
         // A rank whose share of a short last batch is empty has nothing to run.

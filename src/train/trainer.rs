@@ -554,11 +554,13 @@ impl SftTrainer {
         self.draw_loss(&run);
         let how = record::resume_command()
             .unwrap_or_else(|| "resume_from_checkpoint: true in TrainingArguments, or trainer.train(#{ resume_from_checkpoint: true })".into());
-        eprintln!(
-            "interrupted at step {step}/{total}: checkpoint {}, metrics and loss.png in {}\nresume with: {how}",
-            dir.display(),
-            self.args.output_dir.display()
-        );
+        if self.is_main() {
+            eprintln!(
+                "interrupted at step {step}/{total}: checkpoint {}, metrics and loss.png in {}\nresume with: {how}",
+                dir.display(),
+                self.args.output_dir.display()
+            );
+        }
         bail!("interrupted (Ctrl-C) at step {step} of {total}; checkpoint {}", dir.display())
     }
 
