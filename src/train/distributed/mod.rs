@@ -128,6 +128,7 @@ pub struct Env {
     pub local_rank: usize,
     pub local_world_size: usize,
     pub master_addr: String,
+    /// The rendezvous port: MASTER_PORT (+1 under torchrun's agent store, or QSCRIPT_RDZV_PORT).
     pub master_port: u16,
 }
 
@@ -172,13 +173,24 @@ impl Env {
         if world_k == "SLURM_NTASKS" && master_addr.is_none() {
             bail!("SLURM_NTASKS={world_size}: MASTER_ADDR is not set (export MASTER_ADDR to the first node's address and MASTER_PORT to a free port)");
         }
-        let master_port = match get("MASTER_PORT").filter(|p| !p.trim().is_empty()) {
-            None => DEFAULT_MASTER_PORT,
-            Some(p) => match p.trim().parse::<u16>() {
-                Ok(n) if n > 0 => n,
-                _ => bail!("MASTER_PORT={p}: expected a TCP port (1-65535)"),
-            },
+        let port = |k: &str| -> Result<Option<u16>> {
+            match get(k).filter(|p| !p.trim().is_empty()) {
+                None => Ok(None),
+                Some(p) => match p.trim().parse::<u16>() {
+                    Ok(n) if n > 0 => Ok(Some(n)),
+                    _ => bail!("{k}={p}: expected a TCP port (1-65535)"),
+                },
+            }
         };
+        let mut master_port = port("MASTER_PORT")?.unwrap_or(DEFAULT_MASTER_PORT);
+        // torchrun's agent serves its own store on MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE):
+        // the ranks then meet on the next port; QSCRIPT_RDZV_PORT chooses one outright.
+        if get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| matches!(v.trim(), "True" | "true" | "1")) {
+            master_port = master_port.checked_add(1).context("MASTER_PORT=65535: no next port for the rendezvous; set QSCRIPT_RDZV_PORT")?;
+        }
+        if let Some(p) = port("QSCRIPT_RDZV_PORT")? {
+            master_port = p;
+        }
         Ok(Some(Env { rank, world_size, local_rank, local_world_size, master_addr: master_addr.unwrap_or_else(|| DEFAULT_MASTER_ADDR.into()), master_port }))
     }
 }
@@ -321,6 +333,9 @@ mod tests {
         assert_eq!((e.local_rank, e.master_addr.as_str(), e.master_port), (1, "127.0.0.1", 29500));
         let e = env(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "3"), ("SLURM_LOCALID", "1"), ("MASTER_ADDR", "n1")]).unwrap().unwrap();
         assert_eq!((e.rank, e.world_size, e.local_rank), (3, 4, 1));
+        let torchrun = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True")];
+        assert_eq!(env(&torchrun).unwrap().unwrap().master_port, 29501);
+        assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("QSCRIPT_RDZV_PORT", "4000")]).unwrap().unwrap().master_port, 4000);
         for (vars, says) in [
             (&[("WORLD_SIZE", "2")][..], "WORLD_SIZE=2 is set but RANK is not"),
             (&[("WORLD_SIZE", "2"), ("RANK", "2")][..], "RANK=2 is not below WORLD_SIZE=2"),
