@@ -218,8 +218,10 @@ fn tokenize(model: &Model, ds: &Dataset, args: &TrainingArguments, what: &str) -
     let opts = TokenizeOptions { max_seq_length: Some(args.max_seq_length), train_on_inputs: args.train_on_inputs, truncation: Truncation::Truncate };
     let ds = &ds.with_text_field(&args.dataset_text_field)?;
     let t = tokenize_for_model(ds, model, &opts).with_context(|| format!("{what} dataset"))?;
-    eprintln!("{what}: {}", t.report.summary());
-    super::logging::print_lints(Some(what), &t.report.lints);
+    if distributed::is_main_process() {
+        eprintln!("{what}: {}", t.report.summary());
+        super::logging::print_lints(Some(what), &t.report.lints);
+    }
     if t.is_empty() {
         bail!("{what} dataset: no example left to train on after tokenization");
     }
@@ -271,7 +273,9 @@ impl SftTrainer {
             bail!("SFTTrainer: the model has no LoRA adapters; call get_peft_model(model, LoraConfig(...)) first");
         }
         for note in args.notes_for(model)? {
-            eprintln!("{note}");
+            if distributed::is_main_process() {
+                eprintln!("{note}");
+            }
         }
         let train_data = tokenize(model, train, &args, "train")?;
         let eval_data = match eval {
@@ -624,7 +628,9 @@ impl SftTrainer {
         if !same_adapters(&ck.params, &run.steps.opt.params) {
             bail!("{}: its adapters do not match the model's (different LoraConfig?)", dir.display());
         }
-        warn_if_changed(&dir, &ck.manifest, &run.manifest);
+        if self.is_main() {
+            warn_if_changed(&dir, &ck.manifest, &run.manifest);
+        }
         let world = self.comm.world_size();
         if let Some(g) = ck.state.global_batch_size.filter(|&g| g != self.global_batch()) {
             // Positions count global batches: a resumed run keeps the checkpoint's (another
@@ -652,7 +658,9 @@ impl SftTrainer {
         }
         run.state.max_steps = run.total();
         run.steps.step = run.state.global_step;
-        eprintln!("resumed from {} at step {}", dir.display(), run.state.global_step);
+        if self.is_main() {
+            eprintln!("resumed from {} at step {}", dir.display(), run.state.global_step);
+        }
         Ok(true)
     }
 

@@ -152,7 +152,7 @@ impl Env {
             }
         };
         // torchrun's names first; srun's when only they are there.
-        let (rank_k, world_k, local_k) = if get("WORLD_SIZE").is_some() {
+        let (rank_k, world_k, local_k) = if num("WORLD_SIZE")?.is_some() {
             ("RANK", "WORLD_SIZE", "LOCAL_RANK")
         } else if num("SLURM_NTASKS")?.is_some_and(|n| n > 1) {
             ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
@@ -326,6 +326,7 @@ mod tests {
     #[test]
     fn the_environment_of_torchrun_and_srun() {
         assert_eq!(env(&[]).unwrap(), None);
+        assert_eq!(env(&[("WORLD_SIZE", ""), ("RANK", "")]).unwrap(), None);
         assert_eq!(env(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]).unwrap(), None);
         let e = env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")]).unwrap().unwrap();
         assert_eq!(e, Env { rank: 1, world_size: 2, local_rank: 1, local_world_size: 2, master_addr: "10.0.0.1".into(), master_port: 1234 });
