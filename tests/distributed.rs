@@ -266,16 +266,19 @@ fn launched_cpu_ranks_equal_one_process_and_world_size_1_is_the_plain_run() {
     assert_eq!((code, e.trim()), (1, "error: RANK=2 is not below WORLD_SIZE=2"));
 }
 
-/// The pid of the launcher's child that has `RANK=rank`.
+/// The pid of the launcher's child that has `RANK=rank` (its parent in /proc/PID/stat).
 fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{launcher}/task")).ok()?;
-    for t in tasks.flatten() {
-        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        for pid in kids.split_whitespace() {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            if env.split(|&b| b == 0).any(|kv| kv == format!("RANK={rank}").as_bytes()) {
-                return pid.parse().ok();
-            }
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": the comm may hold spaces, so split after its ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|kv| kv == format!("RANK={rank}").as_bytes()) {
+            return Some(pid);
         }
     }
     None
