@@ -17,10 +17,10 @@ pub struct LaunchArgs {
     /// Start N processes of this run on this machine (one per GPU: cuda:LOCAL_RANK), data-parallel
     #[arg(long = "nproc-per-node", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub nproc_per_node: Option<u32>,
-    /// Machines in the run (with --nproc-per-node; default 1)
+    /// Machines in the run (with --nproc-per-node)
     #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub nnodes: u32,
-    /// This machine's index among --nnodes (default 0)
+    /// This machine's index among --nnodes
     #[arg(long = "node-rank", value_name = "K", default_value_t = 0)]
     pub node_rank: u32,
     /// Rank 0's machine: where the ranks meet (default 127.0.0.1)
