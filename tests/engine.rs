@@ -370,3 +370,32 @@ fn packed_row_logits_equal_each_example_alone() {
     }
     assert_eq!(checked, lens.len());
 }
+
+#[test]
+fn ids_and_positions_past_the_tables_are_one_line_errors() {
+    // On a GPU these gathers would be device-side asserts that kill the process.
+    let m = tiny_model(DType::F32, 4);
+    let (vocab, max_pos) = (m.config().vocab_size as u32, m.config().max_position_embeddings as u32);
+    let ids = [1u32, vocab, 2];
+    let err = engine::loss(&m.llama, &TrainBatch::new(1, 3, &ids, &[1, 2, 3], None, None, &DEV).unwrap()).err().unwrap().to_string();
+    assert!(err.contains(&format!("token id {vocab}")) && err.contains("vocabulary"), "{err}");
+    let pos = [0u32, 1, max_pos];
+    let err = engine::loss(&m.llama, &TrainBatch::new(1, 3, &[1, 2, 3], &[1, 2, 3], Some(&pos), None, &DEV).unwrap()).err().unwrap().to_string();
+    assert!(err.contains(&format!("position {max_pos}")) && err.contains("max_position_embeddings"), "{err}");
+    let pos = [0u32, 1, max_pos - 1];
+    assert!(engine::loss(&m.llama, &TrainBatch::new(1, 3, &[1, 2, 3], &[1, 2, 3], Some(&pos), None, &DEV).unwrap()).is_ok());
+}
+
+#[test]
+fn norm_backward_plus_adds_the_residual() {
+    use qscript::model::layers::norm::RmsNorm;
+    let (rows, h) = (3, 16);
+    let x = randn(201, &[rows, h], DType::F32);
+    let n = RmsNorm { weight: (randn(202, &[h], DType::F32) + 1.0).unwrap(), eps: 1e-6, plus_one: false };
+    let (_, s) = n.forward_train(&x).unwrap();
+    let (dy, res) = (randn(203, &[rows, h], DType::F32), randn(204, &[rows, h], DType::F32));
+    let want: Vec<f32> = (&res + n.backward(&s, &dy).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = n.backward_plus(&s, &dy, &res).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(got.iter().zip(&n.backward(&s, &dy).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).any(|(a, b)| a != b));
+}

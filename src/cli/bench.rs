@@ -27,9 +27,12 @@ pub enum BenchCommand {
         batch: usize,
         #[arg(long, default_value_t = 128)]
         seq: usize,
-        /// LoRA rank (all seven projections, alpha = 2r, dropout 0.1)
+        /// LoRA rank (all seven projections, alpha = 2r)
         #[arg(long, default_value_t = 16)]
         rank: usize,
+        /// LoRA dropout (0: no dropout work at all, Unsloth's fast setting)
+        #[arg(long, default_value_t = 0.1)]
+        lora_dropout: f64,
         /// Base weights: nf4 (4-bit, double quant) or none (dense)
         #[arg(long, default_value = "nf4")]
         quant: String,
@@ -186,7 +189,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             super::EXIT_ON_CANCEL.store(false, std::sync::atomic::Ordering::SeqCst);
             super::launch::run(&launch, &|| crate::CANCEL.load(std::sync::atomic::Ordering::SeqCst))
         }
-        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, quant, gradient_checkpointing, gradient_accumulation_steps, steps, .. } => {
+        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, lora_dropout, quant, gradient_checkpointing, gradient_accumulation_steps, steps, .. } => {
             // A rank of a data-parallel run: meet the others; "cuda" / "auto" is GPU LOCAL_RANK.
             let env = crate::train::distributed::init_from_env()?;
             let device = match &env {
@@ -199,7 +202,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 None if device.is_cpu() => candle_core::DType::F32,
                 None => candle_core::DType::BF16,
             };
-            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, quant, ckpt: gradient_checkpointing, accumulation: gradient_accumulation_steps, steps };
+            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, lora_dropout, quant, ckpt: gradient_checkpointing, accumulation: gradient_accumulation_steps, steps };
             bench_train(&case)
         }
         BenchCommand::Dequant { device, rows, cols, iters } => bench_dequant(&device, rows, cols, iters),
@@ -427,6 +430,7 @@ struct TrainCase {
     batch: usize,
     seq: usize,
     rank: usize,
+    lora_dropout: f64,
     quant: String,
     ckpt: bool,
     accumulation: usize,
@@ -436,8 +440,8 @@ struct TrainCase {
 /// H200 dense bf16 tensor-core peak (TFLOP/s), the denominator of MFU on CUDA.
 const GPU_PEAK_TFLOPS: f64 = 989.0;
 
-/// The case's model with LoRA adapters of rank r on all seven projections (alpha 2r, dropout
-/// 0.1), and its load time.
+/// The case's model with LoRA adapters of rank r on all seven projections (alpha 2r, the case's
+/// dropout), and its load time.
 fn bench_train_model(c: &TrainCase) -> anyhow::Result<(Model, f64)> {
     use crate::model::lora::{self, LoraConfig, TargetModules};
     let opts = LoadOptions { dtype: c.dtype, device: c.device.clone(), quantization: qlora_quant(&c.quant, c.dtype)?, ..Default::default() };
@@ -450,7 +454,7 @@ fn bench_train_model(c: &TrainCase) -> anyhow::Result<(Model, f64)> {
         }
     };
     let load_secs = t_load.elapsed().as_secs_f64();
-    let cfg = LoraConfig { r: c.rank, lora_alpha: 2.0 * c.rank as f64, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
+    let cfg = LoraConfig { r: c.rank, lora_alpha: 2.0 * c.rank as f64, lora_dropout: c.lora_dropout, target_modules: TargetModules::AllLinear, ..Default::default() };
     lora::attach(&mut m.llama, &cfg, 0)?;
     Ok((m, load_secs))
 }
@@ -535,7 +539,7 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
     let line = serde_json::json!({
         "bench": "train", "model": c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}")),
         "device": crate::device::name(&m.llama.device), "dtype": crate::model::dtype_name(m.llama.dtype),
-        "quant": c.quant, "batch": c.batch, "seq": c.seq, "rank": c.rank, "gradient_accumulation_steps": c.accumulation,
+        "quant": c.quant, "batch": c.batch, "seq": c.seq, "rank": c.rank, "lora_dropout": c.lora_dropout, "gradient_accumulation_steps": c.accumulation,
         "gradient_checkpointing": c.ckpt, "threads": candle_core::utils::get_num_threads(), "world_size": world,
         "trainable_params": crate::model::lora::parameter_counts(&m.llama).0,
         "load_secs": load_secs,

@@ -22,6 +22,7 @@ pub mod matmul;
 pub mod norm;
 pub mod quant4;
 pub mod rope;
+pub mod sum;
 pub mod glu;
 pub mod vecmath;
 

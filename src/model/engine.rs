@@ -17,14 +17,20 @@ pub struct TrainBatch {
     pub input_ids: Tensor,
     /// Per-token positions `[b, t]` (restart at 0 for each packed example).
     pub positions: Tensor,
-    /// Additive attention mask `[b, 1, t, t]` (causal, per example, padding isolated).
-    pub mask: Tensor,
-    /// The segment ids `[b, t]` (u32) it was built from (what the flash kernels take).
+    /// The segment ids `[b, t]` (u32): what the flash kernels take, and what the additive masks
+    /// of the other attention paths are built from.
     pub segments: Tensor,
+    /// The largest token id and position (checked against the model before any gather).
+    pub max_id: u32,
+    pub max_position: u32,
     /// `targets[i]` = the label token row `i` predicts (labels shifted left), −100 = ignored.
     pub targets: Vec<i64>,
-    /// The segment ids on the host, and the sliding layers' mask made from them on first use.
+    /// The segment ids on the host, and the additive masks `[b, 1, t, t]` made from them on
+    /// first use (causal, per example, padding isolated; the sliding layers' with its window).
+    /// Lazy: the flash kernels never need them, and a dense `t × t` mask built on the host and
+    /// uploaded per batch cost the trainer ~10 % of a 3B step.
     seg_host: Vec<u32>,
+    mask: std::sync::OnceLock<Tensor>,
     windowed: std::sync::OnceLock<(usize, Tensor)>,
 }
 
@@ -70,21 +76,30 @@ impl TrainBatch {
         Ok(Self {
             b,
             t,
+            max_id: input_ids.iter().copied().max().unwrap_or(0),
+            max_position: pos.iter().copied().max().unwrap_or(0),
             input_ids: Tensor::from_vec(input_ids.to_vec(), (b, t), device)?,
             positions: Tensor::from_vec(pos, (b, t), device)?,
-            mask: attention::build_mask(&seg, b, t, device)?,
             segments: Tensor::from_vec(seg.clone(), (b, t), device)?,
             targets,
             seg_host: seg,
+            mask: std::sync::OnceLock::new(),
             windowed: std::sync::OnceLock::new(),
         })
     }
 
-    /// The mask of a layer with this sliding `window` (`None`: [`TrainBatch::mask`]).
+    /// The additive mask of a layer with this sliding `window` (`None`: full causal), built on
+    /// first use.
     pub fn mask_for(&self, window: Option<usize>) -> Result<&Tensor> {
-        let Some(w) = window else { return Ok(&self.mask) };
+        let dev = self.segments.device();
+        let Some(w) = window else {
+            if self.mask.get().is_none() {
+                let _ = self.mask.set(attention::build_mask(&self.seg_host, self.b, self.t, dev)?);
+            }
+            return Ok(self.mask.get().expect("set above"));
+        };
         if self.windowed.get().is_none() {
-            let m = attention::build_window_mask(&self.seg_host, self.b, self.t, Some(w), self.mask.device())?;
+            let m = attention::build_window_mask(&self.seg_host, self.b, self.t, Some(w), dev)?;
             let _ = self.windowed.set((w, m));
         }
         let (w0, m) = self.windowed.get().expect("set above");

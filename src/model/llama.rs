@@ -328,6 +328,14 @@ impl Llama {
     /// The embedding and the decoder layers' training forward: the last hidden rows `[b·t,
     /// hidden]`, the RoPE tables at the batch's positions and what each layer keeps.
     fn train_layers(&self, batch: &TrainBatch, train: bool, rng: &mut StdRng, keep: Keep) -> Result<(Tensor, RopeAt, Vec<Kept>)> {
+        // Checked here, not by the gathers: an index past a table is a device-side assert on a GPU.
+        let (vocab, positions) = (self.embed_tokens.dim(0)?, self.rope.max_positions()?);
+        anyhow::ensure!((batch.max_id as usize) < vocab, "batch: token id {} is outside the model's vocabulary ({vocab} tokens)", batch.max_id);
+        anyhow::ensure!(
+            (batch.max_position as usize) < positions,
+            "batch: position {} is beyond the model's max_position_embeddings ({positions}); raise it in config.json or train shorter rows",
+            batch.max_position
+        );
         let tables = || -> Result<_> { Ok((self.rope.gather(&batch.positions)?, self.scale_embeddings(embedding::forward(&self.embed_tokens, &batch.input_ids.flatten_all()?)?)?)) };
         let (rope, mut x) = profile::time("embedding+rope tables", tables)?; // x [n, h]
         let mut kept = Vec::with_capacity(self.layers.len());

@@ -89,10 +89,23 @@ fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
 impl Model {
     /// `load_model(id_or_path)`: an HF directory, a GGUF file, or a hub id.
     pub fn load(id_or_path: &str, opts: &LoadOptions) -> Result<Self> {
+        if let Some(shape) = id_or_path.strip_prefix("random:") {
+            return Self::random(shape, opts);
+        }
         match hub::resolve(id_or_path, opts.revision.as_deref())? {
             hub::ModelSource::HfDir(dir) => Self::load_hf_dir(id_or_path, &dir, opts),
             hub::ModelSource::Gguf(path) => Self::load_gguf(id_or_path, &path, opts),
         }
+    }
+
+    /// The tokenizer of a model id or path (an HF directory's tokenizer files or a GGUF's
+    /// vocabulary), without its weights: `load_model("random:SHAPE", #{tokenizer: ID})`.
+    pub fn load_tokenizer(id_or_path: &str, revision: Option<&str>) -> Result<Tokenizer> {
+        let tok = match hub::resolve(id_or_path, revision)? {
+            hub::ModelSource::HfDir(dir) => Tokenizer::from_dir(&dir)?,
+            hub::ModelSource::Gguf(path) => Some(gguf::read_tokenizer(&path)?),
+        };
+        tok.ok_or_else(|| anyhow::anyhow!("{id_or_path}: has no tokenizer"))
     }
 
     pub fn load_hf_dir(name: &str, dir: &Path, opts: &LoadOptions) -> Result<Self> {

@@ -39,7 +39,14 @@ pub fn shape_config(name: &str) -> Result<Config> {
     let o = v.as_object_mut().expect("a JSON object");
     o.insert("model_type".into(), model_type.into());
     o.insert("rms_norm_eps".into(), 1e-5.into());
-    o.insert("max_position_embeddings".into(), 8192.into());
+    // The real checkpoints' context lengths (long-context benchmarks train at up to 32k).
+    let max_pos = match name {
+        "llama-3.2-1b" | "llama-3.2-3b" | "gemma-3-4b" => 131072,
+        "qwen2.5-3b" | "mistral-7b" => 32768,
+        "qwen3-4b" => 40960,
+        _ => 8192,
+    };
+    o.insert("max_position_embeddings".into(), max_pos.into());
     Config::from_json(&v)
 }
 

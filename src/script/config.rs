@@ -215,6 +215,7 @@ pub static LOAD_MODEL: Schema = Schema {
         key("device_map", Ty::Any, "transformers' spelling: \"auto\", \"cpu\", \"cuda:N\" or a GPU index (the whole model goes to one device)"),
         key("revision", Ty::Str, "hub revision (branch, tag or commit)"),
         key("quantization_config", Ty::Any, "BitsAndBytesConfig(#{ load_in_4bit: true, ... }) (or its map): decoder linears in 4 bits"),
+        key("tokenizer", Ty::Str, "use this model's (id or path) tokenizer instead; `load_model(\"random:llama-3.2-3b\", #{tokenizer: ID})` benchmarks a real shape with random weights"),
     ],
 };
 

@@ -46,7 +46,10 @@ pub fn load(id: &str, opts: &Map) -> anyhow::Result<ModelHandle> {
     let cfg = config::LOAD_MODEL.check(opts).map_err(anyhow::Error::msg)?;
     let lo = load_options(&cfg)?;
     let t = std::time::Instant::now();
-    let model = Model::load(id, &lo)?;
+    let mut model = Model::load(id, &lo)?;
+    if let Some(tok) = cfg.str("tokenizer") {
+        model.tokenizer = Some(Model::load_tokenizer(&tok, lo.revision.as_deref())?);
+    }
     if std::env::var_os("QSCRIPT_QUIET").is_none() {
         eprintln!("{}", load_line(id, &model, &lo, t.elapsed().as_secs_f64()));
     }

@@ -253,6 +253,7 @@ fn summary_map(s: &crate::train::TrainSummary) -> Map {
     m.insert("last_checkpoint".into(), s.last_checkpoint.as_ref().map(|p| Dynamic::from(p.display().to_string())).unwrap_or(Dynamic::UNIT));
     m.insert("stopped_early".into(), Dynamic::from(s.stopped_early));
     m.insert("paused".into(), Dynamic::from(s.paused));
+    m.insert("peak_gpu_gib".into(), s.peak_gpu_gib.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
     m
 }
 
@@ -281,7 +282,7 @@ pub fn register(api: &mut Api) {
         "SFTTrainer with an eval dataset and Rhai callbacks; a callback returning \"stop\" ends training cleanly. A callback may use the model to read or generate (model.chat in on_evaluate), not to change it.",
         |ctx: NativeCallContext, m: ModelHandle, d: DatasetHandle, a: TrainingArgumentsHandle, o: Map| rt(sft_trainer(&ctx, &m, &d, &a, &o)));
     api.func("train", "trainer.train() -> map",
-        "Run training; returns #{global_step, max_steps, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early, paused}. \
+        "Run training; returns #{global_step, max_steps, train_loss, seconds, tokens, tokens_per_sec, best_eval_loss, last_checkpoint, stopped_early, paused, peak_gpu_gib}. \
          Ctrl-C ends the current step, then in a recipe run writes a checkpoint, loss.png and the metrics and prints the command that resumes \
          (the same command with --resume); in the REPL it pauses (see trainer.resume()). A second Ctrl-C exits at once.",
         |ctx: NativeCallContext, t: &mut TrainerHandle| run_training(&ctx, t, Start::Args));

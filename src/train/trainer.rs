@@ -49,6 +49,9 @@ pub struct TrainSummary {
     /// Ctrl-C paused the run (the REPL): `resume_paused` continues it.
     pub paused: bool,
     pub max_steps: usize,
+    /// Peak GPU memory of this call (the model's device's pool, as `torch.cuda.max_memory_allocated`);
+    /// `None` on the CPU.
+    pub peak_gpu_gib: Option<f64>,
 }
 
 /// What Ctrl-C does to a running `train()`.
@@ -90,6 +93,12 @@ struct Run {
     t0: Instant,
     /// Tokens of this call's steps, and their finite losses summed (with their count).
     tokens: u64,
+    /// Since the last log entry: when it was written and the tokens trained since (the entry's
+    /// `tokens_per_sec` is this window's rate, so the first step's warm-up fades out of it).
+    window_t0: Instant,
+    window_tokens: u64,
+    /// Peak GPU memory of the step loop (GiB), read when it ends.
+    peak_gpu_gib: Option<f64>,
     loss_sum: f64,
     loss_steps: usize,
     last_checkpoint: Option<PathBuf>,
@@ -196,6 +205,7 @@ impl Run {
         self.state.epoch = (s.step * self.accumulation()) as f64 / self.batches_per_epoch as f64;
         self.state.train_tokens += s.tokens;
         self.tokens += s.tokens;
+        self.window_tokens += s.tokens;
         if s.loss.is_finite() {
             self.state.window_loss += s.loss;
             self.state.window_steps += 1;
@@ -436,8 +446,12 @@ impl SftTrainer {
     /// The step loop, then what its end calls for: the summary (with the best checkpoint loaded
     /// if asked), or the interrupted run's checkpoint or pause.
     fn drive(&mut self, model: &mut Model, mut run: Run, mut log: RunLog, callbacks: &mut dyn Callbacks) -> Result<TrainSummary> {
-        run.t0 = Instant::now();
-        match self.step_loop(model, &mut run, &mut log, callbacks)? {
+        (run.t0, run.window_t0, run.window_tokens) = (Instant::now(), Instant::now(), 0);
+        crate::device::reset_peak_memory(&model.llama.device)?;
+        let outcome = self.step_loop(model, &mut run, &mut log, callbacks);
+        let peak = crate::device::peak_memory(&model.llama.device)?;
+        run.peak_gpu_gib = peak.map(|b| b as f64 / (1u64 << 30) as f64);
+        match outcome? {
             Outcome::Interrupted => self.interrupted(model, run, log),
             outcome => {
                 self.load_best(model, &mut run, &log)?;
@@ -609,6 +623,9 @@ impl SftTrainer {
             manifest,
             batches_per_epoch: bpe,
             t0: Instant::now(),
+            window_t0: Instant::now(),
+            window_tokens: 0,
+            peak_gpu_gib: None,
             tokens: 0,
             loss_sum: 0.0,
             loss_steps: 0,
@@ -734,7 +751,8 @@ impl SftTrainer {
         if !run.due(Strategy::Steps, self.args.logging_steps) {
             return Ok(None);
         }
-        let tps = run.tokens_per_sec();
+        let tps = run.window_tokens as f64 / run.window_t0.elapsed().as_secs_f64().max(1e-9);
+        (run.window_t0, run.window_tokens) = (Instant::now(), 0);
         let st = &mut run.state;
         let entry = json!({
             "step": st.global_step,
@@ -898,6 +916,7 @@ impl SftTrainer {
             skipped_steps: run.state.skipped_steps,
             paused,
             max_steps: run.total(),
+            peak_gpu_gib: run.peak_gpu_gib,
         }
     }
 
@@ -926,6 +945,9 @@ impl TrainSummary {
         );
         if let Some(b) = self.best_eval_loss {
             s.push_str(&format!("; best eval loss {b:.4}"));
+        }
+        if let Some(g) = self.peak_gpu_gib {
+            s.push_str(&format!("; peak GPU memory {g:.2} GiB"));
         }
         if self.skipped_steps > 0 {
             s.push_str(&format!("; {} steps skipped (non-finite)", self.skipped_steps));

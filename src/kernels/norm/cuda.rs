@@ -34,29 +34,54 @@ fn forward_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, eps: f32, offset
     Ok((wrap(y, &dev, x.shape()), wrap(r, &dev, (rows, 1))))
 }
 
-/// Backward: `dx` from the saved `x`, `rstd` (f32) and `dy` (the weight `offset + w`); all
+/// Backward: `dx` (plus `res` when given: the residual stream's gradient, added in f32 before
+/// the one rounding) from the saved `x`, `rstd` (f32) and `dy` (the weight `offset + w`); all
 /// contiguous.
-pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, offset: f32) -> Result<Tensor> {
-    with_float!(x.dtype(), "RMSNorm backward", T, t => backward_t::<T>(x, rstd, w, dy, offset, &format!("rms_bwd_{t}")))
+pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res: Option<&Tensor>, offset: f32) -> Result<Tensor> {
+    with_float!(x.dtype(), "RMSNorm backward", T, t => backward_t::<T>(x, rstd, w, dy, res, offset, t))
 }
 
-fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, offset: f32, name: &str) -> Result<Tensor> {
+/// Whether a contiguous tensor's first element sits on a 16-byte boundary (allocations do).
+fn aligned16(t: &Tensor) -> bool {
+    t.layout().start_offset() * t.dtype().size_in_bytes() % 16 == 0
+}
+
+fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res: Option<&Tensor>, offset: f32, t: &str) -> Result<Tensor> {
     let dev = device_of(x)?;
     let h = x.dim(D::Minus1)?;
     let rows = x.elem_count() / h.max(1);
     let h32 = h as i32;
+    if let Some(r) = res {
+        anyhow::ensure!(r.dims() == dy.dims() && r.dtype() == x.dtype(), "RMSNorm backward: residual {:?} {:?} for dy {:?}", r.dims(), r.dtype(), dy.dims());
+    }
+    let threads = 256;
+    // Registers hold a thread's groups of 8: 1, 2 or 4 of them a thread.
+    let nv = (h / 8).div_ceil(threads);
+    let vec = h % 8 == 0 && nv <= 4 && [x, w, dy].iter().chain(res.as_ref()).all(|t| aligned16(t));
+    let name = if vec { format!("rms_bwd_{t}_v{}", nv.next_power_of_two()) } else { format!("rms_bwd_{t}") };
     let (xg, xl) = x.storage_and_layout();
     let (rg, rl) = rstd.storage_and_layout();
     let (wg, wl) = w.storage_and_layout();
     let (dg, dl) = dy.storage_and_layout();
     let (xs, rs, ws, ds) = (view::<T>(&xg, xl, "x")?, view::<f32>(&rg, rl, "rstd")?, view::<T>(&wg, wl, "w")?, view::<T>(&dg, dl, "dy")?);
+    let resg = res.map(|r| r.storage_and_layout());
+    let res_view = match &resg {
+        Some((g, l)) => Some(view::<T>(g, l, "residual")?),
+        None => None,
+    };
+    let null: u64 = 0;
     // SAFETY: the kernel writes every element of dx.
     let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
-    let (func, stream) = (MODULE.function(&dev, name)?, dev.cuda_stream());
+    let (func, stream) = (MODULE.function(&dev, &name)?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
-    b.arg(&xs).arg(&rs).arg(&ws).arg(&ds).arg(&mut dx).arg(&h32).arg(&offset);
-    // SAFETY: arguments as norm.cu's rms_bwd.
-    unsafe { launch::launch(&mut b, per_row(rows, 256)) }?;
+    b.arg(&xs).arg(&rs).arg(&ws).arg(&ds);
+    match &res_view {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    b.arg(&mut dx).arg(&h32).arg(&offset);
+    // SAFETY: arguments as norm.cu's rms_bwd / rms_bwd_vec (a null residual pointer: none).
+    unsafe { launch::launch(&mut b, per_row(rows, threads as u32)) }?;
     drop(b);
     Ok(wrap(dx, &dev, x.shape()))
 }

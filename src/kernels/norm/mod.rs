@@ -56,22 +56,30 @@ pub fn forward(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool) -> Result<(Tens
 }
 
 /// Backward: `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w`, `x̂ = x · rstd`, from the
-/// forward's saved `x` and `rstd` (`g = dy · (1 + w)` with `plus_one`).
-pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, plus_one: bool) -> Result<Tensor> {
+/// forward's saved `x` and `rstd` (`g = dy · (1 + w)` with `plus_one`); plus `residual` when
+/// given (the residual stream's gradient: fused into the CUDA kernel, one rounding).
+pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, plus_one: bool, residual: Option<&Tensor>) -> Result<Tensor> {
     let dy = &dy.contiguous()?;
     #[cfg(feature = "cuda")]
-    if cuda_takes(x, w, plus_one) && dy.dtype() == x.dtype() {
-        return cuda::backward(x, rstd, &w.to_dtype(x.dtype())?.contiguous()?, dy, offset(plus_one));
+    if cuda_takes(x, w, plus_one) && dy.dtype() == x.dtype() && residual.is_none_or(|r| r.dtype() == x.dtype()) {
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        return cuda::backward(x, rstd, &w.to_dtype(x.dtype())?.contiguous()?, dy, residual.as_ref(), offset(plus_one));
     }
+    let plus = |dx: Tensor| -> Result<Tensor> {
+        Ok(match residual {
+            Some(r) => (r + dx)?,
+            None => dx,
+        })
+    };
     let w = &scale(w, plus_one)?;
     if let (Some(xv), Some(rv), Some(wv), Some(dyv)) = (f32_view(x), f32_view(rstd), f32_view(w), f32_view(dy)) {
         let dx = cpu::rms_norm_bwd(xv.slice(), rv.slice(), wv.slice(), dyv.slice());
-        return Ok(Tensor::from_vec(dx, dy.shape(), dy.device())?);
+        return plus(Tensor::from_vec(dx, dy.shape(), dy.device())?);
     }
     let sd = x.dtype();
     let g = dy.to_dtype(sd)?.broadcast_mul(&w.to_dtype(sd)?)?;
     let xhat = x.broadcast_mul(rstd)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
     let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(rstd)?;
-    Ok(dx.to_dtype(dy.dtype())?)
+    plus(dx.to_dtype(dy.dtype())?)
 }

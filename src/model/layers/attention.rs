@@ -218,16 +218,24 @@ impl Attention {
         let (q, k, q_norm, k_norm) = self.norm_qk(q, k)?;
         let rope = rope.layer(self.sliding);
         let (q, k, v) = profile::time("rope fwd", || self.heads(&q, &k, &v, batch.b, batch.t, rope))?;
-        let mask = batch.mask_for(self.params.window)?;
-        let (o, core) = profile::time("attention fwd", || op(&q, &k, &v, mask, Some(&batch.segments), &self.params))?;
+        let mask = || Ok(batch.mask_for(self.params.window)?.clone());
+        let (o, core) = profile::time("attention fwd", || forward_segments_lazy(&q, &k, &v, &mask, &batch.segments, &self.params))?;
         let o = profile::time("heads+residual fwd", || merge_heads(&o, None))?;
-        let (y, so) = self.o_proj.forward_train(&o, train, rng)?;
+        let (y, mut so) = self.o_proj.forward_train(&o, train, rng)?;
+        if core.flash.is_some() {
+            // o_proj's input is the flash output (kept) with its heads merged: remade in backward.
+            so.x = None;
+        }
         Ok((y, Acts { qkv, q_norm, k_norm, core, o: so }))
     }
 
     /// The input rows' gradient; each adapter's `(dA, dB)` goes to `push`.
     pub fn backward(&self, s: &Acts, batch: &TrainBatch, rope: &RopeAt, dy: &Tensor, push: &mut impl FnMut(Proj, Option<(Tensor, Tensor)>)) -> Result<Tensor> {
-        let (do_, go) = self.o_proj.backward(&s.o, dy)?;
+        let o = match (&self.o_proj.lora, &s.o.x, &s.core.flash) {
+            (Some(_), None, Some(f)) => Some(profile::time("heads+residual fwd", || merge_heads(&f.o, None))?),
+            _ => None,
+        };
+        let (do_, go) = self.o_proj.backward(&s.o.with_input(o), dy)?;
         push(Proj::O, go);
         let do_ = profile::time("heads bwd", || split_heads(&do_, batch.b, batch.t, self.n_heads, self.head_dim, None))?;
         let (dq, dk, dv) = profile::time("attention bwd", || backward(&s.core, &do_))?;
@@ -243,7 +251,7 @@ impl Attention {
                 push(Proj::K, gk);
                 let (dhv, gv) = v_proj.backward(v, &dv)?;
                 push(Proj::V, gv);
-                profile::time("rms_norm+residual bwd", || Ok(((dhq + dhk)? + dhv)?))
+                profile::time("rms_norm+residual bwd", || crate::kernels::sum::sum(&[&dhq, &dhk, &dhv]))
             }
             (QkvProj::Fused { qkv_proj }, QkvSaved::Fused(saved)) => {
                 let (dx, g) = qkv_proj.backward(saved, &Tensor::cat(&[dq, dk, dv], D::Minus1)?)?;
@@ -317,8 +325,8 @@ pub struct Saved {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
-    /// The additive mask `[b, 1, t, s]`.
-    pub mask: Tensor,
+    /// The additive mask `[b, 1, t, s]` (`None` under the flash kernels, which never need it).
+    pub mask: Option<Tensor>,
     /// Softmax probabilities `[b, nh, t, t]`: kept by the CPU f32 path only (the tiled path
     /// recomputes them).
     pub p: Option<Tensor>,
@@ -355,11 +363,16 @@ pub fn forward_segments(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, segme
 
 /// [`forward_segments`] with a layer's scale, soft-capping and window (`mask` holds the window).
 pub fn forward_segments_with(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, segments: &Tensor, p: &AttnParams) -> Result<(Tensor, Saved)> {
+    forward_segments_lazy(q, k, v, &|| Ok(mask.clone()), segments, p)
+}
+
+/// [`forward_segments_with`] with the mask made only when a path needs it (not the flash one).
+pub fn forward_segments_lazy(q: &Tensor, k: &Tensor, v: &Tensor, mask: &dyn Fn() -> Result<Tensor>, segments: &Tensor, p: &AttnParams) -> Result<(Tensor, Saved)> {
     if let Some((o, lse)) = crate::kernels::attention::flash_forward(q, k, v, segments, p)? {
         let flash = Some(Flash { o: o.clone(), lse, segments: segments.clone() });
-        return Ok((o, Saved { q: q.clone(), k: k.clone(), v: v.clone(), mask: mask.clone(), p: None, tile: TILE, flash, params: *p }));
+        return Ok((o, Saved { q: q.clone(), k: k.clone(), v: v.clone(), mask: None, p: None, tile: TILE, flash, params: *p }));
     }
-    forward_with(q, k, v, mask, p, TILE)
+    forward_with(q, k, v, &mask()?, p, TILE)
 }
 
 /// [`forward`] with query tiles of `tile` rows (tests use small ones).
@@ -374,9 +387,9 @@ pub fn forward_with(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, params: &
     let rep = nh / kvh;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     if let Some((o, p)) = crate::kernels::attention::fused_forward(&q, &k, &v, mask, params)? {
-        return Ok((o, Saved { q, k, v, mask: mask.clone(), p: Some(p), tile, flash: None, params: *params }));
+        return Ok((o, Saved { q, k, v, mask: Some(mask.clone()), p: Some(p), tile, flash: None, params: *params }));
     }
-    let s = Saved { q, k, v, mask: mask.clone(), p: None, tile, flash: None, params: *params };
+    let s = Saved { q, k, v, mask: Some(mask.clone()), p: None, tile, flash: None, params: *params };
     let mut outs = Vec::new();
     for (q0, c) in tiles(t, tile) {
         let tile = Tile::new(&s, q0, c)?;
@@ -415,7 +428,8 @@ impl Tile {
         let whole = c == t;
         let q = if whole { s.q.clone() } else { s.q.narrow(2, q0, c)?.contiguous()? }.reshape((b, kvh, nh / kvh * c, d))?;
         let (k, v) = if whole { (s.k.clone(), s.v.clone()) } else { (s.k.narrow(2, 0, end)?.contiguous()?, s.v.narrow(2, 0, end)?.contiguous()?) };
-        let mask = if whole { s.mask.clone() } else { s.mask.narrow(2, q0, c)?.narrow(3, 0, end)?.contiguous()? };
+        let m = s.mask.as_ref().ok_or_else(|| anyhow::anyhow!("attention: no mask saved (flash activations)"))?;
+        let mask = if whole { m.clone() } else { m.narrow(2, q0, c)?.narrow(3, 0, end)?.contiguous()? };
         let scores = profile::time("·attn QK matmul", || q.matmul(&k.t()?)?.reshape((b, nh, c, end)))?;
         let p = profile::time("·attn softmax", || crate::kernels::attention::masked_softmax(&scores, &mask, &s.params))?;
         let scores = s.params.softcap.map(|_| scores);

@@ -4,6 +4,7 @@
 //! the MLP, `post_feedforward_layernorm` on its output). Inference forward (with the KV
 //! cache), training forward (keeping what backward needs) and backward.
 
+use crate::kernels::sum::sum;
 use super::attention::{self, Attention, Step};
 use super::kv_cache::LayerKv;
 use super::mlp::{self, Mlp};
@@ -71,11 +72,11 @@ impl Block {
         let (h1, attn_norm) = profile::time("rms_norm fwd", || self.input_layernorm.forward_train(x))?;
         let (ao, attn) = self.self_attn.forward_train(&h1, batch, rope, train, rng)?;
         let (ao, attn_out_norm) = out_norm(attn_out, ao)?;
-        let x2 = profile::time("heads+residual fwd", || x + ao)?;
+        let x2 = profile::time("heads+residual fwd", || sum(&[x, &ao]))?;
         let (h2, mlp_norm) = profile::time("rms_norm fwd", || pre_mlp.forward_train(&x2))?;
         let (dn, mlp) = self.mlp.forward_train(&h2, train, rng)?;
         let (dn, mlp_out_norm) = out_norm(mlp_out, dn)?;
-        let out = profile::time("heads+residual fwd", || x2 + dn)?;
+        let out = profile::time("heads+residual fwd", || sum(&[&x2, &dn]))?;
         Ok((out, LayerActs { attn_norm, attn, mlp_norm, mlp, attn_out_norm, mlp_out_norm }))
     }
 
@@ -91,11 +92,11 @@ impl Block {
         // MLP half: out = x2 + [norm](mlp(h2)), h2 = norm(x2).
         let dm = out_norm_backward(mlp_out, acts.mlp_out_norm.as_ref(), d_out)?;
         let dh2 = self.mlp.backward(&acts.mlp, &dm, &mut push)?;
-        let dx2 = profile::time("rms_norm+residual bwd", || Ok::<_, anyhow::Error>((d_out + pre_mlp.backward(&acts.mlp_norm, &dh2)?)?))?;
+        let dx2 = profile::time("rms_norm+residual bwd", || pre_mlp.backward_plus(&acts.mlp_norm, &dh2, d_out))?;
         // Attention half: x2 = x + [norm](attn(h1)), h1 = norm(x).
         let da = out_norm_backward(attn_out, acts.attn_out_norm.as_ref(), &dx2)?;
         let dh1 = self.self_attn.backward(&acts.attn, batch, rope, &da, &mut push)?;
-        profile::time("rms_norm+residual bwd", || Ok((dx2 + self.input_layernorm.backward(&acts.attn_norm, &dh1)?)?))
+        profile::time("rms_norm+residual bwd", || self.input_layernorm.backward_plus(&acts.attn_norm, &dh1, &dx2))
     }
 }
 

@@ -229,6 +229,12 @@ fn adapter(l: &Lora) -> Adapter<'_> {
 }
 
 impl Saved {
+    /// These activations with the layer input `x` put back (a caller that dropped it to save
+    /// memory and remade it for backward).
+    pub fn with_input(&self, x: Option<Tensor>) -> Saved {
+        Saved { x: x.or_else(|| self.x.clone()), dropout: self.dropout, u: self.u.clone() }
+    }
+
     /// The inverted-dropout multiplier `[n, in]` (0 or 1/(1−p)), when dropout was applied.
     pub fn scaled_mask(&self, dtype: DType) -> Result<Option<Tensor>> {
         let (Some(x), Some(dr)) = (&self.x, &self.dropout) else { return Ok(None) };

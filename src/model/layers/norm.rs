@@ -28,6 +28,12 @@ impl RmsNorm {
         backward(s, &self.weight, dy)
     }
 
+    /// `residual + ` [`RmsNorm::backward`], the add fused into the kernel (a pre-norm block's
+    /// input gradient: the residual path's plus the norm's).
+    pub fn backward_plus(&self, s: &Saved, dy: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        crate::kernels::norm::backward(&s.x, &s.rstd, &self.weight, dy, s.plus_one, Some(residual))
+    }
+
     /// The norm over each head of rows `x` `[n, heads·d]` (the weight `[d]`): Qwen3's and Gemma
     /// 3's q/k norms.
     pub fn forward_heads(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
@@ -63,5 +69,5 @@ pub fn forward_with(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool) -> Result<
 
 /// `dx = rstd · (g − x̂ · mean(g · x̂))` with `g = dy · w` (`dy · (1 + w)`), `x̂ = x · rstd`.
 pub fn backward(s: &Saved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    crate::kernels::norm::backward(&s.x, &s.rstd, w, dy, s.plus_one)
+    crate::kernels::norm::backward(&s.x, &s.rstd, w, dy, s.plus_one, None)
 }
