@@ -161,3 +161,27 @@ fn repl_takes_the_permission_flags() {
     let (stdout, stderr) = repl(&[format!("--allow-read={}", outside.path().display())]);
     assert!(stdout.contains("N=2"), "{stdout}\n{stderr}");
 }
+
+/// Flags before the subcommand (`qscript -A repl`) reach the subcommand, not a recipe named `repl`.
+#[test]
+fn flags_before_a_subcommand_go_to_it() {
+    let (cwd, home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut child = qscript()
+        .current_dir(cwd.path())
+        .args(["--allow-all", "repl"])
+        .env("HOME", home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"\"sum=\" + (40 + 2)\n:quit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("sum=42"), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("cannot read recipe"), "{stderr}");
+    // A file named like a subcommand is still a recipe.
+    std::fs::write(cwd.path().join("check"), "print(\"recipe named check\");").unwrap();
+    let out = qscript().current_dir(cwd.path()).env("HOME", home.path()).args(["--allow-all", "check"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("recipe named check"), "{}", String::from_utf8_lossy(&out.stderr));
+}

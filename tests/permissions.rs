@@ -39,9 +39,13 @@ impl Ws {
 
     /// Run `src` as `work/recipes/r.rhai` from `work/` with `flags`.
     fn run(&self, src: &str, flags: &[&str]) -> Output {
-        let p = self.rec().join("r.rhai");
-        std::fs::write(&p, src).unwrap();
-        self.qscript().arg("recipes/r.rhai").args(flags).output().unwrap()
+        self.run_as("r.rhai", src, flags)
+    }
+
+    /// Run `src` as `work/recipes/NAME` from `work/` with `flags`.
+    fn run_as(&self, name: &str, src: &str, flags: &[&str]) -> Output {
+        std::fs::write(self.rec().join(name), src).unwrap();
+        self.qscript().arg(format!("recipes/{name}")).args(flags).output().unwrap()
     }
 
     fn qscript(&self) -> Command {
@@ -229,6 +233,34 @@ fn pruning_never_touches_another_runs_checkpoints() {
     // A run pointed at a folder outside the working directory cannot prune anything there.
     let o = run("../outside/runs", 2);
     assert_denied(&o, "outside/runs", "--allow-write=");
+}
+
+#[test]
+fn overwrite_output_dir_replaces_only_the_recipes_own_runs() {
+    let ws = Ws::new().with_model();
+    let src = |overwrite: bool| {
+        format!(
+            "let m = get_peft_model(load_model(\"recipes/tiny\"), LoraConfig(#{{ r: 2 }}));\n\
+             let d = load_dataset(\"recipes/data/chat.jsonl\");\n\
+             SFTTrainer(m, d, TrainingArguments(#{{ output_dir: \"runs/mine\", max_steps: 1, per_device_train_batch_size: 4, \
+             overwrite_output_dir: {overwrite} }})).train();"
+        )
+    };
+    let o = ws.run_as("mine.rhai", &src(false), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = ws.root.join("work/runs/mine/metrics.jsonl");
+    let before = std::fs::read(&metrics).unwrap();
+    // A stranger's recipe aimed at the user's run: refused in one line, the run untouched.
+    let o = ws.run_as("stranger.rhai", &src(true), &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("not of this recipe") && e.contains("--allow-write="), "{e}");
+    assert!(e.lines().any(|l| l.contains("not of this recipe") && l.contains("--allow-write=")), "one line says it all: {e}");
+    assert_eq!(std::fs::read(&metrics).unwrap(), before);
+    // With the folder granted it may; and the recipe that made a run may always replace it.
+    let o = ws.run_as("stranger.rhai", &src(true), &["--allow-write=runs/mine"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ws.run_as("stranger.rhai", &src(true), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]

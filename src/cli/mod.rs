@@ -310,12 +310,41 @@ fn panicked() -> i32 {
     EXIT_INTERNAL
 }
 
+/// `qscript -A repl` as `qscript repl -A`: with flags first, clap reads the first positional as a
+/// recipe path, so a subcommand's name there (and no file of that name) moves before the flags
+/// (the subcommand takes them or says it does not).
+fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    // Flags whose value is the next argument (not `--flag=value`, not an optional `=VALUE`).
+    let takes_next = |a: &str| {
+        cmd.get_arguments().any(|arg| {
+            let named = arg.get_long().is_some_and(|l| a == format!("--{l}")) || arg.get_short().is_some_and(|c| a == format!("-{c}"));
+            named && arg.get_action().takes_values() && !arg.is_require_equals_set()
+        })
+    };
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy().into_owned();
+        if a == "--" || !a.starts_with('-') {
+            break;
+        }
+        i += if takes_next(&a) { 2 } else { 1 };
+    }
+    let Some(name) = args.get(i).map(|a| a.to_string_lossy().into_owned()) else { return args };
+    if i > 1 && cmd.get_subcommands().any(|c| c.get_name() == name) && !Path::new(&name).exists() {
+        let sub = args.remove(i);
+        args.insert(1, sub);
+    }
+    args
+}
+
 fn cli_main() -> i32 {
     // Exercises the handler above (tests/robustness.rs): an unexpected panic, on purpose.
     if std::env::var_os("QSCRIPT_DEBUG_PANIC").is_some() {
         panic!("QSCRIPT_DEBUG_PANIC is set");
     }
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(subcommand_first(std::env::args_os().collect())) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

@@ -22,6 +22,9 @@ pub const WEIGHTS_HASH_METHOD: &str = "sha256 over each weights file (*.safetens
 pub struct RunRecord {
     /// The recipe's file name in output_dir (the copy of the recipe).
     pub recipe_file: Option<String>,
+    /// The recipe's absolute path: a later run may replace this one (`overwrite_output_dir`)
+    /// without a grant only from the same recipe.
+    pub recipe_path: Option<String>,
     /// `--set NAME=VALUE` overrides of the run, in command-line order.
     pub overrides: Vec<(String, String)>,
     /// The command line that started the run.
@@ -42,6 +45,7 @@ impl RunRecord {
         let adapter_dtype = model.llama.adapters().next().map(|(_, lo)| lo.a.dtype());
         Self {
             recipe_file: None,
+            recipe_path: None,
             overrides: launch.as_ref().map(|l| l.overrides.clone()).unwrap_or_default(),
             command: launch.map(|l| l.argv).unwrap_or_default(),
             git_commit: GIT_COMMIT.to_string(),

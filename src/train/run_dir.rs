@@ -45,9 +45,19 @@ fn names(entries: &[PathBuf]) -> String {
     if n.len() > 4 { format!("{}, … ({} entries)", n[..4].join(", "), n.len()) } else { n.join(", ") }
 }
 
+/// The absolute recipe path an earlier run in `out` recorded.
+fn earlier_recipe(out: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(out.join("manifest.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v.get("recipe_path")?.as_str()?.to_string())
+}
+
 /// Before a run writes into `out`: nothing to do for a fresh folder or a resumed run; an
-/// earlier run is an error naming the two ways out, or with `overwrite` is removed.
-pub fn prepare(out: &Path, overwrite: bool, resuming: bool) -> Result<()> {
+/// earlier run is an error naming the two ways out, or with `overwrite` is removed — when a
+/// recipe (its absolute path `recipe`) asks, only a run of the same recipe, unless the user
+/// granted the folder ([`permissions::replace_granted`]): a stranger's recipe must not wipe
+/// another of the user's runs.
+pub fn prepare(out: &Path, overwrite: bool, resuming: bool, recipe: Option<&str>) -> Result<()> {
     if resuming {
         return Ok(());
     }
@@ -69,6 +79,17 @@ pub fn prepare(out: &Path, overwrite: bool, resuming: bool) -> Result<()> {
             names(&old)
         );
     }
+    if let Some(mine) = recipe {
+        let theirs = earlier_recipe(out);
+        if theirs.as_deref() != Some(mine) && !crate::util::permissions::replace_granted(out) {
+            bail!(
+                "overwrite_output_dir: {} holds a run of {}, not of this recipe; a recipe replaces only its own runs: grant it with --allow-write={}, or choose another output_dir",
+                out.display(),
+                theirs.as_deref().unwrap_or("an unknown recipe"),
+                out.display()
+            );
+        }
+    }
     for p in &old {
         crate::util::fs::remove_entry(p)?;
     }
@@ -84,14 +105,14 @@ mod tests {
     fn an_earlier_run_is_refused_or_removed_whole() {
         let t = tempfile::tempdir().unwrap();
         let out = t.path();
-        prepare(out, false, false).unwrap();
+        prepare(out, false, false, None).unwrap();
         std::fs::create_dir_all(out.join("adapter")).unwrap();
-        prepare(out, false, false).unwrap(); // an adapter alone is not a run
+        prepare(out, false, false, None).unwrap(); // an adapter alone is not a run
         std::fs::write(out.join("manifest.json"), b"{}").unwrap();
         std::fs::write(out.join("metrics.jsonl"), b"").unwrap();
-        prepare(out, false, false).unwrap(); // nor a run stopped before its first step
+        prepare(out, false, false, None).unwrap(); // nor a run stopped before its first step
         std::fs::write(out.join("metrics.jsonl"), b"{\"step\": 1}\n").unwrap();
-        let e = prepare(out, false, false).unwrap_err().to_string();
+        let e = prepare(out, false, false, None).unwrap_err().to_string();
         assert!(e.contains("no checkpoint to resume") && e.contains("overwrite_output_dir: true"), "{e}");
         for d in ["checkpoint-2", "checkpoint-4"] {
             std::fs::create_dir_all(out.join(d)).unwrap();
@@ -100,11 +121,11 @@ mod tests {
         std::fs::write(out.join("manifest.json"), br#"{"recipe_file": "train.rhai"}"#).unwrap();
         std::fs::write(out.join("train.rhai"), b"// recipe").unwrap();
         std::fs::write(out.join("notes.txt"), b"mine").unwrap();
-        let e = prepare(out, false, false).unwrap_err().to_string();
+        let e = prepare(out, false, false, None).unwrap_err().to_string();
         assert!(e.contains("already holds a run") && e.contains("overwrite_output_dir") && e.contains("--resume") && !e.contains('\n'), "{e}");
-        prepare(out, false, true).unwrap(); // resuming
+        prepare(out, false, true, None).unwrap(); // resuming
         assert!(out.join("checkpoint-2").is_dir());
-        prepare(out, true, false).unwrap();
+        prepare(out, true, false, None).unwrap();
         let left: Vec<String> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(left, vec!["notes.txt".to_string()], "only the user's own file stays");
     }

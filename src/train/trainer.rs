@@ -360,8 +360,12 @@ impl SftTrainer {
             base_model: model.name_or_path.clone(),
             seed: self.args.seed,
             run_id: Some(checkpoint::new_run_id()),
-            record: RunRecord { recipe_file: self.recipe_file(), ..RunRecord::of(model) },
+            record: RunRecord { recipe_file: self.recipe_file(), recipe_path: self.recipe_path(), ..RunRecord::of(model) },
         }
+    }
+
+    fn recipe_path(&self) -> Option<String> {
+        self.recipe.as_ref().and_then(|(path, _)| path.canonicalize().ok()).map(|p| p.display().to_string())
     }
 
     fn recipe_file(&self) -> Option<String> {
@@ -406,7 +410,7 @@ impl SftTrainer {
         let mut run = self.setup(model, self.global_batch())?;
         let resumed = self.resume(model, &mut run, &resume)?;
         let log = if self.is_main() {
-            super::run_dir::prepare(&self.args.output_dir, self.args.overwrite_output_dir, resumed)?;
+            super::run_dir::prepare(&self.args.output_dir, self.args.overwrite_output_dir, resumed, self.recipe_path().as_deref())?;
             self.open_output(&mut run)?
         } else {
             RunLog::silent(run.state.global_step, run.total())

@@ -317,6 +317,20 @@ pub fn write(path: &Path) -> Result<()> {
     current().map_or(Ok(()), |p| p.check_write(path).map(|_| ()))
 }
 
+/// May a recipe replace what is already in `dir` — another run's files (`overwrite_output_dir`)?
+/// Only with the user's say: no policy (Rust callers, tests), `--allow-all`, `--allow-write`
+/// without a path, or an `--allow-write=PATH` covering `dir`; a declared output folder is not
+/// enough (it may hold another run of the user's).
+pub fn replace_granted(dir: &Path) -> bool {
+    let Some(p) = current() else { return true };
+    if p.all || p.write_any {
+        return true;
+    }
+    let real = p.resolve(dir, &|q| p.readable(q)).unwrap_or_else(|_| dir.to_path_buf());
+    let granted = p.write.borrow().iter().any(|r| r.why == "--allow-write" && real.starts_with(&r.path));
+    granted
+}
+
 /// Declare `dir` an output folder (see [`Policy::declare_output`]).
 pub fn output_dir(dir: &Path) -> Result<()> {
     current().map_or(Ok(()), |p| p.declare_output(dir).map(|_| ()))
