@@ -297,6 +297,25 @@ fn gemma3_multimodal_checkpoints_load_their_language_model() {
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
         let m = load(tmp.path(), None);
         check_logits(&format!("gemma3 under {prefix}"), &logits(&m, &g), &g.t["logits_base"], g.len1, LOGIT_TOL);
+        // peft's adapter of the multimodal model: its keys under the language model's path
+        // (and one of the vision tower, skipped) load onto the same modules; saved back, the
+        // keys are the multimodal model's again, and load to the same logits.
+        let ad = candle_core::safetensors::load(dir("gemma3").join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let mut keys: Vec<(String, Tensor)> = ad.iter().map(|(k, t)| (k.replacen("base_model.model.model.", &format!("base_model.model.{prefix}"), 1), t.clone())).collect();
+        keys.push(("base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight".into(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()));
+        let mm_adapter = tmp.path().join("mm-adapter");
+        std::fs::create_dir_all(&mm_adapter).unwrap();
+        save::write_safetensors(&mm_adapter.join("adapter_model.safetensors"), &keys).unwrap();
+        std::fs::copy(dir("gemma3").join("adapter/adapter_config.json"), mm_adapter.join("adapter_config.json")).unwrap();
+        let mut am = load(tmp.path(), None);
+        let cfg = adapter::load_adapter(&mut am.llama, &mm_adapter).unwrap();
+        check_logits(&format!("gemma3 under {prefix}, multimodal adapter"), &logits(&am, &g), &g.t["logits_adapted"], g.len1, LOGIT_TOL);
+        adapter::save_adapter(&am.llama, &cfg, "", &tmp.path().join("saved")).unwrap();
+        let saved = candle_core::safetensors::load(tmp.path().join("saved/adapter_model.safetensors"), &Device::Cpu).unwrap();
+        assert!(!saved.is_empty() && saved.keys().all(|k| k.starts_with("base_model.model.model.language_model.layers.")), "{:?}", saved.keys().next());
+        let mut again = load(tmp.path(), None);
+        adapter::load_adapter(&mut again.llama, &tmp.path().join("saved")).unwrap();
+        check_logits("gemma3 multimodal adapter saved and loaded", &logits(&again, &g), &g.t["logits_adapted"], g.len1, LOGIT_TOL);
         // save_pretrained writes the language model as a text-only gemma3_text checkpoint.
         save::save_model_dir(&m, &tmp.path().join("text")).unwrap();
         let text = load(&tmp.path().join("text"), None);

@@ -253,7 +253,9 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
         if (l.scaling - scaling).abs() > 1e-9 * scaling.abs().max(1.0) {
             bail!("save_adapter: module `{path}` has scaling {} but the config gives {scaling} (lora_alpha / r{})", l.scaling, if cfg.use_rslora { ", rsLoRA" } else { "" });
         }
-        tensors.extend(LoraHalf::BOTH.map(|half| (names::peft_key(path, half), half.tensor(l).clone())));
+        // A multimodal checkpoint's language model (Gemma 3): peft's names on that model.
+        let file_path = if model.config.nested_text_config { names::multimodal_module_path(path) } else { path.clone() };
+        tensors.extend(LoraHalf::BOTH.map(|half| (names::peft_key(&file_path, half), half.tensor(l).clone())));
     }
     if tensors.is_empty() {
         bail!("save_adapter: the model has no LoRA adapters (attach some with get_peft_model or load_adapter)");
@@ -338,7 +340,8 @@ fn check_targets(model: &Llama, cfg: &LoraConfig, cfg_path: &Path) -> Result<()>
             }
         }
         TargetModules::Regex(r) => {
-            if !modules.iter().any(|m| cfg.targets(m)) {
+            // A multimodal model's regex names the language model's modules by their paths there.
+            if !modules.iter().any(|m| cfg.targets(m) || cfg.targets(&names::multimodal_module_path(m)) || cfg.targets(&m.replacen("model.", "language_model.model.", 1))) {
                 bail!("{}: target_modules regex `{r}` matches no module of this model ({layers_desc})", cfg_path.display());
             }
         }
@@ -353,20 +356,30 @@ fn pair_keys(model: &Llama, cfg: &LoraConfig, files: &WeightFiles, wpath: &Path)
     let wfile = wpath.display();
     let layers_desc = layers_desc(model);
     let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    let mut skipped = 0;
     for key in files.names() {
-        let Some((module, half)) = names::parse_peft_key(key) else {
+        let Some((file_module, half)) = names::parse_peft_key(key) else {
             bail!("{wfile}: tensor `{key}` is not a LoRA weight qscript can load (expected {} / .lora_B.weight)", names::peft_key("<module>", LoraHalf::A));
         };
-        if model.module_at(module).is_none() {
+        // An adapter of a multimodal model (Gemma 3): its language model's modules by the text
+        // model's names; the vision tower's and projector's are not ours to load.
+        let Some(module) = names::text_module_path(file_module) else {
+            skipped += 1;
+            continue;
+        };
+        if model.module_at(&module).is_none() {
             bail!("{wfile}: tensor `{key}`: this model has no module `{module}` ({layers_desc})");
         }
-        if !cfg.targets(module) {
+        if !cfg.targets(file_module) && !cfg.targets(&module) {
             bail!("{wfile}: tensor `{key}`: module `{module}` is not selected by target_modules {:?} in {ADAPTER_CONFIG} (peft would ignore it)", cfg.target_modules);
         }
-        pairs.entry(module.to_string()).or_default()[half as usize] = Some(key.to_string());
+        pairs.entry(module).or_default()[half as usize] = Some(key.to_string());
     }
     if pairs.is_empty() {
-        bail!("{wfile}: no LoRA tensors");
+        bail!("{wfile}: no LoRA tensors{}", if skipped > 0 { format!(" of the language model ({skipped} of the vision tower / projector)") } else { String::new() });
+    }
+    if skipped > 0 {
+        eprintln!("note: {wfile}: {skipped} LoRA tensors of the vision tower / projector skipped (qscript loads the language model)");
     }
     Ok(pairs)
 }

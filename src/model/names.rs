@@ -491,6 +491,34 @@ pub fn parse_peft_key(key: &str) -> Option<(&str, LoraHalf)> {
     (!path.is_empty()).then_some((path, half))
 }
 
+/// A multimodal checkpoint's language-model module path (peft's names on
+/// `Gemma3ForConditionalGeneration` and its kind: `model.language_model.X`, or the older
+/// `language_model.model.X`; `language_model.lm_head`) as the text model's (`model.X`,
+/// `lm_head`); a text path as it is. `None`: a module outside the language model (the vision
+/// tower, the projector), which qscript does not load.
+pub fn text_module_path(path: &str) -> Option<String> {
+    for prefix in ["model.language_model.", "language_model.model."] {
+        if let Some(rest) = path.strip_prefix(prefix) {
+            return Some(format!("model.{rest}"));
+        }
+    }
+    if let Some(rest) = path.strip_prefix("language_model.") {
+        return Some(rest.to_string());
+    }
+    let multimodal_part = ["model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector."];
+    (!multimodal_part.iter().any(|p| path.starts_with(p))).then(|| path.to_string())
+}
+
+/// The path of a text model's module inside a multimodal checkpoint (transformers' current
+/// layout, `model.language_model.X`), what peft names it there: the inverse of
+/// [`text_module_path`].
+pub fn multimodal_module_path(path: &str) -> String {
+    match path.strip_prefix("model.") {
+        Some(rest) => format!("model.language_model.{rest}"),
+        None => path.to_string(),
+    }
+}
+
 // ---------------------------------------------------------------- optimizer state keys
 
 /// One trainable tensor: a half of the adapter on a decoder linear.
@@ -704,6 +732,22 @@ mod tests {
         }
         assert_eq!(peft_key("model.layers.0.self_attn.q_proj", LoraHalf::A), "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
         assert_eq!(ParamId { module: ModuleId::new(2, Proj::Down), half: LoraHalf::B }.state_key(), "layers.2.down_proj.lora_B");
+    }
+
+    #[test]
+    fn multimodal_paths_map_to_the_text_models_and_back() {
+        for (mm, text) in [
+            ("model.language_model.layers.3.self_attn.q_proj", Some("model.layers.3.self_attn.q_proj")),
+            ("language_model.model.layers.0.mlp.down_proj", Some("model.layers.0.mlp.down_proj")),
+            ("language_model.lm_head", Some("lm_head")),
+            ("model.layers.1.mlp.up_proj", Some("model.layers.1.mlp.up_proj")),
+            ("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj", None),
+            ("model.multi_modal_projector.mm_input_projection", None),
+        ] {
+            assert_eq!(text_module_path(mm).as_deref(), text, "{mm}");
+        }
+        assert_eq!(multimodal_module_path("model.layers.3.self_attn.q_proj"), "model.language_model.layers.3.self_attn.q_proj");
+        assert_eq!(text_module_path(&multimodal_module_path("model.layers.3.mlp.gate_proj")).unwrap(), "model.layers.3.mlp.gate_proj");
     }
 
     #[test]
