@@ -270,7 +270,8 @@ fn check_lists_reads_writes_and_network() {
         ws.rec().join("r.rhai"),
         "const OUT = \"runs/x\";\nlet m = load_model(\"org/model\");\nlet d = load_dataset(\"recipes/data/chat.jsonl\");\n\
          d.to_jsonl(\"../outside/steal.jsonl\");\nlet a = TrainingArguments(#{ output_dir: OUT });\nm.save_pretrained(OUT + \"/adapter\");\n\
-         load_dataset(\"../outside/secret.jsonl\");\nload_dataset(\"x\" + d.len());\n",
+         load_dataset(\"../outside/secret.jsonl\");\nload_dataset(\"x\" + d.len());\n\
+         load_model(\"random:smollm2-135m\", #{ tokenizer: \"../outside/tok\" });\n",
     )
     .unwrap();
     let o = ws.qscript().args(["check", "recipes/r.rhai"]).output().unwrap();
@@ -284,6 +285,9 @@ fn check_lists_reads_writes_and_network() {
     assert!(line("runs/x/adapter (save_pretrained, line 6)").contains("allowed (output folder runs/x)"), "{out}");
     assert!(line("../outside/steal.jsonl").contains("denied") && line("../outside/steal.jsonl").contains("--allow-write="), "{out}");
     assert!(line("hub model org/model (load_model, line 2)").contains("allowed"), "{out}");
+    // Random weights read no file; the tokenizer option reads another model's files.
+    assert!(!out.contains("random:"), "{out}");
+    assert!(line("../outside/tok (load_model tokenizer, line 9)").contains("denied"), "{out}");
     let reads = out.find("reads:").unwrap();
     let writes = out.find("writes:").unwrap();
     let net = out.find("network:").unwrap();

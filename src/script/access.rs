@@ -57,10 +57,18 @@ pub fn accesses(ast: &AST, policy: &Policy) -> Vec<Access> {
         let eval = |e: &Expr| eval_str(e, &consts);
         if let Some((kind, at)) = path_arg(&call.name) {
             let at = if is_method { at.saturating_sub(1) } else { at };
-            if let Some(arg) = call.args.get(at) {
-                let hub = |id: &str| is_hub_id(id) && !Path::new(id).exists();
+            let hub = |id: &str| is_hub_id(id) && !Path::new(id).exists();
+            // `load_model("random:SHAPE")` reads no file: not listed.
+            if let Some(arg) = call.args.get(at).filter(|a| !(call.name == "load_model" && eval(a).is_some_and(|id| id.starts_with("random:")))) {
                 let kind = if call.name == "load_model" && eval(arg).is_some_and(|id| hub(&id)) { Kind::Net } else { kind };
                 found.push((kind, eval(arg), call.name.to_string(), line));
+            }
+            // load_model's `tokenizer` option: another model's tokenizer files (or the hub).
+            if let (true, Some(Expr::Map(m, _))) = (call.name == "load_model", call.args.get(at + 1)) {
+                for (k, v) in m.0.iter().filter(|(k, _)| k.name == "tokenizer") {
+                    let kind = if eval(v).is_some_and(|id| hub(&id)) { Kind::Net } else { Kind::Read };
+                    found.push((kind, eval(v), format!("load_model {}", k.name), line));
+                }
             }
         } else if call.name == "TrainingArguments" {
             if let Some(Expr::Map(m, _)) = call.args.first() {
