@@ -571,10 +571,14 @@ fn parquet_with_columns_and_a_codec_it_lacks_through_a_recipe() {
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows[3]["messages"][0]["content"], "How do I enable 2FA?");
     assert_eq!(rows[3]["messages"][1]["content"], "To enable 2FA, open Settings.");
-    // A zstd file: one line naming the file and the codecs that are read; no panic.
-    let (code, _, stderr) = run_script(tmp.path(), &format!("load_dataset(\"{}\");", parquet_fixture("zstd.parquet")));
+    // zstd (polars' default) reads.
+    let (code, stdout, stderr) = run_script(tmp.path(), &format!("let d = load_dataset(\"{}\"); print(\"T:\" + d[0].text);", parquet_fixture("zstd.parquet")));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("T:hello"), "{stdout}");
+    // A brotli file: one line naming the file and the codecs that are read; no panic.
+    let (code, _, stderr) = run_script(tmp.path(), &format!("load_dataset(\"{}\");", parquet_fixture("brotli.parquet")));
     assert_ne!(code, 0);
-    assert!(stderr.contains("zstd.parquet") && stderr.contains("snappy"), "{stderr}");
+    assert!(stderr.contains("brotli.parquet") && stderr.contains("snappy") && stderr.contains("zstd"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // Not a parquet file at all.
     let bad = tmp.path().join("bad.parquet");

@@ -427,7 +427,7 @@ impl Loader<'_> {
 impl Loader<'_> {
     /// A parquet file (as `datasets` writes a split): each row as the JSON record it would be
     /// in a .jsonl export (nested lists and structs as arrays and objects, nulls as null), in
-    /// the file's column order. Codecs: snappy (pyarrow's default), gzip, lz4, uncompressed.
+    /// the file's column order. Codecs: snappy (pyarrow's default), gzip, lz4, zstd, uncompressed.
     fn parquet(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
         // The decoder may panic on a corrupt file: that is a bad file, not a crash.
         let decoded = std::panic::catch_unwind(|| parquet_rows(bytes))
@@ -471,8 +471,8 @@ fn parquet_msg(e: &parquet::errors::ParquetError) -> String {
     let s = s.strip_prefix("Parquet error: ").unwrap_or(&s);
     if let Some(codec) = s.strip_prefix("Disabled feature at compile time: ") {
         format!(
-            "compressed with {codec}, which qscript does not read (it reads snappy, the `datasets` / pyarrow default, gzip, lz4 and \
-             uncompressed); rewrite it, e.g. pyarrow.parquet.write_table(pyarrow.parquet.read_table(path), path, compression=\"snappy\")"
+            "compressed with {codec}, which qscript does not read (it reads snappy, the `datasets` / pyarrow default, gzip, lz4, zstd \
+             and uncompressed); rewrite it, e.g. pyarrow.parquet.write_table(pyarrow.parquet.read_table(path), path, compression=\"snappy\")"
         )
     } else {
         format!("not a readable parquet file: {s}")

@@ -6,7 +6,8 @@
 chat.parquet   messages list<struct<role, content, tool_calls>> (nulls where a field is absent,
                as pyarrow fills a struct column), id int64, source (one null); snappy
 qa.parquet     question / answer strings (for `columns:`), gzip, two row groups
-zstd.parquet   one text column, zstd (a codec qscript's build does not read: its error)
+zstd.parquet   one text column, zstd (polars' default)
+brotli.parquet one text column, brotli (a codec qscript's build does not read: its error)
 """
 from pathlib import Path
 import pyarrow as pa
@@ -33,3 +34,4 @@ qa = [{"question": f"How do I {t}?", "answer": f"To {t}, open Settings."} for t 
 pq.write_table(pa.Table.from_pylist(qa), here / "qa.parquet", compression="gzip", row_group_size=2)
 
 pq.write_table(pa.Table.from_pylist([{"text": "hello"}]), here / "zstd.parquet", compression="zstd")
+pq.write_table(pa.Table.from_pylist([{"text": "hello"}]), here / "brotli.parquet", compression="brotli")
