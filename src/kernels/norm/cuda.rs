@@ -41,11 +41,6 @@ pub fn backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res: Option<
     with_float!(x.dtype(), "RMSNorm backward", T, t => backward_t::<T>(x, rstd, w, dy, res, offset, t))
 }
 
-/// Whether a contiguous tensor's first element sits on a 16-byte boundary (allocations do).
-fn aligned16(t: &Tensor) -> bool {
-    t.layout().start_offset() * t.dtype().size_in_bytes() % 16 == 0
-}
-
 fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, res: Option<&Tensor>, offset: f32, t: &str) -> Result<Tensor> {
     let dev = device_of(x)?;
     let h = x.dim(D::Minus1)?;
@@ -54,11 +49,6 @@ fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, 
     if let Some(r) = res {
         anyhow::ensure!(r.dims() == dy.dims() && r.dtype() == x.dtype(), "RMSNorm backward: residual {:?} {:?} for dy {:?}", r.dims(), r.dtype(), dy.dims());
     }
-    let threads = 256;
-    // Registers hold a thread's groups of 8: 1, 2 or 4 of them a thread.
-    let nv = (h / 8).div_ceil(threads);
-    let vec = h % 8 == 0 && nv <= 4 && [x, w, dy].iter().chain(res.as_ref()).all(|t| aligned16(t));
-    let name = if vec { format!("rms_bwd_{t}_v{}", nv.next_power_of_two()) } else { format!("rms_bwd_{t}") };
     let (xg, xl) = x.storage_and_layout();
     let (rg, rl) = rstd.storage_and_layout();
     let (wg, wl) = w.storage_and_layout();
@@ -69,10 +59,16 @@ fn backward_t<T: CudaDType + DeviceRepr>(x: &Tensor, rstd: &Tensor, w: &Tensor, 
         Some((g, l)) => Some(view::<T>(g, l, "residual")?),
         None => None,
     };
+    let stream = dev.cuda_stream();
+    let threads = 256;
+    // Registers hold a thread's groups of 8: 1, 2 or 4 of them a thread.
+    let nv = (h / 8).div_ceil(threads);
+    let aligned = [&xs, &ws, &ds].into_iter().chain(res_view.as_ref()).all(|v| launch::aligned16(v, &stream));
+    let name = if h % 8 == 0 && nv <= 4 && aligned { format!("rms_bwd_{t}_v{}", nv.next_power_of_two()) } else { format!("rms_bwd_{t}") };
     let null: u64 = 0;
     // SAFETY: the kernel writes every element of dx.
     let mut dx = unsafe { dev.alloc::<T>(rows * h)? };
-    let (func, stream) = (MODULE.function(&dev, &name)?, dev.cuda_stream());
+    let func = MODULE.function(&dev, &name)?;
     let mut b = stream.launch_builder(&func);
     b.arg(&xs).arg(&rs).arg(&ws).arg(&ds);
     match &res_view {
