@@ -19,11 +19,17 @@ fn holds_results(out: &Path, checkpoints: &[PathBuf]) -> bool {
         || std::fs::metadata(out.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0)
 }
 
-/// The recipe copy an earlier run left (named in its manifest).
-fn recipe_copy(out: &Path) -> Option<PathBuf> {
+/// A string field of the manifest an earlier run left in `out`.
+fn manifest_field(out: &Path, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(out.join("manifest.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let name = v.get("recipe_file")?.as_str()?;
+    Some(v.get(key)?.as_str()?.to_string())
+}
+
+/// The recipe copy an earlier run left (named in its manifest).
+fn recipe_copy(out: &Path) -> Option<PathBuf> {
+    let name = manifest_field(out, "recipe_file")?;
+    let name = name.as_str();
     // Only a plain file name in output_dir, never a path elsewhere.
     (Path::new(name).file_name().is_some_and(|n| n == name)).then(|| out.join(name))
 }
@@ -43,13 +49,6 @@ pub fn earlier_run(out: &Path) -> Vec<PathBuf> {
 fn names(entries: &[PathBuf]) -> String {
     let n: Vec<String> = entries.iter().filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned())).collect();
     if n.len() > 4 { format!("{}, … ({} entries)", n[..4].join(", "), n.len()) } else { n.join(", ") }
-}
-
-/// The absolute recipe path an earlier run in `out` recorded.
-fn earlier_recipe(out: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(out.join("manifest.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(v.get("recipe_path")?.as_str()?.to_string())
 }
 
 /// Before a run writes into `out`: nothing to do for a fresh folder or a resumed run; an
@@ -80,7 +79,7 @@ pub fn prepare(out: &Path, overwrite: bool, resuming: bool, recipe: Option<&str>
         );
     }
     if let Some(mine) = recipe {
-        let theirs = earlier_recipe(out);
+        let theirs = manifest_field(out, "recipe_path");
         if theirs.as_deref() != Some(mine) && !crate::util::permissions::replace_granted(out) {
             bail!(
                 "overwrite_output_dir: {} holds a run of {}, not of this recipe; a recipe replaces only its own runs: grant it with --allow-write={}, or choose another output_dir",
