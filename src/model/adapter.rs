@@ -254,7 +254,7 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model_name_or_path: &s
             bail!("save_adapter: module `{path}` has scaling {} but the config gives {scaling} (lora_alpha / r{})", l.scaling, if cfg.use_rslora { ", rsLoRA" } else { "" });
         }
         // A multimodal checkpoint's language model (Gemma 3): peft's names on that model.
-        let file_path = if model.config.nested_text_config { names::multimodal_module_path(path) } else { path.clone() };
+        let file_path = if model.config.nested_text_config { names::multimodal_module_path(path, names::LANGUAGE_MODEL_LAYOUTS[0]) } else { path.clone() };
         tensors.extend(LoraHalf::BOTH.map(|half| (names::peft_key(&file_path, half), half.tensor(l).clone())));
     }
     if tensors.is_empty() {
@@ -341,7 +341,8 @@ fn check_targets(model: &Llama, cfg: &LoraConfig, cfg_path: &Path) -> Result<()>
         }
         TargetModules::Regex(r) => {
             // A multimodal model's regex names the language model's modules by their paths there.
-            if !modules.iter().any(|m| cfg.targets(m) || cfg.targets(&names::multimodal_module_path(m)) || cfg.targets(&m.replacen("model.", "language_model.model.", 1))) {
+            let targeted = |m: &String| cfg.targets(m) || names::LANGUAGE_MODEL_LAYOUTS.iter().any(|&l| cfg.targets(&names::multimodal_module_path(m, l)));
+            if !modules.iter().any(targeted) {
                 bail!("{}: target_modules regex `{r}` matches no module of this model ({layers_desc})", cfg_path.display());
             }
         }

@@ -103,7 +103,7 @@ impl<'a> LanguageModel<'a> {
     /// The language model inside `inner`, by whichever of the two layouts it has.
     pub fn new(inner: &'a dyn TensorSource) -> Result<Self> {
         let embed = names::weight_key(names::EMBED_TOKENS);
-        for (prefix, head_prefix) in [("model.language_model.", ""), ("language_model.model.", "language_model.")] {
+        for (prefix, head_prefix) in names::LANGUAGE_MODEL_LAYOUTS {
             if inner.has(&format!("{prefix}{}", embed.trim_start_matches("model."))) {
                 return Ok(Self { inner, prefix, head_prefix });
             }

@@ -491,31 +491,34 @@ pub fn parse_peft_key(key: &str) -> Option<(&str, LoraHalf)> {
     (!path.is_empty()).then_some((path, half))
 }
 
-/// A multimodal checkpoint's language-model module path (peft's names on
-/// `Gemma3ForConditionalGeneration` and its kind: `model.language_model.X`, or the older
-/// `language_model.model.X`; `language_model.lm_head`) as the text model's (`model.X`,
-/// `lm_head`); a text path as it is. `None`: a module outside the language model (the vision
-/// tower, the projector), which qscript does not load.
+/// Where a multimodal checkpoint (Gemma 3's `*ForConditionalGeneration`) keeps its language
+/// model: `(the prefix of the text model's model.X, the prefix of its lm_head)` — transformers'
+/// current layout first, then the older one. Weights and peft adapter keys alike.
+pub const LANGUAGE_MODEL_LAYOUTS: [(&str, &str); 2] = [("model.language_model.", ""), ("language_model.model.", "language_model.")];
+
+/// A multimodal checkpoint's language-model module path (in either of
+/// [`LANGUAGE_MODEL_LAYOUTS`]) as the text model's (`model.X`, `lm_head`); a text path as it is.
+/// `None`: a module outside the language model (the vision tower, the projector), which qscript
+/// does not load.
 pub fn text_module_path(path: &str) -> Option<String> {
-    for prefix in ["model.language_model.", "language_model.model."] {
+    for (prefix, head_prefix) in LANGUAGE_MODEL_LAYOUTS {
         if let Some(rest) = path.strip_prefix(prefix) {
             return Some(format!("model.{rest}"));
         }
-    }
-    if let Some(rest) = path.strip_prefix("language_model.") {
-        return Some(rest.to_string());
+        if let Some(rest) = path.strip_prefix(head_prefix).filter(|_| !head_prefix.is_empty()) {
+            return Some(rest.to_string());
+        }
     }
     let multimodal_part = ["model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector."];
     (!multimodal_part.iter().any(|p| path.starts_with(p))).then(|| path.to_string())
 }
 
-/// The path of a text model's module inside a multimodal checkpoint (transformers' current
-/// layout, `model.language_model.X`), what peft names it there: the inverse of
-/// [`text_module_path`].
-pub fn multimodal_module_path(path: &str) -> String {
+/// The path of a text model's module inside a multimodal checkpoint of `layout` (one of
+/// [`LANGUAGE_MODEL_LAYOUTS`]): the inverse of [`text_module_path`].
+pub fn multimodal_module_path(path: &str, (prefix, head_prefix): (&str, &str)) -> String {
     match path.strip_prefix("model.") {
-        Some(rest) => format!("model.language_model.{rest}"),
-        None => path.to_string(),
+        Some(rest) => format!("{prefix}{rest}"),
+        None => format!("{head_prefix}{path}"),
     }
 }
 
@@ -746,8 +749,15 @@ mod tests {
         ] {
             assert_eq!(text_module_path(mm).as_deref(), text, "{mm}");
         }
-        assert_eq!(multimodal_module_path("model.layers.3.self_attn.q_proj"), "model.language_model.layers.3.self_attn.q_proj");
-        assert_eq!(text_module_path(&multimodal_module_path("model.layers.3.mlp.gate_proj")).unwrap(), "model.layers.3.mlp.gate_proj");
+        let [now, older] = LANGUAGE_MODEL_LAYOUTS;
+        assert_eq!(multimodal_module_path("model.layers.3.self_attn.q_proj", now), "model.language_model.layers.3.self_attn.q_proj");
+        assert_eq!(multimodal_module_path("model.layers.3.self_attn.q_proj", older), "language_model.model.layers.3.self_attn.q_proj");
+        assert_eq!(multimodal_module_path("lm_head", older), "language_model.lm_head");
+        for layout in LANGUAGE_MODEL_LAYOUTS {
+            for text in ["model.layers.3.mlp.gate_proj", "lm_head"] {
+                assert_eq!(text_module_path(&multimodal_module_path(text, layout)).unwrap(), text);
+            }
+        }
     }
 
     #[test]
