@@ -132,6 +132,21 @@ fn every_shipped_recipe_passes_check() {
     assert!(n >= 5, "chat + four training recipes, found {n}");
 }
 
+/// `qscript ARGS` in `cwd` with `home` as HOME, `input` typed into it: its output.
+fn typed(cwd: &Path, home: &Path, args: &[String], input: &str) -> std::process::Output {
+    let mut child = qscript()
+        .current_dir(cwd)
+        .args(args)
+        .env("HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `qscript repl` takes the permission flags of a recipe run: a dataset outside the working
 /// directory is denied by default and readable with `--allow-read=DIR`.
 #[test]
@@ -140,19 +155,9 @@ fn repl_takes_the_permission_flags() {
     let data = outside.path().join("d.jsonl");
     std::fs::write(&data, "{\"text\": \"hello\"}\n{\"text\": \"world\"}\n").unwrap();
     let repl = |extra: &[String]| {
-        let mut child = qscript()
-            .current_dir(cwd.path())
-            .arg("repl")
-            .args(extra)
-            .env("HOME", home.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let args: Vec<String> = std::iter::once("repl".to_string()).chain(extra.iter().cloned()).collect();
         let input = format!("\"N=\" + load_dataset(\"{}\").len()\n:quit\n", data.display());
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = typed(cwd.path(), home.path(), &args, &input);
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (stdout, stderr) = repl(&[]);
@@ -166,17 +171,7 @@ fn repl_takes_the_permission_flags() {
 #[test]
 fn flags_before_a_subcommand_go_to_it() {
     let (cwd, home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut child = qscript()
-        .current_dir(cwd.path())
-        .args(["--allow-all", "repl"])
-        .env("HOME", home.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"\"sum=\" + (40 + 2)\n:quit\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = typed(cwd.path(), home.path(), &["--allow-all".into(), "repl".into()], "\"sum=\" + (40 + 2)\n:quit\n");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("sum=42"), "{stdout}\n{stderr}");
     assert!(!stderr.contains("cannot read recipe"), "{stderr}");
