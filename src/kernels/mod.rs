@@ -11,6 +11,7 @@
 //! share [`launch`] (PTX modules, function cache, device views, launch shapes).
 
 pub mod adamw;
+pub mod all_reduce;
 pub mod attention;
 pub mod cross_entropy;
 pub mod decode;

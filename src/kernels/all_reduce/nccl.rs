@@ -4,11 +4,11 @@
 //! combined with `dynamic-loading`.) Five entry points are used: `ncclGetUniqueId`,
 //! `ncclCommInitRank`, `ncclAllReduce`, `ncclCommDestroy`, `ncclGetErrorString`.
 //!
-//! One communicator per run: made at the first GPU reduction (every rank reaches it at the same
-//! step), with the unique id rank 0 draws and sends over the rendezvous sockets. The all-reduce is
+//! One communicator per group: made at the first GPU reduction (every rank reaches it at the same
+//! step), with the unique id rank 0 draws and sends over the group (its rendezvous sockets). The all-reduce is
 //! enqueued on the device's one stream (`device::open_cuda`), in order with the step's kernels.
 
-use super::tcp::TcpGroup;
+use super::Group;
 use crate::kernels::launch;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -77,21 +77,21 @@ pub struct Comm {
     device: Device,
 }
 
-// SAFETY: the communicator is used under the ProcessGroup's lock, one call at a time.
+// SAFETY: the communicator is used under the Communicator's lock, one call at a time.
 unsafe impl Send for Comm {}
 unsafe impl Sync for Comm {}
 
 impl Comm {
-    /// Rank 0 draws the unique id and sends it over `tcp`; every rank joins on `device`'s GPU.
-    pub fn new(tcp: &TcpGroup, device: &Device) -> Result<Self> {
+    /// Rank 0 draws the unique id and sends it over `group`; every rank joins on `device`'s GPU.
+    pub fn new(group: &dyn Group, device: &Device) -> Result<Self> {
         let l = lib()?;
         let mut id = UniqueId { internal: [0; 128] };
-        if tcp.rank() == 0 {
+        if group.rank() == 0 {
             // SAFETY: `id` is a valid ncclUniqueId to write.
             check(l, "ncclGetUniqueId", unsafe { (l.get_unique_id)(&mut id) })?;
         }
         let mut bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
-        tcp.broadcast(&mut bytes, 128)?;
+        group.broadcast(&mut bytes, 128)?;
         anyhow::ensure!(bytes.len() == 128, "NCCL: rank 0 sent a unique id of {} bytes", bytes.len());
         for (d, s) in id.internal.iter_mut().zip(&bytes) {
             *d = *s as c_char;
@@ -101,7 +101,7 @@ impl Comm {
         dev.cuda_stream().context().bind_to_thread().map_err(|e| anyhow::anyhow!("NCCL: cannot select the GPU: {e:?}"))?;
         let mut comm: NcclComm = std::ptr::null_mut();
         // SAFETY: `comm` receives the new communicator; `id` is the group's id.
-        check(l, "ncclCommInitRank", unsafe { (l.comm_init_rank)(&mut comm, tcp.world_size() as c_int, id, tcp.rank() as c_int) })?;
+        check(l, "ncclCommInitRank", unsafe { (l.comm_init_rank)(&mut comm, group.world_size() as c_int, id, group.rank() as c_int) })?;
         Ok(Self { comm, device: device.clone() })
     }
 

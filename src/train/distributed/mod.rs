@@ -7,12 +7,10 @@
 //! One process is [`Single`]: every reduction is the identity and the step never builds a bucket,
 //! so a run without the environment is bit for bit the run it always was. Several processes meet
 //! at `MASTER_ADDR:MASTER_PORT` ([`tcp::rendezvous`]); host values (token counts, loss sums) go
-//! over those sockets, the gradient bucket over NCCL when it lives on a GPU (`nccl.rs`, feature
-//! `cuda`) and over the sockets on the CPU (the fallback torch calls gloo).
+//! over those sockets, the gradient bucket through `kernels::all_reduce` (NCCL when it lives on a
+//! GPU, the sockets on the CPU: the fallback torch calls gloo).
 
 
-#[cfg(feature = "cuda")]
-mod nccl;
 pub mod tcp;
 
 use crate::model::engine::LoraGrad;
@@ -254,17 +252,12 @@ pub fn is_main_process() -> bool {
 /// sockets), a host bucket over the sockets too.
 pub struct ProcessGroup {
     tcp: tcp::TcpGroup,
-    #[cfg(feature = "cuda")]
-    nccl: std::sync::Mutex<Option<nccl::Comm>>,
+    comm: crate::kernels::all_reduce::Communicator,
 }
 
 impl ProcessGroup {
     pub fn new(tcp: tcp::TcpGroup) -> Self {
-        Self {
-            tcp,
-            #[cfg(feature = "cuda")]
-            nccl: std::sync::Mutex::new(None),
-        }
+        Self { tcp, comm: Default::default() }
     }
 }
 
@@ -282,15 +275,7 @@ impl Collective for ProcessGroup {
         self.tcp.all_reduce_f32(buf)
     }
     fn all_reduce_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if t.device().is_cuda() {
-            let mut comm = self.nccl.lock().unwrap_or_else(|e| e.into_inner());
-            if comm.is_none() {
-                *comm = Some(nccl::Comm::new(&self.tcp, t.device())?);
-            }
-            return comm.as_ref().expect("set above").all_reduce_sum(t);
-        }
-        self.tcp.all_reduce_tensor(t)
+        crate::kernels::all_reduce::all_reduce_sum(&self.comm, &self.tcp, t)
     }
     fn set_timeout(&self, timeout: Duration) {
         self.tcp.set_timeout(timeout)

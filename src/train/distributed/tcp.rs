@@ -312,6 +312,21 @@ impl super::Collective for TcpGroup {
     }
 }
 
+impl crate::kernels::all_reduce::Group for TcpGroup {
+    fn rank(&self) -> usize {
+        TcpGroup::rank(self)
+    }
+    fn world_size(&self) -> usize {
+        TcpGroup::world_size(self)
+    }
+    fn broadcast(&self, bytes: &mut Vec<u8>, max: usize) -> Result<()> {
+        TcpGroup::broadcast(self, bytes, max)
+    }
+    fn all_reduce_host(&self, t: &Tensor) -> Result<Tensor> {
+        self.all_reduce_tensor(t)
+    }
+}
+
 /// A free TCP port on the loopback (the launcher's default `MASTER_PORT`, tests).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
