@@ -62,6 +62,31 @@ fn help_of_every_command_has_examples() {
     }
 }
 
+/// `bench train` runs the trainer's step with checkpointing, offloaded by default and on the GPU
+/// with `--no-offload`; its JSON says whether the inputs did go to host memory (never on the CPU).
+#[test]
+fn bench_train_says_whether_checkpoints_were_offloaded() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/peft/1/base");
+    let mut losses = Vec::new();
+    for extra in [&[][..], &["--no-offload"][..]] {
+        let out = qscript()
+            .args(["bench", "train", "--quant", "none", "--device", "cpu", "--batch", "1", "--seq", "8", "--steps", "1", "--gradient-checkpointing", "--model"])
+            .arg(&base)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["gradient_checkpointing"], true, "{line}");
+        assert_eq!(v["offload_checkpoints"], false, "the CPU has nothing to offload: {line}");
+        losses.push(v["loss_last"].clone());
+    }
+    assert_eq!(losses[0], losses[1]);
+    let out = qscript().args(["bench", "train", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--no-offload"));
+}
+
 #[test]
 fn check_reports_ok_and_errors() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -219,7 +219,7 @@ fn check_model_grads(case: &Case, checkpointing: bool) {
     let loss_ref = reference_loss(&m, &vars, &case.ids, &case.labels, &case.pos, &case.seg, case.b, case.t);
     let grads_ref = loss_ref.backward().unwrap();
     let batch = TrainBatch::new(case.b, case.t, &case.ids, &case.labels, Some(&case.pos), Some(&case.seg), &DEV).unwrap();
-    let opts = StepOptions { train: true, gradient_checkpointing: checkpointing, grad_scale: None };
+    let opts = StepOptions { train: true, gradient_checkpointing: checkpointing, offload_checkpoints: false, grad_scale: None };
     let out = engine::forward_backward(&m.llama, &batch, &opts, &mut StdRng::seed_from_u64(0)).unwrap();
     let loss = out.mean_loss();
     let want = loss_ref.to_scalar::<f32>().unwrap() as f64;
@@ -254,7 +254,7 @@ fn model_gradients_match_finite_differences_f64() {
     let case = packed_padded_case();
     let mut m = tiny_model(DType::F64, 2);
     let batch = TrainBatch::new(case.b, case.t, &case.ids, &case.labels, Some(&case.pos), Some(&case.seg), &DEV).unwrap();
-    let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
+    let opts = StepOptions { train: true, gradient_checkpointing: false, offload_checkpoints: false, grad_scale: None };
     let out = engine::forward_backward(&m.llama, &batch, &opts, &mut StdRng::seed_from_u64(0)).unwrap();
     let eps = 1e-5;
     let mut checked = 0;
@@ -312,18 +312,23 @@ fn checkpointing_recomputes_the_same_dropout_masks() {
     }
     let c = packed_padded_case();
     let batch = TrainBatch::new(c.b, c.t, &c.ids, &c.labels, Some(&c.pos), Some(&c.seg), &DEV).unwrap();
-    let run = |ckpt: bool| {
-        let opts = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+    let run = |ckpt: bool, offload: bool| {
+        let opts = StepOptions { train: true, gradient_checkpointing: ckpt, offload_checkpoints: offload, grad_scale: None };
         engine::forward_backward(&m.llama, &batch, &opts, &mut StdRng::seed_from_u64(7)).unwrap()
     };
-    let (a, b) = (run(false), run(true));
-    assert_eq!(a.loss_sum, b.loss_sum);
-    for (ga, gb) in a.grads.iter().zip(&b.grads) {
-        assert_eq!(ga.da.to_vec2::<f32>().unwrap(), gb.da.to_vec2::<f32>().unwrap(), "layer {} {:?}", ga.layer, ga.proj);
-        assert_eq!(ga.db.to_vec2::<f32>().unwrap(), gb.db.to_vec2::<f32>().unwrap());
+    // Without checkpointing, with it, and with its inputs offloaded (nothing to offload on the
+    // CPU: the parked tensors stay, and the path runs).
+    let a = run(false, false);
+    for b in [run(true, false), run(true, true)] {
+        assert_eq!(a.loss_sum, b.loss_sum);
+        assert_eq!(a.grads.len(), b.grads.len());
+        for (ga, gb) in a.grads.iter().zip(&b.grads) {
+            assert_eq!(ga.da.to_vec2::<f32>().unwrap(), gb.da.to_vec2::<f32>().unwrap(), "layer {} {:?}", ga.layer, ga.proj);
+            assert_eq!(ga.db.to_vec2::<f32>().unwrap(), gb.db.to_vec2::<f32>().unwrap());
+        }
     }
     // Dropout is on: a different seed changes the gradients.
-    let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
+    let opts = StepOptions { train: true, gradient_checkpointing: false, offload_checkpoints: false, grad_scale: None };
     let c2 = engine::forward_backward(&m.llama, &batch, &opts, &mut StdRng::seed_from_u64(8)).unwrap();
     assert_ne!(a.grads[0].da.to_vec2::<f32>().unwrap(), c2.grads[0].da.to_vec2::<f32>().unwrap());
 }

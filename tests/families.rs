@@ -93,7 +93,7 @@ fn loss_and_lora_gradients_match_peft() {
         let mut m = load(&dir(f).join("base"), None);
         adapter::load_adapter(&mut m.llama, &dir(f).join("adapter")).unwrap();
         for checkpointing in [false, true] {
-            let opts = StepOptions { train: true, gradient_checkpointing: checkpointing, grad_scale: None };
+            let opts = StepOptions { train: true, gradient_checkpointing: checkpointing, offload_checkpoints: false, grad_scale: None };
             let out = m.llama.forward_backward(&batch(&g), &opts, &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
             let want = g.t["loss"].to_vec1::<f32>().unwrap()[0] as f64;
             let el = (out.mean_loss() - want).abs();
@@ -177,7 +177,7 @@ fn four_bit_bases_quantize_every_linear_train_and_save() {
             for model in [&mut m, &mut dense] {
                 adapter::load_adapter(&mut model.llama, &dir(f).join("adapter")).unwrap();
             }
-            let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
+            let opts = StepOptions { train: true, gradient_checkpointing: false, offload_checkpoints: false, grad_scale: None };
             let run = |model: &Model| model.llama.forward_backward(&batch(&g), &opts, &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
             let (oq, od) = (run(&m), run(&dense));
             assert!((oq.mean_loss() - od.mean_loss()).abs() < 1e-5, "{what}: QLoRA loss {} vs {}", oq.mean_loss(), od.mean_loss());

@@ -230,6 +230,34 @@ fn max_length_sets_max_seq_length() {
 }
 
 #[test]
+fn gradient_checkpointing_kwargs_offload_and_refusals() {
+    let args = |src: &str| {
+        let map = rhai::Engine::new().eval::<rhai::Map>(src).unwrap();
+        qscript::script::train_api::training_arguments(&map).map_err(|e| format!("{e:#}"))
+    };
+    // Checkpointing offloads by default (Unsloth's "unsloth" checkpointing); the kwargs turn it off.
+    assert!(args(r#"#{ output_dir: "o", gradient_checkpointing: true }"#).unwrap().offload_checkpoints);
+    let a = args(r#"#{ output_dir: "o", gradient_checkpointing: true, gradient_checkpointing_kwargs: #{ offload: false } }"#).unwrap();
+    assert!(a.gradient_checkpointing && !a.offload_checkpoints);
+    // transformers' own key, carried by ported notebooks, is accepted.
+    assert!(args(r#"#{ output_dir: "o", gradient_checkpointing: true, gradient_checkpointing_kwargs: #{ use_reentrant: false } }"#).unwrap().offload_checkpoints);
+    assert!(args(r#"#{ output_dir: "o", gradient_checkpointing_kwargs: #{} }"#).is_ok());
+    // Unknown keys and wrong types: one line naming the map and the key.
+    let e = args(r#"#{ output_dir: "o", gradient_checkpointing_kwargs: #{ ofload: false } }"#).unwrap_err();
+    assert_eq!(e, "TrainingArguments: gradient_checkpointing_kwargs: unknown key `ofload`; did you mean `offload`?");
+    let e = args(r#"#{ output_dir: "o", gradient_checkpointing_kwargs: #{ offload: "no" } }"#).unwrap_err();
+    assert!(e.contains("gradient_checkpointing_kwargs: `offload` must be true or false"), "{e}");
+    let e = args(r#"#{ output_dir: "o", gradient_checkpointing_kwargs: true }"#).unwrap_err();
+    assert!(e.contains("`gradient_checkpointing_kwargs` must be a map"), "{e}");
+    // Through a recipe: the error names the file and line, the run stops (SFTConfig's name).
+    let tmp = tempfile::tempdir().unwrap();
+    let e = args_error(tmp.path(), "SFTConfig", "gradient_checkpointing: true,\n gradient_checkpointing_kwargs: #{ preserve_rng_state: true }");
+    assert!(e.contains("recipe.rhai:1:") && e.contains("SFTConfig: gradient_checkpointing_kwargs: unknown key `preserve_rng_state`"), "{e}");
+    assert!(e.contains("valid keys: offload, use_reentrant") || e.contains("did you mean"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
+
+#[test]
 fn fp16_on_the_cpu_is_an_error_that_says_why() {
     let (tmp, model, data) = common::chat_fixture();
     let src = train_recipe(&model, &data, &tmp.path().join("out"), "TrainingArguments", ", fp16: true");

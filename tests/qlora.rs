@@ -64,7 +64,7 @@ fn engine_gradients_with_4bit_base_match_autograd_on_dequantized_weights() {
         }
     }
     for ckpt in [false, true] {
-        let opts = StepOptions { train: true, gradient_checkpointing: ckpt, grad_scale: None };
+        let opts = StepOptions { train: true, gradient_checkpointing: ckpt, offload_checkpoints: false, grad_scale: None };
         let out = engine::forward_backward(&m.llama, &batch, &opts, &mut StdRng::seed_from_u64(0)).unwrap();
         let want = loss_ref.to_scalar::<f32>().unwrap() as f64;
         assert!((out.mean_loss() - want).abs() / want < 1e-5, "loss {} vs {want}", out.mean_loss());
@@ -102,7 +102,7 @@ fn lora_on_4bit_base_overfits_fixed_sequences() {
     let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 1e-2, ..Default::default() }).unwrap();
     let mut rng = StdRng::seed_from_u64(0);
     let first = engine::loss(&m.llama, &batch).unwrap().mean_loss();
-    let opts = StepOptions { train: true, gradient_checkpointing: true, grad_scale: None };
+    let opts = StepOptions { train: true, gradient_checkpointing: true, offload_checkpoints: false, grad_scale: None };
     for _ in 0..100 {
         let mut out = engine::forward_backward(&m.llama, &batch, &opts, &mut rng).unwrap();
         clip_grad_norm(&mut out.grads, 1.0).unwrap();

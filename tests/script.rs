@@ -67,6 +67,17 @@ fn unknown_config_key_names_nearest() {
 }
 
 #[test]
+fn check_looks_inside_gradient_checkpointing_kwargs() {
+    let ok = "let a = TrainingArguments(#{ output_dir: \"o\", gradient_checkpointing: true, gradient_checkpointing_kwargs: #{ offload: false } });";
+    assert_eq!(check(ok), Ok(1));
+    let bad = "let a = TrainingArguments(#{ output_dir: \"o\",\n  gradient_checkpointing_kwargs: #{ offlaod: false } });";
+    let e = check(bad).unwrap_err();
+    assert!(e.starts_with("recipe.rhai:2:") && e.contains("TrainingArguments: gradient_checkpointing_kwargs: unknown key `offlaod`; did you mean `offload`?"), "{e}");
+    let e = check("let a = SFTConfig(#{ output_dir: \"o\", gradient_checkpointing_kwargs: #{ offload: 1 } });").unwrap_err();
+    assert!(e.contains("gradient_checkpointing_kwargs: `offload` must be true or false, got an integer"), "{e}");
+}
+
+#[test]
 fn wrong_value_type_names_expected_type() {
     let e = run(&format!("let m = load_model(\"{}\", #{{ dtype: 32 }});", golden_base())).unwrap_err();
     assert!(e.contains("`dtype` must be one of") && e.contains("the integer 32"), "{e}");

@@ -146,7 +146,7 @@ fn lora_overfits_fixed_sequences() {
     let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 1e-2, ..Default::default() }).unwrap();
     let mut rng = StdRng::seed_from_u64(0);
     let first = engine::loss(&m.llama, &batch).unwrap().mean_loss();
-    let opts = StepOptions { train: true, gradient_checkpointing: false, grad_scale: None };
+    let opts = StepOptions { train: true, gradient_checkpointing: false, offload_checkpoints: false, grad_scale: None };
     for _ in 0..100 {
         let mut out = engine::forward_backward(&m.llama, &batch, &opts, &mut rng).unwrap();
         clip_grad_norm(&mut out.grads, 1.0).unwrap();
@@ -155,4 +155,27 @@ fn lora_overfits_fixed_sequences() {
     let last = engine::loss(&m.llama, &batch).unwrap().mean_loss();
     assert!(last < 0.1 * first, "loss {first} -> {last}: did not fall by 90%");
     let _ = DType::F32;
+}
+
+/// `gradient_checkpointing_kwargs` reaches the step: TrainingArguments' map → the step state →
+/// the options every micro-batch's forward and backward gets.
+#[test]
+fn checkpoint_offload_reaches_the_step_options() {
+    let mut m = tiny();
+    lora::attach(&mut m.llama, &all_linear(2, 4.0, InitLoraWeights::Random), 0).unwrap();
+    let opts = |map: &str| {
+        let map = rhai::Engine::new().eval::<rhai::Map>(map).unwrap();
+        let args = qscript::script::train_api::training_arguments(&map).unwrap();
+        qscript::train::StepState::new(&m, args, 10).unwrap().step_options(8)
+    };
+    let o = opts(r#"#{ output_dir: "o", gradient_checkpointing: true }"#);
+    assert!(o.gradient_checkpointing && o.offload_checkpoints, "checkpointing offloads by default");
+    assert_eq!(o.grad_scale, Some(1.0 / 8.0));
+    let o = opts(r#"#{ output_dir: "o", gradient_checkpointing: true, gradient_checkpointing_kwargs: #{ offload: false } }"#);
+    assert!(o.gradient_checkpointing && !o.offload_checkpoints);
+    let o = opts(r#"#{ output_dir: "o", gradient_checkpointing: true, gradient_checkpointing_kwargs: #{ offload: true, use_reentrant: false } }"#);
+    assert!(o.offload_checkpoints);
+    // Without checkpointing nothing is kept to offload.
+    let o = opts(r#"#{ output_dir: "o", gradient_checkpointing_kwargs: #{ offload: true } }"#);
+    assert!(!o.gradient_checkpointing && !o.offload_checkpoints);
 }

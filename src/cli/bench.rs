@@ -9,7 +9,7 @@ use std::time::Instant;
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// The trainer's QLoRA/LoRA optimizer step (forward and backward over the accumulation micro-batches, clipping at 1.0, AdamW) on random token batches
-    #[command(after_help = "Examples:\n  qscript bench train --quant nf4\n  qscript bench train --shape llama-3.2-3b --device cuda --batch 4 --seq 1024 --gradient-checkpointing")]
+    #[command(after_help = "Examples:\n  qscript bench train --quant nf4\n  qscript bench train --shape llama-3.2-3b --device cuda --batch 4 --seq 1024 --gradient-checkpointing\n  qscript bench train --shape llama-3.2-3b --device cuda --batch 4 --seq 1024 --gradient-checkpointing --no-offload")]
     Train {
         /// Hub id, HF directory or GGUF file
         #[arg(long, default_value = hub::DEFAULT_MODEL)]
@@ -36,8 +36,12 @@ pub enum BenchCommand {
         /// Base weights: nf4 (4-bit, double quant) or none (dense)
         #[arg(long, default_value = "nf4")]
         quant: String,
+        /// Recompute each layer in backward; on a GPU its kept input waits in pinned host memory
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// With --gradient-checkpointing: keep the layer inputs on the GPU (no offload to host memory)
+        #[arg(long)]
+        no_offload: bool,
         /// Micro-batches of --batch rows per optimizer step
         #[arg(long, default_value_t = 1)]
         gradient_accumulation_steps: usize,
@@ -189,7 +193,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             super::EXIT_ON_CANCEL.store(false, std::sync::atomic::Ordering::SeqCst);
             super::launch::run(&launch, &|| crate::CANCEL.load(std::sync::atomic::Ordering::SeqCst))
         }
-        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, lora_dropout, quant, gradient_checkpointing, gradient_accumulation_steps, steps, .. } => {
+        BenchCommand::Train { model, shape, device, dtype, batch, seq, rank, lora_dropout, quant, gradient_checkpointing, no_offload, gradient_accumulation_steps, steps, .. } => {
             // A rank of a data-parallel run: meet the others; "cuda" / "auto" is GPU LOCAL_RANK.
             let env = crate::train::distributed::init_from_env()?;
             let device = match &env {
@@ -202,7 +206,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 None if device.is_cpu() => candle_core::DType::F32,
                 None => candle_core::DType::BF16,
             };
-            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, lora_dropout, quant, ckpt: gradient_checkpointing, accumulation: gradient_accumulation_steps, steps };
+            let case = TrainCase { model, shape, device, dtype, batch, seq, rank, lora_dropout, quant, ckpt: gradient_checkpointing, offload: !no_offload, accumulation: gradient_accumulation_steps, steps };
             bench_train(&case)
         }
         BenchCommand::Dequant { device, rows, cols, iters } => bench_dequant(&device, rows, cols, iters),
@@ -433,6 +437,8 @@ struct TrainCase {
     lora_dropout: f64,
     quant: String,
     ckpt: bool,
+    /// With `ckpt`: the kept layer inputs in host memory (the trainer's default).
+    offload: bool,
     accumulation: usize,
     steps: usize,
 }
@@ -472,6 +478,7 @@ fn bench_train_step(m: &Model, c: &TrainCase) -> anyhow::Result<(Vec<crate::trai
     args.lr_scheduler_type = Schedule::Constant;
     args.gradient_accumulation_steps = c.accumulation;
     args.gradient_checkpointing = c.ckpt;
+    args.offload_checkpoints = c.offload;
     args.validate()?;
     let vocab = m.config().vocab_size as u32;
     // Each data-parallel rank its own rows (rank 0's are the single-process run's).
@@ -540,7 +547,9 @@ fn bench_train(c: &TrainCase) -> anyhow::Result<()> {
         "bench": "train", "model": c.shape.as_ref().map_or(c.model.clone(), |s| format!("random:{s}")),
         "device": crate::device::name(&m.llama.device), "dtype": crate::model::dtype_name(m.llama.dtype),
         "quant": c.quant, "batch": c.batch, "seq": c.seq, "rank": c.rank, "lora_dropout": c.lora_dropout, "gradient_accumulation_steps": c.accumulation,
-        "gradient_checkpointing": c.ckpt, "threads": candle_core::utils::get_num_threads(), "world_size": world,
+        "gradient_checkpointing": c.ckpt,
+        // Whether the checkpointed layer inputs did go to host memory (only a GPU offloads).
+        "offload_checkpoints": c.ckpt && c.offload && m.llama.device.is_cuda(), "threads": candle_core::utils::get_num_threads(), "world_size": world,
         "trainable_params": crate::model::lora::parameter_counts(&m.llama).0,
         "load_secs": load_secs,
         "step_secs_median": step, "step_secs_best": times.iter().cloned().fold(f64::INFINITY, f64::min),

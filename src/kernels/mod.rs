@@ -1,7 +1,8 @@
 //! The compute kernels behind the model's ops, one folder per op family: `norm` (RMSNorm),
 //! `rope` (heads split/merge + rotation), `attention`, `glu` (gated activations: SwiGLU, GeGLU), `cross_entropy` (LM head +
 //! loss), `lora` (the LoRA linear, dropout), `quant4` (bitsandbytes 4-bit weights), `adamw`,
-//! `gemv` (batch-1 products) and `decode` (fused batch-1 CUDA decoding).
+//! `gemv` (batch-1 products), `decode` (fused batch-1 CUDA decoding) and `offload` (tensors parked
+//! in pinned host memory between forward and backward).
 //!
 //! Each folder's `mod.rs` holds the op's dispatch functions: they take and return candle
 //! tensors, pick the implementation in one order — the CUDA kernel (`cuda.rs` and its `.cu`
@@ -21,6 +22,7 @@ pub mod launch;
 pub mod lora;
 pub mod matmul;
 pub mod norm;
+pub mod offload;
 pub mod quant4;
 pub mod rope;
 pub mod sum;

@@ -117,6 +117,9 @@ pub struct StepOptions {
     /// Apply LoRA dropout (training) or not (evaluation).
     pub train: bool,
     pub gradient_checkpointing: bool,
+    /// With gradient checkpointing, keep each layer's input in pinned host memory until its
+    /// recompute (a no-op off the GPU): `kernels::offload`.
+    pub offload_checkpoints: bool,
     /// Multiplier of the summed loss whose gradient is returned; `None` = 1/(trained tokens),
     /// i.e. the mean. The trainer passes 1/(tokens of the whole accumulated step).
     pub grad_scale: Option<f64>,

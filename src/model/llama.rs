@@ -3,7 +3,8 @@
 //! final norm, LM head tied or not), the family's variants chosen by its config (see
 //! `names.rs` and `config.rs`): loading, the inference forward with a KV cache, and the
 //! training forward and backward (loss, the adapters' gradients; with gradient checkpointing
-//! each layer is recomputed during backward from its input). Gradients flow only into LoRA
+//! each layer is recomputed during backward from its input, which waits in pinned host memory
+//! when offloaded: `kernels::offload`). Gradients flow only into LoRA
 //! adapters; the base is frozen.
 
 use super::config::Config;
@@ -14,6 +15,7 @@ use super::layers::rope::RopeAt;
 use super::layers::{embedding, lm_head};
 use super::names::{self, ModuleId, Norm, NormId, Proj};
 use super::weights::WeightFiles;
+use crate::kernels::offload::{self, Parked};
 use crate::profile;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -306,13 +308,13 @@ impl Llama {
     /// Forward and backward of one batch: the summed loss, the number of trained tokens and the
     /// adapters' gradients (of `grad_scale · loss_sum`).
     pub fn forward_backward(&self, batch: &TrainBatch, opts: &StepOptions, rng: &mut StdRng) -> Result<StepOutput> {
-        let keep = if opts.gradient_checkpointing { Keep::Inputs } else { Keep::All };
+        let keep = if opts.gradient_checkpointing { Keep::Inputs { offload: opts.offload_checkpoints } } else { Keep::All };
         on_pool(|| self.train_step(batch, opts, rng, keep))
     }
 
     /// Loss only (evaluation): no activations are kept.
     pub fn loss(&self, batch: &TrainBatch) -> Result<StepOutput> {
-        let opts = StepOptions { train: false, gradient_checkpointing: false, grad_scale: None };
+        let opts = StepOptions { train: false, gradient_checkpointing: false, offload_checkpoints: false, grad_scale: None };
         let mut rng = rand::SeedableRng::seed_from_u64(0);
         on_pool(|| self.train_step(batch, &opts, &mut rng, Keep::Nothing))
     }
@@ -341,12 +343,13 @@ impl Llama {
         let mut kept = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             crate::check_cancel()?;
-            let state = matches!(keep, Keep::Inputs).then(|| rng.clone());
+            // The RNG before the layer: a checkpointed layer's recompute draws the same dropout.
+            let state = rng.clone();
             let (y, acts) = layer.forward_train(&x, batch, &rope, train, rng)?;
-            match (keep, state) {
-                (Keep::Nothing, _) => {}
-                (_, Some(state)) => kept.push(Kept::Input(x, state)),
-                (_, None) => kept.push(Kept::All(acts)),
+            match keep {
+                Keep::Nothing => {}
+                Keep::All => kept.push(Kept::All(acts)),
+                Keep::Inputs { offload } => kept.push(Kept::Input(offload::park(x, offload)?, state)),
             }
             x = y;
         }
@@ -382,7 +385,7 @@ impl Llama {
             crate::check_cancel()?;
             let acts = match k {
                 Kept::All(a) => a,
-                Kept::Input(xin, mut state) => layer.forward_train(&xin, batch, rope, train, &mut state)?.1,
+                Kept::Input(xin, mut state) => layer.forward_train(&offload::unpark(xin)?, batch, rope, train, &mut state)?.1,
             };
             dx = layer.backward(&acts, batch, rope, &dx, li, grads)?;
         }
@@ -431,8 +434,8 @@ enum Keep {
     /// Nothing: no backward follows (loss, logits).
     Nothing,
     All,
-    /// Gradient checkpointing: only each layer's input.
-    Inputs,
+    /// Gradient checkpointing: only each layer's input, in host memory with `offload` (on a GPU).
+    Inputs { offload: bool },
 }
 
 /// What one layer kept between forward and backward (one per layer: the size difference of
@@ -440,8 +443,9 @@ enum Keep {
 #[allow(clippy::large_enum_variant)]
 enum Kept {
     All(super::layers::block::LayerActs),
-    /// Gradient checkpointing: the layer input and the RNG as it was, to recompute identically.
-    Input(Tensor, StdRng),
+    /// Gradient checkpointing: the layer input (parked: in host memory when offloaded) and the
+    /// RNG as it was, to recompute identically.
+    Input(Parked, StdRng),
 }
 
 /// Runs `f` on one of rayon's worker threads: a forward's serial parts then run where its

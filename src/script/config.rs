@@ -18,6 +18,8 @@ pub enum Ty {
     StrOrList,
     Array,
     Map,
+    /// A map checked by its own schema (`gradient_checkpointing_kwargs`).
+    MapOf(&'static Schema),
     /// Anything (validated by the function itself).
     Any,
 }
@@ -32,7 +34,7 @@ impl Ty {
             Ty::OneOf(v) => format!("one of {}", v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")),
             Ty::StrOrList => "a string or an array of strings".into(),
             Ty::Array => "an array".into(),
-            Ty::Map => "a map".into(),
+            Ty::Map | Ty::MapOf(_) => "a map".into(),
             Ty::Any => "any value".into(),
         }
     }
@@ -49,7 +51,7 @@ impl Ty {
                 v.is_string() || v.clone().try_cast::<rhai::Array>().is_some_and(|a| a.iter().all(|x| x.is_string()))
             }
             Ty::Array => v.is_array(),
-            Ty::Map => v.is_map(),
+            Ty::Map | Ty::MapOf(_) => v.is_map(),
             Ty::Any => true,
         }
     }
@@ -79,7 +81,7 @@ impl Ty {
             (Ty::StrOrList, Literal::Str(_)) => true,
             (Ty::StrOrList, Literal::Array(items)) => items.iter().all(|i| matches!(i, Literal::Str(_))),
             (Ty::Array, Literal::Array(_)) => true,
-            (Ty::Map, Literal::Map) => true,
+            (Ty::Map | Ty::MapOf(_), Literal::Map) => true,
             _ => false,
         }
     }
@@ -116,12 +118,14 @@ fn literal_name(l: &Literal) -> String {
     }
 }
 
+#[derive(Debug, PartialEq)]
 pub struct Key {
     pub name: &'static str,
     pub ty: Ty,
     pub doc: &'static str,
 }
 
+#[derive(Debug, PartialEq)]
 pub struct Schema {
     /// How errors name the map: `load_model options`, `LoraConfig`, ...
     pub name: &'static str,
@@ -149,8 +153,19 @@ impl Schema {
             if !key.ty.accepts(v) {
                 return Err(format!("{}: `{k}` must be {}, got {}", self.name, key.ty.describe(), type_name(v)));
             }
+            if let (Ty::MapOf(inner), Some(m)) = (key.ty, v.read_lock::<Map>()) {
+                inner.check(&m).map_err(|e| format!("{}: {e}", self.name))?;
+            }
         }
         Ok(Cfg { map })
+    }
+
+    /// The schema of key `k`'s map value, if it has one (`qscript check` looks inside).
+    pub fn nested(&self, k: &str) -> Option<&'static Schema> {
+        match self.keys.iter().find(|x| x.name == k)?.ty {
+            Ty::MapOf(inner) => Some(inner),
+            _ => None,
+        }
     }
 
     /// Validate one literal key/value from the AST (`qscript check`).
@@ -401,6 +416,7 @@ const TRAINING_ARGS_KEYS: &[Key] = &[
         key("packing", Ty::Bool, "pack examples into full rows (default false)"),
         key("group_by_length", Ty::Bool, "batch examples of similar length (default false)"),
         key("gradient_checkpointing", Ty::Bool, "recompute each layer in backward (default false)"),
+        key("gradient_checkpointing_kwargs", Ty::MapOf(&GRADIENT_CHECKPOINTING_KWARGS), "#{ offload: false } keeps the checkpointed layer inputs on the GPU (default: in pinned host memory, as Unsloth)"),
         key("train_on_inputs", Ty::Bool, "train on prompt tokens too (default false: assistant turns only)"),
         key("resume_from_checkpoint", Ty::Any, "true (latest checkpoint in output_dir) or a checkpoint path"),
         key("on_nan", Ty::OneOf(&["stop", "skip"]), "a NaN/Inf loss or gradient stops training (default) or skips the step"),
@@ -422,6 +438,16 @@ const TRAINING_ARGS_KEYS: &[Key] = &[
         key("logging_dir", Ty::Str, "TensorBoard's folder (default output_dir/runs/DATE_HOST, as transformers)"),
         key("save_only_model", Ty::Bool, "checkpoints hold the adapter only, no optimizer state: smaller, but they cannot be resumed (default false)"),
 ];
+
+/// `TrainingArguments`' `gradient_checkpointing_kwargs` (transformers passes its own to
+/// `torch.utils.checkpoint`).
+pub static GRADIENT_CHECKPOINTING_KWARGS: Schema = Schema {
+    name: "gradient_checkpointing_kwargs",
+    keys: &[
+        key("offload", Ty::Bool, "on a GPU, keep each checkpointed layer input in pinned host memory until its recompute (default true; the CPU has nothing to offload)"),
+        key("use_reentrant", Ty::Bool, "torch's checkpoint flavour, carried by ported notebooks; no effect here (one recompute, same gradients either way)"),
+    ],
+};
 
 pub static TRAIN: Schema = Schema {
     name: "train",

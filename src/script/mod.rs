@@ -305,6 +305,14 @@ impl Host {
                                 if let Err(msg) = schema.check_literal(&ident.name, literal_of(value).as_ref()) {
                                     errors.push(format!("{}: {msg}", locate(&name, ident.pos)));
                                 }
+                                // A map value with its own schema (`gradient_checkpointing_kwargs`).
+                                if let (Some(inner), rhai::Expr::Map(m, _)) = (schema.nested(&ident.name), value) {
+                                    for (k, v) in m.0.iter() {
+                                        if let Err(msg) = inner.check_literal(&k.name, literal_of(v).as_ref()) {
+                                            errors.push(format!("{}: {}: {msg}", locate(&name, k.pos), schema.name));
+                                        }
+                                    }
+                                }
                             }
                         }
                     }

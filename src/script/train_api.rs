@@ -71,6 +71,13 @@ pub fn training_arguments_as(schema: &'static config::Schema, map: &Map) -> anyh
         ($($k:ident),*) => { $( if let Some(v) = cfg.bool(stringify!($k)) { a.$k = v; } )* };
     }
     set_bool!(packing, group_by_length, gradient_checkpointing, train_on_inputs);
+    if let Some(kw) = cfg.get("gradient_checkpointing_kwargs").and_then(|v| v.read_lock::<Map>()) {
+        // Its keys were checked with the map's (`Ty::MapOf`).
+        let kw = config::GRADIENT_CHECKPOINTING_KWARGS.check(&kw).map_err(anyhow::Error::msg)?;
+        if let Some(v) = kw.bool("offload") {
+            a.offload_checkpoints = v;
+        }
+    }
     if let Some(s) = cfg.str("lr_scheduler_type") {
         a.lr_scheduler_type = Schedule::parse(&s)?;
     }

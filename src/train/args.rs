@@ -159,6 +159,10 @@ pub struct TrainingArguments {
     pub packing: bool,
     pub group_by_length: bool,
     pub gradient_checkpointing: bool,
+    /// With gradient checkpointing on a GPU, the kept layer inputs wait in pinned host memory
+    /// (Unsloth's `use_gradient_checkpointing="unsloth"`); `gradient_checkpointing_kwargs:
+    /// #{offload: false}` keeps them on the GPU. Default true.
+    pub offload_checkpoints: bool,
     pub train_on_inputs: bool,
     pub resume_from_checkpoint: Resume,
     pub on_non_finite: OnNonFinite,
@@ -218,6 +222,7 @@ impl TrainingArguments {
             packing: false,
             group_by_length: false,
             gradient_checkpointing: false,
+            offload_checkpoints: true,
             train_on_inputs: false,
             resume_from_checkpoint: Resume::No,
             on_non_finite: OnNonFinite::Stop,

@@ -37,6 +37,9 @@ pub struct RunRecord {
     pub adapter_dtype: Option<String>,
     pub base_weights_sha256: Option<String>,
     pub base_weights_hash: String,
+    /// With gradient checkpointing: whether the kept layer inputs waited in pinned host memory
+    /// (on a GPU, unless `gradient_checkpointing_kwargs: #{offload: false}`); `None` without.
+    pub checkpoint_offload: Option<bool>,
 }
 
 impl RunRecord {
@@ -55,6 +58,7 @@ impl RunRecord {
             adapter_dtype: adapter_dtype.map(|d| crate::model::dtype_name(d).to_string()),
             base_weights_sha256: base_weights_sha256(&model.source_path),
             base_weights_hash: WEIGHTS_HASH_METHOD.to_string(),
+            checkpoint_offload: None,
         }
     }
 

@@ -85,10 +85,22 @@ impl StepState {
         lr_at(self.args.lr_scheduler_type, self.args.learning_rate, step, self.warmup, self.total)
     }
 
+    /// What each micro-batch's forward and backward is asked for: dropout on, the arguments'
+    /// checkpointing (and its offload), gradients scaled by 1/`n_targets`.
+    pub fn step_options(&self, n_targets: usize) -> StepOptions {
+        let a = &self.args;
+        StepOptions {
+            train: true,
+            gradient_checkpointing: a.gradient_checkpointing,
+            offload_checkpoints: a.gradient_checkpointing && a.offload_checkpoints,
+            grad_scale: Some(1.0 / n_targets.max(1) as f64),
+        }
+    }
+
     /// Forward and backward over every micro-batch, gradients scaled by 1/`n_targets`: the summed
     /// loss and the accumulated gradients.
     fn forward_backward(&self, model: &Model, micro_batches: &[MicroBatch], n_targets: usize) -> Result<(f64, Vec<LoraGrad>)> {
-        let opts = StepOptions { train: true, gradient_checkpointing: self.args.gradient_checkpointing, grad_scale: Some(1.0 / n_targets.max(1) as f64) };
+        let opts = self.step_options(n_targets);
         // Dropout draws from an RNG that is a pure function of (seed, step): resume is exact.
         let mut seed = self.args.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         if self.comm.world_size() > 1 {

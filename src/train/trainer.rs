@@ -360,7 +360,12 @@ impl SftTrainer {
             base_model: model.name_or_path.clone(),
             seed: self.args.seed,
             run_id: Some(checkpoint::new_run_id()),
-            record: RunRecord { recipe_file: self.recipe_file(), recipe_path: self.recipe_path(), ..RunRecord::of(model) },
+            record: RunRecord {
+                recipe_file: self.recipe_file(),
+                recipe_path: self.recipe_path(),
+                checkpoint_offload: self.args.gradient_checkpointing.then(|| self.args.offload_checkpoints && model.llama.device.is_cuda()),
+                ..RunRecord::of(model)
+            },
         }
     }
 
