@@ -59,7 +59,7 @@ fn capacity(n: usize) -> usize {
 /// which replaces the largest free one (the batches grew) so the pool never holds more buffers
 /// than were in use at once.
 fn take(dev: &CudaDevice, n: usize) -> Result<PinnedHostSlice<u8>> {
-    with_pool(dev, |pool| {
+    with_pool(dev, |pool| -> Result<PinnedHostSlice<u8>> {
         let free = &mut pool.free;
         let fits = free.iter().enumerate().filter(|(_, b)| b.len() >= n).min_by_key(|(_, b)| b.len()).map(|(i, _)| i);
         let buf = match fits {
