@@ -97,6 +97,7 @@ fn the_manifest_records_set_values_and_the_build_and_resume_warns_when_they_chan
     assert_eq!(m["qscript_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(m["recipe_file"], "train.rhai");
     assert!(out.join("train.rhai").is_file());
+    assert!(m["checkpoint_offload"].is_null(), "no checkpointing, nothing to record: {m}");
     // The checkpoint's manifest is the same record.
     let ck: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint-2/manifest.json")).unwrap()).unwrap();
     assert_eq!(ck["overrides"], m["overrides"]);
@@ -106,6 +107,18 @@ fn the_manifest_records_set_values_and_the_build_and_resume_warns_when_they_chan
     assert!(err.contains("resumed from") && err.contains("--set values changed"), "{err}");
     assert!(err.contains("MAX_STEPS=2") && err.contains("MAX_STEPS=3"), "{err}");
     assert_eq!(common::metrics(&out).iter().filter(|e| e.get("loss").is_some()).count(), 3);
+}
+
+/// With gradient checkpointing the manifest says whether the kept inputs went to host memory:
+/// never on the CPU, whatever the kwargs ask.
+#[test]
+fn the_manifest_records_whether_checkpoints_were_offloaded() {
+    let (tmp, model, data) = common::chat_fixture();
+    let r = recipe(tmp.path(), &model, &data, ", gradient_checkpointing: true, gradient_checkpointing_kwargs: #{ offload: true }", "");
+    let (code, _, err) = run(&r, &["--set", "MAX_STEPS=1"]);
+    assert_eq!(code, 0, "{err}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("out/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["checkpoint_offload"], false, "{m}");
 }
 
 /// Starts `recipe`, sends SIGINT (a terminal's Ctrl-C) once the line of step `k` appears, and
