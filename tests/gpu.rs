@@ -1240,7 +1240,8 @@ fn load_model_defaults_to_the_gpu_in_bf16() {
 /// shape (NF4, bf16, LoRA r=16 with dropout), 4×512 tokens, three AdamW steps. The losses and
 /// every LoRA gradient are bit-identical (the bytes go out and come back unchanged, the same
 /// kernels run on them), and the pinned pool stops growing after the first step (reused, not
-/// re-pinned). The peak GPU memory is measured by `qscript bench train` in processes of their
+/// re-pinned); a longer batch replaces its buffers instead of adding to them, and a shorter one
+/// reuses them. The peak GPU memory is measured by `qscript bench train` in processes of their
 /// own (the memory pool is the process's, and other tests run beside this one): offloaded, it
 /// is lower by at least half of what the 30 kept inputs take.
 #[test]
@@ -1248,16 +1249,20 @@ fn checkpoint_offload_is_exact_and_lowers_peak_memory() {
     use qscript::kernels::offload;
     let Some(dev) = gpu("checkpoint_offload_is_exact_and_lowers_peak_memory") else { return };
     let (b, t) = (4, 512);
-    // Per step: the loss and a hash of every gradient's bytes, and the pinned bytes pooled after it.
-    let run = |offload: bool| -> (Vec<f64>, Vec<Vec<u8>>, Vec<usize>) {
+    // Per step: the loss and a hash of every gradient's bytes, and the pinned bytes pooled after
+    // it; then (offloaded) the pinned bytes after a step of 4×640 tokens and one of 4×256.
+    let run = |offload: bool| -> (Vec<f64>, Vec<Vec<u8>>, Vec<usize>, Vec<usize>) {
         let q = qscript::model::quantized::BnbConfig { quant_type: QuantType::Nf4, double_quant: true, compute_dtype: DType::BF16, ..Default::default() };
         let opts = LoadOptions { dtype: DType::BF16, device: dev.clone(), quantization: Some(q), ..Default::default() };
         let mut m = Model::random("smollm2-135m", &opts).unwrap();
         let cfg = LoraConfig { r: 16, lora_alpha: 32.0, lora_dropout: 0.1, target_modules: TargetModules::AllLinear, ..Default::default() };
         lora::attach(&mut m.llama, &cfg, 0).unwrap();
-        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7919 + 13) % 49152).collect();
-        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let batch = TrainBatch::new(b, t, &ids, &labels, None, None, dev).unwrap();
+        let batch_of = |t: usize| {
+            let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7919 + 13) % 49152).collect();
+            let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            TrainBatch::new(b, t, &ids, &labels, None, None, dev).unwrap()
+        };
+        let batch = batch_of(t);
         let mut opt = AdamW::new(&m.llama, AdamWConfig { lr: 2e-4, ..Default::default() }).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let so = StepOptions { train: true, gradient_checkpointing: true, offload_checkpoints: offload, grad_scale: None };
@@ -1275,10 +1280,17 @@ fn checkpoint_offload_is_exact_and_lowers_peak_memory() {
             opt.step(&mut m.llama, &out.grads, 2e-4).unwrap();
             pinned.push(offload::pinned_bytes(dev));
         }
-        (losses, hashes, pinned)
+        let mut other = Vec::new();
+        if offload {
+            for t in [640, 256] {
+                engine::forward_backward(&m.llama, &batch_of(t), &so, &mut rng).unwrap();
+                other.push(offload::pinned_bytes(dev));
+            }
+        }
+        (losses, hashes, pinned, other)
     };
-    let (l_gpu, h_gpu, _) = run(false);
-    let (l_host, h_host, pinned) = run(true);
+    let (l_gpu, h_gpu, _, _) = run(false);
+    let (l_host, h_host, pinned, other) = run(true);
     // SmolLM2-135M: 30 layers, hidden 576; bf16.
     let kept = 30 * b * t * 576 * 2;
     eprintln!("losses {l_gpu:?}; kept inputs {:.1} MiB; pinned after each step {pinned:?}", kept as f64 / 1048576.0);
@@ -1287,6 +1299,9 @@ fn checkpoint_offload_is_exact_and_lowers_peak_memory() {
     assert_eq!(h_gpu, h_host, "LoRA gradients differ with offload");
     assert!(pinned[0] >= kept, "the parked inputs sit in pinned memory: {pinned:?} < {kept}");
     assert!(pinned.windows(2).all(|w| w[0] == w[1]), "the pinned pool is reused, not grown: {pinned:?}");
+    let kept640 = 30 * b * 640 * 576 * 2;
+    assert!(other[0] >= kept640 && other[0] <= kept640 * 9 / 8 + 30 * (64 << 10), "a longer batch's buffers replace the shorter ones: {other:?}, kept {kept640}");
+    assert_eq!(other[1], other[0], "a shorter batch reuses the longer one's buffers");
 
     // The peak, each in a process of its own.
     let bench = |extra: &[&str]| -> serde_json::Value {

@@ -55,9 +55,9 @@ fn capacity(n: usize) -> usize {
     n.div_ceil(step) * step
 }
 
-/// A free pinned buffer of at least `n` bytes for `dev`: the smallest that fits; else a new one,
-/// which replaces the largest free one (the batches grew) so the pool never holds more buffers
-/// than were in use at once.
+/// A free pinned buffer of at least `n` bytes for `dev`: the smallest that fits; else a new one.
+/// When none fits, the batches grew (a step parks tensors of one size): the free buffers, all
+/// too small, are unpinned, so the pool never holds more buffers than were in use at once.
 fn take(dev: &CudaDevice, n: usize) -> Result<PinnedHostSlice<u8>> {
     with_pool(dev, |pool| -> Result<PinnedHostSlice<u8>> {
         let free = &mut pool.free;
@@ -66,11 +66,11 @@ fn take(dev: &CudaDevice, n: usize) -> Result<PinnedHostSlice<u8>> {
             Some(i) => free.swap_remove(i),
             None => {
                 let stream = dev.cuda_stream();
-                if let Some(i) = free.iter().enumerate().max_by_key(|(_, b)| b.len()).map(|(i, _)| i) {
-                    let small = free.swap_remove(i);
-                    // Its last queued copy must be done before the host memory goes back.
+                if !free.is_empty() {
+                    // Their last queued copies must be done before the host memory goes back
+                    // (one wait for all of them).
                     stream.synchronize()?;
-                    drop(small);
+                    free.clear();
                 }
                 // SAFETY: the buffer is written by a device copy before anything reads it. Plain
                 // pinned memory (not write-combined): only DMA touches it.
