@@ -847,6 +847,11 @@ fn cross_entropy_kernel_matches_the_cpu() {
 // ------------------------------------------------------- fused batch-1 decoding (kernels::decode)
 
 use qscript::kernels::decode::cuda as dec;
+
+/// Position `at` for the decode kernels, its device copy in `dev` (u32 [1]).
+fn dec_pos(at: usize, dev: &Tensor) -> qscript::kernels::decode::Pos<'_> {
+    qscript::kernels::decode::Pos { at, dev }
+}
 use qscript::model::llama::{KvCache, Llama};
 
 /// An NF4 weight `[rows, cols]` of values in ±`scale` on `dev` (double-quantized scales or not)
@@ -922,7 +927,9 @@ fn decode_kernels_match_cpu_references() {
     let cos: Vec<f32> = (0..cap * d / 2).map(|i| (i as f32 * 0.37).cos()).collect();
     let sin: Vec<f32> = (0..cap * d / 2).map(|i| (i as f32 * 0.37).sin()).collect();
     let (kc, vc, qo) = (Tensor::zeros((kvh, cap, d), DType::F32, dev).unwrap(), Tensor::zeros((kvh, cap, d), DType::F32, dev).unwrap(), Tensor::zeros(h * d, DType::F32, dev).unwrap());
-    dec::qkv_rope(&xt, &nwt, eps, [&wq, &wk, &wv], &on(dev, &cos, &[cap, d / 2]), &on(dev, &sin, &[cap, d / 2]), pos, d, &qo, &kc, &vc).unwrap();
+    let pos_dev = Tensor::new(&[pos as u32], dev).unwrap();
+    let at = dec_pos(pos, &pos_dev);
+    dec::qkv_rope(&xt, &nwt, eps, [&wq, &wk, &wv], &on(dev, &cos, &[cap, d / 2]), &on(dev, &sin, &[cap, d / 2]), &at, d, &qo, &kc, &vc).unwrap();
     check("qkv: q", &host(&qo), &rope_ref(&matvec(&dq, &xn), d, &cos, &sin, pos));
     let at_pos = |c: &[f32]| -> (Vec<f32>, f32) {
         let row = (0..kvh).flat_map(|g| c[(g * cap + pos) * d..(g * cap + pos + 1) * d].to_vec()).collect();
@@ -941,7 +948,8 @@ fn decode_kernels_match_cpu_references() {
         let q = values(h * d, 10);
         let (kv_k, kv_v) = (values(kvh * cap * d, 11), values(kvh * cap * d, 12));
         let out = Tensor::zeros(h * d, DType::F32, dev).unwrap();
-        dec::attention(&on(dev, &q, &[h * d]), &on(dev, &kv_k, &[kvh, cap, d]), &on(dev, &kv_v, &[kvh, cap, d]), len, &out).unwrap();
+        let last = Tensor::new(&[len as u32 - 1], dev).unwrap();
+        dec::attention(&on(dev, &q, &[h * d]), &on(dev, &kv_k, &[kvh, cap, d]), &on(dev, &kv_v, &[kvh, cap, d]), &dec_pos(len - 1, &last), &out).unwrap();
         let mut want = vec![0f32; h * d];
         for head in 0..h {
             let base = (head / (h / kvh)) * cap * d;
@@ -1121,8 +1129,10 @@ fn decode_profile() {
             eprintln!("{shape} {what:>18}: host {:7.1} µs, with the GPU {:7.1} µs per call", enq * 1e6 / n as f64, all * 1e6 / n as f64);
         };
         let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
-        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(b.proj(Proj::Q)), g(b.proj(Proj::K)), g(b.proj(Proj::V))], &l.rope.cos, &l.rope.sin, len - 1, d, &qv, &kc, &vc).unwrap());
-        time("attention", &mut || dec::attention(&qv, &kc, &vc, len, &att).unwrap());
+        let last = Tensor::new(&[len as u32 - 1], dev).unwrap();
+        let at = dec_pos(len - 1, &last);
+        time("qkv + rope", &mut || dec::qkv_rope(&x, &n1.weight, 1e-5, [g(b.proj(Proj::Q)), g(b.proj(Proj::K)), g(b.proj(Proj::V))], &l.rope.cos, &l.rope.sin, &at, d, &qv, &kc, &vc).unwrap());
+        time("attention", &mut || dec::attention(&qv, &kc, &vc, &at, &att).unwrap());
         time("o_proj + residual", &mut || dec::residual(g(&a.o_proj), &att, &x).unwrap());
         time("gate/up + swiglu", &mut || dec::gate_up(&x, &n2.weight, 1e-5, g(b.proj(Proj::Gate)), g(b.proj(Proj::Up)), &mlp).unwrap());
         time("down + residual", &mut || dec::residual(g(&f.down_proj), &mlp, &x).unwrap());

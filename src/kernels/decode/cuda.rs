@@ -8,9 +8,11 @@
 //! work on the device's stream (no host synchronisation).
 
 use crate::kernels::launch::{self, addr, config, float_name, ptx_module, Module};
+use super::Pos;
 use crate::kernels::quant4::{gemv_blocks, gemv_lanes, Quant4Gpu};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 use candle_core::{CudaDevice, DType, Storage, Tensor};
 use half::bf16;
 
@@ -65,6 +67,7 @@ fn tensor_addr(t: &Tensor, dtype: DType, n: usize, dev: &CudaDevice, what: &str)
     Ok(match dtype {
         DType::F32 => addr(&cs.as_cuda_slice::<f32>()?.slice(a..b), &stream),
         DType::BF16 => addr(&cs.as_cuda_slice::<bf16>()?.slice(a..b), &stream),
+        DType::U32 => addr(&cs.as_cuda_slice::<u32>()?.slice(a..b), &stream),
         other => bail!("{what}: {other:?}"),
     })
 }
@@ -91,11 +94,18 @@ fn gemv_launch(w: &Quant4Gpu, groups: usize, cols: usize, norm: bool) -> Result<
     Ok((lanes, cfg))
 }
 
+/// The device address of the position `p` holds (checked against its host copy's bounds by the
+/// caller).
+fn pos_addr(p: &Pos, dev: &CudaDevice) -> Result<u64> {
+    tensor_addr(p.dev, DType::U32, 1, dev, "position")
+}
+
 /// RMSNorm of `x` [hidden] (weight `norm_w`, `eps`), then its q, k, v projections; q and k
 /// rotated for position `pos` (tables `cos`/`sin` [positions, d/2]); q into `q_out` [heads·d],
 /// k and v into the caches [kv_heads, cap, d] at `pos`.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: &Tensor, sin: &Tensor, pos: usize, d: usize, q_out: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<()> {
+pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: &Tensor, sin: &Tensor, pos: &Pos, d: usize, q_out: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<()> {
+    let (pos_p, pos) = (pos_addr(pos, w[0].cuda_device())?, pos.at);
     let (dt, t) = (x.dtype(), act_name(x.dtype())?);
     let kind = check_weights(&w)?;
     let dev = w[0].cuda_device();
@@ -115,19 +125,19 @@ pub fn qkv_rope(x: &Tensor, norm_w: &Tensor, eps: f32, w: [&Quant4Gpu; 3], cos: 
     let v_p = tensor_addr(v_cache, dt, kvh * cap * d, dev, "v cache")?;
     let (lanes, cfg) = gemv_launch(w[0], (rq + rk + rv) / 4, cols, true)?;
     let args = w.map(Quant4Gpu::decode_arg);
-    let (pos, d, cap) = (pos as i32, d as i32, cap as i32);
+    let (d, cap) = (d as i32, cap as i32);
     let (func, stream) = (kernel(dev, &format!("dec_qkv_{t}_{kind}_l{lanes}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
     b.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&x_p).arg(&n_p).arg(&eps).arg(&cos_p).arg(&sin_p);
-    b.arg(&pos).arg(&d).arg(&cap).arg(&q_p).arg(&k_p).arg(&v_p);
+    b.arg(&pos_p).arg(&d).arg(&cap).arg(&q_p).arg(&k_p).arg(&v_p);
     // SAFETY: arguments as decode.cu's dec_qkv_*; every buffer's size checked above.
     unsafe { launch::launch(&mut b, cfg) }?;
     Ok(())
 }
 
-/// Attention of the query `q` [heads·d] over positions `0..len` of the caches
+/// Attention of the query `q` [heads·d] at position `pos` over positions `0..=pos` of the caches
 /// [kv_heads, cap, d] (query head h reads KV head h / (heads / kv_heads)), into `out` [heads·d].
-pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, out: &Tensor) -> Result<()> {
+pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: &Pos, out: &Tensor) -> Result<()> {
     let (dt, t) = (q.dtype(), act_name(q.dtype())?);
     let dev = match &*q.storage_and_layout().0 {
         Storage::Cuda(cs) => cs.device.clone(),
@@ -137,17 +147,19 @@ pub fn attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, out
     let h = q.elem_count() / d.max(1);
     ensure!(matches!(d, 32 | 64 | 128 | 256), "attention: head_dim {d} (32, 64, 128 or 256)");
     ensure!(h * d == q.elem_count() && kvh > 0 && h % kvh == 0, "attention: q {:?} for {kvh} KV heads of {d}", q.dims());
-    ensure!(v_cache.dims() == k_cache.dims() && (1..=cap).contains(&len), "attention: {len} positions in a cache {:?}", k_cache.dims());
+    let len = pos.at + 1;
+    ensure!(v_cache.dims() == k_cache.dims() && len <= cap, "attention: {len} positions in a cache {:?}", k_cache.dims());
+    let pos_p = pos_addr(pos, &dev)?;
     let q_p = tensor_addr(q, dt, h * d, &dev, "q")?;
     let k_p = tensor_addr(k_cache, dt, kvh * cap * d, &dev, "k cache")?;
     let v_p = tensor_addr(v_cache, dt, kvh * cap * d, &dev, "v cache")?;
     let o_p = tensor_addr(out, dt, h * d, &dev, "attention output")?;
-    let (cap, len, rep) = (cap as i32, len as i32, (h / kvh) as i32);
+    let (cap, rep) = (cap as i32, (h / kvh) as i32);
     let scale = 1.0 / (d as f32).sqrt();
     let cfg = config((h as u32, 1, 1), ATT_THREADS, 0);
     let (func, stream) = (kernel(&dev, &format!("dec_attn_{t}_d{d}"))?, dev.cuda_stream());
     let mut b = stream.launch_builder(&func);
-    b.arg(&q_p).arg(&k_p).arg(&v_p).arg(&o_p).arg(&cap).arg(&len).arg(&rep).arg(&scale);
+    b.arg(&q_p).arg(&k_p).arg(&v_p).arg(&o_p).arg(&cap).arg(&pos_p).arg(&rep).arg(&scale);
     // SAFETY: arguments as decode.cu's dec_attn_*; sizes checked above.
     unsafe { launch::launch(&mut b, cfg) }?;
     Ok(())
@@ -189,5 +201,80 @@ pub fn gate_up(x: &Tensor, norm_w: &Tensor, eps: f32, gate: &Quant4Gpu, up: &Qua
     b.arg(&ga).arg(&ua).arg(&x_p).arg(&n_p).arg(&eps).arg(&h_p);
     // SAFETY: arguments as decode.cu's dec_gate_up_*; sizes checked above.
     unsafe { launch::launch(&mut b, cfg) }?;
+    Ok(())
+}
+
+/// A decode step's layer launches captured as a CUDA graph, and what the capture baked in:
+/// every buffer address the launches read or write and the caches' capacity ([`step_key`]).
+/// The graph replays while that key holds (the position is read from device memory); a new key
+/// (the caches grew, another scratch or weights) runs the step eagerly, and the next step with
+/// it is captured: by then every kernel is loaded, which a capture may not do.
+#[derive(Default)]
+pub struct Replay {
+    key: Vec<u64>,
+    graph: Option<Graph>,
+}
+
+struct Graph(CudaGraph);
+// SAFETY: the graph is launched only through `&mut Replay`, by the thread that holds the cache it
+// belongs to, never concurrently; CUDA graph handles are not tied to a thread.
+unsafe impl Send for Graph {}
+
+impl Replay {
+    /// The step's launches (`enqueue`, all on `stream`) for `key`: the graph's replay, a capture
+    /// then its first launch, or the launches themselves (see the type).
+    pub fn run(&mut self, stream: &Arc<CudaStream>, key: Vec<u64>, enqueue: impl FnOnce() -> Result<()>) -> Result<()> {
+        if self.key != key {
+            self.key = key;
+            self.graph = None;
+            return enqueue();
+        }
+        if self.graph.is_none() {
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let launched = enqueue();
+            // Always ended: a stream left capturing fails every later launch.
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            launched?;
+            self.graph = Some(Graph(graph?.context("fused decode: the captured step is empty")?));
+        }
+        let Some(Graph(g)) = &self.graph else { unreachable!("captured above") };
+        g.launch()?;
+        Ok(())
+    }
+}
+
+/// What a captured step depends on besides the position: the addresses of `tensors` (residual
+/// stream, scratch, caches, norms, RoPE tables), of every 4-bit weight's buffers, and `numbers`
+/// (capacities, eps bits).
+pub fn step_key(tensors: &[&Tensor], weights: &[&Quant4Gpu], numbers: &[u64]) -> Result<Vec<u64>> {
+    let mut key = Vec::with_capacity(tensors.len() + 3 * weights.len() + numbers.len());
+    for t in tensors {
+        let dev = launch::device_of(t)?;
+        key.push(tensor_addr(t, t.dtype(), t.elem_count(), &dev, "decode step buffer")?);
+    }
+    for w in weights {
+        let a = w.decode_arg();
+        key.extend([a.packed, a.absmax, a.absmax_q]);
+    }
+    key.extend_from_slice(numbers);
+    Ok(key)
+}
+
+/// `dst` = `src` (same dtype and element count, contiguous), and the position's device copy set
+/// to `pos`: the step's inputs written into the buffers a captured graph reads.
+pub fn set_inputs(src: &Tensor, dst: &Tensor, pos: &Pos) -> Result<()> {
+    let dev = launch::device_of(dst)?;
+    let n = dst.elem_count();
+    ensure!(src.elem_count() == n && src.dtype() == dst.dtype(), "decode step input: {:?} into {:?}", src.shape(), dst.shape());
+    let (s, d) = (tensor_addr(src, src.dtype(), n, &dev, "embedding")?, tensor_addr(dst, dst.dtype(), n, &dev, "residual stream")?);
+    let p = pos_addr(pos, &dev)?;
+    let at = [u32::try_from(pos.at).context("decode position")?];
+    let stream = dev.cuda_stream();
+    // SAFETY: both addresses hold n elements of the dtype (checked above); `at` is copied to a
+    // staging buffer before the call returns (pageable memory), into the position's 4 bytes.
+    unsafe {
+        result::memcpy_dtod_async(d, s, n * src.dtype().size_in_bytes(), stream.cu_stream())?;
+        result::memcpy_htod_async(p, &at, stream.cu_stream())?;
+    }
     Ok(())
 }

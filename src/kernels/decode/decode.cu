@@ -2,10 +2,12 @@
 // argument order in src/kernels/decode/cuda.rs; the step that chains them in
 // src/model/llama/decode_cuda.rs). Per layer:
 //   qkv:      RMSNorm(x) -> q, k, v projections -> RoPE on q, k -> q out, k, v into the cache at pos
-//   attn:     softmax(q k^T / sqrt(d)) v over the len cached positions, grouped-query
+//   attn:     softmax(q k^T / sqrt(d)) v over the pos + 1 cached positions, grouped-query
 //   residual: x += W_o attn
 //   gate_up:  RMSNorm(x) -> silu(W_gate x) * (W_up x)
 //   residual: x += W_down h
+// The position is read from device memory (`posp`), not passed by value: a captured CUDA graph of
+// the step replays unchanged at every position.
 // Activations are f32 or bf16 (BF = true: raw bf16 bits, rounded to nearest even like the
 // `half` crate); every sum and statistic is f32. The results are rounded to the activation dtype
 // where the generic path (candle ops) rounds them, so both paths agree to rounding noise.
@@ -51,8 +53,52 @@ DEVI float rt(float v) {
 // so the lanes of a group, reading consecutive chunks, read consecutive words.
 extern __shared__ float4 xs_dyn[];  // float4: 16-byte aligned for XShared's loads
 
+// Chunks of 8 a thread of the vectorised norm holds in registers (x read once, 16-byte loads).
+constexpr int NORM_REGS = 4;
+
 template <bool BF>
 DEVI void norm_to_shared(const void* x, const void* w, int cols, float eps, float* xs) {
+    const int nchunks = cols / 32;
+    // bf16 rows in 16-byte pieces, at most NORM_REGS per thread: every load of x and w is issued
+    // at once (one memory round trip per block, where the scalar loop below takes one per
+    // iteration, twice: with 1024 blocks of 3072 inputs that was most of a 3B layer's GEMV).
+    if (BF && cols % 8 == 0 && ((unsigned long long)x | (unsigned long long)w) % 16 == 0 &&
+        cols / 8 <= NORM_REGS * (int)blockDim.x) {
+        uint4 xv[NORM_REGS], wv[NORM_REGS];
+#pragma unroll
+        for (int k = 0; k < NORM_REGS; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < cols / 8) xv[k] = __ldg((const uint4*)x + c), wv[k] = __ldg((const uint4*)w + c);
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NORM_REGS; ++k) {
+            if (threadIdx.x + k * blockDim.x >= cols / 8) break;
+            const u32 q[4] = {xv[k].x, xv[k].y, xv[k].z, xv[k].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float a = __uint_as_float(q[j] << 16), b = __uint_as_float(q[j] & 0xffff0000u);
+                ss += a * a;
+                ss += b * b;
+            }
+        }
+        const float r = rsqrtf(block_reduce<false>(ss) / cols + eps);
+#pragma unroll
+        for (int k = 0; k < NORM_REGS; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c >= cols / 8) break;
+            const u32 q[4] = {xv[k].x, xv[k].y, xv[k].z, xv[k].w}, g[4] = {wv[k].x, wv[k].y, wv[k].z, wv[k].w};
+            // Elements 8c .. 8c+7: piece (c & 3) of chunk c >> 2 in XShared's layout.
+            float* dst = xs + ((c & 3) * nchunks + (c >> 2)) * 8;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                dst[2 * j] = rt<BF>(__uint_as_float(q[j] << 16) * r * __uint_as_float(g[j] << 16));
+                dst[2 * j + 1] = rt<BF>(__uint_as_float(q[j] & 0xffff0000u) * r * __uint_as_float(g[j] & 0xffff0000u));
+            }
+        }
+        __syncthreads();
+        return;
+    }
     float ss = 0.0f;
 #pragma unroll 4
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
@@ -60,7 +106,6 @@ DEVI void norm_to_shared(const void* x, const void* w, int cols, float eps, floa
         ss += v * v;
     }
     const float r = rsqrtf(block_reduce<false>(ss) / cols + eps);
-    const int nchunks = cols / 32;
 #pragma unroll 4
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
         xs[(((i >> 3) & 3) * nchunks + (i >> 5)) * 8 + (i & 7)] = rt<BF>(ld<BF>(x, i) * r * ld<BF>(w, i));
@@ -277,9 +322,10 @@ DEVI void gate_up(const W4& wg, const W4& wu, const void* x, const void* norm_w,
 #define DEC_GEMVS(T, BF, DQNAME, DQ, LANES)                                                                     \
     extern "C" __global__ void dec_qkv_##T##_##DQNAME##_l##LANES(W4 wq, W4 wk, W4 wv, const void* x,            \
                                                                  const void* norm_w, float eps, const void* cos, \
-                                                                 const void* sin, int pos, int d, int cap,       \
-                                                                 void* q_out, void* k_cache, void* v_cache) {    \
-        qkv_rope<LANES, DQ, BF>(wq, wk, wv, x, norm_w, eps, cos, sin, pos, d, cap, q_out, k_cache, v_cache);     \
+                                                                 const void* sin, const u32* posp, int d,        \
+                                                                 int cap, void* q_out, void* k_cache,            \
+                                                                 void* v_cache) {                                \
+        qkv_rope<LANES, DQ, BF>(wq, wk, wv, x, norm_w, eps, cos, sin, (int)*posp, d, cap, q_out, k_cache, v_cache); \
     }                                                                                                            \
     extern "C" __global__ void dec_residual_##T##_##DQNAME##_l##LANES(W4 w, const void* h, void* x) {           \
         residual<LANES, DQ, BF>(w, h, x);                                                                        \
@@ -299,8 +345,8 @@ DEC_LANES(bf16, true, dq, true)
 
 #define DEC_ATTN(T, BF, D)                                                                                    \
     extern "C" __global__ void dec_attn_##T##_d##D(const void* q, const void* k_cache, const void* v_cache,  \
-                                                   void* out, int cap, int len, int rep, float scale) {      \
-        attention<D / 32, BF>(q, k_cache, v_cache, out, cap, len, rep, scale);                               \
+                                                   void* out, int cap, const u32* posp, int rep, float scale) { \
+        attention<D / 32, BF>(q, k_cache, v_cache, out, cap, (int)*posp + 1, rep, scale);                      \
     }
 DEC_ATTN(f32, false, 32)
 DEC_ATTN(f32, false, 64)

@@ -71,21 +71,42 @@ impl GpuKv {
     }
 }
 
-/// Scratch vectors of a step, allocated at the first one: the rotated query, the attention
-/// output, the SwiGLU output.
+/// Buffers of a step, allocated at the first one: the residual stream, the rotated query, the
+/// attention output, the SwiGLU output, the position (u32 on the device, what the kernels read);
+/// on CUDA the captured graph of the layers' launches.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct Scratch {
+    x: Tensor,
     q: Tensor,
     att: Tensor,
     mlp: Tensor,
+    pos: Tensor,
+    #[cfg(feature = "cuda")]
+    replay: cuda::Replay,
 }
 
 impl Scratch {
-    /// For `heads · d` query values and `intermediate` MLP values.
-    pub fn new(heads_d: usize, intermediate: usize, dtype: DType, device: &Device) -> Result<Self> {
+    /// For a residual stream of `hidden`, `heads · d` query values and `intermediate` MLP values.
+    pub fn new(hidden: usize, heads_d: usize, intermediate: usize, dtype: DType, device: &Device) -> Result<Self> {
         let z = |n: usize| Tensor::zeros(n, dtype, device);
-        Ok(Self { q: z(heads_d)?, att: z(heads_d)?, mlp: z(intermediate)? })
+        Ok(Self {
+            x: Tensor::zeros((1, 1, hidden), dtype, device)?,
+            q: z(heads_d)?,
+            att: z(heads_d)?,
+            mlp: z(intermediate)?,
+            pos: Tensor::zeros(1, DType::U32, device)?,
+            #[cfg(feature = "cuda")]
+            replay: Default::default(),
+        })
     }
+}
+
+/// The position a step writes: `at` on the host (the launchers' bounds checks) and the same
+/// number in `dev` (u32 [1] on the GPU), where the kernels read it: a captured graph of the
+/// step then replays unchanged at every position.
+pub struct Pos<'a> {
+    pub at: usize,
+    pub dev: &'a Tensor,
 }
 
 /// One decoder layer as the fused kernels take it: the two RMSNorms (weight, eps) and the
@@ -121,24 +142,52 @@ pub fn one_layout(layers: &[[&Quant4Gpu; 7]]) -> bool {
     false
 }
 
-/// One new token at position `pos` through layer `l`: `x` [hidden] (the residual stream,
-/// updated in place), RoPE tables `cos`/`sin` [positions, d/2], `d` the head size; its k and v
-/// appended to `kv` (room reserved), `s` the step's scratch vectors.
-#[allow(clippy::too_many_arguments)]
+/// One new token at position `pos` through every layer: `emb` [1, 1, hidden] its embedding,
+/// RoPE tables `cos`/`sin` [positions, d/2], `d` the head size; layer i's k and v appended to
+/// `kvs[i]` (room reserved). Returns the residual stream after the last layer, [1, 1, hidden]:
+/// the scratch's buffer, overwritten by the next step. Per layer five launches; on CUDA they
+/// are captured as one graph at the second step with the same buffers and replayed from then
+/// on (a launch costs the host more than a small model's kernel costs the GPU).
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-pub fn layer(x: &Tensor, l: &LayerWeights, cos: &Tensor, sin: &Tensor, pos: usize, d: usize, kv: &mut GpuKv, s: &Scratch) -> Result<()> {
+pub fn layers(emb: &Tensor, layers: &[LayerWeights], cos: &Tensor, sin: &Tensor, pos: usize, d: usize, kvs: &mut [&mut GpuKv], s: &mut Scratch) -> Result<Tensor> {
+    anyhow::ensure!(layers.len() == kvs.len(), "fused decode: {} layers, {} caches", layers.len(), kvs.len());
     #[cfg(feature = "cuda")]
     {
-        let w = &l.proj;
-        let ((n1, e1), (n2, e2)) = (l.attn_norm, l.mlp_norm);
-        cuda::qkv_rope(x, n1, e1, [w[0], w[1], w[2]], cos, sin, pos, d, &s.q, &kv.k, &kv.v)?;
-        kv.len += 1;
-        cuda::attention(&s.q, &kv.k, &kv.v, kv.len, &s.att)?;
-        cuda::residual(w[3], &s.att, x)?;
-        cuda::gate_up(x, n2, e2, w[4], w[5], &s.mlp)?;
-        cuda::residual(w[6], &s.mlp, x)?;
-        Ok(())
+        let p = Pos { at: pos, dev: &s.pos };
+        cuda::set_inputs(emb, &s.x, &p)?;
+        let mut tensors = vec![&s.x, &s.q, &s.att, &s.mlp, &s.pos, cos, sin];
+        let mut numbers = Vec::with_capacity(3 * layers.len());
+        for (l, kv) in layers.iter().zip(kvs.iter()) {
+            tensors.extend([&kv.k, &kv.v, l.attn_norm.0, l.mlp_norm.0]);
+            numbers.extend([kv.k.dim(1)? as u64, l.attn_norm.1.to_bits() as u64, l.mlp_norm.1.to_bits() as u64]);
+        }
+        let weights: Vec<&Quant4Gpu> = layers.iter().flat_map(|l| l.proj).collect();
+        let key = cuda::step_key(&tensors, &weights, &numbers)?;
+        let stream = launch_stream(&s.x)?;
+        let (x, q, att, mlp) = (&s.x, &s.q, &s.att, &s.mlp);
+        s.replay.run(&stream, key, || {
+            for (l, kv) in layers.iter().zip(kvs.iter()) {
+                let w = &l.proj;
+                let ((n1, e1), (n2, e2)) = (l.attn_norm, l.mlp_norm);
+                cuda::qkv_rope(x, n1, e1, [w[0], w[1], w[2]], cos, sin, &p, d, q, &kv.k, &kv.v)?;
+                cuda::attention(q, &kv.k, &kv.v, &p, att)?;
+                cuda::residual(w[3], att, x)?;
+                cuda::gate_up(x, n2, e2, w[4], w[5], mlp)?;
+                cuda::residual(w[6], mlp, x)?;
+            }
+            Ok(())
+        })?;
+        for kv in kvs.iter_mut() {
+            kv.len = pos + 1;
+        }
+        Ok(s.x.clone())
     }
     #[cfg(not(feature = "cuda"))]
-    match *l.proj[0] {}
+    match *layers.first().map(|l| l.proj[0]).ok_or_else(|| anyhow::anyhow!("fused decode: no layers"))? {}
+}
+
+/// The stream the launches of `t`'s device go to.
+#[cfg(feature = "cuda")]
+fn launch_stream(t: &Tensor) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>> {
+    Ok(super::launch::device_of(t)?.cuda_stream())
 }

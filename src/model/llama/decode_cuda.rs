@@ -1,5 +1,6 @@
 //! Batch-1 decoding on CUDA with 4-bit weights: one new token through a layer in five fused
-//! launches (`kernels::decode`) against a preallocated KV cache, where the generic forward
+//! launches (`kernels::decode`, replayed as one CUDA graph from the second step on) against a
+//! preallocated KV cache, where the generic forward
 //! runs ~30 candle ops per layer and concatenates the whole cache every step (a small model is
 //! launch-bound: SmolLM2-135M reads ~130 MB of weights per token, ~40 µs on an H200).
 //!
@@ -75,16 +76,26 @@ pub(super) fn forward(m: &Llama, ids: &Tensor, cache: &mut KvCache) -> Result<Op
         *slot = LayerKv::Gpu(kv);
     }
     if cache.decode.is_none() {
-        cache.decode = Some(Scratch::new(h * d, c.intermediate_size, m.dtype, &m.device)?);
+        cache.decode = Some(Scratch::new(c.hidden_size, h * d, c.intermediate_size, m.dtype, &m.device)?);
     }
-    let Some(s) = &cache.decode else { unreachable!("made above") };
-    // The residual stream, updated in place: a new tensor (index_select's output).
-    let x = m.embed(ids)?;
-    for ((b, w), slot) in m.layers.iter().zip(&weights).zip(cache.layers.iter_mut()) {
-        let LayerKv::Gpu(kv) = slot else { unreachable!("converted above") };
-        let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
-        let lw = LayerWeights { attn_norm: (&n1.weight, n1.eps as f32), mlp_norm: (&n2.weight, n2.eps as f32), proj: *w };
-        k::layer(&x, &lw, &m.rope.cos, &m.rope.sin, pos, d, kv, s)?;
-    }
+    let Some(s) = &mut cache.decode else { unreachable!("made above") };
+    let lws: Vec<LayerWeights> = m
+        .layers
+        .iter()
+        .zip(&weights)
+        .map(|(b, w)| {
+            let (n1, n2) = (&b.input_layernorm, &b.post_attention_layernorm);
+            LayerWeights { attn_norm: (&n1.weight, n1.eps as f32), mlp_norm: (&n2.weight, n2.eps as f32), proj: *w }
+        })
+        .collect();
+    let mut kvs: Vec<&mut GpuKv> = cache
+        .layers
+        .iter_mut()
+        .map(|slot| match slot {
+            LayerKv::Gpu(kv) => kv,
+            _ => unreachable!("converted above"),
+        })
+        .collect();
+    let x = k::layers(&m.embed(ids)?, &lws, &m.rope.cos, &m.rope.sin, pos, d, &mut kvs, s)?;
     Ok(Some(m.logits(&x)?))
 }
