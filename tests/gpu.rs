@@ -1064,6 +1064,13 @@ fn decode_fused_matches_generic_path() {
                 assert!(!cg.is_fused());
                 let (got, got_toks, mut cf) = decode_rows(&m, m.new_cache(), &prompt, steps, Some(&toks));
                 assert!(cf.is_fused(), "{what}: the fused path did not run");
+                // 30 steps from an empty cache or 50 positions: one eager step and one capture
+                // per buffer size (64, then 128 positions), replays otherwise.
+                let replays = cf.graph_replays();
+                eprintln!("{what}: {replays} of {steps} steps replayed the captured graph");
+                if replays + 4 < steps as u64 {
+                    bad.push(format!("{what}: only {replays} of {steps} steps replayed the graph"));
+                }
                 let worst = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
                 let same = got_toks.iter().zip(&toks).filter(|(a, b)| a == b).count();
                 eprintln!("{what}: worst step max |Δ| = {worst:e} of max |logit|; greedy tokens equal at {same}/{steps} steps");

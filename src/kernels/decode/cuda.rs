@@ -213,6 +213,8 @@ pub fn gate_up(x: &Tensor, norm_w: &Tensor, eps: f32, gate: &Quant4Gpu, up: &Qua
 pub struct Replay {
     key: Vec<u64>,
     graph: Option<Graph>,
+    /// Steps run by launching a captured graph.
+    pub replays: u64,
 }
 
 struct Graph(CudaGraph);
@@ -239,6 +241,7 @@ impl Replay {
         }
         let Some(Graph(g)) = &self.graph else { unreachable!("captured above") };
         g.launch()?;
+        self.replays += 1;
         Ok(())
     }
 }

@@ -101,6 +101,16 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Steps that ran as a replay of the captured graph (0 without CUDA).
+    pub fn graph_replays(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        return self.replay.replays;
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+}
+
 /// The position a step writes: `at` on the host (the launchers' bounds checks) and the same
 /// number in `dev` (u32 [1] on the GPU), where the kernels read it: a captured graph of the
 /// step then replays unchanged at every position.

@@ -135,6 +135,11 @@ impl KvCache {
         self
     }
 
+    /// Decoding steps the fused CUDA path ran as a replay of its captured graph.
+    pub fn graph_replays(&self) -> u64 {
+        self.decode.as_ref().map_or(0, |s| s.graph_replays())
+    }
+
     /// Whether the fused CUDA decode path holds this cache (it has run a step).
     pub fn is_fused(&self) -> bool {
         matches!(self.layers.first(), Some(LayerKv::Gpu(_)))
