@@ -9,7 +9,7 @@ cd .gpu && for f in *.tar.xz; do [ -e "$f" ] && tar xJf "$f"; done; xz -dkf qscr
 export PYTHONPATH=$PWD/.gpu/peers:$PWD/.gpu/bnb PEER_TOKENIZER_DIR=$PWD/.gpu/smol-tok NCCL_NVLS_ENABLE=0
 if [ -n "$TESTS" ] && [ -f .gpu/gpu-tests.xz ]; then
   xz -dkf .gpu/gpu-tests.xz && chmod +x .gpu/gpu-tests
-  (cd /tmp && timeout 200 "$OLDPWD/.gpu/gpu-tests" --test-threads=1 > "$OUT/gpu-tests.txt" 2>&1; grep -E "test result|FAILED|panicked" "$OUT/gpu-tests.txt" | head)
+  (cd /tmp && QSCRIPT_BIN="$OLDPWD/.gpu/qscript" timeout 240 "$OLDPWD/.gpu/gpu-tests" --test-threads=1 > "$OUT/gpu-tests.txt" 2>&1; grep -E "test result|FAILED|panicked" "$OUT/gpu-tests.txt" | head)
 fi
 python3 bench/compare.py --qscript .gpu/qscript --anchor .gpu/hf_qlora_anchor.py --peer-anchor .gpu/peer_anchor.py \
   --tokenizer .gpu/smol-tok --steps 10 --cases "$1" --out "$OUT/compare" 2> "$OUT/compare.log"

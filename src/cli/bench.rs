@@ -419,10 +419,10 @@ fn bench_dequant(device: &str, rows: usize, cols: usize, iters: usize) -> anyhow
 }
 
 fn cuda_dequant_line(rows: usize, cols: usize, iters: usize) -> anyhow::Result<serde_json::Value> {
-    let (gbs, ms) = crate::kernels::quant4::bench_dequant(rows, cols, iters)?;
+    let (gbs, ms, back_to_back) = crate::kernels::quant4::bench_dequant(rows, cols, iters)?;
     let (gemv_gbs, gemv_ms) = crate::kernels::quant4::bench_gemv(rows, cols, iters)?;
     Ok(serde_json::json!({"bench": "dequant", "device": "cuda:0", "rows": rows, "cols": cols, "out": "bfloat16",
-        "ms": ms, "gb_per_s": gbs, "gemv_ms": gemv_ms, "gemv_gb_per_s": gemv_gbs}))
+        "ms": ms, "gb_per_s": gbs, "gb_per_s_back_to_back": back_to_back, "gemv_ms": gemv_ms, "gemv_gb_per_s": gemv_gbs}))
 }
 
 /// One `bench train` case.

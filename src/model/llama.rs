@@ -369,7 +369,7 @@ impl Llama {
             Keep::Nothing => None,
             _ => Some(opts.grad_scale.unwrap_or(1.0 / n_targets.max(1) as f64)),
         };
-        let chunk = lm_head::chunk_rows(hn.device());
+        let chunk = lm_head::chunk_rows(hn.device(), head.dim(0)?);
         let cap = self.config.final_logit_softcapping;
         let ce = profile::time("lm_head+cross_entropy", || lm_head::forward_backward_capped(&hn, &head, &batch.targets, grad_scale, chunk, cap))?;
         let mut out = StepOutput { loss_sum: ce.loss_sum, n_tokens: ce.n_tokens, grads: Vec::new() };
@@ -387,7 +387,7 @@ impl Llama {
                 Kept::All(a) => a,
                 Kept::Input(xin, mut state) => layer.forward_train(&offload::unpark(xin)?, batch, rope, train, &mut state)?.1,
             };
-            dx = layer.backward(&acts, batch, rope, &dx, li, grads)?;
+            dx = layer.backward(acts, batch, rope, &dx, li, grads)?;
         }
         Ok(())
     }

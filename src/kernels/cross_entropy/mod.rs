@@ -16,10 +16,33 @@ use candle_core::{Device, Tensor, D};
 /// 4 B = 48 MiB).
 pub const CHUNK_ROWS: usize = 256;
 
-/// Rows per chunk on `device`: on a GPU larger chunks keep the matmuls large and the per-chunk
-/// launches and loss read-backs few (1024 × 128256 × 4 B = 0.5 GiB of logits at once).
-pub fn chunk_rows(device: &Device) -> usize {
-    if device.is_cpu() { CHUNK_ROWS } else { 1024 }
+/// Bytes of a GPU chunk's logits and their gradient together (what the chunk adds to the peak).
+const GPU_CHUNK_BYTES: usize = 256 << 20;
+
+/// Rows per chunk on `device` for a head of `vocab` rows. On a GPU larger chunks keep the
+/// matmuls large and the per-chunk launches and loss read-backs few; the logits and their
+/// gradient (bf16: 4 B per element together) stay within 256 MiB: 512 rows of Llama 3's 128k
+/// vocabulary (1024 rows were 0.5 GiB, the largest part of a checkpointed 3B step's peak), 1024
+/// of SmolLM2's 49k; between 128 and 1024 rows.
+pub fn chunk_rows(device: &Device, vocab: usize) -> usize {
+    if device.is_cpu() { CHUNK_ROWS } else { gpu_chunk_rows(vocab) }
+}
+
+fn gpu_chunk_rows(vocab: usize) -> usize {
+    let fit = GPU_CHUNK_BYTES / (4 * vocab.max(1));
+    // The largest power of two that fits.
+    (1usize << (usize::BITS - 1 - fit.max(1).leading_zeros())).clamp(128, 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gpu_chunks_keep_logits_and_gradient_within_256_mib() {
+        for (vocab, rows) in [(128_256, 512), (49_152, 1024), (262_144, 256), (32_000, 1024), (1 << 22, 128), (1, 1024)] {
+            assert_eq!(super::gpu_chunk_rows(vocab), rows, "vocab {vocab}");
+        }
+        assert_eq!(super::chunk_rows(&candle_core::Device::Cpu, 128_256), super::CHUNK_ROWS);
+    }
 }
 
 /// The whole LM head + loss over the `rows` of `h` `[n, hidden]` (their `targets`) with `head`

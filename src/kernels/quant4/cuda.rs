@@ -284,13 +284,22 @@ fn mean_ms(iters: usize, mut f: impl FnMut(bool) -> Result<Option<f32>>) -> Resu
     Ok(total / iters as f64)
 }
 
-/// Dequantization of a `rows × cols` NF4 weight (bs 64, double quant) to bf16 on CUDA device 0:
-/// (GB/s counting 0.5 B read + 2 B written per weight, ms per call), the kernel alone timed with
-/// CUDA events, mean of `iters` calls.
-pub fn bench_dequant(rows: usize, cols: usize, iters: usize) -> Result<(f64, f64)> {
-    let (g, _dev) = bench_weight(rows, cols)?;
+/// Dequantization of a `rows × cols` NF4 weight (bs 64, double quant) to bf16 on CUDA device 0,
+/// GB/s counting 0.5 B read + 2 B written per weight: (GB/s and ms per call of the kernel alone,
+/// timed with CUDA events, mean of `iters` calls; GB/s of `iters` calls back to back, output
+/// allocation included, timed by the host: how the Python reference times bitsandbytes).
+pub fn bench_dequant(rows: usize, cols: usize, iters: usize) -> Result<(f64, f64, f64)> {
+    let (g, dev) = bench_weight(rows, cols)?;
+    let gbs = |ms: f64| (rows * cols) as f64 * 2.5 / (ms * 1e-3) / 1e9;
     let ms = mean_ms(iters, |timed| Ok(g.dequantize_timed(DType::BF16, timed)?.1))?;
-    Ok(((rows * cols) as f64 * 2.5 / (ms * 1e-3) / 1e9, ms))
+    dev.synchronize()?;
+    let t = std::time::Instant::now();
+    for _ in 0..iters.max(1) {
+        drop(g.dequantize(DType::BF16)?);
+    }
+    dev.synchronize()?;
+    let back_to_back = t.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+    Ok((gbs(ms), ms, gbs(back_to_back)))
 }
 
 /// The fused GEMV `[1, cols] x [rows, cols]ᵀ` with bf16 x and y on CUDA device 0, same weight as
@@ -304,3 +313,4 @@ pub fn bench_gemv(rows: usize, cols: usize, iters: usize) -> Result<(f64, f64)> 
     let bytes = g.device_bytes() + 2 * cols + 2 * rows;
     Ok((bytes as f64 / (ms * 1e-3) / 1e9, ms))
 }
+

@@ -47,11 +47,11 @@ pub fn dequantize(q: &Quantized4bit, gpu: &DeviceCopy, dtype: DType, device: &De
 
 /// `bench dequant` on CUDA device 0: (GB/s, ms per call) of dequantizing a `rows × cols` NF4
 /// weight to bf16, the kernel alone.
-pub fn bench_dequant(rows: usize, cols: usize, iters: usize) -> Result<(f64, f64)> {
+pub fn bench_dequant(rows: usize, cols: usize, iters: usize) -> Result<(f64, f64, f64)> {
     #[cfg(feature = "cuda")]
     return cuda::bench_dequant(rows, cols, iters);
     #[cfg(not(feature = "cuda"))]
-    no_cuda(rows, cols, iters)
+    no_cuda(rows, cols, iters).map(|(a, b)| (a, b, a))
 }
 
 /// `bench dequant` on CUDA device 0: (GB/s, ms per call) of the fused batch-1 GEMV with the

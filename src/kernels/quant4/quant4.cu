@@ -21,37 +21,76 @@ namespace {
 
 // ------------------------------------------------------------------------------- dequantize
 
-// One thread per 32 elements: one 16-byte load of codes, four (bf16/f16) or eight (f32)
-// 16-byte stores. 32 divides every blocksize, so the 32 elements share one scale. `vec` = 0
-// (a misaligned pointer) or the last partial group takes the scalar path.
+// A warp dequantizes 1024 elements: part p (8 elements) of lane l is at the warp's base
+// + p·256 + l·8, so each store instruction of the warp writes contiguous whole sectors (512 B
+// of bf16) and each 4-byte code load reads 128 contiguous bytes. (One thread per 32 contiguous
+// elements wrote half sectors: 1.8 TB/s against 2.9 on an H200.) 8 divides every blocksize,
+// so a part has one scale. `vec` = 0 (codes not 4-byte or output not 16-byte aligned) or a
+// part past the end takes the scalar path.
+//
+// The common block has a finite scale a that is 0 or normal: then lut·a is never NaN, mul.ftz
+// flushes exactly the subnormal products ftz() flushes (its inputs are normal), and the cvt
+// instructions round to nearest even as bits16 does for every non-NaN value: same bits, a
+// quarter of the instructions (the reference arithmetic made this kernel issue-bound).
+DEVI float mul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// Two outputs packed as 16-bit values (lo in the low half: the lower address).
+template <int OUT>
+DEVI u32 pack2(float lo, float hi) {
+    u32 r;
+    if (OUT == 1)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+DEVI bool plain_scale(float a) { return fabsf(a) <= 3.40282347e38f && (a == 0.0f || fabsf(a) >= 1.17549435e-38f); }
+
 template <int OUT, bool DQ>
 DEVI void dequant4(const u8* __restrict__ packed, const float* __restrict__ lut_g, Stats st, int log2_bs, i64 n,
                    void* __restrict__ out, int vec) {
     __shared__ float lut[16];
     load_lut(lut, lut_g);
-    const i64 e0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 32;
-    if (e0 >= n) return;
-    const float a = block_absmax<DQ, true>(st, e0 >> log2_bs);
-    if (vec && e0 + 32 <= n) {
-        const uint4 w = __ldg((const uint4*)(packed + e0 / 2));
-        const u32 ws[4] = {w.x, w.y, w.z, w.w};
+    const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 base = (t >> 5) * 1024 + (t & 31) * 8;
+    u32 codes[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+    for (int p = 0; p < 4; ++p)
+        if (vec && base + p * 256 + 8 <= n) codes[p] = __ldg((const u32*)(packed + (base + p * 256) / 2));
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const i64 e = base + p * 256;
+        if (e >= n) break;
+        const float a = block_absmax<DQ, true>(st, e >> log2_bs);
+        if (vec && e + 8 <= n && plain_scale(a)) {
+            // Byte j of hi / lo: 4 * (high / low nibble of code byte j), a table offset.
+            const u32 hi = (codes[p] >> 2) & 0x3c3c3c3cu, lo = (codes[p] << 2) & 0x3c3c3c3cu;
             float v[8];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const u32 byte = (ws[k] >> (8 * j)) & 0xffu;
-                v[2 * j] = ftz(mul_cpu(lut[byte >> 4], a));
-                v[2 * j + 1] = ftz(mul_cpu(lut[byte & 15u], a));
+                v[2 * j] = mul_ftz(lut_at(lut, __byte_perm(hi, 0, 0x4440 + j)), a);
+                v[2 * j + 1] = mul_ftz(lut_at(lut, __byte_perm(lo, 0, 0x4440 + j)), a);
             }
-            store8<OUT>(out, e0 + 8 * k, v);
-        }
-    } else {
-        const i64 end = e0 + 32 < n ? e0 + 32 : n;
-        for (i64 e = e0; e < end; ++e) {
-            const u32 byte = packed[e >> 1];
-            const u32 nib = (e & 1) ? (byte & 15u) : (byte >> 4);
-            store1<OUT>(out, e, ftz(mul_cpu(lut[nib], a)));
+            if (OUT == 0) {
+                float4* o = (float4*)((float*)out + e);
+                o[0] = make_float4(v[0], v[1], v[2], v[3]);
+                o[1] = make_float4(v[4], v[5], v[6], v[7]);
+            } else {
+                *(uint4*)((u16*)out + e) =
+                    make_uint4(pack2<OUT>(v[0], v[1]), pack2<OUT>(v[2], v[3]), pack2<OUT>(v[4], v[5]), pack2<OUT>(v[6], v[7]));
+            }
+        } else {
+            const i64 end = e + 8 < n ? e + 8 : n;
+            for (i64 i = e; i < end; ++i) {
+                const u32 byte = packed[i >> 1];
+                const u32 nib = (i & 1) ? (byte & 15u) : (byte >> 4);
+                store1<OUT>(out, i, ftz(mul_cpu(lut[nib], a)));
+            }
         }
     }
 }

@@ -81,8 +81,9 @@ impl Block {
     }
 
     /// The input rows' gradient from the output's `d_out`; the adapters' gradients (layer `li`)
-    /// are pushed onto `grads`.
-    pub fn backward(&self, acts: &LayerActs, batch: &TrainBatch, rope: &RopeAt, d_out: &Tensor, li: usize, grads: &mut Vec<LoraGrad>) -> Result<Tensor> {
+    /// are pushed onto `grads`. Takes the activations, to free the MLP's before attention's
+    /// backward runs.
+    pub fn backward(&self, acts: LayerActs, batch: &TrainBatch, rope: &RopeAt, d_out: &Tensor, li: usize, grads: &mut Vec<LoraGrad>) -> Result<Tensor> {
         let (pre_mlp, attn_out, mlp_out) = self.mlp_norms();
         let mut push = |proj, g: Option<(Tensor, Tensor)>| {
             if let Some((da, db)) = g {
@@ -91,12 +92,15 @@ impl Block {
         };
         // MLP half: out = x2 + [norm](mlp(h2)), h2 = norm(x2).
         let dm = out_norm_backward(mlp_out, acts.mlp_out_norm.as_ref(), d_out)?;
-        let dh2 = self.mlp.backward(&acts.mlp, &dm, &mut push)?;
-        let dx2 = profile::time("rms_norm+residual bwd", || pre_mlp.backward_plus(&acts.mlp_norm, &dh2, d_out))?;
+        let LayerActs { attn_norm, attn, mlp_norm, mlp, attn_out_norm, mlp_out_norm: _ } = acts;
+        let dh2 = self.mlp.backward(mlp, &dm, &mut push)?;
+        let dx2 = profile::time("rms_norm+residual bwd", || pre_mlp.backward_plus(&mlp_norm, &dh2, d_out))?;
+        drop((mlp_norm, dh2, dm));
         // Attention half: x2 = x + [norm](attn(h1)), h1 = norm(x).
-        let da = out_norm_backward(attn_out, acts.attn_out_norm.as_ref(), &dx2)?;
-        let dh1 = self.self_attn.backward(&acts.attn, batch, rope, &da, &mut push)?;
-        profile::time("rms_norm+residual bwd", || self.input_layernorm.backward_plus(&acts.attn_norm, &dh1, &dx2))
+        let da = out_norm_backward(attn_out, attn_out_norm.as_ref(), &dx2)?;
+        let dh1 = self.self_attn.backward(&attn, batch, rope, &da, &mut push)?;
+        drop((attn, da));
+        profile::time("rms_norm+residual bwd", || self.input_layernorm.backward_plus(&attn_norm, &dh1, &dx2))
     }
 }
 

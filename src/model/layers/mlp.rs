@@ -71,25 +71,31 @@ impl Mlp {
         Ok((y, Acts { gate_up, glu, down }))
     }
 
-    /// The input rows' gradient; each adapter's `(dA, dB)` goes to `push`.
-    pub fn backward(&self, s: &Acts, dy: &Tensor, push: &mut impl FnMut(Proj, Option<(Tensor, Tensor)>)) -> Result<Tensor> {
-        let h = match self.down_proj.lora {
-            Some(_) => Some(profile::time("swiglu fwd", || crate::kernels::glu::forward(&s.glu.g, &s.glu.u, s.glu.act))?),
-            None => None,
-        };
-        let (dh, gd) = self.down_proj.backward(&s.down.with_input(h), dy)?;
+    /// The input rows' gradient; each adapter's `(dA, dB)` goes to `push`. Takes the
+    /// activations: each is freed once its last use is done (with checkpointing this backward is
+    /// a 3B step's memory peak; g, u, dh, dg and du are [n, intermediate] each).
+    pub fn backward(&self, s: Acts, dy: &Tensor, push: &mut impl FnMut(Proj, Option<(Tensor, Tensor)>)) -> Result<Tensor> {
+        let Acts { gate_up, glu, mut down } = s;
+        if self.down_proj.lora.is_some() {
+            down.x = Some(profile::time("swiglu fwd", || crate::kernels::glu::forward(&glu.g, &glu.u, glu.act))?);
+        }
+        let (dh, gd) = self.down_proj.backward(&down, dy)?;
+        drop(down);
         push(Proj::Down, gd);
-        let (dg, du) = profile::time("swiglu bwd", || glu::backward(&s.glu, &dh))?;
-        match (&self.gate_up, &s.gate_up) {
+        let (dg, du) = profile::time("swiglu bwd", || glu::backward(&glu, &dh))?;
+        drop((glu, dh));
+        match (&self.gate_up, gate_up) {
             (GateUpProj::Split { gate_proj, up_proj }, GateUpSaved::Split { gate, up }) => {
-                let (dxg, gg) = gate_proj.backward(gate, &dg)?;
+                let (dxg, gg) = gate_proj.backward(&gate, &dg)?;
+                drop((gate, dg));
                 push(Proj::Gate, gg);
-                let (dxu, gu) = up_proj.backward(up, &du)?;
+                let (dxu, gu) = up_proj.backward(&up, &du)?;
+                drop((up, du));
                 push(Proj::Up, gu);
                 profile::time("rms_norm+residual bwd", || crate::kernels::sum::sum(&[&dxg, &dxu]))
             }
             (GateUpProj::Fused { gate_up_proj }, GateUpSaved::Fused(saved)) => {
-                let (dx, g) = gate_up_proj.backward(saved, &Tensor::cat(&[dg, du], D::Minus1)?)?;
+                let (dx, g) = gate_up_proj.backward(&saved, &Tensor::cat(&[dg, du], D::Minus1)?)?;
                 push(Proj::GateUp, g);
                 Ok(dx)
             }
