@@ -8,7 +8,7 @@
 //! work on the device's stream (no host synchronisation).
 
 use crate::kernels::launch::{self, addr, config, float_name, ptx_module, Module};
-use super::Pos;
+use super::{GpuKv, LayerWeights, Pos, Scratch};
 use crate::kernels::quant4::{gemv_blocks, gemv_lanes, Quant4Gpu};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -280,4 +280,38 @@ pub fn set_inputs(src: &Tensor, dst: &Tensor, pos: &Pos) -> Result<()> {
         result::memcpy_htod_async(p, &at, stream.cu_stream())?;
     }
     Ok(())
+}
+
+/// [`super::layers`] on CUDA: the inputs written into the scratch buffers, then the layers'
+/// launches through the step's [`Replay`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layers(emb: &Tensor, layers: &[LayerWeights], cos: &Tensor, sin: &Tensor, pos: usize, d: usize, kvs: &mut [&mut GpuKv], s: &mut Scratch) -> Result<Tensor> {
+    let p = Pos { at: pos, dev: &s.pos };
+    set_inputs(emb, &s.x, &p)?;
+    let mut tensors = vec![&s.x, &s.q, &s.att, &s.mlp, &s.pos, cos, sin];
+    let mut numbers = Vec::with_capacity(3 * layers.len());
+    for (l, kv) in layers.iter().zip(kvs.iter()) {
+        tensors.extend([&kv.k, &kv.v, l.attn_norm.0, l.mlp_norm.0]);
+        numbers.extend([kv.k.dim(1)? as u64, l.attn_norm.1.to_bits() as u64, l.mlp_norm.1.to_bits() as u64]);
+    }
+    let weights: Vec<&Quant4Gpu> = layers.iter().flat_map(|l| l.proj).collect();
+    let key = step_key(&tensors, &weights, &numbers)?;
+    let stream = launch::device_of(&s.x)?.cuda_stream();
+    let (x, q, att, mlp) = (&s.x, &s.q, &s.att, &s.mlp);
+    s.replay.run(&stream, key, || {
+        for (l, kv) in layers.iter().zip(kvs.iter()) {
+            let w = &l.proj;
+            let ((n1, e1), (n2, e2)) = (l.attn_norm, l.mlp_norm);
+            qkv_rope(x, n1, e1, [w[0], w[1], w[2]], cos, sin, &p, d, q, &kv.k, &kv.v)?;
+            attention(q, &kv.k, &kv.v, &p, att)?;
+            residual(w[3], att, x)?;
+            gate_up(x, n2, e2, w[4], w[5], mlp)?;
+            residual(w[6], mlp, x)?;
+        }
+        Ok(())
+    })?;
+    for kv in kvs.iter_mut() {
+        kv.len = pos + 1;
+    }
+    Ok(s.x.clone())
 }

@@ -99,9 +99,7 @@ impl Scratch {
             replay: Default::default(),
         })
     }
-}
 
-impl Scratch {
     /// Steps that ran as a replay of the captured graph (0 without CUDA).
     pub fn graph_replays(&self) -> u64 {
         #[cfg(feature = "cuda")]
@@ -162,42 +160,8 @@ pub fn one_layout(layers: &[[&Quant4Gpu; 7]]) -> bool {
 pub fn layers(emb: &Tensor, layers: &[LayerWeights], cos: &Tensor, sin: &Tensor, pos: usize, d: usize, kvs: &mut [&mut GpuKv], s: &mut Scratch) -> Result<Tensor> {
     anyhow::ensure!(layers.len() == kvs.len(), "fused decode: {} layers, {} caches", layers.len(), kvs.len());
     #[cfg(feature = "cuda")]
-    {
-        let p = Pos { at: pos, dev: &s.pos };
-        cuda::set_inputs(emb, &s.x, &p)?;
-        let mut tensors = vec![&s.x, &s.q, &s.att, &s.mlp, &s.pos, cos, sin];
-        let mut numbers = Vec::with_capacity(3 * layers.len());
-        for (l, kv) in layers.iter().zip(kvs.iter()) {
-            tensors.extend([&kv.k, &kv.v, l.attn_norm.0, l.mlp_norm.0]);
-            numbers.extend([kv.k.dim(1)? as u64, l.attn_norm.1.to_bits() as u64, l.mlp_norm.1.to_bits() as u64]);
-        }
-        let weights: Vec<&Quant4Gpu> = layers.iter().flat_map(|l| l.proj).collect();
-        let key = cuda::step_key(&tensors, &weights, &numbers)?;
-        let stream = launch_stream(&s.x)?;
-        let (x, q, att, mlp) = (&s.x, &s.q, &s.att, &s.mlp);
-        s.replay.run(&stream, key, || {
-            for (l, kv) in layers.iter().zip(kvs.iter()) {
-                let w = &l.proj;
-                let ((n1, e1), (n2, e2)) = (l.attn_norm, l.mlp_norm);
-                cuda::qkv_rope(x, n1, e1, [w[0], w[1], w[2]], cos, sin, &p, d, q, &kv.k, &kv.v)?;
-                cuda::attention(q, &kv.k, &kv.v, &p, att)?;
-                cuda::residual(w[3], att, x)?;
-                cuda::gate_up(x, n2, e2, w[4], w[5], mlp)?;
-                cuda::residual(w[6], mlp, x)?;
-            }
-            Ok(())
-        })?;
-        for kv in kvs.iter_mut() {
-            kv.len = pos + 1;
-        }
-        Ok(s.x.clone())
-    }
+    return cuda::layers(emb, layers, cos, sin, pos, d, kvs, s);
     #[cfg(not(feature = "cuda"))]
     match *layers.first().map(|l| l.proj[0]).ok_or_else(|| anyhow::anyhow!("fused decode: no layers"))? {}
 }
 
-/// The stream the launches of `t`'s device go to.
-#[cfg(feature = "cuda")]
-fn launch_stream(t: &Tensor) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>> {
-    Ok(super::launch::device_of(t)?.cuda_stream())
-}
