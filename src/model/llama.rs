@@ -309,7 +309,10 @@ impl Llama {
     /// adapters' gradients (of `grad_scale · loss_sum`).
     pub fn forward_backward(&self, batch: &TrainBatch, opts: &StepOptions, rng: &mut StdRng) -> Result<StepOutput> {
         let keep = if opts.gradient_checkpointing { Keep::Inputs { offload: opts.offload_checkpoints } } else { Keep::All };
-        on_pool(|| self.train_step(batch, opts, rng, keep))
+        let out = on_pool(|| self.train_step(batch, opts, rng, keep));
+        // Tensors parked last (a step cut short) let go of their device memory.
+        offload::settle(&self.device)?;
+        out
     }
 
     /// Loss only (evaluation): no activations are kept.
@@ -345,11 +348,16 @@ impl Llama {
             crate::check_cancel()?;
             // The RNG before the layer: a checkpointed layer's recompute draws the same dropout.
             let state = rng.clone();
+            // Parked before the layer runs: an offloaded input's copy out overlaps the layer.
+            let parked = match keep {
+                Keep::Inputs { offload } => Some(offload::park(x.clone(), offload)?),
+                _ => None,
+            };
             let (y, acts) = layer.forward_train(&x, batch, &rope, train, rng)?;
-            match keep {
-                Keep::Nothing => {}
-                Keep::All => kept.push(Kept::All(acts)),
-                Keep::Inputs { offload } => kept.push(Kept::Input(offload::park(x, offload)?, state)),
+            match (keep, parked) {
+                (Keep::All, _) => kept.push(Kept::All(acts)),
+                (_, Some(p)) => kept.push(Kept::Input(p, state)),
+                _ => {}
             }
             x = y;
         }
@@ -380,14 +388,22 @@ impl Llama {
     }
 
     /// The decoder layers' backward, last first, each recomputed first if only its input was kept.
+    /// An offloaded input comes back from host memory while the layer above runs its attention
+    /// backward (after its MLP's, the layer's memory peak).
     fn backward_layers(&self, batch: &TrainBatch, rope: &RopeAt, kept: Vec<Kept>, mut dx: Tensor, train: bool, grads: &mut Vec<LoraGrad>) -> Result<()> {
-        for (li, (layer, k)) in self.layers.iter().zip(kept).enumerate().rev() {
+        let mut kept: Vec<Option<Kept>> = kept.into_iter().map(Some).collect();
+        for (li, layer) in self.layers.iter().enumerate().rev() {
             crate::check_cancel()?;
-            let acts = match k {
+            let acts = match kept.get_mut(li).and_then(Option::take).context("backward: a layer's activations are missing")? {
                 Kept::All(a) => a,
                 Kept::Input(xin, mut state) => layer.forward_train(&offload::unpark(xin)?, batch, rope, train, &mut state)?.1,
             };
-            dx = layer.backward(acts, batch, rope, &dx, li, grads)?;
+            let below = li.checked_sub(1).and_then(|i| kept.get_mut(i)).and_then(Option::as_mut);
+            let prefetch = || match below {
+                Some(Kept::Input(p, _)) => p.prefetch(),
+                _ => Ok(()),
+            };
+            dx = layer.backward(acts, batch, rope, &dx, li, grads, prefetch)?;
         }
         Ok(())
     }

@@ -1,21 +1,25 @@
-//! Parking on a GPU (feature `cuda`): asynchronous copies between the device's one stream and
-//! pinned host buffers, which a pool keeps across steps (pinning costs milliseconds per buffer;
-//! a step parks one buffer per decoder layer).
+//! Parking on a GPU (feature `cuda`): copies between device memory and pinned host buffers,
+//! which a pool keeps across steps (pinning costs milliseconds per buffer; a step parks one
+//! buffer per decoder layer), on a copy stream of the device's own so that they overlap the
+//! compute.
 //!
-//! Ordering needs no events: every copy, kernel and free of a device goes to its one stream in
-//! issue order (`device::open_cuda`; cudarc's event tracking is off). So the copy out of a
-//! tensor runs before the free its last handle queues, the copy back runs before any kernel
-//! that reads the new buffer, and a pooled buffer that a queued copy still reads (a restore just
-//! queued) or writes (a parked tensor dropped unrestored) is only ever reused by a copy queued
-//! after it. Dropping a pinned buffer is the one host-side use: the stream is synchronised first.
+//! Ordering, with the compute on the device's one stream (`device::open_cuda`; cudarc's event
+//! tracking is off) and the copies on the pool's copy stream, by events:
+//! - out: the copy waits for the compute queued so far (the tensor is written); the tensor is
+//!   held until the compute stream has waited for the copy (at the next park or unpark,
+//!   [`release`]): only then can its memory, freed on the compute stream, be reused;
+//! - back ([`Host::prefetch`]): the device buffer is allocated on the compute stream, the copy
+//!   waits for that, and the compute stream waits for the copy before reading it;
+//! - a pinned buffer is only reused by a copy queued after the copies that used it (all on the
+//!   copy stream), and unpinned after both streams are synchronised.
 
 use crate::kernels::launch::{device_of, view, wrap};
 use anyhow::{Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PinnedHostSlice};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream, DeviceRepr, PinnedHostSlice};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, DType, Shape, Tensor};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Pinned buffers per device (each device has its own stream, so a buffer is only reused on
 /// the stream whose queue orders its copies).
@@ -26,6 +30,38 @@ struct Pool {
     free: Vec<PinnedHostSlice<u8>>,
     /// Bytes of the buffers parked tensors hold now.
     in_use: usize,
+    /// The stream the copies run on (made at the first park).
+    copy: Option<Arc<CudaStream>>,
+    /// Parked tensors still held on the device: each until the compute stream has waited for
+    /// its copy out (the event).
+    pending: Vec<(CudaEvent, Tensor)>,
+}
+
+/// An event marking the work queued on `stream` so far.
+fn mark(stream: &CudaStream) -> Result<CudaEvent> {
+    Ok(stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
+}
+
+/// `dev`'s copy stream.
+fn copy_stream(dev: &CudaDevice) -> Result<Arc<CudaStream>> {
+    with_pool(dev, |p| -> Result<Arc<CudaStream>> {
+        if p.copy.is_none() {
+            p.copy = Some(dev.cuda_stream().context().new_stream()?);
+        }
+        Ok(p.copy.clone().expect("made above"))
+    })
+}
+
+/// The parked tensors whose copies out are queued: the compute stream waits for those copies,
+/// then their device memory is let go (freed in the compute stream's order, after the wait).
+pub fn release(dev: &CudaDevice) -> Result<()> {
+    let pending = with_pool(dev, |p| std::mem::take(&mut p.pending));
+    let main = dev.cuda_stream();
+    for (done, t) in pending {
+        main.wait(&done)?;
+        drop(t);
+    }
+    Ok(())
 }
 
 /// `f` on `dev`'s pool.
@@ -46,6 +82,8 @@ pub struct Host {
     dtype: DType,
     shape: Shape,
     dev: CudaDevice,
+    /// The copy back, once queued: the new device tensor and the copy's event.
+    back: Option<(Tensor, CudaEvent)>,
 }
 
 /// The pinned capacity for `n` bytes: rounded up (to 1/8 of the next power of two, at least
@@ -68,9 +106,12 @@ fn take(dev: &CudaDevice, n: usize) -> Result<PinnedHostSlice<u8>> {
                 let stream = dev.cuda_stream();
                 if !free.is_empty() {
                     // Their last queued copies must be done before the host memory goes back
-                    // (one wait for all of them).
+                    // (one wait per stream for all of them).
                     stream.synchronize()?;
-                    free.clear();
+                    if let Some(c) = &pool.copy {
+                        c.synchronize()?;
+                    }
+                    pool.free.clear();
                 }
                 // SAFETY: the buffer is written by a device copy before anything reads it. Plain
                 // pinned memory (not write-combined): only DMA touches it.
@@ -107,8 +148,11 @@ pub fn to_host(t: &Tensor) -> Result<Option<Host>> {
 fn to_host_t<T: CudaDType + DeviceRepr>(t: &Tensor) -> Result<Host> {
     let t = t.contiguous()?;
     let dev = device_of(&t)?;
+    release(&dev)?;
     let bytes = t.elem_count() * std::mem::size_of::<T>();
     let mut buf = take(&dev, bytes)?;
+    let copy = copy_stream(&dev)?;
+    copy.wait(&mark(&dev.cuda_stream())?)?;
     {
         let (g, l) = t.storage_and_layout();
         let src = view::<T>(&g, l, "offload")?;
@@ -117,42 +161,71 @@ fn to_host_t<T: CudaDType + DeviceRepr>(t: &Tensor) -> Result<Host> {
         // `as_mut_slice` waits on the buffer's event, which is never recorded with event
         // tracking off; the slice is only handed to the queued copy.
         let host = &mut buf.as_mut_slice()?[..bytes];
-        dev.cuda_stream().memcpy_dtoh(&src, host)?;
+        copy.memcpy_dtoh(&src, host)?;
     }
-    Ok(Host { buf: Some(buf), bytes, dtype: t.dtype(), shape: t.shape().clone(), dev })
+    let done = mark(&copy)?;
+    let host = Host { buf: Some(buf), bytes, dtype: t.dtype(), shape: t.shape().clone(), dev: dev.clone(), back: None };
+    with_pool(&dev, |p| p.pending.push((done, t)));
+    Ok(host)
 }
 
 impl Host {
-    /// A new device tensor with the parked bytes (the copy queued); the buffer goes back to the
-    /// pool at once: later copies into it are queued after this one.
-    pub fn to_device(mut self) -> Result<Tensor> {
-        let buf = self.buf.take().context("offload: buffer already returned")?;
-        let out = match self.dtype {
-            DType::BF16 => self.copy_back::<half::bf16>(&buf),
-            DType::F16 => self.copy_back::<half::f16>(&buf),
-            DType::F32 => self.copy_back::<f32>(&buf),
-            DType::F64 => self.copy_back::<f64>(&buf),
+    /// Queues the copy back into a new device buffer on the copy stream (once), to overlap
+    /// whatever the compute stream runs until [`to_device`](Self::to_device).
+    pub fn prefetch(&mut self) -> Result<()> {
+        if self.back.is_some() {
+            return Ok(());
+        }
+        let buf = self.buf.as_ref().context("offload: buffer already returned")?;
+        self.back = Some(match self.dtype {
+            DType::BF16 => self.copy_back::<half::bf16>(buf),
+            DType::F16 => self.copy_back::<half::f16>(buf),
+            DType::F32 => self.copy_back::<f32>(buf),
+            DType::F64 => self.copy_back::<f64>(buf),
             other => anyhow::bail!("offload: {other:?} is never parked"),
-        };
-        give_back(&self.dev, buf);
-        out
+        }?);
+        Ok(())
     }
 
-    fn copy_back<T: CudaDType + DeviceRepr>(&self, buf: &PinnedHostSlice<u8>) -> Result<Tensor> {
+    /// The device tensor with the parked bytes (prefetched, or the copy queued now), once the
+    /// compute stream has waited for the copy; the buffer goes back to the pool: later copies
+    /// into it are queued after this one on the copy stream.
+    pub fn to_device(mut self) -> Result<Tensor> {
+        release(&self.dev)?;
+        self.prefetch()?;
+        let (t, done) = self.back.take().context("offload: prefetched above")?;
+        self.dev.cuda_stream().wait(&done)?;
+        if let Some(buf) = self.buf.take() {
+            give_back(&self.dev, buf);
+        }
+        Ok(t)
+    }
+
+    fn copy_back<T: CudaDType + DeviceRepr>(&self, buf: &PinnedHostSlice<u8>) -> Result<(Tensor, CudaEvent)> {
         let n = self.shape.elem_count();
-        // SAFETY: every byte is written by the copy below before a kernel reads it.
+        // SAFETY: every byte is written by the copy below before a kernel reads it (the compute
+        // stream waits for its event).
         let mut dst = unsafe { self.dev.alloc::<T>(n)? };
+        let copy = copy_stream(&self.dev)?;
+        // The buffer's allocation (on the compute stream) comes first.
+        copy.wait(&mark(&self.dev.cuda_stream())?)?;
         {
             // SAFETY: the same bytes seen as u8.
             let mut bytes = unsafe { dst.transmute_mut::<u8>(self.bytes) }.context("offload: byte view")?;
-            self.dev.cuda_stream().memcpy_htod(&buf.as_slice()?[..self.bytes], &mut bytes)?;
+            copy.memcpy_htod(&buf.as_slice()?[..self.bytes], &mut bytes)?;
         }
-        Ok(wrap(dst, &self.dev, self.shape.clone()))
+        Ok((wrap(dst, &self.dev, self.shape.clone()), mark(&copy)?))
     }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // A prefetched tensor never taken: its memory is freed on the compute stream, which must
+        // not reuse it while the copy may still write it.
+        if let Some((t, done)) = self.back.take() {
+            let _ = self.dev.cuda_stream().wait(&done);
+            drop(t);
+        }
         if let Some(buf) = self.buf.take() {
             give_back(&self.dev, buf);
         }

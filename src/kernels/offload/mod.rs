@@ -25,10 +25,33 @@ impl Parked {
     pub fn on_host(&self) -> bool {
         !matches!(self.0, Where::Here(_))
     }
+
+    /// Starts the copy back to the device now, beside the compute (a GPU's copy stream), so
+    /// that [`unpark`] finds it done; nothing for a tensor that stayed where it was.
+    pub fn prefetch(&mut self) -> Result<()> {
+        match &mut self.0 {
+            Where::Here(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Where::Host(h) => h.prefetch(),
+        }
+    }
+}
+
+/// Lets go of the device memory of the tensors parked last on `d` once their copies out are
+/// done (the compute stream waits for them); [`park`] and [`unpark`] do this themselves, a step
+/// ends with it.
+pub fn settle(d: &candle_core::Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(c) = d {
+        return cuda::release(c);
+    }
+    let _ = d;
+    Ok(())
 }
 
 /// `t` kept for [`unpark`]: with `offload` and on a GPU, in pinned host memory (the copy is
-/// queued on the device's stream; the device buffer is freed when `t`'s last handle drops);
+/// queued on the device's copy stream, overlapping the compute; the device buffer is let go at
+/// the next park, unpark or [`settle`], once the compute stream has waited for the copy);
 /// otherwise `t` itself.
 pub fn park(t: Tensor, offload: bool) -> Result<Parked> {
     #[cfg(feature = "cuda")]
@@ -71,12 +94,14 @@ mod tests {
     fn cpu_tensors_stay_where_they_are() {
         let t = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
         for offload in [false, true] {
-            let p = park(t.clone(), offload).unwrap();
+            let mut p = park(t.clone(), offload).unwrap();
             assert!(!p.on_host());
+            p.prefetch().unwrap();
             let back = unpark(p).unwrap();
             assert_eq!(back.id(), t.id(), "a CPU tensor is kept, not copied");
             assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
         }
         assert_eq!(pinned_bytes(&Device::Cpu), 0);
+        settle(&Device::Cpu).unwrap();
     }
 }

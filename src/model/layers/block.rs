@@ -82,8 +82,9 @@ impl Block {
 
     /// The input rows' gradient from the output's `d_out`; the adapters' gradients (layer `li`)
     /// are pushed onto `grads`. Takes the activations, to free the MLP's before attention's
-    /// backward runs.
-    pub fn backward(&self, acts: LayerActs, batch: &TrainBatch, rope: &RopeAt, d_out: &Tensor, li: usize, grads: &mut Vec<LoraGrad>) -> Result<Tensor> {
+    /// backward runs; `between` runs between the two halves (when the layer's memory is lowest).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, acts: LayerActs, batch: &TrainBatch, rope: &RopeAt, d_out: &Tensor, li: usize, grads: &mut Vec<LoraGrad>, between: impl FnOnce() -> Result<()>) -> Result<Tensor> {
         let (pre_mlp, attn_out, mlp_out) = self.mlp_norms();
         let mut push = |proj, g: Option<(Tensor, Tensor)>| {
             if let Some((da, db)) = g {
@@ -96,6 +97,7 @@ impl Block {
         let dh2 = self.mlp.backward(mlp, &dm, &mut push)?;
         let dx2 = profile::time("rms_norm+residual bwd", || pre_mlp.backward_plus(&mlp_norm, &dh2, d_out))?;
         drop((mlp_norm, dh2, dm));
+        between()?;
         // Attention half: x2 = x + [norm](attn(h1)), h1 = norm(x).
         let da = out_norm_backward(attn_out, attn_out_norm.as_ref(), &dx2)?;
         let dh1 = self.self_attn.backward(&attn, batch, rope, &da, &mut push)?;
