@@ -409,10 +409,10 @@ fn bench_dequant(device: &str, rows: usize, cols: usize, iters: usize) -> anyhow
             std::hint::black_box(crate::quant::dequantize_4bit(&q, candle_core::DType::BF16)?);
         }
         let ms = t.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        let gbs = (rows * cols) as f64 * 2.5 / (ms * 1e-3) / 1e9;
+        // The CPU's calls are timed back to back already.
         serde_json::json!({"bench": "dequant", "device": "cpu", "rows": rows, "cols": cols, "out": "bfloat16",
-            "ms": ms, "gb_per_s": (rows * cols) as f64 * 2.5 / (ms * 1e-3) / 1e9,
-            // The CPU's calls are timed back to back already.
-            "gb_per_s_back_to_back": (rows * cols) as f64 * 2.5 / (ms * 1e-3) / 1e9})
+            "ms": ms, "gb_per_s": gbs, "gb_per_s_back_to_back": gbs})
     } else {
         cuda_dequant_line(rows, cols, iters)?
     };
